@@ -1,0 +1,1 @@
+"""Deployment: fold deconvolution into plain conv weights, export ONNX, convert the authors' checkpoints."""

@@ -1,0 +1,29 @@
+"""ndeconv: network deconvolution (Ye et al., ICLR 2020) layers, model zoo and conversion tools.
+
+``import ndeconv`` also registers the zoo's ``*_deconv`` models with timm.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .channel_deconv import ChannelDeconv
+from .deconvolve import deconvolve
+from .delinear import Delinear
+from .fast_deconv import FastDeconv
+from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
+
+try:
+    __version__ = version("ndeconv")
+except PackageNotFoundError:  # running from a source tree that was not pip-installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ChannelDeconv",
+    "Delinear",
+    "FastDeconv",
+    "deconvolve",
+    "isqrt_newton_schulz",
+    "isqrt_newton_schulz_batch",
+    "__version__",
+]

@@ -1,0 +1,103 @@
+"""Helpers shared by the deconvolution layers: argument checks, statistics precision, folding cache."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def check_hyperparameters(owner: str, *, eps: float, n_iter: int, momentum: float, block: int) -> None:
+    """Reject settings that would make the whitening meaningless, naming the layer and the fix."""
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"{owner}: block must be a positive int (e.g. 64), got {block!r}")
+    if not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"{owner}: n_iter must be an int >= 1 (5 is the paper's), got {n_iter!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{owner}: eps must be a finite number > 0 (e.g. 1e-5), got {eps!r}")
+    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{owner}: momentum must lie in [0, 1] (e.g. 0.1), got {momentum!r}")
+
+
+def resolve_block(block: int, channels: int, groups: int = 1) -> int:
+    """The authors' block rule: capped at the channel count, else the gcd; grouped convs whiten per group."""
+    if block > channels:
+        block = channels
+    elif channels % block != 0:
+        block = math.gcd(block, channels)
+    if groups > 1:
+        block = channels // groups
+    return block
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Covariance and Newton–Schulz need float32 at least: half precision loses the small eigenvalues."""
+    return torch.float32 if dtype in _REDUCED else dtype
+
+
+@contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Switch autocast off for the whitening statistics and the weight folding."""
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def ensure_finite(owner: str, cov: torch.Tensor) -> None:
+    """A NaN or Inf batch would poison the running whitening matrix for every later eval: refuse it."""
+    if not bool(torch.isfinite(cov).all()):
+        raise FloatingPointError(
+            f"{owner}: the training batch produced a non-finite covariance (NaN or Inf in the input); "
+            "running statistics were left unchanged. Check the data and the learning rate."
+        )
+
+
+def update_running(buffer: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
+    """Exponential moving average in place, exactly as the reference orders it."""
+    buffer.mul_(1 - momentum)
+    buffer.add_(value.detach().to(buffer.dtype) * momentum)
+
+
+class FoldCache:
+    """Folded (weight, bias) of a layer in eval mode, rebuilt only when a source tensor changed.
+
+    The key holds each source tensor's storage address and version counter: in-place edits
+    (optimizer steps, ``load_state_dict``, ``weight.data.mul_``) bump the version; ``.to()``
+    and ``.data = ...`` change the address.
+    """
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def make_key(*tensors: torch.Tensor | None) -> tuple:
+        return tuple(
+            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors
+        )
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.value if key == self.key else None
+
+    def put(self, key: tuple, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.key, self.value = key, value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+
+def can_use_fold_cache(*params: torch.Tensor | None) -> bool:
+    """Cached folded weights carry no autograd history: use them only where no gradient is wanted."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(p is not None and p.requires_grad for p in params)

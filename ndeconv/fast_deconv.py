@@ -1,0 +1,220 @@
+"""FastDeconv: a 2-D convolution whose input patches are whitened (network deconvolution).
+
+The whitening is never applied to the activations. For patches ``x`` with mean ``mu``
+and whitening matrix ``D = Cov^{-1/2}``, ``w . D (x - mu) = (w D) . x - (w D) . mu``,
+so the layer folds ``D`` and ``mu`` into its own weight and bias and runs one plain
+convolution. In training the statistics come from a strided sample of the batch's
+im2col patches; in eval (and once frozen) from their running averages.
+
+Patch layout (the authors'): a patch vector of length ``C*kh*kw`` is split into
+``C // block`` interleaved blocks of ``kh*kw*block`` features (feature ``f`` of block
+``g`` is element ``f * (C // block) + g``); all blocks share one whitening matrix.
+A grouped convolution whitens each group with its own matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.utils import _pair
+
+from ._common import (
+    FoldCache,
+    can_use_fold_cache,
+    check_hyperparameters,
+    ensure_finite,
+    full_precision,
+    resolve_block,
+    stats_dtype,
+    update_running,
+)
+from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
+
+__all__ = ["FastDeconv"]
+
+
+class FastDeconv(_ConvNd):
+    """Conv2d with implicit deconvolution; drop-in for the reference's ``FastDeconv``.
+
+    Args are the reference's: ``block`` channels per whitening block (capped at
+    ``in_channels``, reduced to the gcd when it does not divide them, ``in_channels //
+    groups`` for grouped convs), ``n_iter`` Newton–Schulz iterations, ``eps`` added
+    to the covariance diagonal, ``sampling_stride`` (multiplied by the conv stride,
+    stored so) subsamples the patches, and ``freeze`` stops updating the statistics
+    after ``freeze_iter`` training steps (restarting for ``freeze_iter`` steps every
+    ``10 * freeze_iter``, as the reference does).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        eps: float = 1e-5,
+        n_iter: int = 5,
+        momentum: float = 0.1,
+        block: int = 64,
+        sampling_stride: int = 3,
+        freeze: bool = False,
+        freeze_iter: int = 100,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        owner = f"FastDeconv({in_channels}, {out_channels})"
+        check_hyperparameters(owner, eps=eps, n_iter=n_iter, momentum=momentum, block=block)
+        if isinstance(padding, str):
+            raise ValueError(f"{owner}: padding must be an int or a pair of ints, got {padding!r}")
+        stride2 = _pair(stride)
+        if stride2[0] != stride2[1]:
+            raise ValueError(f"{owner}: only square strides are supported, got stride={stride!r}")
+        if not isinstance(sampling_stride, int) or sampling_stride < 1:
+            raise ValueError(f"{owner}: sampling_stride must be an int >= 1, got {sampling_stride!r}")
+        if freeze and (not isinstance(freeze_iter, int) or freeze_iter < 1):
+            raise ValueError(f"{owner}: freeze_iter must be an int >= 1 when freeze=True, got {freeze_iter!r}")
+        super().__init__(
+            in_channels, out_channels, _pair(kernel_size), stride2, _pair(padding), _pair(dilation),
+            False, _pair(0), groups, bias, "zeros", device=device, dtype=dtype,
+        )
+        self.eps = eps
+        self.n_iter = n_iter
+        self.momentum = momentum
+        self.block = resolve_block(block, in_channels, groups)
+        kh, kw = self.kernel_size
+        self.num_features = kh * kw * self.block
+        factory = {"device": device, "dtype": dtype}
+        if groups == 1:
+            self.register_buffer("running_mean", torch.zeros(self.num_features, **factory))
+            self.register_buffer("running_deconv", torch.eye(self.num_features, **factory))
+        else:
+            self.register_buffer("running_mean", torch.zeros(kh * kw * in_channels, **factory))
+            eye = torch.eye(self.num_features, **factory)
+            self.register_buffer("running_deconv", eye.repeat(in_channels // self.block, 1, 1))
+        self.sampling_stride = sampling_stride * stride2[0]
+        self.freeze = freeze
+        self.freeze_iter = freeze_iter
+        self.counter = 0  # training steps seen, a plain attribute as in the reference (not in the state_dict)
+        self.track_running_stats = True
+        self._fold_cache = FoldCache()
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def _sampled_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Strided sample of im2col patches, one row per patch, in the block layout."""
+        channels = x.shape[1]
+        if self.kernel_size != (1, 1):
+            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
+            patches = patches.transpose(1, 2)
+        else:  # 1x1: every pixel is a patch; sample every sampling_stride**2-th pixel of the batch
+            patches = x.permute(0, 2, 3, 1).reshape(-1, channels)[:: self.sampling_stride**2]
+        if self.groups == 1:
+            blocks = channels // self.block
+            return patches.reshape(-1, self.num_features, blocks).transpose(1, 2).reshape(-1, self.num_features)
+        return patches.reshape(-1, patches.shape[-1])
+
+    def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable)."""
+        patches = self._sampled_patches(x.to(stats_dtype(x.dtype)))
+        mean = patches.mean(0)
+        centered = patches - mean.unsqueeze(0)
+        nf = self.num_features
+        if self.groups == 1:
+            eye = torch.eye(nf, dtype=centered.dtype, device=centered.device)
+            cov = torch.addmm(eye, centered.t(), centered, beta=self.eps, alpha=1.0 / centered.shape[0])
+            ensure_finite(self._owner(), cov)
+            return mean, isqrt_newton_schulz(cov, self.n_iter)
+        per_group = centered.view(-1, self.groups, nf).transpose(0, 1)
+        eye = torch.eye(nf, dtype=centered.dtype, device=centered.device).expand(self.groups, nf, nf)
+        cov = torch.baddbmm(eye, per_group.transpose(1, 2), per_group, beta=self.eps, alpha=1.0 / per_group.shape[1])
+        ensure_finite(self._owner(), cov)
+        return mean, isqrt_newton_schulz_batch(cov, self.n_iter)
+
+    # -- folding ------------------------------------------------------------------------------
+
+    def folded_weight_bias(self, mean: torch.Tensor, deconv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight ``w D`` and bias ``b - (w D) mu`` of the plain conv equivalent to this layer."""
+        out, nf = self.out_channels, self.num_features
+        weight = self.weight.to(deconv.dtype)
+        if self.groups == 1:
+            blocks = self.in_channels // self.block
+            w = weight.reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ deconv
+            shift = (w @ mean.unsqueeze(1)).view(out, -1).sum(1)
+            w = w.view(out, blocks, nf).transpose(1, 2).reshape(self.weight.shape)
+        else:
+            w = weight.reshape(self.groups, -1, nf) @ deconv
+            shift = (w @ mean.view(-1, nf, 1)).view(out)
+            w = w.reshape(self.weight.shape)
+        bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
+        return w.to(self.weight.dtype), bias.to(self.weight.dtype)
+
+    def _eval_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not can_use_fold_cache(self.weight, self.bias):
+            return self.folded_weight_bias(self.running_mean, self.running_deconv)
+        key = FoldCache.make_key(self.weight, self.bias, self.running_mean, self.running_deconv)
+        cached = self._fold_cache.get(key)
+        if cached is None:
+            cached = self.folded_weight_bias(self.running_mean, self.running_deconv)
+            self._fold_cache.put(key, cached)
+        return cached
+
+    def fuse(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing this layer's eval output (used by ``timm``'s ``reparameterize_model``)."""
+        with torch.no_grad(), full_precision(self.weight.device):
+            w, b = self.folded_weight_bias(self.running_mean, self.running_deconv)
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, bias=True, device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+        return conv
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _owner(self) -> str:
+        return f"FastDeconv({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(
+                f"{self._owner()}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
+                "add the missing batch/channel dimension"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self._owner()}: input has {x.shape[1]} channels but the layer was built for "
+                f"{self.in_channels}; build it with in_channels={x.shape[1]} or fix the input"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        frozen = self.freeze and self.counter > self.freeze_iter
+        if self.training and self.track_running_stats and self.freeze:
+            self.counter = (self.counter + 1) % (self.freeze_iter * 10)
+        with full_precision(x.device):
+            if self.training and not frozen:
+                mean, deconv = self._batch_statistics(x)
+                if self.track_running_stats:
+                    with torch.no_grad():
+                        update_running(self.running_mean, mean, self.momentum)
+                        update_running(self.running_deconv, deconv, self.momentum)
+                weight, bias = self.folded_weight_bias(mean, deconv)
+            elif self.training:
+                weight, bias = self.folded_weight_bias(self.running_mean, self.running_deconv)
+            else:
+                weight, bias = self._eval_weight_bias()
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        s += f", block={self.block}, eps={self.eps}, n_iter={self.n_iter}, sampling_stride={self.sampling_stride}"
+        if self.freeze:
+            s += f", freeze=True, freeze_iter={self.freeze_iter}"
+        return s
