@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .channel_deconv import ChannelDeconv
 from .deconvolve import deconvolve
 from .delinear import Delinear
+from .distributed import sync_deconv
 from .fast_deconv import FastDeconv
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
@@ -23,6 +24,7 @@ __all__ = [
     "Delinear",
     "FastDeconv",
     "deconvolve",
+    "sync_deconv",
     "isqrt_newton_schulz",
     "isqrt_newton_schulz_batch",
     "__version__",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -56,6 +56,22 @@ def ensure_finite(owner: str, cov: torch.Tensor) -> None:
             f"{owner}: the training batch produced a non-finite covariance (NaN or Inf in the input); "
             "running statistics were left unchanged. Check the data and the learning rate."
         )
+
+
+def sync_statistics(mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average a layer's batch mean and covariance over all ranks (the deconvolution SyncBatchNorm).
+
+    Differentiable: every rank's gradient flows through the average. A no-op without an
+    initialised process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mean, cov
+    from torch.distributed.nn.functional import all_reduce
+
+    world = dist.get_world_size()
+    return all_reduce(mean) / world, all_reduce(cov) / world
 
 
 def update_running(buffer: torch.Tensor, value: torch.Tensor, momentum: float) -> None:

@@ -35,7 +35,9 @@ class ChannelDeconv(nn.Module):
         super().__init__()
         check_hyperparameters(f"ChannelDeconv(block={block})", eps=eps, n_iter=n_iter, momentum=momentum, block=block)
         if not isinstance(sampling_stride, int) or sampling_stride < 1:
-            raise ValueError(f"ChannelDeconv(block={block}): sampling_stride must be an int >= 1, got {sampling_stride!r}")
+            raise ValueError(
+                f"ChannelDeconv(block={block}): sampling_stride must be an int >= 1, got {sampling_stride!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.block = block
         self.eps = eps
@@ -65,7 +67,9 @@ class ChannelDeconv(nn.Module):
         b = self.block
         c = (channels // b) * b
         if c == 0:
-            raise ValueError(f"{self._owner()}: input has {channels} channels, fewer than block={b}; use block <= {channels}")
+            raise ValueError(
+                f"{self._owner()}: input has {channels} channels, fewer than block={b}; use block <= {channels}"
+            )
         first = self.num_batches_tracked.item() == 0 if self.training else False
 
         with full_precision(x.device):

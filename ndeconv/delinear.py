@@ -21,6 +21,7 @@ from ._common import (
     full_precision,
     resolve_block,
     stats_dtype,
+    sync_statistics,
     update_running,
 )
 from .isqrt import isqrt_newton_schulz
@@ -63,6 +64,7 @@ class Delinear(nn.Module):
         self.momentum = momentum
         self.register_buffer("running_mean", torch.zeros(self.block, **factory))
         self.register_buffer("running_deconv", torch.eye(self.block, **factory))
+        self.sync_stats = False  # average mean and covariance across ranks (see ndeconv.sync_deconv)
         self._fold_cache = FoldCache()
 
     def reset_parameters(self) -> None:
@@ -82,6 +84,8 @@ class Delinear(nn.Module):
         eye = torch.eye(self.block, dtype=centered.dtype, device=centered.device)
         cov = torch.addmm(eye, centered.t(), centered, beta=self.eps, alpha=1.0 / centered.shape[0])
         ensure_finite(self._owner(), cov)
+        if self.sync_stats:
+            mean, cov = sync_statistics(mean, cov)
         return mean, isqrt_newton_schulz(cov, self.n_iter)
 
     def folded_weight_bias(self, mean: torch.Tensor, deconv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

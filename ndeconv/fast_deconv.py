@@ -28,6 +28,7 @@ from ._common import (
     full_precision,
     resolve_block,
     stats_dtype,
+    sync_statistics,
     update_running,
 )
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
@@ -101,6 +102,7 @@ class FastDeconv(_ConvNd):
         self.freeze_iter = freeze_iter
         self.counter = 0  # training steps seen, a plain attribute as in the reference (not in the state_dict)
         self.track_running_stats = True
+        self.sync_stats = False  # average mean and covariance across ranks (see ndeconv.sync_deconv)
         self._fold_cache = FoldCache()
 
     # -- statistics ---------------------------------------------------------------------------
@@ -128,11 +130,15 @@ class FastDeconv(_ConvNd):
             eye = torch.eye(nf, dtype=centered.dtype, device=centered.device)
             cov = torch.addmm(eye, centered.t(), centered, beta=self.eps, alpha=1.0 / centered.shape[0])
             ensure_finite(self._owner(), cov)
+            if self.sync_stats:
+                mean, cov = sync_statistics(mean, cov)
             return mean, isqrt_newton_schulz(cov, self.n_iter)
         per_group = centered.view(-1, self.groups, nf).transpose(0, 1)
         eye = torch.eye(nf, dtype=centered.dtype, device=centered.device).expand(self.groups, nf, nf)
         cov = torch.baddbmm(eye, per_group.transpose(1, 2), per_group, beta=self.eps, alpha=1.0 / per_group.shape[1])
         ensure_finite(self._owner(), cov)
+        if self.sync_stats:
+            mean, cov = sync_statistics(mean, cov)
         return mean, isqrt_newton_schulz_batch(cov, self.n_iter)
 
     # -- folding ------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import REFERENCE
 from safetensors.torch import load_file
 
 import ndeconv
-from conftest import REFERENCE
 
 CASES = json.loads((REFERENCE / "layers.json").read_text())["layers"] if REFERENCE.is_dir() else []
 
