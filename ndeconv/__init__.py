@@ -29,3 +29,6 @@ __all__ = [
     "isqrt_newton_schulz_batch",
     "__version__",
 ]
+
+# Registers the zoo's ``*_deconv`` models with timm. Last, because the zoo is built from the layers above.
+import zoo  # noqa: E402, F401

@@ -1,0 +1,230 @@
+"""Pretrained weights through timm's own machinery, offline: shipped files (sha256-checked), a user's file,
+``local-dir:``, a hand-built Hugging Face cache (``hf-hub:``), and clear errors for everything that can go wrong."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from timm.models import save_for_hf
+
+import zoo._pretrained as pretrained_mod
+from ndeconv import FastDeconv
+from ndeconv.errors import NdeconvError
+from zoo._pretrained import expand_deconv_stem, ship_weights
+
+
+def _trained(name: str = "resnet18_deconv", in_chans: int = 1, **kwargs) -> torch.nn.Module:
+    """A small zoo model whose running statistics moved away from their initial values (two train steps)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, in_chans=in_chans, **kwargs)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(4, in_chans, 32, 32)
+            model(x + 0.5 * x.roll(1, dims=2))  # correlated pixels, so the whitening is not an identity
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gray_model():
+    return _trained()
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, gray_model):
+    """A folder exactly as ship_weights writes it (model.safetensors, config.json, SHA256SUMS)."""
+    return ship_weights(gray_model, "fashion_mnist", root=tmp_path_factory.mktemp("weights"))
+
+
+def _x(chans: int = 1, dtype=torch.float32) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, chans, 32, 32, dtype=dtype)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module, chans: int = 1) -> float:
+    with torch.no_grad():
+        return (a.eval()(_x(chans)) - b.eval()(_x(chans))).abs().max().item()
+
+
+def test_ship_weights_layout(shipped, gray_model):
+    files = sorted(p.name for p in shipped.iterdir())
+    assert files == ["SHA256SUMS", "config.json", "model.safetensors"]
+    digest = hashlib.sha256((shipped / "model.safetensors").read_bytes()).hexdigest()
+    assert (shipped / "SHA256SUMS").read_text() == f"{digest}  model.safetensors\n"
+    config = json.loads((shipped / "config.json").read_text())
+    assert config["architecture"] == "resnet18_deconv"
+    assert config["pretrained_cfg"]["input_size"] == [1, 32, 32]
+    assert config["model_args"]["deconv"] is True and config["model_args"]["in_chans"] == 1
+
+
+def test_no_shipped_weights_is_one_clear_error():
+    with pytest.raises(NdeconvError) as err:
+        timm.create_model("resnet18_deconv", pretrained=True)
+    msg = str(err.value)
+    assert "resnet18_deconv.fashion_mnist" in msg and "zoo/weights/resnet18_deconv.fashion_mnist" in msg
+    assert "\n" not in msg
+
+
+def test_registered_cfg_points_at_shipped_folder():
+    cfg = timm.models.get_pretrained_cfg("resnet18_deconv.fashion_mnist")
+    assert Path(cfg.file) == pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist" / "model.safetensors"
+    assert cfg.hf_hub_id == "ndeconv/resnet18_deconv.fashion_mnist"
+    assert cfg.input_size == (1, 32, 32) and len(cfg.mean) == len(cfg.std) == 1
+
+
+def test_shipped_file_is_sha256_checked(shipped, gray_model, monkeypatch, tmp_path):
+    monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", shipped.parent)
+    file = str(shipped / "model.safetensors")
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=file))
+    assert model.conv1.in_channels == 1 and _same(model, gray_model) == 0.0
+
+    # The same bytes under another checksum: refused before anything is loaded.
+    bad = tmp_path / "resnet18_deconv.fashion_mnist"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((shipped / "model.safetensors").read_bytes())
+    (bad / "SHA256SUMS").write_text("0" * 64 + "  model.safetensors\n")
+    monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(NdeconvError, match="does not match"):
+        timm.create_model("resnet18_deconv", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(bad / "model.safetensors")))
+    (bad / "SHA256SUMS").unlink()
+    with pytest.raises(NdeconvError, match="SHA256SUMS"):
+        timm.create_model("resnet18_deconv", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(bad / "model.safetensors")))
+
+
+def test_user_file_sets_channels_and_classes(shipped, gray_model):
+    file = str(shipped / "model.safetensors")
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=file))
+    assert model.conv1.in_channels == 1 and model.num_classes == 10
+    assert _same(model, gray_model) == 0.0
+    # Another num_classes: timm drops the classifier, the rest loads.
+    model = timm.create_model("resnet18_deconv", pretrained=True, num_classes=4, pretrained_cfg_overlay=dict(file=file))
+    assert model.linear.weight.shape == (4, 512)
+    torch.testing.assert_close(model.conv1.running_deconv, gray_model.conv1.running_deconv, rtol=0, atol=0)
+
+
+def test_rgb_copy_of_gray_gives_the_gray_output_exactly(gray_model, tmp_path):
+    file = tmp_path / "m.safetensors"
+    pretrained_mod.save_safetensors_atomic(gray_model.state_dict(), file)
+    rgb = timm.create_model("resnet18_deconv", pretrained=True, in_chans=3,
+                            pretrained_cfg_overlay=dict(file=str(file))).double().eval()
+    model64 = copy.deepcopy(gray_model).double()
+    assert rgb.conv1.in_channels == 3 and rgb.conv1.running_deconv.shape == (27, 27)
+    gray = _x(1, torch.float64)
+    with torch.no_grad():
+        ref, out = model64(gray), rgb(gray.repeat(1, 3, 1, 1))
+    # Exact in exact arithmetic; the float32 weight / 3 of the loaded model rounds (the float64 layer test is 1e-12).
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-6
+
+
+def test_expand_deconv_stem_block_diagonal_in_unfold_layout():
+    torch.manual_seed(0)
+    src = FastDeconv(1, 8, 3, padding=1, n_iter=15, freeze=True).double().train()
+    with torch.no_grad():
+        src(torch.randn(4, 1, 16, 16, dtype=torch.float64).cumsum(-1))
+    dst = FastDeconv(3, 8, 3, padding=1, n_iter=15, freeze=True).double()
+    sd = expand_deconv_stem(src.state_dict(), "", dst)
+    D = src.running_deconv
+    assert torch.equal(sd["running_deconv"], torch.block_diag(D, D, D))
+    assert torch.equal(sd["running_mean"], src.running_mean.repeat(3))
+    dst.load_state_dict(sd)
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.eval()(x.repeat(1, 3, 1, 1)), src.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_stem_adaptation_refuses_what_is_not_exact(tmp_path):
+    rgb = _trained(in_chans=3)
+    file = tmp_path / "rgb.safetensors"
+    pretrained_mod.save_safetensors_atomic(rgb.state_dict(), file)
+    with pytest.raises(NdeconvError, match="from 3 to 1 input channels"):
+        timm.create_model("resnet18_deconv", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(file)))
+
+
+def test_batchnorm_form_gray_to_rgb_uses_timm_adaptation(tmp_path):
+    bn = _trained(deconv=False)
+    file = tmp_path / "bn.safetensors"
+    pretrained_mod.save_safetensors_atomic(bn.state_dict(), file)
+    rgb = timm.create_model("resnet18_deconv", deconv=False, pretrained=True, in_chans=3,
+                            pretrained_cfg_overlay=dict(file=str(file))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rgb(_x(1).repeat(1, 3, 1, 1)), bn(_x(1)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_files_are_clear_errors(shipped, tmp_path, damage):
+    data = (shipped / "model.safetensors").read_bytes()
+    file = tmp_path / "broken.safetensors"
+    damaged = {"truncated": data[: len(data) // 2], "garbage": b"\x00not safetensors" * 64, "empty": b""}
+    file.write_bytes(damaged[damage])
+    with pytest.raises(NdeconvError) as err:
+        timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    assert str(file) in str(err.value) or "broken.safetensors" in str(err.value)
+
+
+def test_missing_user_file_is_clear_error(tmp_path):
+    with pytest.raises(NdeconvError, match="no pretrained weights: looked for weights file"):
+        timm.create_model("resnet18_deconv", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.safetensors")))
+
+
+@pytest.mark.parametrize("other", [dict(name="senet18_deconv"), dict(name="resnet18_deconv", deconv=False)])
+def test_wrong_architecture_is_clear_error(shipped, other):
+    kwargs = dict(other)
+    name = kwargs.pop("name")
+    with pytest.raises(NdeconvError, match="do not fit") as err:
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(shipped / "model.safetensors")),
+                          **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_local_dir(shipped, gray_model):
+    model = timm.create_model(f"local-dir:{shipped}", pretrained=True)
+    assert model.pretrained_cfg["architecture"] == "resnet18_deconv"
+    assert _same(model, gray_model) == 0.0
+
+
+def test_save_for_hf_round_trip(gray_model, tmp_path):
+    save_for_hf(gray_model, tmp_path / "hf", safe_serialization=True)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    model = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)
+    assert _same(model, gray_model) == 0.0
+
+
+def _hf_cache(root: Path, repo: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """The cache layout huggingface_hub reads offline: refs/main (no trailing newline) + snapshots/REV/*."""
+    org, name = repo.split("/")
+    base = root / f"models--{org}--{name}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(revision)
+    snap = base / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for file in ("model.safetensors", "config.json"):
+        (snap / file).write_bytes((folder / file).read_bytes())
+
+
+def test_hf_hub_offline_cache(shipped, gray_model, tmp_path, monkeypatch):
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    _hf_cache(tmp_path, "someorg/resnet18_deconv.fashion_mnist", shipped)
+    model = timm.create_model("hf-hub:someorg/resnet18_deconv.fashion_mnist", pretrained=True)
+    assert model.conv1.in_channels == 1
+    assert _same(model, gray_model) == 0.0
+    # The registered hf_hub_id is the fallback when the shipped file is switched off (file='').
+    _hf_cache(tmp_path, "ndeconv/resnet18_deconv.fashion_mnist", shipped)
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=""))
+    assert _same(model, gray_model) == 0.0
+
+
+def test_hf_hub_cache_miss_is_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(NdeconvError, match="resnet18_deconv.fashion_mnist: cannot load pretrained weights from hf-hub"):
+        timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=""))

@@ -1,0 +1,85 @@
+"""The twenty zoo layouts (ten architectures x deconvolution/BatchNorm form) against the authors' models.
+
+``reference_cifar_models.json`` was written from the authors' own model files; each of ours must have the same
+parameter count, the same state_dict keys and shapes, the same layer types under the same names, and every
+FastDeconv the same block, kernel, stride, groups, n_iter, freeze and sampling_stride.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import ndeconv  # noqa: F401  (registers the zoo)
+from ndeconv import ChannelDeconv, Delinear, FastDeconv
+
+# Reference arch name -> (zoo model name, zoo file that defines it).
+ZOO = {
+    "vgg16": ("vgg16_deconv", "deconv_vgg"),
+    "resnet18": ("resnet18_deconv", "deconv_resnet"),
+    "preact_resnet18": ("preact_resnet18_deconv", "deconv_preact_resnet"),
+    "densenet121": ("densenet121_deconv", "deconv_densenet"),
+    "resnext29_32x4d": ("resnext29_32x4d_deconv", "deconv_resnext"),
+    "mobilenetv2": ("mobilenetv2_deconv", "deconv_mobilenetv2"),
+    "dpn92": ("dpn92_deconv", "deconv_dpn"),
+    "pnasnet_a": ("pnasnet_a_deconv", "deconv_pnasnet"),
+    "senet18": ("senet18_deconv", "deconv_senet"),
+    "efficientnet_b0": ("efficientnet_b0_deconv", "deconv_efficientnet"),
+}
+CASES = [f"{arch}/{form}" for arch in ZOO for form in ("nd", "bn")]
+LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+
+
+@pytest.fixture(scope="module")
+def reference_models(reference_dir):
+    return json.loads((reference_dir / "reference_cifar_models.json").read_text())["models"]
+
+
+def _build(case: str) -> nn.Module:
+    arch, form = case.split("/")
+    name, module = ZOO[arch]
+    if importlib.util.find_spec(f"zoo.{module}") is None:
+        pytest.skip(f"zoo/{module}.py does not exist yet, so {name} is not built")
+    assert name in timm.list_models("*_deconv"), f"zoo/{module}.py exists but does not register {name}"
+    # The meta device builds even DPN-92 (34M parameters) without allocating or initialising anything.
+    with torch.device("meta"):
+        return timm.create_model(name, deconv=form == "nd", num_classes=10, in_chans=3)
+
+
+def _settings(layer: FastDeconv) -> dict:
+    return dict(
+        block=layer.block, kernel_size=list(layer.kernel_size), stride=list(layer.stride), groups=layer.groups,
+        n_iter=layer.n_iter, freeze=layer.freeze, sampling_stride=layer.sampling_stride,
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layout_matches_reference(case, reference_models):
+    ref = reference_models[case]
+    model = _build(case)
+
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert params == ref["params"]
+
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(set(shapes) - set(ref["state_dict"])) == [], "keys the reference does not have"
+    assert sorted(set(ref["state_dict"]) - set(shapes)) == [], "reference keys we lack"
+    assert {k: v for k, v in shapes.items() if v != ref["state_dict"][k]} == {}
+
+    types = {n: type(m).__name__ for n, m in model.named_modules() if type(m) in LISTED_TYPES}
+    assert types == ref["modules"]
+
+    settings = {n: _settings(m) for n, m in model.named_modules() if isinstance(m, FastDeconv)}
+    assert settings == ref["deconv_settings"]
+    assert model.deconv_settings.deconv is (case.endswith("/nd"))
+
+
+def test_every_zoo_name_is_covered():
+    """A zoo file registering a model this test does not know about would escape the layout check."""
+    known = {name for name, _ in ZOO.values()}
+    assert set(timm.list_models("*_deconv")) <= known

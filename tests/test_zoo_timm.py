@@ -1,0 +1,108 @@
+"""The zoo as timm sees it: registry, pretrained_cfg, and timm's own model-test expectations."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.models._registry import _model_to_module
+
+import zoo
+
+ALL_TEN = {
+    "vgg16_deconv", "resnet18_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",
+    "mobilenetv2_deconv", "dpn92_deconv", "pnasnet_a_deconv", "senet18_deconv", "efficientnet_b0_deconv",
+}
+# The zoo-core models; the others are checked the same way when their files exist (all of ZOO_MODELS below).
+SMALL = [n for n in zoo.ZOO_MODELS if n != "dpn92_deconv"]  # DPN-92 (34M) is covered by the layout test
+
+
+def test_registry_lists_the_zoo_and_shadows_nothing():
+    names = set(timm.list_models("*_deconv"))
+    assert names == set(zoo.ZOO_MODELS) and names <= ALL_TEN
+    assert {"resnet18_deconv", "vgg16_deconv", "preact_resnet18_deconv", "senet18_deconv",
+            "efficientnet_b0_deconv"} <= names
+    for name in names:
+        # Registered from our own deconv_* file (a timm module name there would mix us into timm's listings).
+        assert _model_to_module[name].startswith("deconv_")
+    for module in {_model_to_module[n] for n in names}:
+        # A zoo file registers only *_deconv names, which timm does not have: nothing of timm's is replaced.
+        assert all(n.endswith("_deconv") for n in timm.list_models(module=module))
+    assert timm.list_pretrained("resnet18_deconv*") == ["resnet18_deconv.fashion_mnist"]
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO_MODELS))
+def test_pretrained_cfg(name):
+    cfg = timm.models.get_pretrained_cfg(f"{name}.fashion_mnist")
+    assert cfg.tag == "fashion_mnist" and cfg.architecture == name
+    assert cfg.input_size == (1, 32, 32) and cfg.num_classes == 10 and len(cfg.label_names) == 10
+    assert cfg.file.endswith(f"zoo/weights/{name}.fashion_mnist/model.safetensors")
+    assert cfg.hf_hub_id == f"ndeconv/{name}.fashion_mnist"
+    assert cfg.paper_ids == "arXiv:1905.11926" and cfg.license == "mit"
+    # Without weights the model is the architecture's own: 3 channels, CIFAR statistics.
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32) and len(model.pretrained_cfg["mean"]) == 3
+    assert model.num_classes == 10
+    sd = model.state_dict()
+    assert f"{model.pretrained_cfg['first_conv']}.weight" in sd
+    assert f"{model.pretrained_cfg['classifier']}.weight" in sd
+    assert sd[f"{model.pretrained_cfg['first_conv']}.weight"].shape[1] == 3
+
+
+# Every model in its deconvolution form; the BatchNorm form (same classes, same head) on a few, to stay fast.
+CASES = [(n, True) for n in SMALL] + [(n, False) for n in ("resnet18_deconv", "vgg16_deconv", "senet18_deconv")]
+
+
+@pytest.mark.parametrize("name,deconv", CASES, ids=[f"{n}-{'nd' if d else 'bn'}" for n, d in CASES])
+def test_timm_model_expectations(name, deconv):
+    """What timm's tests/test_models.py checks, on a batch of two 32x32 images."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, deconv=deconv, num_classes=7, in_chans=1, drop_rate=0.2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+        feats = model.forward_features(x)
+        assert feats.ndim == 4 and feats.shape[:2] == (2, model.num_features)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+        assert model.get_classifier() is getattr(model, model.pretrained_cfg["classifier"])
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        model.reset_classifier(0, "")
+        assert model(x).shape == feats.shape
+        model.reset_classifier(3, "avg")
+        assert model(x).shape == (2, 3)
+
+
+def test_drop_rate_acts_only_in_training():
+    model = timm.create_model("resnet18_deconv", deconv=False, drop_rate=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    feats = model.forward_features(x).detach()
+    torch.manual_seed(1)
+    a = model.forward_head(feats)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model.forward_head(feats))
+
+
+def test_default_head_and_deconv_switch():
+    nd = timm.create_model("resnet18_deconv")
+    bn = timm.create_model("resnet18_deconv", deconv=False)
+    assert type(nd.linear).__name__ == "Delinear" and nd.linear.block == 512
+    assert type(bn.linear).__name__ == "Linear" and type(bn.bn1).__name__ == "BatchNorm2d"
+    assert nd.deconv_settings.deconv and not bn.deconv_settings.deconv
+    assert timm.create_model("resnet18_deconv", block_fc=0).linear.__class__.__name__ == "Linear"
+
+
+def test_list_command(capsys):
+    from ndeconv.cli import main
+
+    assert main(["list", "resnet18*"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18_deconv" in out and "11,169,162" in out and "fashion_mnist (no)" in out
+    assert main(["list", "--json", "vgg*", "--bn"]) == 0
+    assert '"params": 14728266' in capsys.readouterr().out

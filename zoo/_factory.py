@@ -1,0 +1,71 @@
+"""What every zoo file uses to register its models with timm, like timm's own ``_cfg`` and ``_create_*`` helpers.
+
+A zoo file reads::
+
+    def _create_resnet(variant, pretrained=False, **kwargs):
+        return create_zoo_model(ResNet, variant, pretrained, **kwargs)
+
+    default_cfgs = generate_default_cfgs({
+        'resnet18_deconv.fashion_mnist': zoo_cfg(first_conv='conv1', classifier='linear'),
+    })
+
+    @register_model
+    def resnet18_deconv(pretrained=False, **kwargs):
+        return _create_resnet('resnet18_deconv', pretrained, **dict(block_counts=(2, 2, 2, 2)) | kwargs)
+
+The data fields of a tag (``input_size``, ``mean``, ``std``, labels) and where its weights live (``file`` in
+``zoo/weights/<name>.<tag>/``, ``hf_hub_id``) are filled in once every zoo file is registered
+(``zoo._pretrained.complete_pretrained_cfgs``), so a zoo file names only its first conv and classifier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import build_model_with_cfg
+from torch import nn
+
+from ._pretrained import CIFAR10_MEAN, CIFAR10_STD, prepare_pretrained, pretrained_errors, zoo_filter_fn
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "create_zoo_model", "zoo_cfg"]
+
+
+
+def zoo_cfg(**overrides: Any) -> dict[str, Any]:
+    """The pretrained_cfg fields shared by every zoo model (CIFAR topology: 32x32 input, 10 classes)."""
+    cfg: dict[str, Any] = {
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (4, 4),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "fixed_input_size": False,
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv1",
+        "classifier": "linear",
+        "license": "mit",
+        "origin_url": "https://github.com/yechengxi/deconvolution",
+        "paper_name": "Network Deconvolution",
+        "paper_ids": "arXiv:1905.11926",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def create_zoo_model(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``build_model_with_cfg`` plus what the zoo needs around it.
+
+    - Without weights, a model defaults to the architecture's own input (3 channels, CIFAR statistics in its
+      pretrained_cfg) rather than the default tag's data (Fashion-MNIST is 1 channel).
+    - With weights, the model takes the channels and classes of the weights it loads (timm fills ``in_chans``
+      and ``num_classes`` from the resolved pretrained_cfg; a user's file is read for them), a shipped file's
+      sha256 is checked first, a deconvolution stem is adapted to another ``in_chans`` exactly
+      (``zoo_filter_fn``), and any failure is one clear error naming the model, the tag and the source.
+    """
+    kwargs.setdefault("pretrained_filter_fn", zoo_filter_fn)
+    kwargs = prepare_pretrained(variant, pretrained, kwargs)
+    if not pretrained:
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    with pretrained_errors(variant, kwargs):
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
