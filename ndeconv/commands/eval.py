@@ -1,0 +1,70 @@
+"""``ndeconv eval``: test-set top-1, top-5 and loss of a zoo model, a run directory or a weights file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from .train import str2bool
+
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on a dataset's test split (top-1, top-5, loss)",
+        description="Evaluate MODEL (a zoo name with its pretrained tag, e.g. resnet18_deconv.fashion_mnist, an "
+        "hf-hub:/local-dir: name, or a run directory of `ndeconv train`) or --checkpoint FILE (safetensors, or a "
+        "torch checkpoint read weights-only) on the test split of --dataset.",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL[.TAG]", help="zoo name with tag, timm name, or run directory")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights file (a run's model.safetensors, the authors' .pth)")
+    p.add_argument("--dataset", help="dataset (default: the one the weights were trained on, when recorded)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files")
+    p.add_argument("--img-size", type=int, default=32, help="image size for imagefolder (default: 32)")
+    p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images only")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loading processes (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    arch = p.add_argument_group("describing a --checkpoint without a config.json beside it")
+    arch.add_argument("--arch", help="zoo architecture (resnet18 or resnet18_deconv, ...)")
+    arch.add_argument("--deconv", type=str2bool, metavar="BOOL", help="deconvolution (true) or BatchNorm (false)")
+    arch.add_argument("--block", type=int, help="deconvolution block size")
+    arch.add_argument("--block-fc", type=int, help="Delinear block (0: Linear head)")
+    arch.add_argument("--deconv-iter", type=int, help="Newton-Schulz iterations")
+    arch.add_argument("--num-classes", type=int, help="classes of the head (default: read from the weights)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+    from ..training.data import get_spec
+    from ..training.dist import _pick_device
+    from ..training.evaluate import evaluate_on_dataset, load_eval_model
+
+    device = _pick_device(args.device, 0)
+    model_args = {k: v for k, v in dict(
+        deconv=args.deconv, block=args.block, block_fc=args.block_fc, deconv_iter=args.deconv_iter,
+        num_classes=args.num_classes,
+    ).items() if v is not None}
+    dataset = args.dataset
+    if dataset is not None:
+        spec = get_spec(dataset)  # an unknown dataset fails before any model is built
+        if args.checkpoint and args.arch:
+            model_args.setdefault("in_chans", spec.in_chans)
+    model, info = load_eval_model(args.model, args.checkpoint, args.arch, model_args)
+    dataset = dataset or info.get("dataset")
+    if not dataset:
+        raise UsageError("which data? pass --dataset (fashion_mnist, mnist, cifar10, cifar100, imagefolder)")
+    get_spec(dataset)
+    result = evaluate_on_dataset(model, dataset, args.data_dir, args.batch_size, device, args.test_subset,
+                                 args.num_workers, args.img_size)
+    name = args.model or args.checkpoint
+    if args.json:
+        print(json.dumps({"model": name, "dataset": dataset, **result.to_dict()}))
+    else:
+        print(f"{name} on {dataset} test ({result.count} images): top-1 {result.top1:.2f}%  "
+              f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}")
+    return 0

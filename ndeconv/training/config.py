@@ -1,0 +1,134 @@
+"""Every setting of a training run, with the reference's defaults, and the model it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from ..errors import UsageError
+
+__all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "build_model", "resolve_arch"]
+
+
+@dataclass
+class TrainConfig:
+    """The settings of ``ndeconv train``. Defaults are the authors' ``main.py``/``arg_parser.py`` ones, on the
+    paper's smallest real task: ResNet-18 with network deconvolution on Fashion-MNIST."""
+
+    arch: str = "resnet18"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    img_size: int = 32  # imagefolder only; IDX data is padded to 32x32, CIFAR is 32x32
+    num_classes: int | None = None  # the dataset's by default
+    deconv: bool = True
+    block: int = 64
+    block_fc: int | None = None  # 512 for deconvolution, 0 (a Linear head) for BatchNorm
+    deconv_iter: int = 5
+    eps: float = 1e-5
+    stride: int = 3  # the deconvolution's sampling stride
+    bias: bool = True
+    freeze: bool = False
+    delinear: bool = True
+    drop_rate: float = 0.0
+    optimizer: str = "SGD"
+    lr: float = 0.1
+    momentum: float = 0.9
+    wd: float = 1e-3
+    lr_scheduler: str = "cosine"
+    milestone: float = 0.4
+    multistep_gamma: float = 0.1
+    batch_size: int = 128
+    epochs: int = 20
+    seed: int = 0
+    num_workers: int = 0  # in-memory datasets need none; an image folder decodes in workers
+    train_subset: int | None = None
+    test_subset: int | None = None
+    max_steps: int | None = None
+    checkpoint_every: int = 500
+    amp: str | None = None  # None, "auto", "bf16" or "fp16"
+    device: str = "auto"
+    sync_deconv: bool = False
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def model_name(self) -> str:
+        return resolve_arch(self.arch)
+
+    def default_run_dir(self) -> str:
+        form = "nd" if self.deconv else "bn"
+        arch = self.model_name().removesuffix("_deconv")
+        return f"runs/{arch}-{form}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def validate(self) -> None:
+        """Reject settings that cannot train, each with the flag to fix."""
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.wd >= 0, "--wd must be >= 0"),
+            (self.block >= 1, f"--block must be a positive channel count (e.g. 64), got {self.block}"),
+            (self.block_fc is None or self.block_fc >= 0, "--block-fc must be >= 0 (0: a plain Linear head)"),
+            (self.deconv_iter >= 1, "--deconv-iter must be >= 1"),
+            (self.eps > 0, "--eps must be > 0"),
+            (self.stride >= 1, "--stride must be >= 1"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: only at epoch ends)"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.train_subset is None or self.train_subset >= 1, "--train-subset must be >= 1"),
+            (self.test_subset is None or self.test_subset >= 0, "--test-subset must be >= 0"),
+            (self.num_workers >= 0, "--num-workers must be >= 0"),
+            (self.img_size >= 8, "--img-size must be >= 8"),
+            (self.optimizer in ("SGD", "Adam", "AdamW"), "--optimizer must be SGD, Adam or AdamW"),
+            (self.lr_scheduler in ("cosine", "multistep"), "--lr-scheduler must be cosine or multistep"),
+            (self.amp in (None, "auto", "bf16", "fp16"), "--amp must be bf16 or fp16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+# Flags that may differ when resuming: they change how the run is carried out, not what it computes.
+RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "checkpoint_every", "log_every", "max_steps", "data_dir"})
+
+
+def resolve_arch(arch: str) -> str:
+    """``resnet18`` or ``resnet18_deconv`` -> the registered zoo name; anything else is a clear error."""
+    from zoo import ZOO_MODELS
+
+    name = arch if arch.endswith("_deconv") else f"{arch}_deconv"
+    if name not in ZOO_MODELS:
+        bare = ", ".join(m.removesuffix("_deconv") for m in ZOO_MODELS)
+        raise UsageError(f"unknown --arch {arch!r}; choose one of: {bare} (with or without the _deconv suffix)")
+    return name
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The ``timm.create_model`` keywords of the run (also written to config.json as timm's model_args)."""
+    return dict(
+        num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate, deconv=cfg.deconv, block=cfg.block,
+        block_fc=cfg.block_fc, deconv_iter=cfg.deconv_iter, eps=cfg.eps, sampling_stride=cfg.stride,
+        bias=cfg.bias, freeze=cfg.freeze, delinear=cfg.delinear,
+    )
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    import timm
+
+    import ndeconv  # noqa: F401 - registers the zoo with timm
+
+    name = cfg.model_name()
+    try:
+        return timm.create_model(name, pretrained=False, **model_kwargs(cfg, num_classes, in_chans))
+    except (ValueError, TypeError) as err:
+        # The layers name the offending setting (e.g. a block size that cannot split the channels).
+        raise UsageError(f"cannot build {name} with these settings: {err}") from err

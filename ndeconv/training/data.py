@@ -1,0 +1,421 @@
+"""Datasets for ``ndeconv train`` and ``ndeconv eval``, read from local files only (nothing is downloaded).
+
+Every dataset becomes an ``ImageSource``: labels known up front (so a label out of range fails before any
+training) and ``batch(indices)`` returning uint8 images of one fixed size. Fashion-MNIST, MNIST and CIFAR are
+decoded once into one uint8 tensor, so a batch is a single index op; an image folder decodes its files per
+batch (in DataLoader workers with ``--num-workers``). Augmentation and normalisation run batched on float
+tensors (``Preprocess``), with a generator derived from (seed, epoch, step, rank): a resumed run sees the same
+crops and flips as an uninterrupted one without any sampler or worker state to save.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import UsageError
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "ImageSource",
+    "Preprocess",
+    "batch_loader",
+    "epoch_batches",
+    "eval_batches",
+    "load_split",
+]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_LABELS = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How the reference (authors' ``main.py``) reads, augments and normalises one dataset."""
+
+    name: str
+    kind: str  # "idx", "cifar" or "imagefolder"
+    num_classes: int | None  # None: the number of class folders
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 0  # RandomCrop(size, padding) + RandomHorizontalFlip when > 0
+    default_dir: str | None = None
+    install_hint: str = ""
+    label_names: tuple[str, ...] | None = None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    # The reference trains Fashion-MNIST on ToTensor() alone: no normalisation, no augmentation.
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist", "idx", 10, 1, (0.0,), (1.0,), default_dir=FASHION_MNIST_DIR,
+        install_hint="install it with `apt-get install dataset-fashion-mnist`", label_names=FASHION_MNIST_LABELS,
+    ),
+    "mnist": DatasetSpec(
+        "mnist", "idx", 10, 1, (0.1307,), (0.3081,), label_names=tuple(str(i) for i in range(10)),
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10", "cifar", 10, 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), crop_padding=4,
+        label_names=CIFAR10_LABELS,
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100", "cifar", 100, 3, (0.5071, 0.4865, 0.4409), (0.2009, 0.1984, 0.2023), crop_padding=4,
+    ),
+    # The reference's downsampled-ImageNet settings: ImageNet statistics, crop padding log2(size) - 1.
+    "imagefolder": DatasetSpec(
+        "imagefolder", "imagefolder", None, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crop_padding=-1,
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    key = name.lower().replace("-", "_")
+    key = {"fashion": "fashion_mnist", "fashionmnist": "fashion_mnist"}.get(key, key)
+    if key not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+class ImageSource(Dataset):
+    """A split of a dataset: ``labels`` (int64, N) and ``batch(indices)`` -> uint8 images (B, C, H, W)."""
+
+    labels: torch.Tensor
+    class_names: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subset(self, count: int | None) -> ImageSource:
+        """The first ``count`` images (``--train-subset``/``--test-subset``), or all of them."""
+        if count is None or count >= len(self):
+            return self
+        return _Subset(self, count)
+
+
+class TensorSource(ImageSource):
+    """Images decoded once into memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None):
+        self.images, self.labels = images, labels
+        self.class_names = tuple(class_names) if class_names else None
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.images[indices]
+
+
+class _Subset(ImageSource):
+    def __init__(self, source: ImageSource, count: int):
+        self.source, self.labels, self.class_names = source, source.labels[:count], source.class_names
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.source.batch(indices)
+
+
+# -- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------------------------
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find(folder: Path, stems: Sequence[str]) -> Path | None:
+    for stem in stems:
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as err:
+        raise UsageError(f"{path}: cannot read it ({err}); the file is truncated or not an IDX file") from err
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (ubyte data only, as MNIST ships) as a uint8 tensor of the shape its header gives."""
+    data = _read_bytes(path)
+    if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
+        raise UsageError(f"{path}: not an unsigned-byte IDX file (bad magic number); use the original MNIST files")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(torch.tensor(shape).prod()) if ndim else header
+    if len(data) != expected:
+        raise UsageError(f"{path}: holds {len(data)} bytes but its header says {expected}; the file is truncated")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _load_idx(spec: DatasetSpec, folder: Path, split: str) -> TensorSource:
+    image_stem, label_stem = _IDX_FILES[split]
+    # Some mirrors use dots ("train-images.idx3-ubyte").
+    image_path = _find(folder, (image_stem, image_stem.replace("-idx", ".idx")))
+    label_path = _find(folder, (label_stem, label_stem.replace("-idx", ".idx")))
+    if image_path is None or label_path is None:
+        raise _missing(spec, folder, f"{image_stem}[.gz] and {label_stem}[.gz]")
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise UsageError(f"{image_path}, {label_path}: expected N images of HxW and N labels, got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    # 28x28 -> 32x32 with a zero (background) border: the zoo's CIFAR topology pools a 4x4 final map.
+    pad_h, pad_w = max(32 - images.shape[1], 0), max(32 - images.shape[2], 0)
+    images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return TensorSource(images.unsqueeze(1).contiguous(), labels.long(), spec.label_names)
+
+
+# -- CIFAR python batches -------------------------------------------------------------------------------------
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a CIFAR batch needs nothing else, and refusing every
+    other global means a crafted file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays")
+
+
+def _read_cifar_batch(path: Path) -> dict[str, object]:
+    try:
+        raw = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as err:
+        raise UsageError(f"{path}: not a CIFAR python batch ({err}); use the 'python version' archive") from err
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: not a CIFAR python batch (no dict inside)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _load_cifar(spec: DatasetSpec, folder: Path, split: str) -> TensorSource:
+    import numpy as np
+
+    sub = "cifar-10-batches-py" if spec.name == "cifar10" else "cifar-100-python"
+    if (folder / sub).is_dir():
+        folder = folder / sub
+    if spec.name == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key = "labels"
+    else:
+        names, label_key = [split], "fine_labels"
+    paths = [folder / n for n in names]
+    if not all(p.is_file() for p in paths):
+        raise _missing(spec, folder, ", ".join(names))
+    images, labels = [], []
+    for path in paths:
+        batch = _read_cifar_batch(path)
+        if "data" not in batch or label_key not in batch:
+            raise UsageError(f"{path}: has no 'data'/'{label_key}' entries; is it a {spec.name} batch?")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(batch[label_key]) != data.shape[0]:
+            raise UsageError(f"{path}: expected N x 3072 bytes and N labels, got {data.shape}")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.as_tensor(np.asarray(batch[label_key], dtype=np.int64)))
+    return TensorSource(torch.cat(images), torch.cat(labels), spec.label_names)
+
+
+# -- image folder ---------------------------------------------------------------------------------------------
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class FolderSource(ImageSource):
+    """``root/<class>/<image>`` decoded per batch, resized (shorter side) and centre-cropped to ``size``."""
+
+    def __init__(self, files: list[Path], labels: list[int], class_names: Sequence[str], size: int, in_chans: int):
+        self.files, self.size, self.in_chans = files, size, in_chans
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.class_names = tuple(class_names)
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.in_chans == 1 else "RGB")
+                img = ImageOps.fit(img, (self.size, self.size), method=Image.Resampling.BILINEAR)
+                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        except OSError as err:
+            raise UsageError(f"{path}: cannot decode the image ({err}); remove or replace it") from err
+        return data.reshape(self.size, self.size, self.in_chans).permute(2, 0, 1)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._decode(self.files[i]) for i in indices.tolist()])
+
+
+def _load_imagefolder(
+    spec: DatasetSpec, folder: Path, split: str, img_size: int, num_classes: int | None
+) -> FolderSource:
+    names = ("train",) if split == "train" else ("val", "test", "validation")
+    root = next((folder / n for n in names if (folder / n).is_dir()), None)
+    if root is None:
+        raise UsageError(f"imagefolder: no {' or '.join(names)} folder in {folder}; lay it out as "
+                         f"{folder}/train/<class>/<image> and {folder}/val/<class>/<image>")
+    # Class indices come from the training folder, so train and val agree even if val lacks a class.
+    train_root = folder / "train" if (folder / "train").is_dir() else root
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    if not classes:
+        raise UsageError(f"imagefolder: {train_root} has no class folders; put images in {train_root}/<class>/")
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if class_dir.name not in index:
+            raise UsageError(f"imagefolder: {class_dir} is a class the training folder {train_root} lacks, so its "
+                             "label is out of range; add the class to train/ or remove the folder")
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file():
+                files.append(path)
+                labels.append(index[class_dir.name])
+    if not files:
+        raise UsageError(f"imagefolder: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}")
+    if num_classes is not None and len(classes) > num_classes:
+        raise UsageError(f"imagefolder: {train_root} has {len(classes)} class folders but --num-classes is "
+                         f"{num_classes}, so labels {num_classes}..{len(classes) - 1} are out of range; "
+                         "raise --num-classes or remove folders")
+    return FolderSource(files, labels, classes, img_size, spec.in_chans)
+
+
+# -- entry points ---------------------------------------------------------------------------------------------
+
+
+def _missing(spec: DatasetSpec, folder: Path, what: str) -> UsageError:
+    hint = f"{spec.install_hint}, or " if spec.install_hint and str(folder) == spec.default_dir else ""
+    return UsageError(f"{spec.name}: looked for {what} in {folder} and did not find them; "
+                      f"{hint}point --data-dir to a folder that has them (nothing is downloaded)")
+
+
+def resolve_data_dir(spec: DatasetSpec, data_dir: str | None) -> Path:
+    if data_dir:
+        path = Path(data_dir).expanduser()
+    elif spec.default_dir:
+        path = Path(spec.default_dir)
+    else:
+        raise UsageError(f"{spec.name}: no default location; pass --data-dir with the dataset's files")
+    if not path.is_dir():
+        hint = f"{spec.install_hint}, or " if spec.install_hint and not data_dir else ""
+        raise UsageError(f"{spec.name}: data folder {path} does not exist; {hint}point --data-dir to the dataset")
+    return path
+
+
+def load_split(
+    name: str, split: str, data_dir: str | None = None, img_size: int = 32, num_classes: int | None = None
+) -> ImageSource:
+    """Load the ``train`` or ``test`` split of a dataset and check its labels against ``num_classes``."""
+    spec = get_spec(name)
+    folder = resolve_data_dir(spec, data_dir)
+    if spec.kind == "idx":
+        source: ImageSource = _load_idx(spec, folder, split)
+    elif spec.kind == "cifar":
+        source = _load_cifar(spec, folder, split)
+    else:
+        source = _load_imagefolder(spec, folder, split, img_size, num_classes)
+    classes = num_classes or spec.num_classes or len(source.class_names or ())
+    if len(source) and (int(source.labels.min()) < 0 or int(source.labels.max()) >= classes):
+        raise UsageError(f"{spec.name} {split}: labels span {int(source.labels.min())}..{int(source.labels.max())} "
+                         f"but the model has {classes} classes; fix the data or pass --num-classes")
+    return source
+
+
+class Preprocess:
+    """uint8 batch -> normalised float batch, with the reference's RandomCrop(padding) + horizontal flip in
+    training. Random choices come from a generator seeded by (seed, epoch, step, rank)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.crop_padding = crop_padding
+
+    @staticmethod
+    def generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{seed}:{epoch}:{step}:{rank}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        if generator is not None and self.crop_padding > 0:
+            x = self._crop_flip(x, self.crop_padding, generator)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    @staticmethod
+    def _crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+        flips = torch.rand(n, generator=generator) < 0.5
+        padded = F.pad(x, (pad, pad, pad, pad))  # zero fill in pixel space, as torchvision's RandomCrop
+        rows = (offsets[:, 0, None] + torch.arange(h)).view(n, 1, h, 1)
+        cols = offsets[:, 1, None] + torch.arange(w)
+        cols = torch.where(flips[:, None], cols.flip(1), cols).view(n, 1, 1, w)
+        batch = torch.arange(n).view(n, 1, 1, 1)
+        chans = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+        return padded[batch, chans, rows, cols]
+
+
+def default_crop_padding(spec: DatasetSpec, img_size: int) -> int:
+    if spec.crop_padding >= 0:
+        return spec.crop_padding
+    return max(int(torch.tensor(float(img_size)).log2()) - 1, 0)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """This rank's shuffled batches of one epoch (DistributedSampler's order; one rank is the plain shuffle)."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    return list(order.split(batch_size))
+
+
+def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """This rank's share of the test set, in order and without the padding a DistributedSampler adds (each image
+    is counted exactly once when the ranks' sums are added)."""
+    return list(torch.arange(rank, n, world).split(batch_size))
+
+
+class _Batches(Dataset):
+    def __init__(self, source: ImageSource, batches: list[torch.Tensor]):
+        self.source, self.batches = source, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batches[i]
+        return self.source.batch(idx), self.source.labels[idx]
+
+
+def batch_loader(
+    source: ImageSource, batches: list[torch.Tensor], num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images, labels) for the given index batches, in order; workers only fetch and decode."""
+    if num_workers <= 0 or isinstance(source, TensorSource):
+        for idx in batches:
+            yield source.batch(idx), source.labels[idx]
+        return
+    yield from DataLoader(_Batches(source, batches), batch_size=None, num_workers=num_workers,
+                          persistent_workers=False)

@@ -1,0 +1,184 @@
+"""Test-set evaluation: top-1, top-5 and loss of a model, used after every epoch and by ``ndeconv eval``."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UsageError
+from .data import ImageSource, Preprocess, batch_loader, eval_batches
+from .dist import DistContext
+from .metrics import topk_correct
+
+__all__ = ["EvalResult", "evaluate", "evaluate_on_dataset", "load_eval_model"]
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float  # percent
+    top5: float  # percent
+    count: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    source: ImageSource,
+    preprocess: Preprocess,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    ctx: DistContext | None = None,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Evaluate in eval mode (deconvolution from its running statistics). Under torchrun each rank takes every
+    world-th image and the sums are added, so every image counts once; pass the unwrapped model, not the DDP
+    wrapper (ranks may run different numbers of batches)."""
+    device = torch.device(device)
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    try:
+        for images, labels in batch_loader(source, eval_batches(len(source), batch_size, rank, world), num_workers):
+            x, y = preprocess(images).to(device), labels.to(device)
+            with autocast:
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            c1, c5 = topk_correct(logits, y)
+            correct1, correct5, count = correct1 + c1, correct5 + c5, count + y.numel()
+    finally:
+        model.train(was_training)
+    if ctx is not None:
+        loss_sum, correct1, correct5, count = ctx.all_reduce_sum([loss_sum, correct1, correct5, count])
+    count = int(count)
+    if count == 0:
+        return EvalResult(float("nan"), float("nan"), float("nan"), 0)
+    return EvalResult(loss_sum / count, 100.0 * correct1 / count, 100.0 * correct5 / count, count)
+
+
+# -- models and data for ``ndeconv eval`` ------------------------------------------------------------------------
+
+
+def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from safetensors, or from a torch checkpoint read with ``weights_only=True`` (the authors'
+    ``checkpoint.pth.tar`` holds it under ``state_dict``, keys prefixed ``module.``)."""
+    from ..io import load_safetensors
+
+    if path.suffix == ".safetensors":
+        state = load_safetensors(path)
+    else:
+        if not path.is_file():
+            raise UsageError(f"--checkpoint {path}: no such file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle/zip errors vary
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(f"--checkpoint {path}: not loadable as weights only ({first}); use a "
+                             "safetensors file or a torch checkpoint of tensors") from err
+        for key in ("state_dict", "model", "net"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--checkpoint {path}: holds no state_dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_eval_model(
+    model: str | None = None,
+    checkpoint: str | Path | None = None,
+    arch: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to evaluate and what is known of its training (``dataset``, when recorded).
+
+    ``model`` is a run directory, a zoo name with its pretrained tag (``resnet18_deconv.fashion_mnist``) or any
+    timm name with weights (``hf-hub:...``, ``local-dir:...``); ``checkpoint`` is a weights file, described by
+    the config.json beside it (a run directory's) or by ``arch`` and ``model_args``.
+    """
+    import timm
+
+    import ndeconv  # noqa: F401 - registers the zoo
+
+    from .config import resolve_arch
+    from .loop import load_run_model, read_run_config
+
+    if (model is None) == (checkpoint is None):
+        raise UsageError("give either MODEL (a zoo name with a tag, or a run directory) or --checkpoint FILE")
+    if model is not None and Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        config = read_run_config(Path(model))
+        return load_run_model(Path(model)), {"dataset": config["train"].get("dataset"), "config": config}
+    if model is not None:
+        tag = model.rsplit(".", 1)[1] if "." in model and ":" not in model else None
+        try:
+            net = timm.create_model(model, pretrained=True, **(model_args or {}))
+        except RuntimeError as err:  # timm's "Unknown model"
+            raise UsageError(f"{model}: {str(err).strip().splitlines()[0]}; see `ndeconv list`") from err
+        return net.eval(), {"dataset": tag}
+
+    path = Path(checkpoint)
+    beside = path.parent / "config.json"
+    if arch is None and beside.is_file():
+        config = read_run_config(path.parent)
+        args = dict(config.get("model_args", {}))
+        args["num_classes"] = config.get("num_classes", args.get("num_classes"))
+        name, info = config["architecture"], {"dataset": config["train"].get("dataset"), "config": config}
+    elif arch is not None:
+        name, args, info = resolve_arch(arch), dict(model_args or {}), {}
+    else:
+        raise UsageError(f"--checkpoint {path}: no config.json beside it; say what it is with --arch "
+                         "(and --deconv, --block, ... as it was trained)")
+    state = _state_dict_from_file(path)
+    head = next((v for k, v in state.items() if k.endswith("weight") and k.split(".")[0] in ("linear", "classifier")
+                 and v.ndim == 2), None)
+    if head is not None:
+        args.setdefault("num_classes", head.shape[0])
+    try:
+        net = timm.create_model(name, pretrained=False, **args)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"cannot build {name}: {err}") from err
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UsageError(f"--checkpoint {path} does not fit {name} with these settings: "
+                         f"{str(err).strip().splitlines()[0]} (check --arch, --deconv, --block, --block-fc)") from err
+    return net.eval(), info
+
+
+def evaluate_on_dataset(
+    model: nn.Module,
+    dataset: str,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    subset: int | None = None,
+    num_workers: int = 0,
+    img_size: int = 32,
+) -> EvalResult:
+    """Top-1/top-5/loss of ``model`` on a dataset's test split, with that dataset's reference normalisation."""
+    from .data import get_spec, load_split
+
+    spec = get_spec(dataset)
+    num_classes = int(getattr(model, "num_classes", 0)) or None
+    source = load_split(dataset, "test", data_dir, img_size, num_classes).subset(subset)
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and first.in_channels != spec.in_chans:
+        raise UsageError(f"the model takes {first.in_channels}-channel images but {spec.name} has {spec.in_chans}; "
+                         "evaluate it on the dataset it was trained for")
+    model = model.to(device)
+    return evaluate(model, source, Preprocess(spec.mean, spec.std), batch_size, device, num_workers=num_workers)

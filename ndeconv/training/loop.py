@@ -1,0 +1,410 @@
+"""The training run: the reference's loop (SGD, cosine LR stepped every iteration, cross-entropy) made
+resumable, data-parallel and self-describing.
+
+A run directory holds ``config.json`` (settings, versions, git commit, and timm's Hub fields, so the folder
+also loads as ``local-dir:RUN_DIR``), ``checkpoint.pt`` (see ``checkpoint.py``), ``model.safetensors`` (the
+weights after the last finished epoch), ``metrics.jsonl``, ``curves.png`` and TensorBoard events when
+tensorboard is installed. Under torchrun only rank 0 touches the directory.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import sync_deconv
+from ..errors import UsageError
+from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
+from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
+from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, model_kwargs
+from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches, get_spec, load_split
+from .dist import DistContext, setup
+from .evaluate import evaluate
+from .metrics import Progress, TensorBoard, plot_curves, topk_correct, write_metrics
+
+__all__ = ["TrainResult", "load_run_model", "read_run_config", "train"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+_RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CURVES_FILE, "checkpoint.pt")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the run directory (written by rank 0 only), this rank's model and the epochs."""
+
+    run_dir: Path
+    model: nn.Module
+    history: list[dict[str, Any]]
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no {CONFIG_FILE}; it is not a run directory of `ndeconv train`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path}: not readable JSON ({err}); the run directory is damaged") from err
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+        raise UsageError(f"{path}: has no 'train' settings; it is not a run directory of `ndeconv train`")
+    return data
+
+
+def _resume_config(run_dir: Path, cfg: TrainConfig, given: frozenset[str]) -> TrainConfig:
+    """The run's own settings; a flag given now that would change what the run computes is refused."""
+    saved = TrainConfig.from_dict(read_run_config(run_dir)["train"])
+    current, before = cfg.to_dict(), saved.to_dict()
+    clashes = [f"--{k.replace('_', '-')} {current[k]} (the run has {before[k]})"
+               for k in sorted(given) if k in before and k not in RESUMABLE_OVERRIDES and current[k] != before[k]]
+    if clashes:
+        raise UsageError(f"--resume {run_dir}: {'; '.join(clashes)}; a resumed run keeps its settings "
+                         "(start a new run with --out to change them)")
+    return TrainConfig.from_dict({**before, **{k: current[k] for k in given if k in RESUMABLE_OVERRIDES}})
+
+
+def _check_new_run_dir(run_dir: Path, force: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; choose a folder path")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+        raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
+                         "--force to start over in it, or another --out")
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import timm
+
+    from .. import __version__
+
+    return {"ndeconv": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def _amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    if amp is None:
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "SGD":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    if cfg.optimizer == "Adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.wd)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    if cfg.lr_scheduler == "cosine":
+        # Stepped after every iteration over the whole run, as the authors' train_net does.
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs, eta_min=0)
+    # The reference's milestones (every milestone * epochs epochs). It steps the scheduler at the start of each
+    # epoch, so its LR drops one epoch early; stepping at epoch ends with milestones - 1 gives the same LRs.
+    first = max(int(cfg.milestone * cfg.epochs), 1)
+    milestones = [first]
+    while milestones[-1] + first < cfg.epochs:
+        milestones.append(milestones[-1] + first)
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[max(m - 1, 0) for m in milestones], gamma=cfg.multistep_gamma)
+
+
+def _hub_config(cfg: TrainConfig, model: nn.Module, name: str, num_classes: int, in_chans: int,
+                labels: tuple[str, ...] | None, started: str) -> dict[str, Any]:
+    """timm's Hub config.json fields plus the run's settings: ``timm.create_model('local-dir:RUN_DIR')`` works."""
+    spec = get_spec(cfg.dataset)
+    size = 32 if spec.kind != "imagefolder" else cfg.img_size
+    pretrained_cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
+                      if v is not None and k not in ("file", "hf_hub_id", "url", "source", "state_dict")}
+    pretrained_cfg.update(
+        tag=cfg.dataset, num_classes=num_classes, input_size=[in_chans, size, size],
+        mean=list(spec.mean), std=list(spec.std), crop_pct=1.0,
+    )
+    pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()}
+    args = model_kwargs(cfg, num_classes, in_chans)
+    config: dict[str, Any] = {
+        "architecture": name,
+        "num_classes": num_classes,
+        "num_features": int(getattr(model, "num_features", 0)),
+        "global_pool": "avg",
+        "model_args": {k: v for k, v in args.items() if k not in ("num_classes",)},
+        "pretrained_cfg": pretrained_cfg,
+    }
+    if labels:
+        config["label_names"] = list(labels)
+    config["train"] = cfg.to_dict()
+    config["run"] = {"started": started, "versions": _versions(), "git_commit": _git_commit(),
+                     "platform": platform.platform()}
+    return config
+
+
+class _Meter:
+    """Sums over the training batches of the current epoch (this rank's since the last checkpoint)."""
+
+    KEYS = ("loss_sum", "correct1", "correct5", "count")
+
+    def __init__(self, sums: dict[str, float] | None = None):
+        self.sums = {k: float((sums or {}).get(k, 0.0)) for k in self.KEYS}
+
+    def update(self, loss: float, c1: int, c5: int, n: int) -> None:
+        for key, value in zip(self.KEYS, (loss * n, c1, c5, n), strict=True):
+            self.sums[key] += value
+
+    def reduce(self, ctx: DistContext) -> dict[str, float]:
+        return dict(zip(self.KEYS, ctx.all_reduce_sum([self.sums[k] for k in self.KEYS]), strict=True))
+
+    @staticmethod
+    def summary(sums: dict[str, float]) -> tuple[float, float, float]:
+        n = max(sums["count"], 1.0)
+        return sums["loss_sum"] / n, 100.0 * sums["correct1"] / n, 100.0 * sums["correct5"] / n
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    given: frozenset[str] = frozenset(),
+    stream: TextIO | None = None,
+) -> TrainResult:
+    """Train (or continue) one run; return its directory, this rank's model and the per-epoch metrics.
+
+    ``given`` names the settings the user chose explicitly (checked against the run's own when resuming)."""
+    if resume is not None:
+        if out is not None and Path(out) != Path(resume):
+            raise UsageError("pass either --out (a new run) or --resume (an existing one), not both")
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise UsageError(f"--resume {run_dir}: no such directory")
+        cfg = _resume_config(run_dir, cfg, given)
+    else:
+        run_dir = Path(out) if out is not None else Path(cfg.default_run_dir())
+    cfg.validate()
+    ctx = setup(cfg.device)
+    try:
+        return _run(cfg, ctx, run_dir, resume is not None, force, stream)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, force: bool,
+         stream: TextIO | None) -> TrainResult:
+    progress = Progress(ctx.is_main, cfg.log_every, stream)
+    if not resuming:
+        ctx.on_main(lambda: _check_new_run_dir(run_dir, force))
+    if cfg.amp == "auto":
+        cfg.amp = "fp16" if ctx.device.type == "cuda" else "bf16"
+    amp_dtype = _amp_dtype(cfg.amp, ctx.device)
+
+    spec = get_spec(cfg.dataset)
+    train_all = load_split(cfg.dataset, "train", cfg.data_dir, cfg.img_size, cfg.num_classes)
+    num_classes = cfg.num_classes or spec.num_classes or len(train_all.class_names or ())
+    test_all = load_split(cfg.dataset, "test", cfg.data_dir, cfg.img_size, num_classes)
+    train_src, test_src = train_all.subset(cfg.train_subset), test_all.subset(cfg.test_subset)
+    preprocess = Preprocess(spec.mean, spec.std, default_crop_padding(spec, cfg.img_size))
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time).
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    import numpy as np
+
+    np.random.seed(cfg.seed % 2**32)
+    model = build_model(cfg, num_classes, spec.in_chans)
+    name = cfg.model_name()
+    model.to(ctx.device)
+    if cfg.sync_deconv:
+        sync_deconv(model)
+    optimizer = _optimizer(cfg, model)
+    steps_per_epoch = len(epoch_batches(len(train_src), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world))
+    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    state = TrainState()
+    if resuming:
+        payload = load_checkpoint(run_dir)
+        saved = {k: v for k, v in payload.get("config", {}).items() if k not in RESUMABLE_OVERRIDES}
+        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_OVERRIDES}
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise UsageError(f"--resume {run_dir}: checkpoint.pt was written with other settings than config.json "
+                             f"({', '.join(diff)}); the run directory is mixed up")
+        state = restore_checkpoint(payload, model, optimizer, scheduler, scaler)
+        if state.finished:
+            progress.log(f"{run_dir}: the run already finished ({state.global_step} steps); nothing to do")
+            return TrainResult(run_dir, model, state.history)
+        progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.global_step}")
+    else:
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        hub = _hub_config(cfg, model, name, num_classes, spec.in_chans, train_all.class_names, started)
+        hub["run"]["world_size"] = ctx.world
+        hub["run"]["device"] = str(ctx.device)
+
+        def create() -> None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in _RUN_FILES:  # --force: nothing of an old run may mix into this one
+                (run_dir / stale).unlink(missing_ok=True)
+            save_json_atomic(hub, run_dir / CONFIG_FILE)
+
+        ctx.on_main(create)
+
+    net: nn.Module = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    board = TensorBoard(run_dir / "tensorboard", enabled=ctx.is_main)
+    if ctx.is_main:
+        params = sum(p.numel() for p in model.parameters())
+        form = "deconvolution" if cfg.deconv else "BatchNorm"
+        progress.log(f"{name} ({form}, {params / 1e6:.2f}M parameters) on {cfg.dataset}: {len(train_src)} train / "
+                     f"{len(test_src)} test images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                     f"{ctx.world} process(es) on {ctx.device} -> {run_dir}")
+
+    meter = _Meter(state.meter if ctx.is_main else None)
+    autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps,
+                                                                                 steps_per_epoch * cfg.epochs)
+
+    def save(final_epoch: bool = False) -> None:
+        # All ranks' sums go into rank 0's (the one that saves); the others start again from zero.
+        state.meter = meter.reduce(ctx) if not final_epoch else {}
+        meter.sums = _Meter(state.meter if ctx.is_main else None).sums
+
+        def write() -> None:
+            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, cfg.to_dict())
+            if final_epoch:
+                save_safetensors_atomic(model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+                write_metrics(state.history, run_dir / METRICS_FILE)
+                plot_curves(state.history, run_dir / CURVES_FILE, f"{name} ({'ND' if cfg.deconv else 'BN'}) "
+                            f"on {cfg.dataset}")
+
+        ctx.on_main(write)
+
+    if not resuming:
+        save()  # a run killed before its first --checkpoint-every still resumes (from step 0)
+
+    while state.epoch < cfg.epochs and not state.finished:
+        epoch = state.epoch
+        batches = epoch_batches(len(train_src), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world)
+        net.train()
+        tick = time.perf_counter()
+        stop = False
+        for step, (images, labels) in enumerate(
+            batch_loader(train_src, batches[state.step_in_epoch:], cfg.num_workers), start=state.step_in_epoch
+        ):
+            x = preprocess(images, Preprocess.generator(cfg.seed, epoch, step, ctx.rank)).to(ctx.device)
+            y = labels.to(ctx.device)
+            with autocast():
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if cfg.lr_scheduler == "cosine":
+                scheduler.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise UsageError(f"the loss became {loss_value} at step {state.global_step + 1}; lower --lr "
+                                 f"(now {cfg.lr}) or check the data; the last checkpoint is in {run_dir}")
+            c1, c5 = topk_correct(logits.detach().float(), y)
+            meter.update(loss_value, c1, c5, y.numel())
+            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+            now = time.perf_counter()
+            state.seconds += now - tick
+            tick = now
+            if ctx.is_main:
+                done = max(state.global_step, 1)
+                rate = meter.sums["count"] * ctx.world / max(state.seconds, 1e-9)
+                _, top1, _ = _Meter.summary(meter.sums)
+                eta = (total_steps - done) * cfg.batch_size * ctx.world / max(rate, 1e-9)
+                progress.step(epoch + 1, cfg.epochs, step + 1, len(batches), state.global_step, loss_value, top1,
+                              rate, eta)
+            stop = cfg.max_steps is not None and state.global_step >= cfg.max_steps
+            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not stop \
+                    and state.step_in_epoch < len(batches):
+                save()
+                progress.log(f"checkpoint at step {state.global_step}")
+                tick = time.perf_counter()
+            if stop:
+                break
+
+        # Epoch end (or --max-steps): every rank takes rank 0's whitening statistics, then all evaluate.
+        ctx.broadcast_buffers(model)
+        train_sums = meter.reduce(ctx)
+        train_loss, train_top1, train_top5 = _Meter.summary(train_sums)
+        eval_start = time.perf_counter()
+        result = evaluate(model, test_src, preprocess, max(cfg.batch_size, 256), ctx.device, amp_dtype, ctx,
+                          cfg.num_workers)
+        row = {
+            "epoch": epoch + 1, "step": state.global_step, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss, "train_top1": train_top1, "train_top5": train_top5,
+            "test_loss": result.loss, "test_top1": result.top1, "test_top5": result.top5,
+            "seconds": state.seconds, "images_per_s": train_sums["count"] / max(state.seconds, 1e-9),
+            "eval_seconds": time.perf_counter() - eval_start,
+        }
+        if stop and state.step_in_epoch < len(batches):
+            row["partial"] = True  # stopped by --max-steps inside the epoch
+        if cfg.lr_scheduler == "multistep":
+            scheduler.step()
+        state.history.append(row)
+        state.epoch, state.step_in_epoch, state.seconds = epoch + 1, 0, 0.0
+        state.finished = stop or state.epoch >= cfg.epochs
+        save(final_epoch=True)
+        if ctx.is_main:
+            for key in ("train_loss", "train_top1", "test_loss", "test_top1", "lr", "images_per_s"):
+                board.scalar(key.replace("_", "/", 1) if key != "lr" else key, row[key], epoch + 1)
+        progress.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} top1 {train_top1:.2f}% | "
+                     f"test loss {result.loss:.4f} top1 {result.top1:.2f}% top5 {result.top5:.2f}% | "
+                     f"{row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s")
+    board.close()
+    progress.log(f"done: {run_dir / WEIGHTS_FILE}")
+    return TrainResult(run_dir, model, state.history)
+
+
+def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a run directory, built from its config.json and loaded from its model.safetensors."""
+    import timm
+
+    import ndeconv  # noqa: F401
+
+    config = read_run_config(run_dir)
+    args = dict(config.get("model_args", {}))
+    args["num_classes"] = config.get("num_classes", args.get("num_classes"))
+    model = timm.create_model(config["architecture"], pretrained=False, **args)
+    model.load_state_dict(load_safetensors(Path(run_dir) / WEIGHTS_FILE), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,108 @@
+"""``ndeconv eval``: top-1/top-5/loss of a weights file, an authors'-style checkpoint or a run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from test_data import write_cifar10  # tests/ is on sys.path (pytest rootdir, no package)
+
+from ndeconv.cli import main
+from ndeconv.training.data import FASHION_MNIST_DIR, load_split
+
+needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
+                                   reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)")
+
+
+def _model(in_chans: int = 1, deconv: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("pnasnet_a_deconv", deconv=deconv, in_chans=in_chans, num_classes=10).eval()
+
+
+def _expected(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        logits = model(images)
+    top5 = logits.topk(5, dim=1).indices
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "top1": 100.0 * float((top5[:, 0] == labels).float().mean()),
+        "top5": 100.0 * float((top5 == labels[:, None]).any(1).float().mean()),
+    }
+
+
+def _eval_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(["eval", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@needs_fashion
+def test_eval_weights_file_matches_direct_computation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = _model()
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(path))
+    got = _eval_json(capsys, ["--checkpoint", str(path), "--arch", "pnasnet_a", "--deconv", "false",
+                              "--dataset", "fashion_mnist", "--test-subset", "16", "--batch-size", "8"])
+    test = load_split("fashion_mnist", "test")
+    idx = torch.arange(16)
+    want = _expected(model, test.batch(idx).float() / 255, test.labels[idx])  # the reference's ToTensor()
+    assert got["count"] == 16 and got["dataset"] == "fashion_mnist"
+    assert got["top1"] == pytest.approx(want["top1"]) and got["top5"] == pytest.approx(want["top5"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_eval_authors_checkpoint_on_cifar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The authors' main.py saves ``{'state_dict': DataParallel keys, 'epoch', ...}``: read weights-only."""
+    data = write_cifar10(tmp_path / "cifar")
+    model = _model(in_chans=3, deconv=True)
+    ckpt = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3,
+                "arch": "pnasnetA", "best_acc": 10.0}, ckpt)
+    got = _eval_json(capsys, ["--checkpoint", str(ckpt), "--arch", "pnasnet_a_deconv", "--dataset", "cifar10",
+                              "--data-dir", str(tmp_path / "cifar")])
+    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
+    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
+    images = (torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255 - mean) / std
+    want = _expected(model, images, torch.arange(6))
+    assert got["count"] == 6 and got["top1"] == pytest.approx(want["top1"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+@needs_fashion
+def test_eval_run_directory_reproduces_its_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "pnasnet_a", "--deconv", "false", "--train-subset", "8", "--test-subset", "12",
+                 "--batch-size", "4", "--max-steps", "1", "--out", str(run)]) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for argv in ([str(run)], ["--checkpoint", str(run / "model.safetensors")]):
+        got = _eval_json(capsys, [*argv, "--test-subset", "12"])  # dataset and model read from config.json
+        assert got["dataset"] == "fashion_mnist"
+        assert (got["top1"], got["top5"]) == (last["test_top1"], last["test_top5"])
+        assert got["loss"] == pytest.approx(last["test_loss"], rel=1e-6)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--test-subset", "12"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_eval_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def fails(argv: list[str], text: str, status: int = 2) -> None:
+        capsys.readouterr()
+        assert main(["eval", *argv]) == status
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and text in err, err
+
+    fails([], "give either MODEL")
+    fails(["--checkpoint", str(tmp_path / "none.safetensors"), "--arch", "pnasnet_a", "--dataset", "mnist"],
+          "no such file")
+    weights = tmp_path / "w.safetensors"
+    save_file(_model(in_chans=3).state_dict(), str(weights))
+    fails(["--checkpoint", str(weights), "--dataset", "cifar10"], "no config.json beside it")
+    fails(["--checkpoint", str(weights), "--arch", "resnet18", "--deconv", "false", "--dataset", "cifar10"],
+          "does not fit resnet18_deconv")
+    fails(["no_such_model_deconv", "--dataset", "cifar10"], "Unknown model")
+    fails(["pnasnet_a_deconv", "--dataset", "svhn"], "unknown dataset 'svhn'")

@@ -1,0 +1,171 @@
+"""``ndeconv train`` on real Fashion-MNIST: bit-exact resume after SIGKILL, the run directory, bad input.
+
+Kept small (PNASNet-A, 128k parameters, 16 images, batch 4, 8 steps) so the whole file takes seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ndeconv.cli import build_parser, main
+from ndeconv.training import TrainConfig, load_run_model
+from ndeconv.training.data import FASHION_MNIST_DIR
+
+pytestmark = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)"
+)
+
+TINY = ["--arch", "pnasnet_a", "--train-subset", "16", "--test-subset", "8", "--batch-size", "4", "--epochs", "2",
+        "--deconv-iter", "2", "--checkpoint-every", "2", "--log-every", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ndeconv.cli", "train", *args]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An uninterrupted run and, beside it, the same run SIGKILLed mid-epoch then resumed with --resume."""
+    root = tmp_path_factory.mktemp("runs")
+    full_dir, killed_dir = root / "full", root / "killed"
+    # Both start together: two single-threaded processes on a 2-core CI machine.
+    full = subprocess.Popen(_train_cmd(*TINY, "--out", str(full_dir)), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(_train_cmd(*TINY, "--out", str(killed_dir)), env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in killed.stderr:
+        seen.append(line)
+        if "checkpoint at step 2" in line:  # mid-epoch 1 (4 steps per epoch)
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, "".join(seen)
+    assert (killed_dir / "checkpoint.pt").is_file() and not (killed_dir / "model.safetensors").exists()
+    resumed = subprocess.run(_train_cmd("--resume", str(killed_dir)), env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    _, full_err = full.communicate(timeout=300)
+    assert full.returncode == 0, full_err
+    return {"full": full_dir, "killed": killed_dir}
+
+
+def test_resume_after_sigkill_is_bit_exact(runs: dict[str, Path]) -> None:
+    full = load_file(str(runs["full"] / "model.safetensors"))
+    resumed = load_file(str(runs["killed"] / "model.safetensors"))
+    assert full.keys() == resumed.keys()
+    assert any("running_deconv" in k for k in full)  # the deconvolution buffers are part of the weights
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    ckpt = [torch.load(runs[r] / "checkpoint.pt", weights_only=True) for r in ("full", "killed")]
+    assert ckpt[0]["deconv_counters"] == ckpt[1]["deconv_counters"]
+    assert ckpt[0]["deconv_counters"]["conv1"] == 8  # the frozen stem counted every one of the 8 steps
+    rows = [[json.loads(line) for line in (runs[r] / "metrics.jsonl").read_text().splitlines()]
+            for r in ("full", "killed")]
+    assert len(rows[0]) == len(rows[1]) == 2  # no epoch written twice after the resume
+    for a, b in zip(rows[0], rows[1], strict=True):
+        for key in ("epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5"):
+            assert a[key] == b[key], key
+
+
+def test_run_directory(runs: dict[str, Path]) -> None:
+    import timm
+
+    run = runs["full"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["architecture"] == "pnasnet_a_deconv" and config["num_classes"] == 10
+    assert config["train"]["dataset"] == "fashion_mnist" and config["train"]["seed"] == 0
+    assert config["train"]["lr"] == 0.1 and config["train"]["wd"] == 1e-3 and config["train"]["momentum"] == 0.9
+    assert {"torch", "timm", "ndeconv"} <= set(config["run"]["versions"]) and "git_commit" in config["run"]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 8
+    assert {"train_loss", "train_top1", "test_loss", "test_top1", "seconds", "images_per_s"} <= set(rows[0])
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine over all 8 steps, stepped every iteration
+
+    reference = load_run_model(run)
+    x = torch.rand(3, 1, 32, 32)
+    want = reference(x)
+    args = {k: v for k, v in config["model_args"].items() if k != "in_chans"}
+    by_file = timm.create_model("pnasnet_a_deconv", pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(run / "model.safetensors")), **args).eval()
+    by_dir = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(by_file(x), want) and torch.equal(by_dir(x), want)
+
+
+def test_default_invocation_is_the_papers_run() -> None:
+    args = build_parser().parse_args(["train"])
+    given = {k: getattr(args, k) for k in args._train_fields if getattr(args, k) is not None}
+    cfg = TrainConfig.from_dict(given)
+    assert cfg == TrainConfig()
+    assert (cfg.model_name(), cfg.dataset, cfg.deconv, cfg.epochs, cfg.batch_size) == (
+        "resnet18_deconv", "fashion_mnist", True, 20, 128)
+    assert (cfg.lr, cfg.momentum, cfg.wd, cfg.lr_scheduler, cfg.block, cfg.deconv_iter) == (
+        0.1, 0.9, 1e-3, "cosine", 64, 5)
+    assert re.fullmatch(r"runs/resnet18-nd-fashion_mnist-\d{8}-\d{6}", cfg.default_run_dir())
+    bn = TrainConfig(arch="resnet18_deconv", deconv=False)
+    assert bn.default_run_dir().startswith("runs/resnet18-bn-")
+
+
+def test_amp_adamw_multistep_max_steps(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    status = main(["train", *TINY, "--out", str(out), "--amp", "bf16", "--optimizer", "AdamW", "--lr", "1e-3",
+                   "--lr-scheduler", "multistep", "--max-steps", "2", "--deconv", "false"])
+    assert status == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 2 and rows[0]["partial"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["amp"] == "bf16" and config["model_args"]["deconv"] is False
+    assert not any("running_deconv" in k for k in load_file(str(out / "model.safetensors")))
+
+
+def _fails(capsys: pytest.CaptureFixture, argv: list[str], pattern: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          runs: dict[str, Path]) -> None:
+    out = tmp_path / "new"
+    _fails(capsys, ["train", "--arch", "lenet5", "--out", str(out)], r"unknown --arch 'lenet5'; choose one of")
+    _fails(capsys, ["train", "--dataset", "svhn", "--out", str(out)], r"unknown dataset 'svhn'")
+    _fails(capsys, ["train", "--block", "0", "--out", str(out)], r"--block must be a positive")
+    _fails(capsys, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(out)],
+           r"mnist: looked for train-images-idx3-ubyte.*in .*--data-dir")
+    assert not out.exists()  # nothing was created by a refused run
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    _fails(capsys, ["train", *TINY, "--out", str(existing)], r"already exists.*--resume.*--force")
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    assert (existing / "notes.txt").read_text() == "keep me"
+
+    _fails(capsys, ["train", "--resume", str(existing)], r"no config\.json.*not a run directory")
+    _fails(capsys, ["train", "--resume", str(tmp_path / "nope")], r"no such directory")
+    before = {p.name: p.stat().st_mtime_ns for p in runs["full"].iterdir()}
+    _fails(capsys, ["train", "--resume", str(runs["full"]), "--lr", "0.5"],
+           r"--lr 0\.5 \(the run has 0\.1\).*keeps its settings")
+    assert {p.name: p.stat().st_mtime_ns for p in runs["full"].iterdir()} == before
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((runs["full"] / "config.json").read_text())
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    _fails(capsys, ["train", "--resume", str(broken)], r"cannot read .*checkpoint\.pt")
+    assert (broken / "checkpoint.pt").read_bytes() == b"not a checkpoint"
