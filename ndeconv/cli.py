@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .errors import NdeconvError
 
 # Subcommand modules under ndeconv.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("list", "train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
