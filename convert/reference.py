@@ -1,0 +1,280 @@
+"""Convert a checkpoint written by the authors' ``main.py`` into a zoo model's safetensors + config.json.
+
+The authors save ``{'state_dict': ..., 'arch': ..., 'epoch': ..., 'best_acc': ..., 'optimizer': ..., ...}``
+(the state_dict ``module.``-prefixed when it came from a DataParallel model). Our zoo models use their module
+names, so the tensors carry over unchanged; what a checkpoint does not say (the form, ``--block``,
+``--block-fc``, the input channels and classes) is read off the tensors' shapes.
+
+Only ``torch.load(weights_only=True)`` is used: a checkpoint can never run code, and one that needs more than
+tensors and plain containers to unpickle is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ndeconv.errors import NdeconvError, UsageError
+from ndeconv.io import check_output_path, save_json_atomic, save_safetensors_atomic
+
+__all__ = [
+    "REFERENCE_ARCHS",
+    "ConvertedCheckpoint",
+    "convert_reference",
+    "convert_reference_checkpoint",
+    "infer_model_args",
+    "load_reference_checkpoint",
+    "resolve_arch",
+]
+
+# The authors' ``--arch`` values (main.py) -> zoo model names.
+REFERENCE_ARCHS: dict[str, str] = {
+    "vgg16": "vgg16_deconv",
+    "resnet": "resnet18_deconv",
+    "preact": "preact_resnet18_deconv",
+    "densenet121": "densenet121_deconv",
+    "resnext": "resnext29_32x4d_deconv",
+    "mobilev2": "mobilenetv2_deconv",
+    "dpn": "dpn92_deconv",
+    "senet": "senet18_deconv",
+    "pnasnetA": "pnasnet_a_deconv",
+    "efficient": "efficientnet_b0_deconv",
+}
+
+# Checkpoint fields copied into config.json (when they are plain values) to record where the weights came from.
+_PROVENANCE_FIELDS = ("arch", "epoch", "best_acc")
+# Block sizes tried, after the reference default, when inferring ``--block`` from the buffers' shapes.
+_BLOCK_CANDIDATES = (64, 1, 2, 4, 8, 16, 32, 128, 256, 512, 1024)
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """A reference checkpoint as one of our models: the model (weights loaded), its args and its config.json."""
+
+    model_name: str
+    model: nn.Module
+    model_args: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+
+
+def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Unpickle a checkpoint with ``weights_only=True``; return it as a dict with a tensor-only ``state_dict``.
+
+    A bare state_dict (what ``torch.save(model.state_dict())`` writes) is accepted as ``{'state_dict': it}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any global it does not know (a custom class, a function, an argparse.Namespace).
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:  # not a pickle at all (or a damaged one)
+            raise NdeconvError(f"{path}: not a readable PyTorch checkpoint; it is damaged or another format") from err
+        raise NdeconvError(
+            f"{path}: refusing to unpickle it: the checkpoint holds more than tensors and plain containers "
+            f"(it needs {found.group(1)}), and loading that would run code from the file; re-save only the weights "
+            "where the code is trusted: torch.save({'state_dict': model.state_dict(), 'arch': ...})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = (str(err).strip().split(". ") or [type(err).__name__])[0].rstrip(".")
+        raise NdeconvError(f"{path}: not a readable PyTorch checkpoint ({first}); it may be truncated") from err
+
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        state_dict = checkpoint["state_dict"]
+    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state_dict, checkpoint = checkpoint, {}
+    else:
+        kind = f"a dict with keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) else (
+            type(checkpoint).__name__)
+        raise NdeconvError(f"{path}: not a reference checkpoint: expected a dict with a 'state_dict', got {kind}")
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise NdeconvError(f"{path}: its 'state_dict' is empty or not a dict")
+    not_tensors = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise NdeconvError(f"{path}: state_dict entries that are not tensors: {', '.join(not_tensors[:5])}")
+    return {**checkpoint, "state_dict": strip_module_prefix(state_dict)}
+
+
+def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` that DataParallel / DistributedDataParallel put in front of every key."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def resolve_arch(name: str) -> str:
+    """A zoo name (``resnet18_deconv``) or the authors' ``--arch`` value (``resnet``) -> the zoo name."""
+    import zoo
+
+    if name in zoo.ZOO_MODELS:
+        return name
+    if name in REFERENCE_ARCHS:
+        return REFERENCE_ARCHS[name]
+    raise UsageError(
+        f"unknown architecture {name!r}: give a zoo name ({', '.join(zoo.ZOO_MODELS)}) "
+        f"or the reference's --arch ({', '.join(REFERENCE_ARCHS)})"
+    )
+
+
+# -- inferring the model's arguments ---------------------------------------------------------------------------
+
+
+def _stem_and_head(model_name: str) -> tuple[str, str]:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    first, head = cfg.first_conv, cfg.classifier
+    return (first if isinstance(first, str) else first[0]), (head if isinstance(head, str) else head[0])
+
+
+def _shapes_of(model_name: str, model_args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    import timm
+
+    with torch.device("meta"):  # layout only: nothing is allocated or initialised
+        model = timm.create_model(model_name, **model_args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fits(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], skip: tuple[str, ...]) -> bool:
+    return all(shapes.get(k) == s for k, s in expected.items() if not k.startswith(skip))
+
+
+def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``timm.create_model`` kwargs that rebuild the model a reference state_dict came from.
+
+    The form is the stem's (a FastDeconv has ``running_deconv``), ``bias`` whether it has one, ``in_chans`` and
+    ``num_classes`` the stem's and classifier's weight shapes; ``block`` and the head (``block_fc``,
+    ``delinear``) are the first candidates (reference defaults first) whose buffer shapes are the checkpoint's.
+    Equal shapes everywhere mean equal whitening blocks everywhere, so the choice is exact, not a guess.
+    Settings no tensor records (``deconv_iter``, ``eps``, ``sampling_stride``) keep the reference defaults.
+    """
+    stem, head = _stem_and_head(model_name)
+    for key in (f"{stem}.weight", f"{head}.weight"):
+        if key not in state_dict:
+            raise NdeconvError(f"the checkpoint has no {key}, so it is not a {model_name} state_dict")
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    deconv = f"{stem}.running_deconv" in state_dict
+    args: dict[str, Any] = dict(
+        pretrained=False, num_classes=shapes[f"{head}.weight"][0], in_chans=shapes[f"{stem}.weight"][1],
+        deconv=deconv,
+    )
+    if deconv:
+        args["bias"] = f"{stem}.bias" in state_dict
+
+    # --block: compare every tensor outside the head (the head's own settings are decided next).
+    head_keys = (f"{head}.",) + tuple(k.rsplit(".", 1)[0] + "." for k in state_dict if k.endswith(".running_mean1"))
+    if deconv:
+        # The reference default when nothing fits, so that the caller reports what differs from it.
+        args["block"] = next((b for b in _BLOCK_CANDIDATES
+                              if _fits(_shapes_of(model_name, dict(args, block=b, block_fc=0)), shapes, head_keys)),
+                             _BLOCK_CANDIDATES[0])
+
+    # The head: a Delinear (its running_deconv gives block_fc), a ChannelDeconv before a Linear, or a Linear.
+    if f"{head}.running_deconv" in state_dict:
+        heads = [dict(block_fc=b, delinear=True) for b in (512, shapes[f"{head}.running_deconv"][0])]
+    else:
+        sizes = [shapes[k[: -len("running_mean1")] + "running_deconv"][0] for k in state_dict
+                 if k.endswith(".running_mean1") and k[: -len("running_mean1")] + "running_deconv" in shapes]
+        heads = [dict(block_fc=b, delinear=False) for b in (512, *sizes)] if sizes else [dict(block_fc=0)]
+    for head_args in heads:
+        candidate = dict(args, **head_args)
+        if _shapes_of(model_name, candidate) == shapes:
+            return {k: v for k, v in candidate.items() if k != "pretrained"}
+    # Nothing fits exactly: the reference defaults for this form, so that the caller names what differs.
+    return {k: v for k, v in dict(args, **heads[0]).items() if k != "pretrained"}
+
+
+# -- converting ------------------------------------------------------------------------------------------------
+
+
+def _layout_errors(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(v.shape)} (the model has {tuple(expected[k].shape)})"
+             for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+        if items:
+            more = f" and {len(items) - 4} more" if len(items) > 4 else ""
+            problems.append(f"{len(items)} {what}: {', '.join(items[:4])}{more}")
+    return problems
+
+
+def _config(converted_name: str, model: nn.Module, model_args: dict[str, Any], checkpoint: dict[str, Any],
+            source: Path) -> dict[str, Any]:
+    """timm's Hub config.json (``hf-hub:``/``local-dir:`` read it), plus where the weights came from."""
+    drop = ("file", "hf_hub_id", "url", "source", "state_dict", "hf_hub_filename", "label_names", "description", "tag")
+    cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", None) or {}).items() if k not in drop}
+    cfg.update(architecture=converted_name, num_classes=model_args["num_classes"])
+    cfg["input_size"] = (model_args["in_chans"], *cfg.get("input_size", (3, 32, 32))[1:])
+    provenance = {k: checkpoint[k] for k in _PROVENANCE_FIELDS if isinstance(checkpoint.get(k), (str, int, float))}
+    return dict(
+        architecture=converted_name,
+        num_classes=model_args["num_classes"],
+        num_features=model.num_features,
+        global_pool="avg",
+        model_args=model_args,
+        pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if v is not None},
+        converted_from=dict(file=source.name, **provenance),
+    )
+
+
+def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = None) -> ConvertedCheckpoint:
+    """Read a reference checkpoint and load it into the zoo model it belongs to (``arch`` overrides its field)."""
+    import timm
+
+    path = Path(path)
+    checkpoint = load_reference_checkpoint(path)
+    state_dict = checkpoint["state_dict"]
+    if arch is None:
+        arch = checkpoint.get("arch")
+        if not isinstance(arch, str):
+            raise UsageError(f"{path}: the checkpoint names no 'arch'; pass --arch (a zoo name or the reference's "
+                             f"--arch value, e.g. resnet18_deconv or resnet)")
+    model_name = resolve_arch(arch)
+    model_args = infer_model_args(model_name, state_dict)
+    model = timm.create_model(model_name, pretrained=False, **model_args)
+    problems = _layout_errors(model, state_dict)
+    if problems:
+        form = f"deconvolution form, block {model_args['block']}" if model_args["deconv"] else "BatchNorm form"
+        own = checkpoint.get("arch")
+        hint = (f"; the checkpoint's own arch is {own!r}, drop --arch to use it"
+                if isinstance(own, str) and own != arch and own in {*REFERENCE_ARCHS, *REFERENCE_ARCHS.values()}
+                else "; check --arch")
+        raise NdeconvError(f"{path}: does not fit {model_name} ({form}, block_fc {model_args['block_fc']}): "
+                           f"{'; '.join(problems)}{hint}")
+    model.load_state_dict(state_dict)
+    full_args = dict(model.deconv_settings.to_dict(), in_chans=model_args["in_chans"],
+                     num_classes=model_args["num_classes"])
+    config = _config(model_name, model, full_args, checkpoint, path)
+    return ConvertedCheckpoint(model_name=model_name, model=model, model_args=full_args, config=config)
+
+
+def convert_reference(
+    path: str | os.PathLike, output: str | os.PathLike, arch: str | None = None, force: bool = False
+) -> ConvertedCheckpoint:
+    """Convert ``path`` and write ``output`` (safetensors) and ``config.json`` beside it, both atomically."""
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"{output}: the output must be a .safetensors file (e.g. model.safetensors)")
+    if arch is not None:
+        resolve_arch(arch)  # an unknown name is the first thing to report, before any file is touched
+    config_path = output.with_name("config.json")
+    check_output_path(output, force)
+    check_output_path(config_path, force)
+    converted = convert_reference_checkpoint(path, arch)
+    metadata = {"format": "pt", "architecture": converted.model_name}
+    save_safetensors_atomic(converted.model.state_dict(), output, metadata=metadata)
+    save_json_atomic(converted.config, config_path)
+    return converted
