@@ -29,7 +29,12 @@ class ZooClassifierMixin:
         self.drop_rate = drop_rate
         self.global_pool_type = global_pool
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        setattr(self, self.classifier_name, self.deconv_settings.head(num_features, num_classes))
+        self._set_classifier(num_classes)
+
+    def _set_classifier(self, num_classes: int) -> None:
+        # 'catavgmax' pooling doubles the features the classifier sees.
+        in_features = self.num_features * self.global_pool.feat_mult()
+        setattr(self, self.classifier_name, self.deconv_settings.head(in_features, num_classes))
 
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)
@@ -39,7 +44,7 @@ class ZooClassifierMixin:
         if global_pool is not None:
             self.global_pool_type = global_pool
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        setattr(self, self.classifier_name, self.deconv_settings.head(self.num_features, num_classes))
+        self._set_classifier(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
