@@ -11,7 +11,7 @@ from .channel_deconv import ChannelDeconv
 from .deconvolve import deconvolve
 from .delinear import Delinear
 from .distributed import sync_deconv
-from .fast_deconv import FastDeconv
+from .fast_deconv import FastDeconv, set_fast_mode
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 try:
@@ -24,6 +24,7 @@ __all__ = [
     "Delinear",
     "FastDeconv",
     "deconvolve",
+    "set_fast_mode",
     "sync_deconv",
     "isqrt_newton_schulz",
     "isqrt_newton_schulz_batch",

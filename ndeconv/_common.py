@@ -117,3 +117,31 @@ def can_use_fold_cache(*params: torch.Tensor | None) -> bool:
     if not torch.is_grad_enabled():
         return True
     return not any(p is not None and p.requires_grad for p in params)
+
+
+class _ScaledGram(torch.autograd.Function):
+    """``alpha * X^T X + beta * I`` for ``X`` (..., n, d), with a one-product backward.
+
+    Autograd through ``addmm(I, X^T, X)`` takes two (n x d x d) products, one per operand; the
+    Gram matrix is symmetric in its two operands, so ``dX = alpha * X (G + G^T)`` needs one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        d = x.shape[-1]
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        if x.dim() == 2:
+            return torch.addmm(eye, x.mT, x, beta=beta, alpha=alpha)
+        return torch.baddbmm(eye.expand(x.shape[0], d, d), x.mT, x, beta=beta, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return x @ ((grad + grad.mT) * ctx.alpha), None, None
+
+
+def scaled_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``alpha * X^T X + beta * I`` (batched over a leading dim for 3-D ``x``): the regularised covariance."""
+    return _ScaledGram.apply(x, alpha, beta)

@@ -20,6 +20,7 @@ from ._common import (
     ensure_finite,
     full_precision,
     resolve_block,
+    scaled_gram,
     stats_dtype,
     sync_statistics,
     update_running,
@@ -81,8 +82,7 @@ class Delinear(nn.Module):
         rows = x.to(stats_dtype(x.dtype)).reshape(-1, self.block)
         mean = rows.mean(0)
         centered = rows - mean.unsqueeze(0)
-        eye = torch.eye(self.block, dtype=centered.dtype, device=centered.device)
-        cov = torch.addmm(eye, centered.t(), centered, beta=self.eps, alpha=1.0 / centered.shape[0])
+        cov = scaled_gram(centered, 1.0 / centered.shape[0], self.eps)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)

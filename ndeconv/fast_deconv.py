@@ -27,13 +27,14 @@ from ._common import (
     ensure_finite,
     full_precision,
     resolve_block,
+    scaled_gram,
     stats_dtype,
     sync_statistics,
     update_running,
 )
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
-__all__ = ["FastDeconv"]
+__all__ = ["FastDeconv", "set_fast_mode"]
 
 
 class FastDeconv(_ConvNd):
@@ -103,6 +104,10 @@ class FastDeconv(_ConvNd):
         self.counter = 0  # training steps seen, a plain attribute as in the reference (not in the state_dict)
         self.track_running_stats = True
         self.sync_stats = False  # average mean and covariance across ranks (see ndeconv.sync_deconv)
+        # Opt-in fast mode (see set_fast_mode): plain attributes, not in the state_dict.
+        self.refresh_every = 1
+        self._fast_step = 0
+        self._fast_deconv: torch.Tensor | None = None
         self._fold_cache = FoldCache()
 
     # -- statistics ---------------------------------------------------------------------------
@@ -120,6 +125,32 @@ class FastDeconv(_ConvNd):
             return patches.reshape(-1, self.num_features, blocks).transpose(1, 2).reshape(-1, self.num_features)
         return patches.reshape(-1, patches.shape[-1])
 
+    def _reused_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix.
+
+        None when this step must refresh (every ``refresh_every``-th step, or no usable matrix kept).
+        """
+        kept = self._fast_deconv
+        if self.refresh_every <= 1 or kept is None or self._fast_step % self.refresh_every == 0:
+            return None
+        stats = stats_dtype(x.dtype)
+        if kept.device != x.device or kept.dtype != stats:
+            return None
+        mean = self._sampled_patches(x.to(stats)).mean(0)
+        ensure_finite(self._owner(), mean)
+        if self.sync_stats:
+            mean, _ = sync_statistics(mean, kept)
+        return mean, kept
+
+    def _training_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self._reused_statistics(x) if self.refresh_every > 1 else None
+        if stats is None:
+            stats = self._batch_statistics(x)
+            self._fast_deconv = stats[1].detach() if self.refresh_every > 1 else None
+        if self.refresh_every > 1:
+            self._fast_step += 1
+        return stats
+
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable)."""
         patches = self._sampled_patches(x.to(stats_dtype(x.dtype)))
@@ -127,15 +158,13 @@ class FastDeconv(_ConvNd):
         centered = patches - mean.unsqueeze(0)
         nf = self.num_features
         if self.groups == 1:
-            eye = torch.eye(nf, dtype=centered.dtype, device=centered.device)
-            cov = torch.addmm(eye, centered.t(), centered, beta=self.eps, alpha=1.0 / centered.shape[0])
+            cov = scaled_gram(centered, 1.0 / centered.shape[0], self.eps)
             ensure_finite(self._owner(), cov)
             if self.sync_stats:
                 mean, cov = sync_statistics(mean, cov)
             return mean, isqrt_newton_schulz(cov, self.n_iter)
         per_group = centered.view(-1, self.groups, nf).transpose(0, 1)
-        eye = torch.eye(nf, dtype=centered.dtype, device=centered.device).expand(self.groups, nf, nf)
-        cov = torch.baddbmm(eye, per_group.transpose(1, 2), per_group, beta=self.eps, alpha=1.0 / per_group.shape[1])
+        cov = scaled_gram(per_group, 1.0 / per_group.shape[1], self.eps)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)
@@ -202,11 +231,9 @@ class FastDeconv(_ConvNd):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         frozen = self.freeze and self.counter > self.freeze_iter
-        if self.training and self.track_running_stats and self.freeze:
-            self.counter = (self.counter + 1) % (self.freeze_iter * 10)
         with full_precision(x.device):
             if self.training and not frozen:
-                mean, deconv = self._batch_statistics(x)
+                mean, deconv = self._training_statistics(x)
                 if self.track_running_stats:
                     with torch.no_grad():
                         update_running(self.running_mean, mean, self.momentum)
@@ -216,6 +243,9 @@ class FastDeconv(_ConvNd):
                 weight, bias = self.folded_weight_bias(self.running_mean, self.running_deconv)
             else:
                 weight, bias = self._eval_weight_bias()
+        # Counted only once the batch was accepted (a rejected NaN batch leaves the layer's state alone).
+        if self.training and self.track_running_stats and self.freeze:
+            self.counter = (self.counter + 1) % (self.freeze_iter * 10)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -223,4 +253,28 @@ class FastDeconv(_ConvNd):
         s += f", block={self.block}, eps={self.eps}, n_iter={self.n_iter}, sampling_stride={self.sampling_stride}"
         if self.freeze:
             s += f", freeze=True, freeze_iter={self.freeze_iter}"
+        if self.refresh_every > 1:
+            s += f", refresh_every={self.refresh_every}"
         return s
+
+
+def set_fast_mode(model: nn.Module, refresh_every: int = 4) -> int:
+    """Opt-in fast training: every FastDeconv of ``model`` recomputes its whitening matrix (covariance,
+    Newton–Schulz and their backward) only every ``refresh_every``-th training step and reuses it,
+    as a constant, in between; the patch mean is still taken from every batch, and the running
+    averages are still updated every step. ``refresh_every=1`` restores the exact (default) mode.
+
+    The cost: between refreshes no gradient flows through the whitening matrix, and the matrix
+    lags the weights by up to ``refresh_every - 1`` steps. Eval, folding and the state_dict are
+    unchanged. Returns the number of layers set.
+    """
+    if not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"set_fast_mode: refresh_every must be an int >= 1 (1 = exact mode), got {refresh_every!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FastDeconv):
+            module.refresh_every = refresh_every
+            module._fast_step = 0
+            module._fast_deconv = None
+            count += 1
+    return count

@@ -5,17 +5,36 @@ For a symmetric positive definite ``A`` the coupled iteration
     Y_0 = A / ||A||_F,  Z_0 = I
     T_k = (3 I - Z_k Y_k) / 2,  Y_{k+1} = Y_k T_k,  Z_{k+1} = T_k Z_k
 
-drives ``Z_k`` to ``(A / ||A||_F)^{-1/2}``; the result is ``Z_n / sqrt(||A||_F)``.
-This is the authors' algorithm, with two products that cannot change the result
-left out: the products with ``Z_0 = I`` in the first iteration and the ``Y``
-update of the last one, which is never read. Both leave the output bit-identical.
+drives ``Z_k`` to ``(A / ||A||_F)^{-1/2}``; the result is ``Z_n / sqrt(||A||_F)``. This is the
+authors' algorithm. Every iterate is a polynomial in ``Y_0``, so ``Z_n = p(Y_0)`` for a fixed
+scalar polynomial ``p`` (degree 121 for 5 iterations). Two ways to evaluate it, equal up to
+rounding (about 1e-14 relative in float64, measured against the reference's fixtures):
+
+- ``"matmul"``: the iteration itself with autograd through its products (36 matrix products
+  per forward + backward for 5 iterations); best where matrix products are cheap (GPUs).
+- ``"eigh"``: ``Y_0 = V diag(lambda) V^T``, then ``Z_n = V diag(p(lambda)) V^T`` with ``p`` run
+  on the eigenvalues, and a hand-written backward: the adjoint of the Fréchet derivative of a
+  matrix function, ``V (P ∘ (V^T G V)) V^T``, where ``P_ij`` is the divided difference
+  ``[p](lambda_i, lambda_j)``. That is exactly the gradient autograd takes through the iterations
+  (the iteration is ``p`` for any matrix, so their derivatives agree). The divided differences are
+  propagated through the same scalar recursion with the product rule ``[fg](a, b) = [f](a, b) g(b) +
+  f(a) [g](a, b)``, never as ``(p(a) - p(b)) / (a - b)``, so close eigenvalues lose no precision.
+  One eigendecomposition and 5 matrix products: about 2x cheaper on CPUs.
+
+``"auto"`` (the default) picks ``eigh`` on CPU and ``matmul`` elsewhere. In the matmul form the
+products with ``Z_0 = I`` in the first iteration and the unused ``Y`` update of the last are left
+out; both leave the output bit-identical.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 __all__ = ["isqrt_newton_schulz", "isqrt_newton_schulz_batch"]
+
+Method = Literal["auto", "eigh", "matmul"]
 
 
 def _coupled_iterations(y: torch.Tensor, n_iter: int) -> torch.Tensor:
@@ -35,23 +54,84 @@ def _coupled_iterations(y: torch.Tensor, n_iter: int) -> torch.Tensor:
     return z
 
 
-def isqrt_newton_schulz(a: torch.Tensor, n_iter: int) -> torch.Tensor:
+_Scalar = tuple[torch.Tensor, "torch.Tensor | None"]  # values at the eigenvalues, divided differences (or None)
+
+
+def _mul(f: _Scalar, g: _Scalar) -> _Scalar:
+    fv, fd = f
+    gv, gd = g
+    dd = None if fd is None else fd * gv.unsqueeze(-2) + fv.unsqueeze(-1) * gd
+    return fv * gv, dd
+
+
+def _half_three_minus(f: _Scalar) -> _Scalar:
+    fv, fd = f
+    return 0.5 * (3.0 - fv), (None if fd is None else -0.5 * fd)
+
+
+def _scalar_iterations(lam: torch.Tensor, n_iter: int, divided_differences: bool) -> _Scalar:
+    """The coupled iteration on the eigenvalues: ``p(lambda)`` and, if asked, ``[p](lambda_i, lambda_j)``."""
+    ones = lam.new_ones(*lam.shape, lam.shape[-1]) if divided_differences else None
+    y: _Scalar = (lam, ones)  # [identity](a, b) = 1
+    t = _half_three_minus(y)
+    z = t
+    if n_iter == 1:
+        return z
+    y = _mul(y, t)
+    for i in range(1, n_iter):
+        t = _half_three_minus(_mul(z, y))
+        if i < n_iter - 1:
+            y = _mul(y, t)
+        z = _mul(t, z)
+    return z
+
+
+class _EighIterations(torch.autograd.Function):
+    """``Z_n = p(Y_0)`` through an eigendecomposition, with the iterations' exact gradient."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, n_iter: int) -> torch.Tensor:  # type: ignore[override]
+        lam, vec = torch.linalg.eigh(y)
+        p, _ = _scalar_iterations(lam, n_iter, divided_differences=False)
+        ctx.save_for_backward(lam, vec)
+        ctx.n_iter = n_iter
+        return (vec * p.unsqueeze(-2)) @ vec.mT
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        lam, vec = ctx.saved_tensors
+        _, dd = _scalar_iterations(lam, ctx.n_iter, divided_differences=True)
+        inner = vec.mT @ grad @ vec
+        return vec @ (dd * inner) @ vec.mT, None
+
+
+def _iterate(y: torch.Tensor, n_iter: int, method: Method) -> torch.Tensor:
+    if method == "auto":
+        method = "eigh" if y.device.type == "cpu" else "matmul"
+    if method == "eigh":
+        return _EighIterations.apply(y, n_iter)
+    if method == "matmul":
+        return _coupled_iterations(y, n_iter)
+    raise ValueError(f"isqrt: method must be 'auto', 'eigh' or 'matmul', got {method!r}")
+
+
+def isqrt_newton_schulz(a: torch.Tensor, n_iter: int, method: Method = "auto") -> torch.Tensor:
     """``A^{-1/2}`` of one symmetric positive definite matrix ``a`` (d x d)."""
     if a.dim() != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"isqrt_newton_schulz: expected a square matrix, got shape {tuple(a.shape)}")
     if n_iter < 1:
         raise ValueError(f"isqrt_newton_schulz: n_iter must be >= 1, got {n_iter}")
     norm = a.norm()
-    z = _coupled_iterations(a.div(norm), n_iter)
+    z = _iterate(a.div(norm), n_iter, method)
     return z / torch.sqrt(norm)
 
 
-def isqrt_newton_schulz_batch(a: torch.Tensor, n_iter: int) -> torch.Tensor:
+def isqrt_newton_schulz_batch(a: torch.Tensor, n_iter: int, method: Method = "auto") -> torch.Tensor:
     """``A^{-1/2}`` of each matrix of a batch ``a`` (b x d x d), each normalised by its own norm."""
     if a.dim() != 3 or a.shape[1] != a.shape[2]:
         raise ValueError(f"isqrt_newton_schulz_batch: expected (batch, d, d), got shape {tuple(a.shape)}")
     if n_iter < 1:
         raise ValueError(f"isqrt_newton_schulz_batch: n_iter must be >= 1, got {n_iter}")
     norm = a.reshape(a.shape[0], -1).norm(2, 1).view(-1, 1, 1)
-    z = _coupled_iterations(a.div(norm), n_iter)
+    z = _iterate(a.div(norm), n_iter, method)
     return z / torch.sqrt(norm)

@@ -1,0 +1,142 @@
+"""Timing helpers shared by the benchmark scripts: machine info, interleaved timing, peak memory, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ANCHORS = ROOT.parent / "shared" / "anchors" / "reference_speed.json"
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def reference_ratios() -> dict[str, float]:
+    """The authors' median ND/BN training-step ratio at batch 128 per arch (keys without ``_deconv``)."""
+    if not ANCHORS.is_file():
+        return {}
+    return json.loads(ANCHORS.read_text()).get("batch_128_nd_over_bn_train_median", {})
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step: forward, cross-entropy, backward, SGD with momentum 0.9 (the authors' setting)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def make_eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return forward
+
+
+def interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Run the callables round-robin (a, b, a, b, ...) so that load from other processes hits all alike.
+
+    ``warmup`` untimed rounds first: the first deconvolution steps in a fresh process run up to 10x
+    slow (oneDNN/allocator warm-up), which a plain median of few steps does not hide.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_s": round(statistics.median(times), 5), "min_s": round(min(times), 5),
+            "all_s": [round(t, 5) for t in times]}
+
+
+def peak_rss_probe(argv: list[str]) -> dict:
+    """Peak memory of a training step, measured in a fresh subprocess (``argv`` runs the probe).
+
+    tracemalloc does not see torch's CPU allocations; the probe reports ``ru_maxrss`` before the
+    first step (model, optimizer and data in memory) and after the steps: the difference is the
+    step's peak working set (activations, gradients, optimizer state, temporaries).
+    """
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def maxrss_mib() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def profile_top_ops(fn: Callable[[], None], steps: int = 2, top: int = 15) -> list[dict]:
+    """Where the time goes: torch.profiler self CPU time per op over ``steps`` calls (forward + backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1.0
+    return [
+        {"op": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+         "share": round(e.self_cpu_time_total / total, 4), "calls_per_step": e.count // steps}
+        for e in rows[:top]
+    ]
+
+
+def write_result(name: str, payload: dict) -> Path:
+    from ndeconv.io import save_json_atomic
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload.setdefault("machine", machine_info())
+    payload["machine"]["load_average_at_end"] = os.getloadavg()
+    return save_json_atomic(payload, path)  # benchmark results are meant to be re-run and overwritten

@@ -1,0 +1,75 @@
+"""Networks the benchmarks time: the zoo's models through timm, with a local CIFAR ResNet-18 and an
+ImageNet-style ResNet-18 stack built from the same ``DeconvSettings`` when the zoo lacks them."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+import ndeconv  # noqa: F401  (registers the zoo with timm)
+from zoo._builder import DeconvSettings
+
+ZOO_ARCHS = (
+    "resnet18_deconv", "vgg16_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",
+    "mobilenetv2_deconv", "dpn92_deconv", "pnasnet_a_deconv", "senet18_deconv", "efficientnet_b0_deconv",
+)
+
+
+class _BasicBlock(nn.Module):
+    """The authors' CIFAR ResNet BasicBlock (module names conv1/bn1/conv2/bn2/shortcut as theirs)."""
+
+    def __init__(self, s: DeconvSettings, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = s.conv(in_chs, out_chs, 3, stride, 1)
+        self.bn1 = s.norm(out_chs)
+        self.conv2 = s.conv(out_chs, out_chs, 3, 1, 1)
+        self.bn2 = s.norm(out_chs)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Sequential(s.conv(in_chs, out_chs, 1, stride), s.norm(out_chs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class LocalResNet18(nn.Module):
+    """CIFAR ResNet-18 (3x3 stem, no max-pool) or, with ``imagenet_stem``, a 7x7/2 stem + max-pool
+    in front of the same four stages (the "ResNet-18-style stack" of the scaling study)."""
+
+    def __init__(self, s: DeconvSettings, num_classes: int = 10, imagenet_stem: bool = False,
+                 stages: int = 4) -> None:
+        super().__init__()
+        if imagenet_stem:
+            self.conv1 = s.conv(3, 64, 7, 2, 3)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = s.conv(3, 64, 3, 1, 1)
+            self.pool = nn.Identity()
+        self.bn1 = s.norm(64)
+        layers, chs = [], 64
+        for i, width in enumerate((64, 128, 256, 512)[:stages]):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(_BasicBlock(s, chs, width, stride), _BasicBlock(s, width, width, 1)))
+            chs = width
+        self.layers = nn.Sequential(*layers)
+        self.linear = s.head(chs, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layers(x)
+        return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(arch: str, deconv: bool, num_classes: int = 10) -> tuple[nn.Module, str]:
+    """(model, source): the zoo model via ``timm.create_model(arch, deconv=...)`` when registered,
+    else the local stand-in for ``resnet18_deconv``/``stack``."""
+    if arch != "stack" and timm.is_model(arch):
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, deconv=deconv), "zoo"
+    if arch == "resnet18_deconv":
+        return LocalResNet18(DeconvSettings(deconv=deconv), num_classes), "local CIFAR ResNet-18 (zoo not registered)"
+    if arch == "stack":
+        return LocalResNet18(DeconvSettings(deconv=deconv), num_classes, imagenet_stem=True, stages=2), "local"
+    raise SystemExit(f"unknown or unregistered architecture {arch!r}; choose from {', '.join(ZOO_ARCHS)} or 'stack'")

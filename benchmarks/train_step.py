@@ -1,0 +1,212 @@
+"""Training-step and eval-forward time of deconvolution (ND) against the same network with BatchNorm (BN).
+
+Examples (run from the project root; results land in benchmarks/results/<name>.json)::
+
+    python benchmarks/train_step.py                                 # CIFAR ResNet-18, batch 128, + single layers
+    python benchmarks/train_step.py --arch all --batch 64 128 --memory --name all_archs
+    python benchmarks/train_step.py --quick                         # a smoke run: 1 warm-up, 2 timed steps
+
+Method: ND and BN steps alternate (ND, BN, ND, BN, ...) after untimed warm-up rounds, so load
+from other processes hits both alike; medians of the timed steps are reported, with the ratio
+beside the reference implementation's own median ratio (../shared/anchors/reference_speed.json).
+A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32 inputs; eval is
+a no-grad forward in eval mode. ``--memory`` measures each config's peak step memory in a fresh
+subprocess (ru_maxrss delta, see _common.peak_rss_probe). ``--profile`` adds torch.profiler's top
+ops of an ND step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
+from ndeconv import FastDeconv  # noqa: E402
+
+# One layer per ResNet-18 stage at its CIFAR resolution (channels, spatial size), plus the stride-2 1x1 shortcut.
+LAYERS = (
+    ("conv3x3_64@32", 64, 64, 3, 1, 32),
+    ("conv3x3_128@16", 128, 128, 3, 1, 16),
+    ("conv3x3_256@8", 256, 256, 3, 1, 8),
+    ("conv3x3_512@4", 512, 512, 3, 1, 4),
+    ("conv1x1_s2_128->256@16", 128, 256, 1, 2, 16),
+)
+
+
+def _data(batch: int, image: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, channels, image, image, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+class _LayerNet(nn.Module):
+    """One conv (FastDeconv, or Conv2d + BatchNorm2d) with a linear read-out so a CE loss can train it."""
+
+    def __init__(self, nd: bool, cin: int, cout: int, k: int, stride: int) -> None:
+        super().__init__()
+        pad = k // 2
+        if nd:
+            self.body = FastDeconv(cin, cout, k, stride, pad)
+        else:
+            self.body = nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, bias=False), nn.BatchNorm2d(cout))
+        self.fc = nn.Linear(cout, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def _target(arch: str, ref: dict[str, float]) -> float | None:
+    base = arch.removesuffix("_deconv")
+    if base not in ref:
+        return None
+    return min(ref[base], 2.0, 1.5 if base == "resnet18" else 2.0)
+
+
+def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
+    train = {k: C.make_train_step(m, x, y) for k, m in nets.items()}
+    evals = {k: C.make_eval_forward(m, x) for k, m in nets.items()}
+    t = C.interleaved(train, args.warmup, args.repeats)
+    e = C.interleaved(evals, 1, args.eval_repeats)
+    out = {f"{k}_train": C.summary(v) for k, v in t.items()}
+    out.update({f"{k}_eval": C.summary(v) for k, v in e.items()})
+    for k in nets:
+        if k != "bn":
+            out[f"{k}_over_bn_train"] = round(out[f"{k}_train"]["median_s"] / out["bn_train"]["median_s"], 3)
+            out[f"{k}_over_bn_eval"] = round(out[f"{k}_eval"]["median_s"] / out["bn_eval"]["median_s"], 3)
+    return out
+
+
+def _models(arch: str, fast: int) -> tuple[dict[str, nn.Module], str]:
+    torch.manual_seed(0)
+    nd, source = build(arch, deconv=True)
+    nets = {"nd": nd}
+    if fast:
+        from ndeconv.fast_deconv import set_fast_mode
+
+        fast_model, _ = build(arch, deconv=True)
+        set_fast_mode(fast_model, fast)
+        nets[f"fast{fast}"] = fast_model
+    nets["bn"], _ = build(arch, deconv=False)
+    return nets, source
+
+
+def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
+    archs = ZOO_ARCHS if args.arch == ["all"] else args.arch
+    rows = []
+    for arch in archs:
+        for batch in args.batch:
+            try:
+                nets, source = _models(arch, args.fast)
+            except SystemExit as exc:
+                print(f"skip {arch}: {exc}", flush=True)
+                continue
+            x, y = _data(batch, args.image)
+            row = {"arch": arch, "batch": batch, "image": args.image, "source": source}
+            row.update(bench_pair(nets, x, y, args))
+            base = arch.removesuffix("_deconv")
+            row["reference_nd_over_bn_train_median"] = ref.get(base)
+            row["target_nd_over_bn_train"] = _target(arch, ref)
+            if args.memory:
+                for form in ("nd", "bn"):
+                    row[f"{form}_peak_step_mib"] = C.peak_rss_probe(
+                        [__file__, "--probe", arch, form, str(batch), str(args.image)]).get("peak_step_mib")
+                if row.get("nd_peak_step_mib") and row.get("bn_peak_step_mib"):
+                    row["nd_over_bn_peak_memory"] = round(row["nd_peak_step_mib"] / row["bn_peak_step_mib"], 3)
+            if args.profile:
+                row["nd_profile_top_ops"] = C.profile_top_ops(C.make_train_step(nets["nd"], x, y))
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def run_layers(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, cin, cout, k, stride, size in LAYERS:
+        batch = args.batch[-1]
+        torch.manual_seed(0)
+        nets = {"nd": _LayerNet(True, cin, cout, k, stride), "bn": _LayerNet(False, cin, cout, k, stride)}
+        x, y = _data(batch, size, cin)
+        row = {"layer": name, "batch": batch}
+        row.update(bench_pair(nets, x, y, args))
+        if args.profile:
+            row["nd_profile_top_ops"] = C.profile_top_ops(C.make_train_step(nets["nd"], x, y), top=10)
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    what = row.get("arch") or row.get("layer")
+    parts = [f"{what:28s} b{row['batch']:<4d}"]
+    for k in row:
+        if k.endswith("_train") and isinstance(row[k], dict):
+            parts.append(f"{k} {row[k]['median_s']:.3f}s")
+    parts.append(f"ND/BN train {row['nd_over_bn_train']:.2f} eval {row['nd_over_bn_eval']:.2f}")
+    if row.get("reference_nd_over_bn_train_median"):
+        parts.append(f"(reference {row['reference_nd_over_bn_train_median']:.2f})")
+    if row.get("nd_over_bn_peak_memory"):
+        parts.append(f"memory ND/BN {row['nd_over_bn_peak_memory']:.2f}")
+    return "  ".join(parts)
+
+
+def probe(arch: str, form: str, batch: int, image: int) -> None:
+    """Subprocess entry for --memory: peak RSS growth over two training steps of one model."""
+    torch.manual_seed(0)
+    model, _ = build(arch, deconv=form == "nd")
+    x, y = _data(batch, image)
+    step = C.make_train_step(model, x, y)
+    before = C.maxrss_mib()
+    step()
+    step()
+    print(json.dumps({"peak_step_mib": round(C.maxrss_mib() - before, 1)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", nargs="+", default=["resnet18_deconv"], help="zoo name(s), or 'all' for the ten")
+    p.add_argument("--batch", nargs="+", type=int, default=[128])
+    p.add_argument("--image", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3, help="untimed interleaved rounds first (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed training steps per network (default 5)")
+    p.add_argument("--eval-repeats", type=int, default=3)
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time single layers (default: on unless --arch all)")
+    p.add_argument("--fast", type=int, default=0, metavar="K", help="also time fast mode refreshing every K steps")
+    p.add_argument("--memory", action="store_true", help="peak step memory, one subprocess per config")
+    p.add_argument("--profile", action="store_true", help="torch.profiler top ops of the ND step")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up round, 2 timed steps, no layers")
+    p.add_argument("--name", default=None, help="results file name (default from the arch)")
+    p.add_argument("--probe", nargs=4, metavar=("ARCH", "FORM", "BATCH", "IMAGE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]))
+        return 0
+    if args.quick:
+        args.warmup, args.repeats, args.eval_repeats = 1, 2, 1
+    if args.layers is None:
+        args.layers = not args.quick and args.arch != ["all"]
+    ref = C.reference_ratios()
+    payload = {"command": C.command_line(), "machine": C.machine_info(),
+               "method": __doc__.split("Method: ", 1)[1].strip(), "settings": {
+                   k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast")}}
+    payload["models"] = run_models(args, ref)
+    if args.layers:
+        payload["layers"] = run_layers(args)
+    default_name = ("all_archs" if args.arch == ["all"] else "_".join(args.arch)) + ("_quick" if args.quick else "")
+    name = args.name or default_name
+    print(f"wrote {C.write_result(name, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

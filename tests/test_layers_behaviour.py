@@ -1,0 +1,342 @@
+"""Behaviour the reference gets wrong or leaves unchecked: bias=False, autocast, channels_last,
+torch.compile, clear errors on bad input, the NaN guard, extra_repr, the eval fold cache, deconvolve()."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ndeconv
+from ndeconv import Delinear, FastDeconv, deconvolve
+
+
+def _correlated(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+    """Inputs with neighbouring-pixel and channel correlation, so whitening is far from the identity."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    if x.dim() == 4:
+        x = x + 0.7 * x.roll(1, dims=3) + 0.5 * x.roll(1, dims=1)
+    return x + 0.3
+
+
+def _train_step(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    layer.train()
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return y.detach(), x.grad
+
+
+class _Net(nn.Module):
+    """A small all-deconvolution network: stem, strided conv, 1x1, grouped conv, Delinear head."""
+
+    def __init__(self, small: bool = False) -> None:
+        super().__init__()
+        layers = [FastDeconv(3, 32, 3, stride=2, padding=1), nn.ReLU()]
+        if not small:
+            layers += [FastDeconv(32, 32, 1), nn.ReLU()]
+        layers += [FastDeconv(32, 32, 3, padding=1, groups=4), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = Delinear(32, 10, block=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+# -- bias=False, no deprecation warnings, no prints ---------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=3, groups=4)])
+def test_fast_deconv_without_bias_trains_and_folds(kwargs, capsys):
+    torch.manual_seed(0)
+    layer = FastDeconv(8, 12, bias=False, **kwargs).double()
+    assert layer.bias is None
+    x = _correlated(4, 8, 9, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's deprecated addmm/baddbmm overloads
+        y, grad_x = _train_step(layer, x)
+        assert torch.isfinite(grad_x).all() and layer.weight.grad is not None
+        layer.eval()
+        with torch.no_grad():
+            y_eval = layer(x)
+    fused = layer.fuse()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), y_eval, rtol=1e-10, atol=1e-10)
+    assert capsys.readouterr().out == ""
+
+
+def test_delinear_without_bias_trains_and_folds(capsys):
+    torch.manual_seed(0)
+    layer = Delinear(16, 5, bias=False, block=8).double()
+    x = _correlated(32, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_step(layer, x)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.fuse()(x), layer(x), rtol=1e-10, atol=1e-10)
+    assert capsys.readouterr().out == ""
+
+
+# -- precision and memory format ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer_cls", ["fast_deconv", "delinear"])
+def test_autocast_bf16_keeps_statistics_in_float32(layer_cls):
+    torch.manual_seed(0)
+    if layer_cls == "fast_deconv":
+        layer, x = FastDeconv(8, 16, 3, padding=1), _correlated(8, 8, 12, 12, dtype=torch.float32)
+    else:
+        layer, x = Delinear(32, 10, block=16), _correlated(64, 32, dtype=torch.float32)
+    ref = _clone_layer(layer)
+    ref.train()(x)
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16  # the conv/linear itself does run in reduced precision
+    assert layer.running_deconv.dtype == torch.float32
+    # Covariance and Newton–Schulz in bf16 would be off by ~1e-2; in float32 they match the float32 run.
+    torch.testing.assert_close(layer.running_deconv, ref.running_deconv, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_input_gets_float32_statistics():
+    torch.manual_seed(0)
+    layer = FastDeconv(8, 16, 3, padding=1)
+    x = _correlated(8, 8, 12, 12, dtype=torch.float32).bfloat16()
+    ref = _clone_layer(layer)
+    ref.train()(x.float())
+    layer.bfloat16().train()
+    layer(x)
+    # Statistics from the bf16-rounded input, computed in float32, stored in the layer's bf16 buffers.
+    torch.testing.assert_close(layer.running_deconv.float(), ref.running_deconv, rtol=2e-2, atol=2e-3)
+
+
+def _clone_layer(layer: nn.Module) -> nn.Module:
+    return copy.deepcopy(layer)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, groups=8)]
+)
+def test_channels_last_input_gives_the_same_result(kwargs):
+    torch.manual_seed(0)
+    a = FastDeconv(16, 16, **kwargs).double()
+    b = _clone_layer(a)
+    x = _correlated(4, 16, 10, 10)
+    y_a, gx_a = _train_step(a, x)
+    y_b, gx_b = _train_step(b, x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_b, y_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx_b, gx_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.weight.grad, a.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.running_deconv, a.running_deconv, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        # dynamo capture + AOT autograd (where graph breaks and functionalisation would bite), quick;
+        "aot_eager",
+        # the default backend generates and compiles C++: a minute or more on 2 cores
+        pytest.param("inductor", marks=pytest.mark.slow),
+    ],
+)
+def test_torch_compile_matches_eager(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = _Net(small=True)
+    compiled_net = _clone_layer(eager)
+    compiled = torch.compile(compiled_net, backend=backend)
+    x = _correlated(8, 3, 12, 12, dtype=torch.float32)
+    y_e, gx_e = _train_step(eager, x)
+    y_c, gx_c = _train_step(compiled, x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_net.head.running_deconv, eager.head.running_deconv, rtol=1e-4, atol=1e-5)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_extra_repr_shows_the_whitening_settings():
+    text = repr(FastDeconv(16, 32, 3, block=8, eps=1e-3, n_iter=7, sampling_stride=2, stride=2))
+    for part in ("block=8", "eps=0.001", "n_iter=7", "sampling_stride=4"):
+        assert part in text, f"{part} missing from {text}"
+    text = repr(Delinear(64, 10, block=32, eps=1e-3, n_iter=3))
+    for part in ("block=32", "eps=0.001", "n_iter=3"):
+        assert part in text
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(block=0), ["block", "positive"]),
+        (dict(block=-4), ["block"]),
+        (dict(n_iter=0), ["n_iter"]),
+        (dict(eps=0.0), ["eps"]),
+        (dict(eps=-1e-5), ["eps"]),
+        (dict(eps=float("nan")), ["eps"]),
+        (dict(momentum=1.5), ["momentum"]),
+        (dict(sampling_stride=0), ["sampling_stride"]),
+    ],
+)
+def test_bad_hyperparameters_are_named(kwargs, words):
+    with pytest.raises(ValueError, match="FastDeconv") as info:
+        FastDeconv(8, 8, 3, **kwargs)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    if "sampling_stride" not in kwargs:
+        with pytest.raises(ValueError, match="Delinear"):
+            Delinear(8, 4, **kwargs)
+
+
+def test_wrong_input_gets_a_clear_error():
+    layer = FastDeconv(8, 16, 3, padding=1)
+    with pytest.raises(ValueError, match=r"FastDeconv.*3 channels.*in_channels=3"):
+        layer(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"FastDeconv.*4-D input"):
+        layer(torch.randn(8, 8, 8))
+    with pytest.raises(ValueError, match=r"Delinear.*in_features=12"):
+        Delinear(16, 4)(torch.randn(4, 12))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layer_cls", ["fast_deconv", "fast_deconv_grouped", "delinear"])
+def test_non_finite_batch_raises_and_leaves_running_statistics(layer_cls, bad):
+    torch.manual_seed(0)
+    if layer_cls == "delinear":
+        layer, x = Delinear(16, 4, block=8).double(), _correlated(32, 16)
+    else:
+        groups = 4 if layer_cls == "fast_deconv_grouped" else 1
+        layer, x = FastDeconv(8, 8, 3, padding=1, groups=groups).double(), _correlated(4, 8, 8, 8)
+    _train_step(layer, x)  # running statistics away from their initial values
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    poisoned = x.clone()
+    poisoned.view(-1)[5] = bad
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        _train_step(layer, poisoned)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed by a rejected batch"
+
+
+# -- eval fold cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer_cls", ["fast_deconv", "delinear"])
+def test_eval_fold_cache_reuses_and_invalidates(layer_cls, monkeypatch):
+    torch.manual_seed(0)
+    if layer_cls == "delinear":
+        layer, x = Delinear(16, 4, block=8).double(), _correlated(32, 16)
+    else:
+        layer, x = FastDeconv(8, 8, 3, padding=1).double(), _correlated(4, 8, 8, 8)
+    _train_step(layer, x)
+    layer.eval()
+    calls = []
+    original = type(layer).folded_weight_bias
+
+    def counting(self, mean, deconv):
+        calls.append(1)
+        return original(self, mean, deconv)
+
+    monkeypatch.setattr(type(layer), "folded_weight_bias", counting)
+    with torch.no_grad():
+        y1 = layer(x)
+        y2 = layer(x)
+        assert len(calls) == 1, "eval rebuilt the folded weights although nothing changed"
+        assert torch.equal(y1, y2)
+
+        def fresh() -> torch.Tensor:
+            w, b = original(layer, layer.running_mean, layer.running_deconv)
+            return _apply(layer, x, w, b)
+
+        layer.weight.mul_(1.5)  # in place: same storage, bumped version
+        y3 = layer(x)
+        assert len(calls) == 2 and not torch.allclose(y3, y1)
+        torch.testing.assert_close(y3, fresh(), rtol=0, atol=0)
+        layer.running_deconv.mul_(0.5)
+        y4 = layer(x)
+        assert len(calls) == 3
+        torch.testing.assert_close(y4, fresh(), rtol=0, atol=0)
+        if layer.bias is not None:
+            layer.bias.add_(1.0)
+            assert not torch.equal(layer(x), y4)
+            assert len(calls) == 4
+        layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})
+        layer(x)
+        assert len(calls) == 5
+    # With gradients wanted the fold must stay differentiable: no cache.
+    y = layer(x)
+    assert y.requires_grad
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, Delinear):
+        return torch.nn.functional.linear(x, w, b)
+    return torch.nn.functional.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+# -- deconvolve ---------------------------------------------------------------------------------
+
+
+def _timm_resnet18() -> nn.Module:
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+def _torchvision_resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+@pytest.mark.parametrize("build", [_timm_resnet18, _torchvision_resnet18], ids=["timm", "torchvision"])
+def test_deconvolve_resnet18(build):
+    torch.manual_seed(0)
+    model = build()
+    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    stem_weight = model.conv1.weight.detach().clone()
+    deconvolve(model, block=16)  # small whitening blocks keep the test quick; kwargs reach every layer
+    converted = [n for n, m in model.named_modules() if isinstance(m, FastDeconv)]
+    assert converted == convs
+    assert all(m.block == min(16, m.in_channels) for m in model.modules() if isinstance(m, FastDeconv))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "a conv's BatchNorm survived"
+    assert torch.equal(model.conv1.weight, stem_weight), "the conv's weights were not carried over"
+
+    x = _correlated(4, 3, 32, 32, dtype=torch.float32)
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    clone = deconvolve(build(), block=16)
+    clone.load_state_dict(model.state_dict())  # strict: same keys, same shapes
+    clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+
+
+def test_deconvolve_stem_only_and_errors():
+    model = deconvolve(_torchvision_resnet18(), which="stem", block=3)
+    deconvs = [m for m in model.modules() if isinstance(m, FastDeconv)]
+    assert len(deconvs) == 1 and model.conv1 is deconvs[0] and isinstance(model.bn1, nn.Identity)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
+    with pytest.raises(ValueError, match="which"):
+        deconvolve(_torchvision_resnet18(), which="head")
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        deconvolve(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_public_api():
+    for name in ("FastDeconv", "Delinear", "ChannelDeconv", "deconvolve"):
+        assert hasattr(ndeconv, name)
