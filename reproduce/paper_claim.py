@@ -1,0 +1,145 @@
+"""The paper's central claim (Table 1: one epoch, deconvolution beats BatchNorm) measured on Fashion-MNIST.
+
+Reads the run directories ``ndeconv train`` wrote for the protocol (``reproduce/paper_claim.sh`` runs them:
+BN and ND, same seed, same settings, 1 epoch) and regenerates, from them alone:
+
+- ``reproduce/results/paper_claim.json``  every number below, with the run directories it came from
+- ``reproduce/results/paper_claim.png``   bar chart: BN vs ND test top-1 per architecture
+- the table between the ``paper-claim`` markers in README.md (BN, ND, difference, wall time; the paper's
+  CIFAR-10 one-epoch numbers beside ours for reference). A run not yet made is marked pending.
+
+    python reproduce/paper_claim.py --runs runs/paper_claim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = (
+    "vgg16", "resnet18", "preact_resnet18", "densenet121", "resnext29_32x4d",
+    "mobilenetv2", "dpn92", "pnasnet_a", "senet18", "efficientnet_b0",
+)
+# The paper's Table 1, CIFAR-10 after 1 epoch (BN, ND), as quoted in "[Re] Network Deconvolution"
+# (Obadage et al., ReScience C, arXiv:2410.01189), Table 3 "Org. Value" columns.
+PAPER_CIFAR10_1EPOCH = {
+    "vgg16": (14.12, 74.18), "resnet18": (56.25, 72.89), "preact_resnet18": (55.15, 72.70),
+    "densenet121": (59.56, 76.63), "resnext29_32x4d": (52.14, 69.22), "mobilenetv2": (54.29, 65.40),
+    "dpn92": (34.00, 53.02), "pnasnet_a": (21.81, 64.19), "senet18": (57.63, 67.21),
+    "efficientnet_b0": (35.40, 55.67),
+}
+MARK_START, MARK_END = "<!-- paper-claim:start -->", "<!-- paper-claim:end -->"
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """Last epoch of a finished 1-epoch run: test top-1 and wall seconds; None if absent or unfinished."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("epoch", 0) >= 1 and not r.get("partial")]
+    if not rows:
+        return None
+    last = rows[-1]
+    return {
+        "test_top1": float(last["test_top1"]),
+        "seconds": float(sum(r.get("seconds", 0.0) for r in rows)),
+        "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
+    }
+
+
+def collect(runs: Path) -> list[dict]:
+    table = []
+    for arch in ARCHS:
+        bn, nd = read_run(runs / f"{arch}-bn"), read_run(runs / f"{arch}-nd")
+        paper_bn, paper_nd = PAPER_CIFAR10_1EPOCH[arch]
+        table.append({
+            "arch": arch, "bn": bn, "nd": nd,
+            "nd_minus_bn": None if not (bn and nd) else nd["test_top1"] - bn["test_top1"],
+            "paper_cifar10_bn": paper_bn, "paper_cifar10_nd": paper_nd,
+        })
+    return table
+
+
+def _fmt_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def markdown(table: list[dict]) -> str:
+    lines = [
+        "| architecture | BN top-1 | ND top-1 | ND − BN | BN time | ND time | paper CIFAR-10 BN → ND |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table:
+        bn, nd = row["bn"], row["nd"]
+        diff = row["nd_minus_bn"]
+        bn_top1 = f"{bn['test_top1']:.2f}" if bn else "pending"
+        nd_top1 = f"{nd['test_top1']:.2f}" if nd else "pending"
+        lines.append(
+            f"| {row['arch']} | {bn_top1} | {nd_top1} | {f'{diff:+.2f}' if diff is not None else '–'} | "
+            f"{_fmt_minutes(bn['seconds']) if bn else '–'} | {_fmt_minutes(nd['seconds']) if nd else '–'} | "
+            f"{row['paper_cifar10_bn']:.2f} → {row['paper_cifar10_nd']:.2f} |"
+        )
+    done = [r for r in table if r["nd_minus_bn"] is not None]
+    worse = [r["arch"] for r in done if r["nd_minus_bn"] <= 0]
+    summary = f"\nMeasured pairs: {len(done)} of {len(table)}."
+    if worse:
+        summary += f" ND did not beat BN for: {', '.join(worse)}."
+    elif done:
+        summary += " ND beat BN in every measured pair."
+    return "\n".join(lines) + "\n" + summary + "\n"
+
+
+def bar_chart(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = [r["arch"] for r in table]
+    bn = [r["bn"]["test_top1"] if r["bn"] else 0.0 for r in table]
+    nd = [r["nd"]["test_top1"] if r["nd"] else 0.0 for r in table]
+    x = range(len(archs))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar([i - 0.2 for i in x], bn, 0.4, label="BatchNorm")
+    ax.bar([i + 0.2 for i in x], nd, 0.4, label="Deconvolution")
+    ax.set_xticks(list(x), archs, rotation=30, ha="right")
+    ax.set_ylabel("Fashion-MNIST test top-1 after 1 epoch (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("BatchNorm vs network deconvolution, 1 epoch (missing bars: run pending)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    text = readme.read_text()
+    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: markers {MARK_START} ... {MARK_END} not found; add them where the table goes")
+    readme.write_text(pattern.sub(lambda _: f"{MARK_START}\n{block}{MARK_END}", text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper_claim")
+    parser.add_argument("--out", type=Path, default=ROOT / "reproduce" / "results")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    table = collect(args.runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python reproduce/paper_claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (args.out / "paper_claim.json").write_text(json.dumps({"command": command.strip(), "rows": table}, indent=2) + "\n")
+    bar_chart(table, args.out / "paper_claim.png")
+    update_readme(args.readme, markdown(table))
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Turn finished ``ndeconv train`` runs into shipped zoo weights: ``zoo/weights/<model>.<tag>/``.
+
+For each run directory: evaluate its weights on the full test split in float32, then stored as float16 and
+as bfloat16; keep the first half-precision form whose test top-1 moves by <= 0.05 points (else float32),
+write the folder with ``zoo._pretrained.ship_weights`` (model.safetensors, config.json, SHA256SUMS) and add
+the run's metrics.jsonl, curves.png, its settings (in config.json) and a model card (README.md with a
+model-index block). The folder is what ``huggingface-cli upload`` would push unchanged. The card's top-1 is
+the shipped file's, the number ``ndeconv eval <model>.<tag>`` reproduces.
+
+    python reproduce/ship.py runs/paper_claim/resnet18-nd [more run dirs] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import ndeconv  # noqa: F401 - registers the zoo
+from ndeconv.io import atomic_write, save_json_atomic
+from ndeconv.training.evaluate import evaluate_on_dataset
+from ndeconv.training.loop import load_run_model, read_run_config
+from zoo._pretrained import WEIGHTS_DIR, ship_weights
+
+MAX_TOP1_CHANGE = 0.05  # points of test top-1 a half-precision copy may lose or gain
+TAGS = {"fashion_mnist": "fashion_mnist"}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST"}
+
+
+def _stored_as(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model as it is after its floating tensors went through ``dtype`` and back (what a user loads)."""
+    twin = copy.deepcopy(model)
+    state = {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
+    twin.load_state_dict(state)
+    return twin.eval()
+
+
+def train_command(train: dict) -> str:
+    """The ``ndeconv train`` command line that reproduces the run (every setting that shapes it)."""
+    flags = [
+        ("--arch", train["arch"]), ("--deconv", str(train["deconv"]).lower()), ("--dataset", train["dataset"]),
+        ("--epochs", train["epochs"]), ("--seed", train["seed"]), ("--optimizer", train["optimizer"]),
+        ("--lr", train["lr"]), ("--momentum", train["momentum"]), ("--lr-scheduler", train["lr_scheduler"]),
+        ("--wd", train["wd"]), ("--batch-size", train["batch_size"]), ("--block", train["block"]),
+        ("--block-fc", train["block_fc"] if train["block_fc"] is not None else (512 if train["deconv"] else 0)),
+        ("--deconv-iter", train["deconv_iter"]), ("--eps", train["eps"]), ("--stride", train["stride"]),
+    ]
+    if train.get("amp"):
+        flags.append(("--amp", train["amp"]))
+    return "ndeconv train " + " ".join(f"{k} {v}" for k, v in flags)
+
+
+def model_card(name: str, tag: str, config: dict, metrics: list[dict], storage: dict) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    train = config["train"]
+    dataset = DATASET_NAMES.get(train["dataset"], train["dataset"])
+    top1 = storage["test_top1"]
+    seconds = sum(r["seconds"] for r in metrics)
+    params = storage["params"]
+    data = ModelCardData(
+        model_name=f"{name}.{tag}", license="mit", library_name="timm", pipeline_tag="image-classification",
+        tags=["image-classification", "timm", "network-deconvolution", "ndeconv"], datasets=[train["dataset"]],
+        eval_results=[EvalResult(
+            task_type="image-classification", dataset_type=train["dataset"], dataset_name=dataset,
+            dataset_split="test", metric_type="accuracy", metric_name="top-1 accuracy", metric_value=round(top1, 2),
+        )],
+    )
+    card = f"""---
+{data.to_yaml()}
+---
+
+# {name}.{tag}
+
+{config['pretrained_cfg'].get('description', '')} A {storage['form']} **{name.removesuffix('_deconv')}**
+({params / 1e6:.2f}M parameters) in the CIFAR topology of the paper's Table 1, trained by
+ndeconv on the {len(metrics)}-epoch protocol of
+*Network Deconvolution* (Ye et al., ICLR 2020, [arXiv:1905.11926](https://arxiv.org/abs/1905.11926)).
+
+| | |
+|---|---|
+| test top-1 ({dataset}, 10,000 images) | **{top1:.2f}%** (top-5 {storage['test_top5']:.2f}%) |
+| epochs | {len(metrics)} ({metrics[-1]['step']} steps of {train['batch_size']}) |
+| weights | {storage['dtype']} ({storage['note']}) |
+| training time | {seconds / 60:.1f} min on {storage['machine']} |
+| license | MIT (weights and code) |
+
+## Use
+
+```python
+import timm, ndeconv  # importing ndeconv registers the zoo with timm
+model = timm.create_model("{name}", pretrained=True).eval()  # 1x32x32 input in [0, 1], 10 classes
+```
+
+Evaluate it: `ndeconv eval {name}.{tag}`. Fold the whitening into plain convs for deployment:
+`ndeconv fold {name}.{tag} -o folded.safetensors`, or export ONNX: `ndeconv export {name}.{tag} -o model.onnx`.
+
+## Training
+
+```bash
+{train_command(train)}
+```
+
+Inputs are the 28x28 images zero-padded to 32x32 and scaled to [0, 1] (the authors' ToTensor, no
+normalisation, no augmentation). Per-epoch numbers are in `metrics.jsonl`, curves in `curves.png`, every
+setting, the library versions and the git commit in `config.json` (`train`, `run`).
+
+## Citation
+
+```bibtex
+@inproceedings{{ye2020network,
+  title={{Network Deconvolution}},
+  author={{Ye, Chengxi and Evanusa, Matthew and He, Hua and Mitrokhin, Anton and Goldstein, Tom and
+          Yorke, James A. and Fermuller, Cornelia and Aloimonos, Yiannis}},
+  booktitle={{International Conference on Learning Representations}},
+  year={{2020}}
+}}
+```
+"""
+    return card
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu} CPU, {torch.get_num_threads()} threads (torch {torch.__version__.split('+')[0]})"
+
+
+def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False) -> Path:
+    config = read_run_config(run_dir)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not metrics or metrics[-1].get("partial") or metrics[-1]["epoch"] < config["train"]["epochs"]:
+        raise SystemExit(f"{run_dir}: the run has not finished all its epochs; resume it first")
+    dataset = config["train"]["dataset"]
+    tag = TAGS[dataset]
+    model = load_run_model(run_dir)
+    reference = evaluate_on_dataset(model, dataset)
+    chosen, result, note = torch.float32, reference, "half precision changed test top-1 by more than 0.05 points"
+    trials = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        trial = evaluate_on_dataset(_stored_as(model, dtype), dataset)
+        trials[str(dtype).removeprefix("torch.")] = trial.top1
+        if abs(trial.top1 - reference.top1) <= MAX_TOP1_CHANGE:
+            chosen, result = dtype, trial
+            note = f"float32 top-1 {reference.top1:.2f}%, {str(dtype).removeprefix('torch.')} {trial.top1:.2f}%"
+            break
+    stored = model.to(chosen) if chosen != torch.float32 else model
+    folder = ship_weights(stored, tag, root=root, force=force)
+    hub_config = json.loads((folder / "config.json").read_text())
+    storage = {
+        "dtype": str(chosen).removeprefix("torch."), "note": note, "test_top1": result.top1,
+        "test_top5": result.top5, "test_loss": result.loss, "test_top1_float32": reference.top1,
+        "test_top1_by_dtype": trials, "max_top1_change": MAX_TOP1_CHANGE, "machine": machine(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "form": "network-deconvolution" if config["train"]["deconv"] else "BatchNorm",
+    }
+    hub_config.update(train=config["train"], run=config["run"], weights=storage)
+    save_json_atomic(hub_config, folder / "config.json")
+    for name in ("metrics.jsonl", "curves.png"):
+        shutil.copyfile(run_dir / name, folder / name)
+    card = model_card(config["architecture"], tag, hub_config, metrics, storage)
+    atomic_write(folder / "README.md", lambda tmp: tmp.write_text(card))
+    print(f"{folder}: test top-1 {result.top1:.2f}% as {storage['dtype']} ({note})")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories of ndeconv train")
+    parser.add_argument("--root", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--force", action="store_true", help="replace weights already shipped")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        ship_run(run, args.root, args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
