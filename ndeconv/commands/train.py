@@ -89,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add(run, "--sync-deconv", "sync_deconv", d.sync_deconv,
          "average whitening statistics across ranks (the SyncBatchNorm of deconvolution)",
          type=str2bool, nargs="?", const=True, metavar="BOOL")
+    _add(run, "--fast", "fast", d.fast, "fast mode: recompute each whitening matrix every K training steps and reuse "
+         "it in between (1: exact; see ndeconv.set_fast_mode for the cost)", type=int, metavar="K")
     _add(run, "--checkpoint-every", "checkpoint_every", d.checkpoint_every,
          "save a resumable checkpoint every N steps (and at every epoch end)", type=int, metavar="N")
     _add(run, "--log-every", "log_every", d.log_every, "log line every N steps when not on a terminal", type=int)

@@ -52,6 +52,7 @@ class TrainConfig:
     amp: str | None = None  # None, "auto", "bf16" or "fp16"
     device: str = "auto"
     sync_deconv: bool = False
+    fast: int = 1  # opt-in fast mode: refresh the whitening matrices every `fast` steps (1: exact)
     log_every: int = 50
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +83,7 @@ class TrainConfig:
             (self.deconv_iter >= 1, "--deconv-iter must be >= 1"),
             (self.eps > 0, "--eps must be > 0"),
             (self.stride >= 1, "--stride must be >= 1"),
+            (self.fast >= 1, "--fast must be >= 1 (1: exact mode)"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: only at epoch ends)"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.train_subset is None or self.train_subset >= 1, "--train-subset must be >= 1"),

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..distributed import sync_deconv
 from ..errors import UsageError
+from ..fast_deconv import set_fast_mode
 from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, model_kwargs
@@ -245,6 +246,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
     model.to(ctx.device)
     if cfg.sync_deconv:
         sync_deconv(model)
+    if cfg.fast > 1:
+        set_fast_mode(model, cfg.fast)
     optimizer = _optimizer(cfg, model)
     steps_per_epoch = len(epoch_batches(len(train_src), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world))
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
