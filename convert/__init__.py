@@ -1,1 +1,39 @@
-"""Deployment: fold deconvolution into plain conv weights, export ONNX, convert the authors' checkpoints."""
+"""Deployment: fold deconvolution into plain conv weights, export ONNX, convert the authors' checkpoints.
+
+``fold(model)`` gives an inference-only plain CNN computing the model's eval outputs; ``save_folded`` /
+``load_folded`` store it as safetensors + config.json; ``export_onnx`` / ``verify_onnx`` write and check a
+self-contained ONNX file.
+"""
+
+from __future__ import annotations
+
+from .export import ExportResult, VerifyResult, export_onnx, onnx_op_types, verify_onnx, verify_onnx_for_model
+from .fold import (
+    FoldReport,
+    FoldWarning,
+    default_example_input,
+    fold,
+    fold_with_report,
+    model_input_size,
+    output_difference,
+)
+from .folded_io import is_folded_file, load_folded, save_folded
+
+__all__ = [
+    "ExportResult",
+    "FoldReport",
+    "FoldWarning",
+    "VerifyResult",
+    "default_example_input",
+    "export_onnx",
+    "fold",
+    "fold_with_report",
+    "is_folded_file",
+    "load_folded",
+    "model_input_size",
+    "onnx_op_types",
+    "output_difference",
+    "save_folded",
+    "verify_onnx",
+    "verify_onnx_for_model",
+]

@@ -49,6 +49,9 @@ class ChannelDeconv(nn.Module):
         self.register_buffer("running_mean2", torch.zeros(1, 1, **factory))
         self.register_buffer("running_var", torch.ones(1, 1, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        # Channels of the last input: the block size alone does not say how many remainder channels follow,
+        # and fuse() needs the full count (a plain attribute, as the reference's state_dict has no room for it).
+        self.num_channels: int | None = None
 
     def _owner(self) -> str:
         return f"ChannelDeconv(block={self.block})"
@@ -66,6 +69,7 @@ class ChannelDeconv(nn.Module):
         n, channels, height, width = x.shape
         b = self.block
         c = (channels // b) * b
+        self.num_channels = channels
         if c == 0:
             raise ValueError(
                 f"{self._owner()}: input has {channels} channels, fewer than block={b}; use block <= {channels}"
@@ -135,8 +139,12 @@ class ChannelDeconv(nn.Module):
             bias[c:] = -self.running_mean2.reshape(()) * scale
         return weight, bias
 
-    def fuse(self, num_channels: int) -> nn.Conv2d:
-        """A 1x1 ``nn.Conv2d`` computing this layer's eval output for ``num_channels`` channels."""
+    def fuse(self, num_channels: int | None = None) -> nn.Conv2d:
+        """A 1x1 ``nn.Conv2d`` computing this layer's eval output for ``num_channels`` channels (default: the
+        channel count of the last input, so ``timm.models.reparameterize_model`` can call it bare)."""
+        num_channels = num_channels or self.num_channels
+        if num_channels is None:
+            raise ValueError(f"{self._owner()}.fuse: the channel count is unknown; pass num_channels or run a forward")
         with torch.no_grad():
             weight, bias = self.affine(num_channels)
             conv = nn.Conv2d(num_channels, num_channels, 1, bias=True, device=weight.device, dtype=weight.dtype)

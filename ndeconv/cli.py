@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .errors import NdeconvError
 
 # Subcommand modules under ndeconv.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ("list", "convert_reference", "train", "eval", "viz")
+COMMANDS: tuple[str, ...] = ("list", "convert_reference", "train", "eval", "fold", "export", "viz")
 
 
 def build_parser() -> argparse.ArgumentParser:

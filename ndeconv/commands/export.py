@@ -1,0 +1,66 @@
+"""``ndeconv export``: fold a model and write it as one verified ONNX file."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._model_source import add_model_source_arguments, load_model_source
+from ._warnings import warnings_to_stderr
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from convert.export import DEFAULT_OPSET, REL_TOLERANCE
+
+    p = subparsers.add_parser(
+        "export",
+        help="fold a model and export it to ONNX (verified with onnxruntime)",
+        description="Fold MODEL[.TAG] (or --checkpoint FILE --arch NAME, or folded weights from `ndeconv fold`) and "
+        "export it with torch's dynamo exporter to one self-contained .onnx file, batch axis dynamic unless "
+        "--static-batch. --verify (default) runs onnx.checker (full check), checks the graph holds only plain "
+        "inference ops, and compares onnxruntime with PyTorch on random inputs (and on Fashion-MNIST test images "
+        f"for one-channel models when installed); it fails above {REL_TOLERANCE:g} relative difference.",
+    )
+    add_model_source_arguments(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="ONNX file to write (.onnx)")
+    p.add_argument("--force", action="store_true", help="overwrite FILE")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--static-batch", type=int, metavar="N", help="fix the batch size to N (default: dynamic)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check the file with onnx.checker and onnxruntime (default: on)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from convert import FoldWarning, export_onnx, verify_onnx_for_model
+    from convert.export import REL_TOLERANCE
+    from ndeconv.errors import NdeconvError, UsageError
+    from ndeconv.io import check_output_path
+
+    if not args.output.endswith(".onnx"):
+        raise UsageError(f"-o {args.output}: name the ONNX file *.onnx")
+    if args.static_batch is not None and args.static_batch < 1:
+        raise UsageError(f"--static-batch must be >= 1, got {args.static_batch}")
+    if not 7 <= args.opset <= 30:
+        raise UsageError(f"--opset {args.opset}: choose an ONNX opset such as 18 or 20")
+    output = check_output_path(args.output, args.force)  # fail before any work
+    source = load_model_source(args)
+    with warnings_to_stderr("export", FoldWarning):
+        result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch, force=True)
+    batch = f"static batch {args.static_batch}" if args.static_batch else "dynamic batch"
+    print(f"wrote {result.path} (opset {result.opset}, {batch}, input {'x'.join(map(str, result.input_size))})")
+    if not args.verify:
+        return 0
+    try:
+        verification = verify_onnx_for_model(result)
+    except NdeconvError as err:
+        result.path.unlink(missing_ok=True)  # never leave an unverified export where a verified one is expected
+        raise NdeconvError(f"verification failed, {result.path} removed: {err}") from err
+    ops = ", ".join(f"{op} x{n}" for op, n in sorted(verification.ops.items()))
+    print(f"onnx.checker (full): ok; ops: {ops}")
+    for line in verification.lines():
+        print(f"onnxruntime vs PyTorch, {line}")
+    print(f"verified: max abs diff {verification.max_abs:.3g}, max rel diff {verification.max_rel:.3g} "
+          f"<= {REL_TOLERANCE:g}")
+    return 0

@@ -1,0 +1,47 @@
+"""``ndeconv fold``: fold a deconvolution model into plain conv/linear weights (safetensors + config.json)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._model_source import add_model_source_arguments, load_model_source
+from ._warnings import warnings_to_stderr
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fold",
+        help="fold the whitening into plain conv/linear weights for inference",
+        description="Fold MODEL[.TAG] (or --checkpoint FILE --arch NAME) into a plain network: every FastDeconv "
+        "becomes a Conv2d, every Delinear a Linear, ChannelDeconvs and BatchNorms merge into neighbouring layers. "
+        "Writes the weights (safetensors) and a config.json beside them; load them with convert.load_folded. "
+        "The folded outputs are checked against the unfolded model in eval mode.",
+    )
+    add_model_source_arguments(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="folded weights (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite FILE and the config.json beside it")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip comparing the folded and unfolded outputs on a random batch")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from convert import FoldWarning, fold_with_report, save_folded
+    from ndeconv.errors import UsageError
+    from ndeconv.io import check_output_path
+
+    if not args.output.endswith(".safetensors"):
+        raise UsageError(f"-o {args.output}: folded weights are written as safetensors; name the file *.safetensors")
+    output = check_output_path(args.output, args.force)  # fail before any work
+    check_output_path(output.with_name("config.json"), args.force)
+    source = load_model_source(args)
+    if source.folded:
+        raise UsageError(f"{args.checkpoint} is already folded; nothing to do")
+    with warnings_to_stderr("fold", FoldWarning):
+        folded, report = fold_with_report(source.model, check=args.check)
+    weights, config = save_folded(folded, output, report, source.description, force=args.force)
+    print(report.summary())
+    print(f"wrote {weights} and {config}")
+    return 0

@@ -1,0 +1,100 @@
+"""``ndeconv fold`` and ``ndeconv export``: outputs, overwrite refusal, and one-line errors with exit statuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_fold import correlated_batch, trained
+
+from convert import load_folded, output_difference
+from ndeconv.cli import main
+from ndeconv.io import save_safetensors_atomic
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A trained-statistics PNASNet-A state_dict (1 channel, 5 classes), as `ndeconv train` writes one."""
+    model = trained("pnasnet_a_deconv", in_chans=1, num_classes=5)
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_safetensors_atomic({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    return path, model
+
+
+def test_fold_checkpoint_then_export_folded(tmp_path, capsys, checkpoint) -> None:
+    path, model = checkpoint
+    out = tmp_path / "folded.safetensors"
+    code, stdout, stderr = run(capsys, "fold", "--checkpoint", str(path), "--arch", "pnasnet_a", "-o", str(out))
+    assert code == 0, stderr
+    assert "FastDeconv -> Conv2d" in stdout and stderr == ""  # trained, eval: nothing to warn about
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format"] == "ndeconv-folded" and config["in_chans"] == 1 and config["num_classes"] == 5
+    x = correlated_batch(2, 1)
+    with torch.no_grad():
+        assert output_difference(model(x), load_folded(out)(x))[1] <= 1e-5
+
+    onnx_path = tmp_path / "m.onnx"
+    code, stdout, stderr = run(capsys, "export", "--checkpoint", str(out), "-o", str(onnx_path))
+    assert code == 0, stderr
+    assert "onnx.checker (full): ok" in stdout and "batch 1:" in stdout and "batch 7:" in stdout
+    assert onnx_path.is_file() and "verified" in stdout
+
+
+def test_export_static_batch_no_verify(tmp_path, capsys, checkpoint) -> None:
+    path, _ = checkpoint
+    out = tmp_path / "s.onnx"
+    code, stdout, _ = run(capsys, "export", "--checkpoint", str(path), "--arch", "pnasnet_a_deconv", "-o", str(out),
+                          "--static-batch", "2", "--no-verify", "--opset", "18")
+    assert code == 0 and "static batch 2" in stdout and "verified" not in stdout and out.is_file()
+
+
+def test_refuses_overwrite_without_force(tmp_path, capsys) -> None:
+    out = tmp_path / "f.safetensors"
+    assert run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "-o", str(out))[0] == 0
+    before = out.read_bytes()
+    code, _, stderr = run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "-o", str(out))
+    assert code == 2 and "already exists" in stderr and "--force" in stderr and len(stderr.splitlines()) == 1
+    assert out.read_bytes() == before
+    code, _, stderr = run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "-o", str(out), "--force")
+    assert code == 0 and "identity whitening" in stderr  # untrained: said so
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["fold", "nosuchnet", "-o", "{tmp}/a.safetensors"], 2, "unknown model 'nosuchnet'"),
+    (["export", "resnet18_deconv.nosuchtag", "-o", "{tmp}/a.onnx"], 2, "no pretrained tag 'nosuchtag'"),
+    (["export", "--checkpoint", "{tmp}/missing.safetensors", "--arch", "resnet18", "-o", "{tmp}/a.onnx"], 2,
+     "no such file"),
+    (["export", "--checkpoint", "{tmp}/garbage.safetensors", "--arch", "resnet18", "-o", "{tmp}/a.onnx"], 1,
+     "not a readable safetensors file"),
+    (["export", "--checkpoint", "{tmp}/garbage.safetensors", "-o", "{tmp}/a.onnx"], 1,
+     "not a readable safetensors file"),
+    (["fold", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/file.txt/a.safetensors"], 2,
+     "cannot create the output folder"),
+    (["export", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/a.txt"], 2, "*.onnx"),
+    (["export", "-o", "{tmp}/a.onnx"], 2, "give either MODEL"),
+    (["export", "pnasnet_a_deconv", "--arch", "resnet18", "-o", "{tmp}/a.onnx"], 2, "--arch describes"),
+    (["fold", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/a.safetensors", "--no-check", "--arch", "x"], 2,
+     "--arch describes"),
+])
+def test_clear_one_line_errors(tmp_path, capsys, argv, code, message) -> None:
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00not a safetensors file")
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    got, stdout, stderr = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert got == code, stderr
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "a.safetensors").exists()
+
+
+def test_checkpoint_of_wrong_architecture(tmp_path, capsys, checkpoint) -> None:
+    path, _ = checkpoint
+    code, _, stderr = run(capsys, "export", "--checkpoint", str(path), "--arch", "resnet18", "-o",
+                          str(tmp_path / "a.onnx"))
+    assert code == 2 and "does not fit resnet18_deconv" in stderr and len(stderr.strip().splitlines()) == 1
