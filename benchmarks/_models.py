@@ -1,5 +1,5 @@
-"""Networks the benchmarks time: the zoo's models through timm, with a local CIFAR ResNet-18 and an
-ImageNet-style ResNet-18 stack built from the same ``DeconvSettings`` when the zoo lacks them."""
+"""Networks the benchmarks time: the zoo's models through timm, and for the scaling study an
+ImageNet-style ResNet-18 stack (7x7/2 stem, max-pool, two stages) built from the same ``DeconvSettings``."""
 
 from __future__ import annotations
 
@@ -35,19 +35,14 @@ class _BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class LocalResNet18(nn.Module):
-    """CIFAR ResNet-18 (3x3 stem, no max-pool) or, with ``imagenet_stem``, a 7x7/2 stem + max-pool
-    in front of the same four stages (the "ResNet-18-style stack" of the scaling study)."""
+class ResNet18Stack(nn.Module):
+    """The "ResNet-18-style layer stack" of the scaling study: a 7x7/2 stem and max-pool in front of the
+    first ``stages`` ResNet-18 stages, so images of 32 to 224 pixels all make sense."""
 
-    def __init__(self, s: DeconvSettings, num_classes: int = 10, imagenet_stem: bool = False,
-                 stages: int = 4) -> None:
+    def __init__(self, s: DeconvSettings, num_classes: int = 10, stages: int = 2) -> None:
         super().__init__()
-        if imagenet_stem:
-            self.conv1 = s.conv(3, 64, 7, 2, 3)
-            self.pool = nn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1 = s.conv(3, 64, 3, 1, 1)
-            self.pool = nn.Identity()
+        self.conv1 = s.conv(3, 64, 7, 2, 3)
+        self.pool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = s.norm(64)
         layers, chs = [], 64
         for i, width in enumerate((64, 128, 256, 512)[:stages]):
@@ -64,12 +59,9 @@ class LocalResNet18(nn.Module):
 
 
 def build(arch: str, deconv: bool, num_classes: int = 10) -> tuple[nn.Module, str]:
-    """(model, source): the zoo model via ``timm.create_model(arch, deconv=...)`` when registered,
-    else the local stand-in for ``resnet18_deconv``/``stack``."""
-    if arch != "stack" and timm.is_model(arch):
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, deconv=deconv), "zoo"
-    if arch == "resnet18_deconv":
-        return LocalResNet18(DeconvSettings(deconv=deconv), num_classes), "local CIFAR ResNet-18 (zoo not registered)"
+    """(model, source): a zoo model via ``timm.create_model(arch, deconv=...)``, or ``stack``."""
     if arch == "stack":
-        return LocalResNet18(DeconvSettings(deconv=deconv), num_classes, imagenet_stem=True, stages=2), "local"
+        return ResNet18Stack(DeconvSettings(deconv=deconv), num_classes), "ResNet-18-style stack"
+    if timm.is_model(arch):
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, deconv=deconv), "zoo"
     raise SystemExit(f"unknown or unregistered architecture {arch!r}; choose from {', '.join(ZOO_ARCHS)} or 'stack'")

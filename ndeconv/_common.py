@@ -110,6 +110,20 @@ class FoldCache:
         self.key = self.value = None
 
 
+class CachedEvalFold:
+    """Mixin of FastDeconv and Delinear: their eval-mode folded weight and bias, rebuilt only on change."""
+
+    def _eval_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not can_use_fold_cache(self.weight, self.bias):
+            return self.folded_weight_bias(self.running_mean, self.running_deconv)
+        key = FoldCache.make_key(self.weight, self.bias, self.running_mean, self.running_deconv)
+        cached = self._fold_cache.get(key)
+        if cached is None:
+            cached = self.folded_weight_bias(self.running_mean, self.running_deconv)
+            self._fold_cache.put(key, cached)
+        return cached
+
+
 def can_use_fold_cache(*params: torch.Tensor | None) -> bool:
     """Cached folded weights carry no autograd history: use them only where no gradient is wanted."""
     if torch.compiler.is_compiling():

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (
+    CachedEvalFold,
     FoldCache,
-    can_use_fold_cache,
     check_hyperparameters,
     ensure_finite,
     full_precision,
@@ -30,7 +30,7 @@ from .isqrt import isqrt_newton_schulz
 __all__ = ["Delinear"]
 
 
-class Delinear(nn.Module):
+class Delinear(CachedEvalFold, nn.Module):
     """Linear with implicit deconvolution; drop-in for the reference's ``Delinear``."""
 
     __constants__ = ["in_features", "out_features", "block"]
@@ -94,16 +94,6 @@ class Delinear(nn.Module):
         shift = (w @ mean.unsqueeze(1)).view(self.out_features, -1).sum(1)
         bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
         return w.view(self.weight.shape).to(self.weight.dtype), bias.to(self.weight.dtype)
-
-    def _eval_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not can_use_fold_cache(self.weight, self.bias):
-            return self.folded_weight_bias(self.running_mean, self.running_deconv)
-        key = FoldCache.make_key(self.weight, self.bias, self.running_mean, self.running_deconv)
-        cached = self._fold_cache.get(key)
-        if cached is None:
-            cached = self.folded_weight_bias(self.running_mean, self.running_deconv)
-            self._fold_cache.put(key, cached)
-        return cached
 
     def fuse(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing this layer's eval output."""

@@ -21,8 +21,8 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.utils import _pair
 
 from ._common import (
+    CachedEvalFold,
     FoldCache,
-    can_use_fold_cache,
     check_hyperparameters,
     ensure_finite,
     full_precision,
@@ -37,7 +37,7 @@ from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 __all__ = ["FastDeconv", "set_fast_mode"]
 
 
-class FastDeconv(_ConvNd):
+class FastDeconv(CachedEvalFold, _ConvNd):
     """Conv2d with implicit deconvolution; drop-in for the reference's ``FastDeconv``.
 
     Args are the reference's: ``block`` channels per whitening block (capped at
@@ -187,16 +187,6 @@ class FastDeconv(_ConvNd):
             w = w.reshape(self.weight.shape)
         bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
         return w.to(self.weight.dtype), bias.to(self.weight.dtype)
-
-    def _eval_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not can_use_fold_cache(self.weight, self.bias):
-            return self.folded_weight_bias(self.running_mean, self.running_deconv)
-        key = FoldCache.make_key(self.weight, self.bias, self.running_mean, self.running_deconv)
-        cached = self._fold_cache.get(key)
-        if cached is None:
-            cached = self.folded_weight_bias(self.running_mean, self.running_deconv)
-            self._fold_cache.put(key, cached)
-        return cached
 
     def fuse(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing this layer's eval output (used by ``timm``'s ``reparameterize_model``)."""
