@@ -101,8 +101,8 @@ def summary(times: list[float]) -> dict:
 def peak_rss_probe(argv: list[str]) -> dict:
     """Peak memory of a training step, measured in a fresh subprocess (``argv`` runs the probe).
 
-    tracemalloc does not see torch's CPU allocations; the probe reports ``ru_maxrss`` before the
-    first step (model, optimizer and data in memory) and after the steps: the difference is the
+    tracemalloc does not see torch's CPU allocations; the probe resets the kernel's peak-RSS mark, reads it
+    before the first step (model, optimizer and data in memory) and after the steps: the difference is the
     step's peak working set (activations, gradients, optimizer state, temporaries).
     """
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, check=False)
@@ -111,9 +111,23 @@ def peak_rss_probe(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0). Needed because ru_maxrss survives fork and exec:
+    a probe started by a large parent would otherwise report the parent's peak and a zero step delta."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def maxrss_mib() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process since the last ``reset_peak_rss`` (VmHWM), in MiB."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def profile_top_ops(fn: Callable[[], None], steps: int = 2, top: int = 15) -> list[dict]:

@@ -162,6 +162,7 @@ def probe(arch: str, form: str, batch: int, image: int) -> None:
     model, _ = build(arch, deconv=form == "nd")
     x, y = _data(batch, image)
     step = C.make_train_step(model, x, y)
+    C.reset_peak_rss()
     before = C.maxrss_mib()
     step()
     step()
