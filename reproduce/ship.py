@@ -88,7 +88,7 @@ ndeconv on the {len(metrics)}-epoch protocol of
 | test top-1 ({dataset}, 10,000 images) | **{top1:.2f}%** (top-5 {storage['test_top5']:.2f}%) |
 | epochs | {len(metrics)} ({metrics[-1]['step']} steps of {train['batch_size']}) |
 | weights | {storage['dtype']} ({storage['note']}) |
-| training time | {seconds / 60:.1f} min on {storage['machine']} |
+| training time | {seconds / 60:.1f} min wall on {storage['machine']}{storage['time_note']} |
 | license | MIT (weights and code) |
 
 ## Use
@@ -136,7 +136,7 @@ def machine() -> str:
     return f"{cpu} CPU, {torch.get_num_threads()} threads (torch {torch.__version__.split('+')[0]})"
 
 
-def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False) -> Path:
+def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_note: str = "") -> Path:
     config = read_run_config(run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not metrics or metrics[-1].get("partial") or metrics[-1]["epoch"] < config["train"]["epochs"]:
@@ -163,6 +163,7 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False) -> Pa
         "test_top1_by_dtype": trials, "max_top1_change": MAX_TOP1_CHANGE, "machine": machine(),
         "params": sum(p.numel() for p in model.parameters()),
         "form": "network-deconvolution" if config["train"]["deconv"] else "BatchNorm",
+        "time_note": f" ({time_note})" if time_note else "",
     }
     hub_config.update(train=config["train"], run=config["run"], weights=storage)
     save_json_atomic(hub_config, folder / "config.json")
@@ -179,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories of ndeconv train")
     parser.add_argument("--root", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--force", action="store_true", help="replace weights already shipped")
+    parser.add_argument("--time-note", default="", help="what the wall time includes (pauses, other load)")
     args = parser.parse_args(argv)
     for run in args.runs:
-        ship_run(run, args.root, args.force)
+        ship_run(run, args.root, args.force, args.time_note)
     return 0
 
 

@@ -24,3 +24,22 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"reference fixtures not found at {REFERENCE} (the read-only ../shared beside the project)")
     return REFERENCE
+
+
+def zoo_model_without_weights(tag: str = "fashion_mnist") -> str:
+    """A zoo model with no shipped weights for ``tag`` (skips the test when every model has them)."""
+    from zoo import ZOO_MODELS
+    from zoo._pretrained import shipped_weights_path
+
+    for name in ZOO_MODELS:
+        if not shipped_weights_path(name, tag).exists():
+            return name
+    pytest.skip(f"every zoo model ships {tag} weights: nothing left to test the missing-weights error on")
+
+
+def shipped_zoo_models(tag: str = "fashion_mnist") -> list[str]:
+    """The zoo models whose ``tag`` weights are shipped in zoo/weights/."""
+    from zoo import ZOO_MODELS
+    from zoo._pretrained import shipped_weights_path
+
+    return [name for name in ZOO_MODELS if shipped_weights_path(name, tag).exists()]

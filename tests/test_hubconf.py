@@ -44,10 +44,13 @@ def test_torch_hub_load_local():
 
 
 def test_torch_hub_load_pretrained_without_weights_is_clear():
+    from conftest import zoo_model_without_weights
+
     from ndeconv.errors import NdeconvError
 
-    with pytest.raises(NdeconvError, match="resnet18_deconv.fashion_mnist: no pretrained weights"):
-        torch.hub.load(str(PROJECT_ROOT), "resnet18_deconv", source="local", pretrained=True)
+    name = zoo_model_without_weights()
+    with pytest.raises(NdeconvError, match=f"{name}.fashion_mnist: no pretrained weights"):
+        torch.hub.load(str(PROJECT_ROOT), name, source="local", pretrained=True)
 
 
 @pytest.mark.parametrize("name", ALL_TEN)

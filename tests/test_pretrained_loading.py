@@ -12,6 +12,7 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
+from conftest import zoo_model_without_weights
 from timm.models import save_for_hf
 
 import zoo._pretrained as pretrained_mod
@@ -65,10 +66,11 @@ def test_ship_weights_layout(shipped, gray_model):
 
 
 def test_no_shipped_weights_is_one_clear_error():
+    name = zoo_model_without_weights()
     with pytest.raises(NdeconvError) as err:
-        timm.create_model("resnet18_deconv", pretrained=True)
+        timm.create_model(name, pretrained=True)
     msg = str(err.value)
-    assert "resnet18_deconv.fashion_mnist" in msg and "zoo/weights/resnet18_deconv.fashion_mnist" in msg
+    assert f"{name}.fashion_mnist" in msg and f"zoo/weights/{name}.fashion_mnist" in msg
     assert "\n" not in msg
 
 

@@ -272,7 +272,8 @@ def expand_deconv_stem(
         )
     copies = dst // src
     out = dict(state_dict)
-    out[prefix + "weight"] = weight.repeat(1, copies, 1, 1) / copies
+    # Divide in float64: shipped weights may be stored in float16, where w / 3 alone would lose 5e-4.
+    out[prefix + "weight"] = weight.double().repeat(1, copies, 1, 1) / copies
     out[prefix + "running_mean"] = mean.repeat(copies)
     out[prefix + "running_deconv"] = torch.block_diag(*([deconv] * copies))
     return out

@@ -1,0 +1,80 @@
+"""The shipped zoo weights (zoo/weights/<model>.fashion_mnist/): they load offline through timm and torch.hub
+with no other argument, match their model card, and adapt exactly to RGB input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import PROJECT_ROOT, shipped_zoo_models
+
+import ndeconv  # noqa: F401
+from ndeconv.cli import main
+from ndeconv.training.data import FASHION_MNIST_DIR
+from zoo._pretrained import WEIGHTS_DIR
+
+SHIPPED = shipped_zoo_models()
+# One full 10,000-image evaluation keeps the suite short: the README's flagship if shipped, else the first.
+EVALUATED = ["resnet18_deconv"] if "resnet18_deconv" in SHIPPED else SHIPPED[:1]
+needs_weights = pytest.mark.skipif(not SHIPPED, reason="no zoo weights are shipped yet")
+needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
+                                   reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)")
+
+
+def _card(name: str) -> dict:
+    return json.loads((WEIGHTS_DIR / f"{name}.fashion_mnist" / "config.json").read_text())
+
+
+@needs_weights
+@pytest.mark.parametrize("name", SHIPPED)
+def test_loads_with_no_other_argument(name):
+    model = timm.create_model(name, pretrained=True)
+    assert model.pretrained_cfg["tag"] == "fashion_mnist"
+    assert model.num_classes == 10 and model.get_submodule("conv1").in_channels == 1
+    hub = torch.hub.load(str(PROJECT_ROOT), name, source="local", pretrained=True)
+    for (key, a), b in zip(model.state_dict().items(), hub.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+@needs_weights
+@pytest.mark.parametrize("name", SHIPPED)
+def test_rgb_copy_of_gray_image_gets_the_gray_prediction(name):
+    gray = timm.create_model(name, pretrained=True).eval()
+    rgb = timm.create_model(name, pretrained=True, in_chans=3).eval()
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        expected, got = gray(x), rgb(x.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+@needs_weights
+@pytest.mark.parametrize("name", SHIPPED)
+def test_folder_is_a_hub_repo_with_a_card(name):
+    folder = WEIGHTS_DIR / f"{name}.fashion_mnist"
+    card = _card(name)
+    assert {"architecture", "num_classes", "label_names", "pretrained_cfg", "model_args"} <= set(card)
+    assert len(card["label_names"]) == 10
+    readme = (folder / "README.md").read_text()
+    assert "model-index" in readme and f"{card['weights']['test_top1']:.2f}" in readme
+    assert (folder / "metrics.jsonl").is_file() and (folder / "curves.png").is_file()
+    assert (folder / "model.safetensors").stat().st_size < 95e6
+
+
+def test_all_shipped_weights_fit_the_budget():
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.glob("*/model.safetensors")) if WEIGHTS_DIR.is_dir() else 0
+    assert total < 400e6
+
+
+@needs_weights
+@needs_fashion
+@pytest.mark.parametrize("name", EVALUATED)
+def test_ndeconv_eval_reproduces_the_card(name, capsys):
+    assert main(["eval", f"{name}.fashion_mnist", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["count"] == 10000
+    assert result["top1"] == pytest.approx(_card(name)["weights"]["test_top1"], abs=1e-6)
