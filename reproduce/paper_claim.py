@@ -86,7 +86,8 @@ def markdown(table: list[dict]) -> str:
         )
     done = [r for r in table if r["nd_minus_bn"] is not None]
     worse = [r["arch"] for r in done if r["nd_minus_bn"] <= 0]
-    summary = f"\nMeasured pairs: {len(done)} of {len(table)}."
+    summary = (f"\nMeasured pairs: {len(done)} of {len(table)}. Times are each run's wall clock on the shared "
+               "2-core machine, other work included; quiet-machine step times are in the Speed section.")
     if worse:
         summary += f" ND did not beat BN for: {', '.join(worse)}."
     elif done:
