@@ -13,7 +13,8 @@ not depend on the values). Rows:
 - ``bn_fused``: the ``deconv=False`` twin folded the same way (BatchNorm fused into its convs).
 
 onnxruntime runs the exported ``nd_folded`` and ``bn_fused`` graphs (an unfolded model is folded before export).
-Each timing is the median over ``--repeats`` calls after ``--warmup`` calls; results are JSON with the command
+Each timing is the median over ``--repeats`` calls after ``--warmup`` calls, all variants interleaved; results
+are JSON with the command
 that made them.
 """
 
@@ -25,14 +26,17 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks._common import interleaved  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "inference.json"
 
@@ -47,17 +51,6 @@ def _moved_stats(name: str, deconv: bool) -> nn.Module:
     with torch.no_grad():
         model.train()(x)
     return model.eval()
-
-
-def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _clear_fold_caches(model: nn.Module) -> Callable[[], None]:
@@ -86,16 +79,18 @@ def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-        timings = {}
-        with torch.no_grad():
-            for key, model in variants.items():
-                timings[("pytorch", key)] = _median_seconds(lambda m=model, x=x: m(x), warmup, repeats)
-            clear = _clear_fold_caches(nd)
-            timings[("pytorch", "nd_unfolded_recompute")] = _median_seconds(
-                lambda c=clear, x=x: (c(), nd(x)), warmup, repeats)
+        clear = _clear_fold_caches(nd)
         feed = {"input": x.numpy()}
-        for key, session in sessions.items():
-            timings[("onnxruntime", key)] = _median_seconds(lambda s=session, f=feed: s.run(None, f), warmup, repeats)
+        calls: dict[tuple[str, str], Callable[[], object]] = {
+            ("pytorch", key): (lambda m=model, x=x: m(x)) for key, model in variants.items()
+        }
+        calls[("pytorch", "nd_unfolded_recompute")] = lambda c=clear, x=x: (c(), nd(x))
+        calls.update({("onnxruntime", key): (lambda s=session, f=feed: s.run(None, f))
+                      for key, session in sessions.items()})
+        # Round-robin over all variants (benchmarks._common.interleaved), so drifting load hits all alike.
+        with torch.no_grad():
+            runs = interleaved(calls, warmup, repeats)
+        timings = {key: statistics.median(times) for key, times in runs.items()}
         for (runtime, key), seconds in timings.items():
             rows.append(dict(arch=name, runtime=runtime, variant=key, batch=batch,
                              ms_per_image=round(1000 * seconds / batch, 4)))
