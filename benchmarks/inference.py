@@ -13,7 +13,8 @@ not depend on the values). Rows:
 - ``bn_fused``: the ``deconv=False`` twin folded the same way (BatchNorm fused into its convs).
 
 onnxruntime runs the exported ``nd_folded`` and ``bn_fused`` graphs (an unfolded model is folded before export).
-Each timing is the median over ``--repeats`` calls after ``--warmup`` calls, all variants interleaved; results
+Each timing is the median over ``--repeats`` calls after ``--warmup`` calls, the variants of a runtime
+interleaved; results
 are JSON with the command
 that made them.
 """
@@ -72,6 +73,8 @@ def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Interleaved sessions would otherwise spin-wait on each other's cores after every run.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for key in ("nd_folded", "bn_fused"):
             path = export_onnx(variants[key], tmp / f"{name}_{key}.onnx", force=True).path
             sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -87,10 +90,14 @@ def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads
         calls[("pytorch", "nd_unfolded_recompute")] = lambda c=clear, x=x: (c(), nd(x))
         calls.update({("onnxruntime", key): (lambda s=session, f=feed: s.run(None, f))
                       for key, session in sessions.items()})
-        # Round-robin over all variants (benchmarks._common.interleaved), so drifting load hits all alike.
-        with torch.no_grad():
-            runs = interleaved(calls, warmup, repeats)
-        timings = {key: statistics.median(times) for key, times in runs.items()}
+        # Round-robin over the variants of one runtime at a time (benchmarks._common.interleaved), so drifting
+        # load hits them alike; the runtimes run apart, as onnxruntime's spinning threads would slow torch's.
+        timings = {}
+        for runtime in ("pytorch", "onnxruntime"):
+            group = {key: fn for key, fn in calls.items() if key[0] == runtime}
+            with torch.no_grad():
+                runs = interleaved(group, warmup, repeats)
+            timings.update({key: statistics.median(times) for key, times in runs.items()})
         for (runtime, key), seconds in timings.items():
             rows.append(dict(arch=name, runtime=runtime, variant=key, batch=batch,
                              ms_per_image=round(1000 * seconds / batch, 4)))
