@@ -61,8 +61,16 @@ def _trained(name: str, deconv: bool, in_chans: int = 3, **kwargs) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
-        model.train()
-        model(correlated_batch(2, in_chans, seed=1))
+    # A few real training steps (forward, backward, SGD) on correlated data move the running statistics off
+    # their initial identity and the weights off their initialisation.
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for step in range(3):
+        x = correlated_batch(4, in_chans, seed=1 + step)
+        labels = torch.arange(4) % model.num_classes
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), labels).backward()
+        optimizer.step()
     return model.eval()
 
 
