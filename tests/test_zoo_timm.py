@@ -106,3 +106,14 @@ def test_list_command(capsys):
     assert "resnet18_deconv" in out and "11,169,162" in out and "fashion_mnist (no)" in out
     assert main(["list", "--json", "vgg*", "--bn"]) == 0
     assert '"params": 14728266' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO_MODELS))
+def test_features_only_matches_feature_info(name):
+    model = timm.create_model(name, features_only=True).eval()
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 32, 32))
+    info = model.feature_info
+    assert len(features) == len(info.channels()) >= 3
+    for feature, chs, reduction in zip(features, info.channels(), info.reduction(), strict=True):
+        assert feature.shape[1:] == (chs, 32 // reduction, 32 // reduction)

@@ -73,11 +73,14 @@ class EfficientNet(ZooClassifierMixin, nn.Module):
         self.conv1 = settings.conv(in_chans, 32, 3, 1, 1, freeze=True, n_iter=10)
         self.bn1 = settings.norm(32)
         block_settings = dataclasses.replace(settings, deconv=False)  # the blocks are BatchNorm in both forms
-        blocks, in_chs = [], 32
+        blocks, in_chs, reduction = [], 32, 1
+        self.feature_info: list[dict[str, Any]] = []
         for expansion, out_chs, count, stride in stages:
             for block_idx in range(count):
                 blocks.append(MBConvBlock(in_chs, out_chs, expansion, stride if block_idx == 0 else 1, block_settings))
                 in_chs = out_chs
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"layers.{len(blocks) - 1}"))
         self.layers = nn.Sequential(*blocks)
         self.deconv1 = settings.channel_deconv()  # the authors apply it to the flattened features
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
@@ -95,7 +98,9 @@ class EfficientNet(ZooClassifierMixin, nn.Module):
 
 
 def _create_efficientnet(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientNet:
-    return create_zoo_model(EfficientNet, variant, pretrained, **kwargs)
+    stages = kwargs.get("stages", B0_STAGES)
+    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=tuple(range(len(stages))))
+    return create_zoo_model(EfficientNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -64,6 +64,7 @@ class PreActResNet(ZooClassifierMixin, nn.Module):
         # The authors' BatchNorm form builds bn1 but its forward skips it: kept for their state_dicts, unused.
         self.bn1 = settings.norm(64)
         in_chs = 64
+        self.feature_info: list[dict[str, Any]] = []
         for idx, (planes, count) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
             blocks = []
             for block_idx in range(count):
@@ -71,6 +72,7 @@ class PreActResNet(ZooClassifierMixin, nn.Module):
                 blocks.append(PreActBlock(in_chs, planes, stride, settings))
                 in_chs = planes * PreActBlock.expansion
             self.add_module(f"layer{idx + 1}", nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=2**idx, module=f"layer{idx + 1}"))
         self.deconv1 = settings.channel_deconv()
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
 
@@ -83,7 +85,9 @@ class PreActResNet(ZooClassifierMixin, nn.Module):
 
 
 def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
-    return create_zoo_model(PreActResNet, variant, pretrained, **kwargs)
+    # Features by forward hooks on the unmodified model (its forward has functional ops between children).
+    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=(0, 1, 2, 3))
+    return create_zoo_model(PreActResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

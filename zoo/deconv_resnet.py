@@ -63,6 +63,7 @@ class ResNet(ZooClassifierMixin, nn.Module):
         self.conv1 = settings.conv(in_chans, 64, 3, 1, 1)
         self.bn1 = settings.norm(64)
         in_chs = 64
+        self.feature_info: list[dict[str, Any]] = []
         for idx, (planes, count) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
             blocks = []
             for block_idx in range(count):
@@ -70,6 +71,7 @@ class ResNet(ZooClassifierMixin, nn.Module):
                 blocks.append(BasicBlock(in_chs, planes, stride, settings))
                 in_chs = planes * BasicBlock.expansion
             self.add_module(f"layer{idx + 1}", nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=2**idx, module=f"layer{idx + 1}"))
         # The reference's optional ChannelDeconv on the last feature map (--delinear False --block-fc N).
         self.deconv1 = settings.channel_deconv()
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
@@ -83,7 +85,9 @@ class ResNet(ZooClassifierMixin, nn.Module):
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
-    return create_zoo_model(ResNet, variant, pretrained, **kwargs)
+    # Features by forward hooks on the unmodified model (its forward has functional ops between children).
+    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=(0, 1, 2, 3))
+    return create_zoo_model(ResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -68,6 +68,7 @@ class SENet(ZooClassifierMixin, nn.Module):
         self.conv1 = settings.conv(in_chans, 64, 3, 1, 1, freeze=True, n_iter=15)
         self.bn1 = settings.norm(64)
         in_chs = 64
+        self.feature_info: list[dict[str, Any]] = []
         for idx, (planes, count) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
             blocks = []
             for block_idx in range(count):
@@ -75,6 +76,7 @@ class SENet(ZooClassifierMixin, nn.Module):
                 blocks.append(SEPreActBlock(in_chs, planes, stride, settings))
                 in_chs = planes
             self.add_module(f"layer{idx + 1}", nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=2**idx, module=f"layer{idx + 1}"))
         self.deconv1 = settings.channel_deconv()
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
 
@@ -87,7 +89,9 @@ class SENet(ZooClassifierMixin, nn.Module):
 
 
 def _create_senet(variant: str, pretrained: bool = False, **kwargs: Any) -> SENet:
-    return create_zoo_model(SENet, variant, pretrained, **kwargs)
+    # Features by forward hooks on the unmodified model (its forward has functional ops between children).
+    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=(0, 1, 2, 3))
+    return create_zoo_model(SENet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

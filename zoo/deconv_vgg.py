@@ -14,6 +14,8 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from ndeconv import FastDeconv
+
 from ._builder import DeconvSettings
 from ._factory import create_zoo_model, zoo_cfg
 from ._head import ZooClassifierMixin
@@ -57,6 +59,15 @@ class VGG(ZooClassifierMixin, nn.Module):
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
         self.channel_deconv = settings.channel_deconv()
         self.features = _make_features(layout, in_chans, settings)
+        # A feature map after every max-pool (reduction 2, 4, 8, ...), taken by a hook on the pool.
+        self.feature_info: list[dict[str, Any]] = []
+        chs = in_chans
+        for idx, module in enumerate(self.features):
+            if isinstance(module, (FastDeconv, nn.Conv2d)):
+                chs = module.out_channels
+            elif isinstance(module, nn.MaxPool2d):
+                reduction = 2 ** (len(self.feature_info) + 1)
+                self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f"features.{idx}"))
         widths = [item for item in layout if item != "M"]
         self._init_head(int(widths[-1]), num_classes, global_pool, drop_rate)
 
@@ -68,7 +79,9 @@ class VGG(ZooClassifierMixin, nn.Module):
 
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
-    return create_zoo_model(VGG, variant, pretrained, **kwargs)
+    layout = kwargs.get("layout", VGG16_LAYOUT)
+    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=tuple(range(list(layout).count("M"))))
+    return create_zoo_model(VGG, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
