@@ -53,7 +53,10 @@ def zoo_cfg(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def create_zoo_model(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_zoo_model(
+    model_cls: type[nn.Module], variant: str, pretrained: bool = False,
+    feature_indices: tuple[int, ...] | None = None, **kwargs: Any,
+) -> nn.Module:
     """``build_model_with_cfg`` plus what the zoo needs around it.
 
     - Without weights, a model defaults to the architecture's own input (3 channels, CIFAR statistics in its
@@ -63,6 +66,10 @@ def create_zoo_model(model_cls: type[nn.Module], variant: str, pretrained: bool 
       sha256 is checked first, a deconvolution stem is adapted to another ``in_chans`` exactly
       (``zoo_filter_fn``), and any failure is one clear error naming the model, the tag and the source.
     """
+    if feature_indices is not None:
+        # features_only by forward hooks on the unmodified model (every zoo forward has functional ops between
+        # its children); ``feature_indices`` index the model's ``feature_info``.
+        kwargs.setdefault("feature_cfg", dict(feature_cls="hook", no_rewrite=True, out_indices=feature_indices))
     kwargs.setdefault("pretrained_filter_fn", zoo_filter_fn)
     kwargs = prepare_pretrained(variant, pretrained, kwargs)
     if not pretrained:

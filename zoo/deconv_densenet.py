@@ -112,9 +112,7 @@ _FEATURE_INDICES = tuple(range(3))  # every entry of feature_info
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    # Features by forward hooks on the unmodified model: its forward has functional ops between children.
-    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=_FEATURE_INDICES)
-    return create_zoo_model(DenseNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    return create_zoo_model(DenseNet, variant, pretrained, feature_indices=_FEATURE_INDICES, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

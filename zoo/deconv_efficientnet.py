@@ -99,8 +99,7 @@ class EfficientNet(ZooClassifierMixin, nn.Module):
 
 def _create_efficientnet(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientNet:
     stages = kwargs.get("stages", B0_STAGES)
-    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=tuple(range(len(stages))))
-    return create_zoo_model(EfficientNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    return create_zoo_model(EfficientNet, variant, pretrained, feature_indices=tuple(range(len(stages))), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -116,9 +116,7 @@ _FEATURE_INDICES = tuple(range(7))  # every entry of feature_info
 
 
 def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileNetV2:
-    # Features by forward hooks on the unmodified model: its forward has functional ops between children.
-    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=_FEATURE_INDICES)
-    return create_zoo_model(MobileNetV2, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    return create_zoo_model(MobileNetV2, variant, pretrained, feature_indices=_FEATURE_INDICES, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

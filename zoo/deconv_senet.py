@@ -89,9 +89,7 @@ class SENet(ZooClassifierMixin, nn.Module):
 
 
 def _create_senet(variant: str, pretrained: bool = False, **kwargs: Any) -> SENet:
-    # Features by forward hooks on the unmodified model (its forward has functional ops between children).
-    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=(0, 1, 2, 3))
-    return create_zoo_model(SENet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    return create_zoo_model(SENet, variant, pretrained, feature_indices=(0, 1, 2, 3), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

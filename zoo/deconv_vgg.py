@@ -80,8 +80,7 @@ class VGG(ZooClassifierMixin, nn.Module):
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
     layout = kwargs.get("layout", VGG16_LAYOUT)
-    feature_cfg = dict(feature_cls="hook", no_rewrite=True, out_indices=tuple(range(list(layout).count("M"))))
-    return create_zoo_model(VGG, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    return create_zoo_model(VGG, variant, pretrained, feature_indices=tuple(range(list(layout).count("M"))), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
