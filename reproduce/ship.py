@@ -108,7 +108,8 @@ Evaluate it: `ndeconv eval {name}.{tag}`. Fold the whitening into plain convs fo
 ```
 
 Inputs are the 28x28 images zero-padded to 32x32 and scaled to [0, 1] (the authors' ToTensor, no
-normalisation, no augmentation). Per-epoch numbers are in `metrics.jsonl`, curves in `curves.png`, every
+normalisation, no augmentation). Per-epoch numbers are in `metrics.jsonl`, the training batches' loss every few steps in
+`steps.jsonl` (where the run recorded it), curves in `curves.png`, every
 setting, the library versions and the git commit in `config.json` (`train`, `run`).
 
 ## Citation
@@ -167,8 +168,9 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_
     }
     hub_config.update(train=config["train"], run=config["run"], weights=storage)
     save_json_atomic(hub_config, folder / "config.json")
-    for name in ("metrics.jsonl", "curves.png"):
-        shutil.copyfile(run_dir / name, folder / name)
+    for name in ("metrics.jsonl", "steps.jsonl", "curves.png"):
+        if name != "steps.jsonl" or (run_dir / name).is_file():  # runs before steps.jsonl existed lack it
+            shutil.copyfile(run_dir / name, folder / name)
     card = model_card(config["architecture"], tag, hub_config, metrics, storage)
     atomic_write(folder / "README.md", lambda tmp: tmp.write_text(card))
     print(f"{folder}: test top-1 {result.top1:.2f}% as {storage['dtype']} ({note})")

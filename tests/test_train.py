@@ -75,6 +75,8 @@ def test_resume_after_sigkill_is_bit_exact(runs: dict[str, Path]) -> None:
     rows = [[json.loads(line) for line in (runs[r] / "metrics.jsonl").read_text().splitlines()]
             for r in ("full", "killed")]
     assert len(rows[0]) == len(rows[1]) == 2  # no epoch written twice after the resume
+    steps = [(runs[r] / "steps.jsonl").read_text() for r in ("full", "killed")]
+    assert steps[0] == steps[1]  # the within-epoch curve survives the kill too, no row lost or doubled
     for a, b in zip(rows[0], rows[1], strict=True):
         for key in ("epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5"):
             assert a[key] == b[key], key
@@ -94,6 +96,9 @@ def test_run_directory(runs: dict[str, Path]) -> None:
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 8
     assert {"train_loss", "train_top1", "test_loss", "test_top1", "seconds", "images_per_s"} <= set(rows[0])
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine over all 8 steps, stepped every iteration
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 9))  # 4 steps per epoch: a row every step
+    assert steps[-1]["epoch"] == 2.0 and all(r["train_loss"] > 0 for r in steps)
 
     reference = load_run_model(run)
     x = torch.rand(3, 1, 32, 32)

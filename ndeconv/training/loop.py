@@ -40,7 +40,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
-_RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CURVES_FILE, "checkpoint.pt")
+STEPS_FILE = "steps.jsonl"
+STEP_ROWS_PER_EPOCH = 50  # steps.jsonl rows per epoch (a grid fixed by the data, so a resumed run keeps it)
+_RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, STEPS_FILE, CURVES_FILE, "checkpoint.pt")
 
 
 @dataclass
@@ -294,6 +296,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                      f"{ctx.world} process(es) on {ctx.device} -> {run_dir}")
 
     meter = _Meter(state.meter if ctx.is_main else None)
+    window = _Meter()  # the steps since the last steps.jsonl row
+    step_grid = max(1, steps_per_epoch // STEP_ROWS_PER_EPOCH)
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps,
                                                                                  steps_per_epoch * cfg.epochs)
@@ -308,8 +312,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
             if final_epoch:
                 save_safetensors_atomic(model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
                 write_metrics(state.history, run_dir / METRICS_FILE)
+                write_metrics(state.steps, run_dir / STEPS_FILE)
                 plot_curves(state.history, run_dir / CURVES_FILE, f"{name} ({'ND' if cfg.deconv else 'BN'}) "
-                            f"on {cfg.dataset}")
+                            f"on {cfg.dataset}", steps=state.steps)
 
         ctx.on_main(write)
 
@@ -346,10 +351,17 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                                  f"(now {cfg.lr}) or check the data; the last checkpoint is in {run_dir}")
             c1, c5 = topk_correct(logits.detach().float(), y)
             meter.update(loss_value, c1, c5, y.numel())
+            window.update(loss_value, c1, c5, y.numel())
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             now = time.perf_counter()
             state.seconds += now - tick
             tick = now
+            if ctx.is_main and state.global_step % step_grid == 0:
+                w_loss, w_top1, _ = _Meter.summary(window.sums)
+                state.steps.append({"step": state.global_step, "epoch": epoch + state.step_in_epoch / len(batches),
+                                    "lr": optimizer.param_groups[0]["lr"], "train_loss": w_loss, "train_top1": w_top1})
+                board.scalar("train/step_loss", w_loss, state.global_step)
+                window = _Meter()
             if ctx.is_main:
                 done = max(state.global_step, 1)
                 rate = meter.sums["count"] * ctx.world / max(state.seconds, 1e-9)

@@ -30,18 +30,28 @@ def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss and accuracy versus epoch, train and test (matplotlib's Agg backend: no display needed)."""
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
+                steps: list[dict[str, Any]] | None = None) -> None:
+    """Loss and accuracy versus epoch: the training batches' running values every few steps (``steps``, so a
+    one-epoch run still shows a curve) and each epoch's train and test points (matplotlib's Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        at = [row["epoch"] for row in steps]
+        ax_loss.plot(at, [row["train_loss"] for row in steps], "-", color="tab:blue", alpha=0.45, linewidth=1,
+                     label="train (batches)")
+        ax_acc.plot(at, [row["train_top1"] for row in steps], "-", color="tab:blue", alpha=0.45, linewidth=1,
+                    label="train (batches)")
+    epochs = [row["epoch"] for row in history]
     for split, style in (("train", "b-o"), ("test", "r-o")):
-        ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split, markersize=3)
-        ax_acc.plot(epochs, [row[f"{split}_top1"] for row in history], style, label=split, markersize=3)
+        ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=f"{split} (epoch)",
+                     markersize=4)
+        ax_acc.plot(epochs, [row[f"{split}_top1"] for row in history], style, label=f"{split} (epoch)",
+                    markersize=4)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
