@@ -27,11 +27,11 @@ from ._common import (
     ensure_finite,
     full_precision,
     resolve_block,
-    scaled_gram,
     stats_dtype,
     sync_statistics,
     update_running,
 )
+from ._patch_stats import PatchSampler, patch_statistics
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 __all__ = ["FastDeconv", "set_fast_mode"]
@@ -153,21 +153,14 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable)."""
-        patches = self._sampled_patches(x.to(stats_dtype(x.dtype)))
-        mean = patches.mean(0)
-        centered = patches - mean.unsqueeze(0)
-        nf = self.num_features
-        if self.groups == 1:
-            cov = scaled_gram(centered, 1.0 / centered.shape[0], self.eps)
-            ensure_finite(self._owner(), cov)
-            if self.sync_stats:
-                mean, cov = sync_statistics(mean, cov)
-            return mean, isqrt_newton_schulz(cov, self.n_iter)
-        per_group = centered.view(-1, self.groups, nf).transpose(0, 1)
-        cov = scaled_gram(per_group, 1.0 / per_group.shape[1], self.eps)
+        sampler = PatchSampler(self.kernel_size, self.dilation, self.padding, self.sampling_stride,
+                               self.num_features, self.groups > 1)
+        mean, cov = patch_statistics(x.to(stats_dtype(x.dtype)), sampler, self.eps, self.groups)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)
+        if self.groups == 1:
+            return mean, isqrt_newton_schulz(cov, self.n_iter)
         return mean, isqrt_newton_schulz_batch(cov, self.n_iter)
 
     # -- folding ------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Mean and covariance of a FastDeconv layer's sampled im2col patches, as one autograd Function.
+
+Autograd through ``unfold -> reshape -> mean -> subtract -> X^T X`` stores and copies the patch
+matrix several times and its backward spends as long on bookkeeping (``neg``, ``div``, ``sub`` of
+the whole matrix, ``col2im``) as on the product. Written out:
+
+- forward: gather the patches once, straight into the block layout (for the default ``sampling_stride
+  >= kernel`` the sampled patches do not overlap: one strided copy per kernel tap and block, no
+  padded copy of the input, no ``im2col``, no transpose), centre them in place, and take the Gram
+  matrix by blocks of its upper triangle (symmetric: a quarter of the products saved);
+- backward: ``dX = Xc (G + G^T) / n + d_mean / n`` in one product and one in-place add, then a
+  scatter back into the input (disjoint patches: the same strided copies reversed, no ``col2im``, no
+  zero-filled gradient where the patches tile the whole input).
+
+Autograd's backward also subtracts the column means of ``Xc (G + G^T) / n``; those are zero up to
+rounding (``Xc``'s columns sum to zero), so leaving them out changes gradients by rounding only
+(tests/test_patch_stats.py: 1e-12 in float64; the parity fixtures still pass at 1e-9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PatchSampler:
+    """How a layer samples patches: its im2col geometry and the authors' block layout.
+
+    A patch vector of length ``C*kh*kw`` is split into ``C // block`` interleaved blocks of
+    ``nf = kh*kw*block`` features; for ``groups == 1`` the blocks become extra rows of an
+    ``(n * blocks, nf)`` matrix, for grouped convs the matrix is ``(n, C*kh*kw)``.
+    """
+
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int]
+    stride: int
+    num_features: int
+    grouped: bool
+
+    def _disjoint(self) -> bool:
+        # Patches taken every `stride` pixels are disjoint when the stride covers a whole (dilated) kernel.
+        return self.kernel != (1, 1) and all(
+            self.stride >= d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation, strict=True))
+
+    def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (s + 2 * p - d * (k - 1) - 1) // self.stride + 1
+            for s, p, d, k in zip(size, self.padding, self.dilation, self.kernel, strict=True)
+        )
+
+    def _valid(self, size: int, grid: int, offset: int) -> tuple[int, int]:
+        """Grid positions [lo, hi) whose kernel tap at ``offset`` (dilated, minus padding) lies inside the input."""
+        lo = -(offset // self.stride)  # first position with pos * stride + offset >= 0
+        hi = (size - 1 - offset) // self.stride + 1 if size - 1 - offset >= 0 else 0
+        return max(lo, 0), max(min(hi, grid), max(lo, 0))
+
+    def _taps(self, shape: torch.Size, blocks: int):
+        """For each kernel tap (a, b) and channel residue c0: the slices linking input and patch matrix.
+
+        The patch matrix is viewed (N, Hs, Ws, blocks, nf); feature ``p = c*kh*kw + a*kw + b`` of a patch sits
+        at block ``p % blocks``, position ``p // blocks``. Channels ``c0, c0 + blocks, ...`` of one tap land
+        ``kh*kw`` apart in one block, so each (tap, c0) is one strided copy.
+        """
+        _, c, h, w = shape
+        (kh, kw), (dh, dw), (ph, pw) = self.kernel, self.dilation, self.padding
+        grid, kk = self._grid((h, w)), kh * kw
+        for a in range(kh):
+            hs = self._valid(h, grid[0], a * dh - ph)
+            for b in range(kw):
+                ws = self._valid(w, grid[1], b * dw - pw)
+                if hs[0] >= hs[1] or ws[0] >= ws[1]:
+                    continue
+                rows_in = slice(hs[0] * self.stride + a * dh - ph, (hs[1] - 1) * self.stride + a * dh - ph + 1,
+                                self.stride)
+                cols_in = slice(ws[0] * self.stride + b * dw - pw, (ws[1] - 1) * self.stride + b * dw - pw + 1,
+                                self.stride)
+                for c0 in range(blocks):
+                    p = c0 * kk + a * kw + b
+                    yield (slice(*hs), slice(*ws), p % blocks, slice(p // blocks, None, kk)), \
+                        (slice(c0, None, blocks), rows_in, cols_in)
+
+    def _blocks(self, channels: int) -> int:
+        return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampled patches as a fresh contiguous matrix in the block layout."""
+        if self._disjoint():
+            n, c, h, w = x.shape
+            blocks = self._blocks(c)
+            grid = self._grid((h, w))
+            nf = c * self.kernel[0] * self.kernel[1] // blocks
+            rows = x.new_empty(n, grid[0], grid[1], blocks, nf)
+            # Border patches reach into the zero padding: zero them first, the taps then fill what is inside.
+            hs = [self._valid(h, grid[0], a * self.dilation[0] - self.padding[0]) for a in range(self.kernel[0])]
+            ws = [self._valid(w, grid[1], b * self.dilation[1] - self.padding[1]) for b in range(self.kernel[1])]
+            lo_h, hi_h = max(r[0] for r in hs), min(r[1] for r in hs)
+            lo_w, hi_w = max(r[0] for r in ws), min(r[1] for r in ws)
+            rows[:, :lo_h].zero_(), rows[:, hi_h:].zero_(), rows[:, :, :lo_w].zero_(), rows[:, :, hi_w:].zero_()
+            for (ph, pw, g, f), (cs, hi, wi) in self._taps(x.shape, blocks):
+                rows[:, ph, pw, g, f].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
+            return rows.view(-1, nf)
+        if self.kernel == (1, 1):  # every pixel a patch: the authors sample every stride**2-th pixel of the batch
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[:: self.stride**2]
+        else:
+            rows = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride).transpose(1, 2)
+            rows = rows.reshape(-1, rows.shape[-1])
+        blocks = self._blocks(x.shape[1])
+        if blocks > 1:
+            rows = rows.reshape(-1, self.num_features, blocks).transpose(1, 2).reshape(-1, self.num_features)
+        rows = rows.contiguous()
+        if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            rows = rows.clone()  # a reshape that stayed a view of x: the caller centres the rows in place
+        return rows
+
+    def scatter(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The input-shaped gradient of ``gather`` for the row gradients ``rows`` (gather's adjoint)."""
+        n, c, h, w = shape
+        blocks = self._blocks(c)
+        width = c * self.kernel[0] * self.kernel[1]
+        if self._disjoint():
+            grid = self._grid((h, w))
+            rows = rows.view(n, grid[0], grid[1], blocks, width // blocks)
+            covered = all(
+                self.stride == k and d == 1 and g * self.stride - p >= size and p < self.stride
+                for k, d, g, p, size in zip(self.kernel, self.dilation, grid, self.padding, (h, w), strict=True)
+            )
+            grad = rows.new_empty(shape) if covered else rows.new_zeros(shape)
+            for (ph, pw, g, f), (cs, hi, wi) in self._taps(shape, blocks):
+                grad[:, cs, hi, wi].copy_(rows[:, ph, pw, g, f].permute(0, 3, 1, 2))
+            return grad
+        if blocks > 1:
+            rows = rows.view(-1, blocks, self.num_features).transpose(1, 2)
+        rows = rows.reshape(-1, width)
+        if self.kernel == (1, 1):
+            grad = rows.new_zeros(n, h, w, c)
+            grad.view(-1, c)[:: self.stride**2] = rows
+            return grad.permute(0, 3, 1, 2)
+        grid = self._grid((h, w))
+        cols = rows.view(n, grid[0] * grid[1], width).transpose(1, 2)
+        return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+
+
+def symmetric_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``alpha * X^T X + beta * I`` for ``X`` (n, d): the upper block triangle by products, mirrored below."""
+    d = x.shape[1]
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    if d < 256 or x.device.type != "cpu":  # small matrices: one product is faster than three
+        return torch.addmm(eye, x.mT, x, beta=beta, alpha=alpha)
+    h = d // 2
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    top, bottom = x[:, :h], x[:, h:]
+    torch.addmm(eye[:h, :h], top.mT, top, beta=beta, alpha=alpha, out=out[:h, :h])
+    torch.addmm(eye[h:, h:], bottom.mT, bottom, beta=beta, alpha=alpha, out=out[h:, h:])
+    torch.mm(top.mT, bottom, out=out[:h, h:]).mul_(alpha)
+    out[h:, :h] = out[:h, h:].mT
+    return out
+
+
+class _PatchStatistics(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sampler: PatchSampler, eps: float, groups: int):  # type: ignore[override]
+        rows = sampler.gather(x)
+        mean = rows.mean(0)
+        rows.sub_(mean)  # `rows` is this Function's own copy: centre it in place
+        n = rows.shape[0]
+        if groups == 1:
+            cov = symmetric_gram(rows, 1.0 / n, eps)
+        else:
+            per_group = rows.view(n, groups, -1).transpose(0, 1)
+            eye = torch.eye(per_group.shape[-1], dtype=rows.dtype, device=rows.device)
+            cov = torch.baddbmm(eye.expand(groups, -1, -1), per_group.mT, per_group, beta=eps, alpha=1.0 / n)
+        ctx.save_for_backward(rows)
+        ctx.sampler, ctx.groups, ctx.shape = sampler, groups, x.shape
+        return mean, cov
+
+    @staticmethod
+    def backward(ctx, d_mean: torch.Tensor | None, d_cov: torch.Tensor | None):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        n = rows.shape[0]
+        if d_cov is None:
+            d_rows = rows.new_zeros(rows.shape)
+        elif ctx.groups == 1:
+            d_rows = rows @ ((d_cov + d_cov.mT) / n)
+        else:
+            per_group = rows.view(n, ctx.groups, -1).transpose(0, 1)
+            d_rows = torch.bmm(per_group, (d_cov + d_cov.mT) / n).transpose(0, 1).reshape(n, -1)
+        if d_mean is not None:
+            d_rows.add_(d_mean / n)
+        return ctx.sampler.scatter(d_rows, ctx.shape), None, None, None
+
+
+def patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float,
+                     groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (``nf``, or ``C*kh*kw`` grouped) and ``Cov + eps I`` (``nf x nf``, or ``groups x nf x nf``) of the
+    sampled patches."""
+    return _PatchStatistics.apply(x, sampler, eps, groups)

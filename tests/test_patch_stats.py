@@ -1,0 +1,73 @@
+"""The hand-written patch statistics (ndeconv._patch_stats) against autograd through the plain formula:
+unfold the sampled patches, split them into the authors' blocks, centre, X^T X / n + eps I."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ndeconv._patch_stats import PatchSampler, patch_statistics
+
+
+def _plain(x: torch.Tensor, s: PatchSampler, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if s.kernel != (1, 1):
+        rows = F.unfold(x, s.kernel, s.dilation, s.padding, s.stride).transpose(1, 2)
+    else:
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[:: s.stride**2]
+    if groups == 1:
+        blocks = rows.shape[-1] // s.num_features
+        rows = rows.reshape(-1, s.num_features, blocks).transpose(1, 2).reshape(-1, s.num_features)
+    else:
+        rows = rows.reshape(-1, rows.shape[-1])
+    mean = rows.mean(0)
+    centered = rows - mean
+    eye = torch.eye(s.num_features, dtype=x.dtype)
+    if groups == 1:
+        return mean, centered.T @ centered / centered.shape[0] + eps * eye
+    per_group = centered.view(-1, groups, s.num_features).transpose(0, 1)
+    return mean, per_group.mT @ per_group / per_group.shape[1] + eps * eye
+
+
+CASES = [  # kernel, dilation, padding, sampling stride, channels per block, groups, input shape
+    ((3, 3), (1, 1), (1, 1), 3, 64, 1, (4, 64, 11, 10)),  # the default: disjoint patches, one block
+    ((3, 3), (1, 1), (1, 1), 3, 64, 1, (3, 128, 8, 8)),  # two interleaved blocks, 576 features (split Gram)
+    ((3, 3), (1, 1), (1, 1), 6, 4, 1, (3, 16, 12, 12)),  # a stride-2 conv: sparse patches, 4 blocks
+    ((3, 3), (1, 1), (0, 0), 3, 8, 1, (2, 8, 11, 10)),  # no padding, a strip of the input never sampled
+    ((3, 3), (1, 1), (2, 2), 3, 4, 1, (2, 8, 10, 7)),  # padding wider than a tap
+    ((3, 3), (2, 2), (1, 1), 5, 8, 1, (2, 8, 13, 11)),  # dilated, still disjoint
+    ((5, 5), (1, 1), (2, 2), 3, 4, 1, (2, 8, 9, 9)),  # overlapping patches: unfold / fold
+    ((7, 7), (1, 1), (3, 3), 6, 3, 1, (2, 3, 20, 20)),  # the ImageNet-style stem
+    ((1, 1), (1, 1), (0, 0), 9, 8, 1, (3, 16, 7, 5)),  # 1x1: every 9th pixel of the batch
+    ((3, 3), (1, 1), (1, 1), 3, 4, 4, (2, 16, 9, 9)),  # grouped: one matrix per group
+    ((3, 3), (1, 1), (1, 1), 3, 1, 32, (2, 32, 8, 8)),  # depthwise
+]
+
+
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)
+def test_matches_autograd_through_the_plain_formula(kernel, dilation, padding, stride, block, groups, shape) -> None:
+    torch.manual_seed(0)
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    want_mean, want_cov = _plain(x, sampler, 1e-5, groups)
+    probe_mean, probe_cov = torch.randn_like(want_mean), torch.randn_like(want_cov)
+    (want_grad,) = torch.autograd.grad((want_mean * probe_mean).sum() + (want_cov * probe_cov).sum(), x)
+
+    x2 = x.detach().clone().requires_grad_()
+    mean, cov = patch_statistics(x2, sampler, 1e-5, groups)
+    (grad,) = torch.autograd.grad((mean * probe_mean).sum() + (cov * probe_cov).sum(), x2)
+    assert torch.equal(x2.detach(), x.detach())  # the in-place centring never touches the input
+    torch.testing.assert_close(mean, want_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(cov, want_cov, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_mean_only_gradient() -> None:
+    """A graph that uses only the mean (the covariance gradient is None) still gets the mean's gradient."""
+    sampler = PatchSampler((3, 3), (1, 1), (1, 1), 3, 36, False)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    mean, _ = patch_statistics(x, sampler, 1e-5)
+    (grad,) = torch.autograd.grad(mean.sum(), x)
+    want_mean, _ = _plain(x, sampler, 1e-5, 1)
+    (want,) = torch.autograd.grad(want_mean.sum(), x)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
