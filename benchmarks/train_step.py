@@ -12,7 +12,8 @@ beside the reference implementation's own median ratio (../shared/anchors/refere
 A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32 inputs; eval is
 a no-grad forward in eval mode. ``--memory`` measures each config's peak step memory in a fresh
 subprocess (ru_maxrss delta, see _common.peak_rss_probe). ``--profile`` adds torch.profiler's top
-ops of an ND step.
+ops of an ND step. Each model row also counts the step's arithmetic (benchmarks/flops.py): GFLOP of
+the convolutions and of the whitening, and the ND/BN ratio that arithmetic alone implies.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
+from benchmarks.flops import step_flops  # noqa: E402
 from ndeconv import FastDeconv  # noqa: E402
 
 # One layer per ResNet-18 stage at its CIFAR resolution (channels, spatial size), plus the stride-2 1x1 shortcut.
@@ -113,6 +115,7 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
             base = arch.removesuffix("_deconv")
             row["reference_nd_over_bn_train_median"] = ref.get(base)
             row["target_nd_over_bn_train"] = _target(arch, ref)
+            row.update(step_flops(nets["nd"], x))  # the arithmetic floor of the ratio (benchmarks/flops.py)
             if args.memory:
                 for form in ("nd", "bn"):
                     row[f"{form}_peak_step_mib"] = C.peak_rss_probe(

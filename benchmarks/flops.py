@@ -1,0 +1,79 @@
+"""Arithmetic of one training step: convolutions versus the whitening that network deconvolution adds.
+
+Counted from the layer shapes of one forward pass (multiply-adds x 2), for the exact mode:
+
+- convolutions and linear layers: forward, input gradient and weight gradient (3x the forward);
+- per FastDeconv/Delinear: the covariance of the ``n`` sampled rows (``2 n d^2``; FastDeconv on CPU takes
+  the split symmetric product, ``1.5 n d^2``), its backward ``dX = Xc S`` (``2 n d^2``), the weight fold ``w D``
+  and its two backward products (``3 x 2 rows d^2``), and the inverse square root (one ``eigh`` of
+  ``d x d`` plus 5 products of ``2 d^3``, counted as products only).
+
+``1 + whitening / convolution`` is the ND/BN step-time ratio a perfect implementation would reach if the
+whitening products ran as fast as the convolutions and everything else were free: the arithmetic floor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ndeconv import Delinear, FastDeconv
+
+
+def _conv_flops(m: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> float:
+    kh, kw = m.kernel_size
+    return 2.0 * y.numel() * (m.in_channels // m.groups) * kh * kw
+
+
+def _sampled_rows(m: FastDeconv, x: torch.Tensor) -> int:
+    n, c, h, w = x.shape
+    blocks = 1 if m.groups > 1 else c * m.kernel_size[0] * m.kernel_size[1] // m.num_features
+    if m.kernel_size == (1, 1):
+        return -(-n * h * w // m.sampling_stride**2) * blocks
+    grid = [(size + 2 * p - d * (k - 1) - 1) // m.sampling_stride + 1
+            for size, p, d, k in zip((h, w), m.padding, m.dilation, m.kernel_size, strict=True)]
+    return n * grid[0] * grid[1] * blocks
+
+
+def _whitening_flops(n: int, d: int, matrices: int, weight_rows: int, split: bool) -> float:
+    gram = (1.5 if split and d >= 256 else 2.0) * n * d * d
+    backward = 2.0 * n * d * d
+    fold = 3 * 2.0 * weight_rows * d * d
+    isqrt = 5 * 2.0 * d**3
+    return matrices * (gram + backward + isqrt) + fold
+
+
+def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """GFLOP of one training step on ``x``: ``conv`` (convs + linears), ``whitening`` (ND's addition)."""
+    model = copy.deepcopy(model).train()
+    split = x.device.type == "cpu"
+    totals = {"conv": 0.0, "whitening": 0.0}
+
+    def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        (inp,) = inputs[:1]
+        if isinstance(m, nn.Conv2d | FastDeconv):
+            totals["conv"] += 3 * _conv_flops(m, inp, out)
+        elif isinstance(m, nn.Linear | Delinear):
+            totals["conv"] += 3 * 2.0 * out.numel() * m.in_features
+        if isinstance(m, FastDeconv):
+            n, d = _sampled_rows(m, inp), m.num_features
+            matrices = m.groups if m.groups > 1 else 1
+            rows = m.out_channels * (1 if m.groups > 1 else m.in_channels // m.block)
+            totals["whitening"] += _whitening_flops(n, d, matrices, rows, split)
+        elif isinstance(m, Delinear):
+            d = m.block
+            n = inp.shape[0] * (m.in_features // d)
+            totals["whitening"] += _whitening_flops(n, d, 1, m.out_features * (m.in_features // d), split=False)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d | nn.Linear | FastDeconv | Delinear)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"conv_gflop": round(totals["conv"] / 1e9, 2), "whitening_gflop": round(totals["whitening"] / 1e9, 2),
+            "arithmetic_floor_nd_over_bn": round(1 + totals["whitening"] / max(totals["conv"], 1.0), 3)}
