@@ -39,6 +39,42 @@ def training_table(path: Path) -> list[str]:
     return lines
 
 
+def all_archs_table(paths: list[Path]) -> list[str]:
+    """The ten zoo networks at each batch, from every ``all_archs*.json`` (one run may hold a subset)."""
+    from benchmarks._models import ZOO_ARCHS
+
+    rows, commands = {}, []
+    for path in paths:
+        data = json.loads(path.read_text())
+        commands.append(f"`{data['command']}`")
+        for row in data["models"]:
+            rows[(row["arch"], row["batch"])] = row
+    lines = [f"All ten zoo networks, training step, median of interleaved steps; {', '.join(commands)}. "
+             "Target: no higher than the reference's median ratio at batch 128 and than 2.0 (1.5 for ResNet-18). "
+             "FLOP ratio: `1 + whitening GFLOP / convolution GFLOP` per step (benchmarks/flops.py), the "
+             "floor of exact mode where convolutions are dense.", "",
+             "| network | batch | ND step | BN step | ND/BN | target | met | FLOP ratio | "
+             "GFLOP conv + whitening |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for (arch, batch), row in sorted(rows.items(), key=lambda kv: (ZOO_ARCHS.index(kv[0][0]), kv[0][1])):
+        target = row.get("target_nd_over_bn_train")
+        met = "–" if target is None else ("yes" if row["nd_over_bn_train"] <= target else "**no**")
+        lines.append(f"| {arch} | {batch} | {row['nd_train']['median_s']:.3f} s | "
+                     f"{row['bn_train']['median_s']:.3f} s | "
+                     f"**{row['nd_over_bn_train']:.2f}** | {target if target is not None else '–'} | {met} | "
+                     f"{row.get('flop_ratio_nd_over_bn', '–')} | "
+                     f"{row.get('conv_gflop', '–')} + {row.get('whitening_gflop', '–')} |")
+    return lines
+
+
+def scaling_section(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    table = (path.with_suffix(".md")).read_text().rstrip("\n")
+    return [f"Scaling: one ResNet-18-style stack (7x7/2 stem, max-pool, ResNet-18's first two stages), training "
+            f"step, ND against BN; `{data['command']}`:", "", table, "",
+            f"![ND/BN step time against image size](benchmarks/results/{path.with_suffix('.png').name})"]
+
+
 def inference_table(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     times = {(r["arch"], r["runtime"], r["variant"], r["batch"]): r["ms_per_image"] for r in data["results"]}
@@ -60,11 +96,15 @@ def inference_table(path: Path) -> list[str]:
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))
     parts = []
-    for name, render in (("resnet18.json", training_table), ("inference.json", inference_table)):
+    for name, render in (("resnet18.json", training_table), ("inference.json", inference_table),
+                         ("scaling.json", scaling_section)):
         path = RESULTS / name
         if path.is_file():
             parts.append("\n".join(render(path)))
+        if name == "resnet18.json" and sorted(RESULTS.glob("all_archs*.json")):
+            parts.append("\n".join(all_archs_table(sorted(RESULTS.glob("all_archs*.json")))))
     block = "\n\n".join(parts) + "\n"
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -115,7 +115,7 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
             base = arch.removesuffix("_deconv")
             row["reference_nd_over_bn_train_median"] = ref.get(base)
             row["target_nd_over_bn_train"] = _target(arch, ref)
-            row.update(step_flops(nets["nd"], x))  # the arithmetic floor of the ratio (benchmarks/flops.py)
+            row.update(step_flops(nets["nd"], x))  # conv vs whitening arithmetic (benchmarks/flops.py)
             if args.memory:
                 for form in ("nd", "bn"):
                     row[f"{form}_peak_step_mib"] = C.peak_rss_probe(
