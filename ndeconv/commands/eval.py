@@ -51,9 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     ).items() if v is not None}
     dataset = args.dataset
     if dataset is not None:
-        spec = get_spec(dataset)  # an unknown dataset fails before any model is built
-        if args.checkpoint and args.arch:
-            model_args.setdefault("in_chans", spec.in_chans)
+        get_spec(dataset)  # an unknown dataset fails before any model is built
     model, info = load_eval_model(args.model, args.checkpoint, args.arch, model_args)
     dataset = dataset or info.get("dataset")
     if not dataset:

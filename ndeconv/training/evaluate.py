@@ -72,33 +72,6 @@ def evaluate(
 # -- models and data for ``ndeconv eval`` ------------------------------------------------------------------------
 
 
-def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from safetensors, or from a torch checkpoint read with ``weights_only=True`` (the authors'
-    ``checkpoint.pth.tar`` holds it under ``state_dict``, keys prefixed ``module.``)."""
-    from ..io import load_safetensors
-
-    if path.suffix == ".safetensors":
-        state = load_safetensors(path)
-    else:
-        if not path.is_file():
-            raise UsageError(f"--checkpoint {path}: no such file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - pickle/zip errors vary
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UsageError(f"--checkpoint {path}: not loadable as weights only ({first}); use a "
-                             "safetensors file or a torch checkpoint of tensors") from err
-        for key in ("state_dict", "model", "net"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--checkpoint {path}: holds no state_dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def load_eval_model(
     model: str | None = None,
     checkpoint: str | Path | None = None,
@@ -115,7 +88,7 @@ def load_eval_model(
 
     import ndeconv  # noqa: F401 - registers the zoo
 
-    from .config import resolve_arch
+    from ..checkpoints import load_checkpoint_model
     from .loop import load_run_model, read_run_config
 
     if (model is None) == (checkpoint is None):
@@ -131,33 +104,9 @@ def load_eval_model(
             raise UsageError(f"{model}: {str(err).strip().splitlines()[0]}; see `ndeconv list`") from err
         return net.eval(), {"dataset": tag}
 
-    path = Path(checkpoint)
-    beside = path.parent / "config.json"
-    if arch is None and beside.is_file():
-        config = read_run_config(path.parent)
-        args = dict(config.get("model_args", {}))
-        args["num_classes"] = config.get("num_classes", args.get("num_classes"))
-        name, info = config["architecture"], {"dataset": config["train"].get("dataset"), "config": config}
-    elif arch is not None:
-        name, args, info = resolve_arch(arch), dict(model_args or {}), {}
-    else:
-        raise UsageError(f"--checkpoint {path}: no config.json beside it; say what it is with --arch "
-                         "(and --deconv, --block, ... as it was trained)")
-    state = _state_dict_from_file(path)
-    head = next((v for k, v in state.items() if k.endswith("weight") and k.split(".")[0] in ("linear", "classifier")
-                 and v.ndim == 2), None)
-    if head is not None:
-        args.setdefault("num_classes", head.shape[0])
-    try:
-        net = timm.create_model(name, pretrained=False, **args)
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"cannot build {name}: {err}") from err
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise UsageError(f"--checkpoint {path} does not fit {name} with these settings: "
-                         f"{str(err).strip().splitlines()[0]} (check --arch, --deconv, --block, --block-fc)") from err
-    return net.eval(), info
+    loaded = load_checkpoint_model(checkpoint, arch, model_args)
+    train = loaded.config.get("train") or {}
+    return loaded.model, {"dataset": train.get("dataset"), "config": loaded.config}
 
 
 def evaluate_on_dataset(

@@ -1,0 +1,139 @@
+"""Zoo models from weight files: the one loader behind ``ndeconv eval``, ``fold``, ``export`` and ``viz``.
+
+A checkpoint is a state_dict of a zoo model: safetensors (what ``ndeconv train`` and ``convert-reference``
+write), or a torch file read with ``weights_only=True`` (never unpickling code; the authors' checkpoints keep
+it under ``state_dict`` with keys prefixed ``module.``). What it is comes, most specific first, from the
+caller's ``model_args``, the ``config.json`` beside it (a run directory's or a shipped folder's), and the
+state_dict itself: classes (the classifier's rows), input channels (the stem's), the deconvolution or
+BatchNorm form and the head's Delinear block (the buffers it holds). Folded weights written by ``ndeconv
+fold`` load as the plain network they are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = ["LoadedCheckpoint", "infer_model_args", "load_checkpoint_model", "read_state_dict", "resolve_zoo_name"]
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    architecture: str | None  # None for folded weights (their file names what they were)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the config.json beside the file, if any
+    folded: bool = False
+
+
+def resolve_zoo_name(name: str) -> str:
+    """A zoo name, also without its ``_deconv`` suffix (plain ``resnet18`` is timm's own ResNet, not ours)."""
+    import zoo
+
+    for candidate in (name, f"{name}_deconv"):
+        if candidate in zoo.ZOO_MODELS:
+            return candidate
+    raise UsageError(f"unknown model {name!r}; known: {', '.join(zoo.ZOO_MODELS)} (the _deconv suffix is optional)")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or of a torch checkpoint of tensors, ``module.`` prefixes stripped."""
+    from .io import load_safetensors
+
+    if path.suffix == ".safetensors":
+        state = load_safetensors(path)
+    else:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle/zip errors vary
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(f"{path}: not loadable as weights only ({first}); use a safetensors file or a torch "
+                             "checkpoint of tensors") from err
+        for key in ("state_dict", "model", "net"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{path}: holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _config_beside(path: Path) -> dict[str, Any]:
+    beside = path.with_name("config.json")
+    if not beside.is_file():
+        return {}
+    try:
+        config = json.loads(beside.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{beside}: not readable JSON ({err}); fix or remove it, or pass --arch") from err
+    return config if isinstance(config, dict) else {}
+
+
+def infer_model_args(state: dict[str, torch.Tensor], arch: str) -> dict[str, Any]:
+    """What a state_dict itself says: classes, input channels, deconvolution or BatchNorm form, head block."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    args: dict[str, Any] = {"deconv": any(k.endswith("running_deconv") for k in state)}
+    classifier, first_conv = cfg.get("classifier", "linear"), cfg.get("first_conv", "conv1")
+    head = state.get(f"{classifier}.weight")
+    if head is not None and head.ndim == 2:
+        args["num_classes"] = head.shape[0]
+        head_deconv = state.get(f"{classifier}.running_deconv")
+        args["block_fc"] = 0 if head_deconv is None else head_deconv.shape[0]
+    channel = next((v for k, v in state.items() if k.endswith("running_mean1")), None)
+    if channel is not None:  # a ChannelDeconv before the pooling: the --delinear False --block-fc N form
+        args.update(delinear=False, block_fc=channel.shape[0])
+    stem = state.get(f"{first_conv}.weight")
+    if stem is not None and stem.ndim == 4:
+        args["in_chans"] = stem.shape[1]
+    return args
+
+
+def load_checkpoint_model(path: str | Path, arch: str | None = None,
+                          model_args: dict[str, Any] | None = None) -> LoadedCheckpoint:
+    """The eval-mode zoo model whose weights ``path`` holds (see the module docstring for what decides its shape)."""
+    import timm
+
+    import ndeconv  # noqa: F401 - registers the zoo with timm
+    from convert import is_folded_file, load_folded
+
+    path = Path(path)
+    if is_folded_file(path):
+        if arch is not None:
+            raise UsageError(f"{path} holds folded weights that name their architecture; drop --arch")
+        return LoadedCheckpoint(load_folded(path).eval(), None, folded=True)
+    state = read_state_dict(path)
+    config = _config_beside(path)
+    name = arch or config.get("architecture")
+    if not name:
+        raise UsageError(f"{path}: no config.json beside it names the architecture; pass --arch NAME")
+    name = resolve_zoo_name(str(name))
+    args = infer_model_args(state, name)
+    if arch is None or config.get("architecture") in (name, name.removesuffix("_deconv")):
+        # The config.json describes these weights (not when --arch names another architecture).
+        recorded = dict(config.get("model_args") or {})
+        recorded.update({k: config[k] for k in ("num_classes", "in_chans") if k in config})
+        args.update({k: v for k, v in recorded.items() if v is not None})
+    args.update(model_args or {})
+    try:
+        model = timm.create_model(name, pretrained=False, **args)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"cannot build {name} with {args}: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UsageError(f"{path} does not fit {name} ({detail}); check --arch and the model's settings, or put "
+                         "the training config.json beside it") from err
+    return LoadedCheckpoint(model.eval(), name, args, config)
