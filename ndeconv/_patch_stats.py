@@ -194,6 +194,24 @@ class _PatchStatistics(torch.autograd.Function):
         return ctx.sampler.scatter(d_rows, ctx.shape), None, None, None
 
 
+class _PatchMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sampler: PatchSampler):  # type: ignore[override]
+        rows = sampler.gather(x)
+        ctx.sampler, ctx.shape, ctx.rows = sampler, x.shape, rows.shape[0]
+        return rows.mean(0)
+
+    @staticmethod
+    def backward(ctx, d_mean: torch.Tensor):  # type: ignore[override]
+        d_rows = (d_mean / ctx.rows).expand(ctx.rows, -1).contiguous()
+        return ctx.sampler.scatter(d_rows, ctx.shape), None
+
+
+def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:
+    """The mean of the sampled patches alone (fast mode's steps between refreshes)."""
+    return _PatchMean.apply(x, sampler)
+
+
 def patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float,
                      groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (``nf``, or ``C*kh*kw`` grouped) and ``Cov + eps I`` (``nf x nf``, or ``groups x nf x nf``) of the

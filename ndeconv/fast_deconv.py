@@ -31,7 +31,7 @@ from ._common import (
     sync_statistics,
     update_running,
 )
-from ._patch_stats import PatchSampler, patch_statistics
+from ._patch_stats import PatchSampler, patch_mean, patch_statistics
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 __all__ = ["FastDeconv", "set_fast_mode"]
@@ -112,18 +112,9 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     # -- statistics ---------------------------------------------------------------------------
 
-    def _sampled_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """Strided sample of im2col patches, one row per patch, in the block layout."""
-        channels = x.shape[1]
-        if self.kernel_size != (1, 1):
-            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
-            patches = patches.transpose(1, 2)
-        else:  # 1x1: every pixel is a patch; sample every sampling_stride**2-th pixel of the batch
-            patches = x.permute(0, 2, 3, 1).reshape(-1, channels)[:: self.sampling_stride**2]
-        if self.groups == 1:
-            blocks = channels // self.block
-            return patches.reshape(-1, self.num_features, blocks).transpose(1, 2).reshape(-1, self.num_features)
-        return patches.reshape(-1, patches.shape[-1])
+    def _sampler(self) -> PatchSampler:
+        return PatchSampler(self.kernel_size, self.dilation, self.padding, self.sampling_stride, self.num_features,
+                            self.groups > 1)
 
     def _reused_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix.
@@ -136,7 +127,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         stats = stats_dtype(x.dtype)
         if kept.device != x.device or kept.dtype != stats:
             return None
-        mean = self._sampled_patches(x.to(stats)).mean(0)
+        mean = patch_mean(x.to(stats), self._sampler())
         ensure_finite(self._owner(), mean)
         if self.sync_stats:
             mean, _ = sync_statistics(mean, kept)
@@ -153,9 +144,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable)."""
-        sampler = PatchSampler(self.kernel_size, self.dilation, self.padding, self.sampling_stride,
-                               self.num_features, self.groups > 1)
-        mean, cov = patch_statistics(x.to(stats_dtype(x.dtype)), sampler, self.eps, self.groups)
+        mean, cov = patch_statistics(x.to(stats_dtype(x.dtype)), self._sampler(), self.eps, self.groups)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)

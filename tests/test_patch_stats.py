@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ndeconv._patch_stats import PatchSampler, patch_statistics
+from ndeconv._patch_stats import PatchSampler, patch_mean, patch_statistics
 
 
 def _plain(x: torch.Tensor, s: PatchSampler, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +71,16 @@ def test_mean_only_gradient() -> None:
     want_mean, _ = _plain(x, sampler, 1e-5, 1)
     (want,) = torch.autograd.grad(want_mean.sum(), x)
     torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES[::2])
+def test_patch_mean_alone(kernel, dilation, padding, stride, block, groups, shape) -> None:
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    want, _ = _plain(x, sampler, 1e-5, groups)
+    probe = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad((want * probe).sum(), x)
+    mean = patch_mean(x, sampler)
+    (grad,) = torch.autograd.grad((mean * probe).sum(), x)
+    torch.testing.assert_close(mean, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)
