@@ -45,10 +45,12 @@ def read_run(run_dir: Path) -> dict | None:
     if not rows:
         return None
     last = rows[-1]
+    note = run_dir / "time_note.txt"  # written by hand when a run was paused (SIGSTOP) or shared the machine
     return {
         "test_top1": float(last["test_top1"]),
         "seconds": float(sum(r.get("seconds", 0.0) for r in rows)),
         "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
+        **({"time_note": note.read_text().strip()} if note.is_file() else {}),
     }
 
 
@@ -88,6 +90,10 @@ def markdown(table: list[dict]) -> str:
     worse = [r["arch"] for r in done if r["nd_minus_bn"] <= 0]
     summary = (f"\nMeasured pairs: {len(done)} of {len(table)}. Times are each run's wall clock on the shared "
                "2-core machine, other work included; quiet-machine step times are in the Speed section.")
+    notes = [f"{row['arch']} {form.upper()}: {row[form]['time_note']}" for row in table for form in ("bn", "nd")
+             if row[form] and row[form].get("time_note")]
+    if notes:
+        summary += " Time notes: " + "; ".join(notes) + "."
     if worse:
         summary += f" ND did not beat BN for: {', '.join(worse)}."
     elif done:

@@ -33,7 +33,7 @@ def _card(name: str) -> dict:
 def test_loads_with_no_other_argument(name):
     model = timm.create_model(name, pretrained=True)
     assert model.pretrained_cfg["tag"] == "fashion_mnist"
-    assert model.num_classes == 10 and model.get_submodule("conv1").in_channels == 1
+    assert model.num_classes == 10 and model.get_submodule(model.pretrained_cfg["first_conv"]).in_channels == 1
     hub = torch.hub.load(str(PROJECT_ROOT), name, source="local", pretrained=True)
     for (key, a), b in zip(model.state_dict().items(), hub.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
