@@ -106,3 +106,18 @@ def test_eval_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
           "does not fit resnet18_deconv")
     fails(["no_such_model_deconv", "--dataset", "cifar10"], "Unknown model")
     fails(["pnasnet_a_deconv", "--dataset", "svhn"], "unknown dataset 'svhn'")
+
+
+def test_eval_infers_the_form_and_takes_folded_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With only --arch, the weights say the rest (deconvolution buffers, classes, channels); a file written by
+    ``ndeconv fold`` evaluates as the plain network it is, to the same numbers."""
+    write_cifar10(tmp_path / "cifar")
+    model = _model(in_chans=3, deconv=True)
+    weights, folded = tmp_path / "w.safetensors", tmp_path / "folded.safetensors"
+    save_file(model.state_dict(), str(weights))
+    data = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")]
+    unfolded = _eval_json(capsys, ["--checkpoint", str(weights), "--arch", "pnasnet_a", *data])
+    assert main(["fold", "--checkpoint", str(weights), "--arch", "pnasnet_a", "-o", str(folded)]) == 0
+    plain = _eval_json(capsys, ["--checkpoint", str(folded), *data])
+    assert plain["count"] == unfolded["count"] == 6
+    assert plain["top1"] == unfolded["top1"] and plain["loss"] == pytest.approx(unfolded["loss"], rel=1e-5)
