@@ -8,13 +8,11 @@ Every number comes from a results file, which records the command that made it:
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def training_table(path: Path) -> list[str]:
@@ -106,12 +104,9 @@ def main() -> int:
         if name == "resnet18.json" and sorted(RESULTS.glob("all_archs*.json")):
             parts.append("\n".join(all_archs_table(sorted(RESULTS.glob("all_archs*.json")))))
     block = "\n\n".join(parts) + "\n"
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: markers {MARK_START} ... {MARK_END} not found")
-    readme.write_text(pattern.sub(lambda _: f"{MARK_START}\n{block}{MARK_END}", text))
+    from reproduce.readme_block import write_readme_block
+
+    write_readme_block("bench", block)
     print(block)
     return 0
 

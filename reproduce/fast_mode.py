@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_claim import ROOT, read_run  # noqa: E402
+from readme_block import write_readme_block  # noqa: E402
 
-MARK_START, MARK_END = "<!-- fast-mode:start -->", "<!-- fast-mode:end -->"
 SPEED = ROOT / "benchmarks" / "results" / "resnet18.json"
 
 
@@ -64,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / "reproduce" / "results" / "fast_mode.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     block = table(result)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: markers {MARK_START} ... {MARK_END} not found")
-    readme.write_text(pattern.sub(lambda _: f"{MARK_START}\n{block}{MARK_END}", text))
+    write_readme_block("fast-mode", block)
     print(block)
     return 0
 

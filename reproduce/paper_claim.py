@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "reproduce"))
+
+from readme_block import write_readme_block  # noqa: E402
+
 ARCHS = (
     "vgg16", "resnet18", "preact_resnet18", "densenet121", "resnext29_32x4d",
     "mobilenetv2", "dpn92", "pnasnet_a", "senet18", "efficientnet_b0",
@@ -32,7 +35,6 @@ PAPER_CIFAR10_1EPOCH = {
     "dpn92": (34.00, 53.02), "pnasnet_a": (21.81, 64.19), "senet18": (57.63, 67.21),
     "efficientnet_b0": (35.40, 55.67),
 }
-MARK_START, MARK_END = "<!-- paper-claim:start -->", "<!-- paper-claim:end -->"
 
 
 def read_run(run_dir: Path) -> dict | None:
@@ -124,14 +126,6 @@ def bar_chart(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: Path, block: str) -> None:
-    text = readme.read_text()
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: markers {MARK_START} ... {MARK_END} not found; add them where the table goes")
-    readme.write_text(pattern.sub(lambda _: f"{MARK_START}\n{block}{MARK_END}", text))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper_claim")
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python reproduce/paper_claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (args.out / "paper_claim.json").write_text(json.dumps({"command": command.strip(), "rows": table}, indent=2) + "\n")
     bar_chart(table, args.out / "paper_claim.png")
-    update_readme(args.readme, markdown(table))
+    write_readme_block("paper-claim", markdown(table), args.readme)
     print(markdown(table))
     return 0
 

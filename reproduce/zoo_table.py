@@ -9,7 +9,6 @@ not yet shipped. Nothing in the table is typed by hand:
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -17,10 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ndeconv  # noqa: E402,F401 - registers the zoo
+from reproduce.readme_block import write_readme_block  # noqa: E402
 from zoo import ZOO_MODELS  # noqa: E402
 from zoo._pretrained import WEIGHTS_DIR  # noqa: E402
-
-MARK_START, MARK_END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
 
 def rows() -> list[str]:
@@ -49,13 +47,8 @@ def rows() -> list[str]:
 
 
 def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: markers {MARK_START} ... {MARK_END} not found")
     table = "\n".join(rows()) + "\n"
-    readme.write_text(pattern.sub(lambda _: f"{MARK_START}\n{table}{MARK_END}", text))
+    write_readme_block("zoo-table", table)
     print(table)
     return 0
 
