@@ -8,18 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fast_mode}
-NDECONV=${NDECONV:-ndeconv}
+source reproduce/train_run.sh
 mkdir -p "$OUT"
 for k in ${FAST_K:-4}; do
-  dir="$OUT/resnet18-nd-fast$k"
-  if [ -f "$dir/metrics.jsonl" ] && grep -q '"epoch": 1' "$dir/metrics.jsonl" && ! grep -q '"partial"' "$dir/metrics.jsonl"; then
-    echo "== fast $k: done"; continue
-  fi
-  if [ -f "$dir/checkpoint.pt" ]; then
-    echo "== fast $k: resuming"; $NDECONV train --resume "$dir" || exit 1
-  else
-    echo "== fast $k: starting"
-    $NDECONV train --arch resnet18 --deconv true --fast "$k" --dataset fashion_mnist --epochs 1 --seed 0 \
-      --checkpoint-every 25 --out "$dir" --force || exit 1
-  fi
+  train_run "$OUT/resnet18-nd-fast$k" --arch resnet18 --deconv true --fast "$k" --dataset fashion_mnist --epochs 1 \
+    --seed 0 || exit 1
 done

@@ -10,7 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/paper_claim}
-NDECONV=${NDECONV:-ndeconv}
+source reproduce/train_run.sh
 # Cheapest first; the heavy three (DenseNet-121, ResNeXt-29, DPN-92: hours per run here) last.
 DEFAULT_RUNS="efficientnet_b0-nd efficientnet_b0-bn resnet18-nd mobilenetv2-nd vgg16-nd resnet18-bn
 mobilenetv2-bn vgg16-bn preact_resnet18-nd preact_resnet18-bn senet18-nd senet18-bn pnasnet_a-nd pnasnet_a-bn
@@ -19,15 +19,5 @@ mkdir -p "$OUT"
 for run in ${RUNS:-$DEFAULT_RUNS}; do
   arch=${run%-*}; form=${run##*-}
   deconv=$([ "$form" = nd ] && echo true || echo false)
-  dir="$OUT/$run"
-  if [ -f "$dir/metrics.jsonl" ] && grep -q '"epoch": 1' "$dir/metrics.jsonl" && ! grep -q '"partial"' "$dir/metrics.jsonl"; then
-    echo "== $run: done"; continue
-  fi
-  if [ -f "$dir/checkpoint.pt" ]; then
-    echo "== $run: resuming"; $NDECONV train --resume "$dir" || exit 1
-  else
-    echo "== $run: starting"
-    $NDECONV train --arch "$arch" --deconv "$deconv" --dataset fashion_mnist --epochs 1 --seed 0 \
-      --checkpoint-every 25 --out "$dir" --force || exit 1
-  fi
+  train_run "$OUT/$run" --arch "$arch" --deconv "$deconv" --dataset fashion_mnist --epochs 1 --seed 0 || exit 1
 done
