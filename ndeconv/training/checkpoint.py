@@ -39,6 +39,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Training loss and top-1 on a grid of about 50 rows per epoch (rank 0's batches): the within-epoch curve.
     steps: list[dict[str, Any]] = field(default_factory=list)
+    window: dict[str, float] = field(default_factory=dict)  # sums since the last steps row (rank 0's)
     # Sums over the current epoch's training batches so far (all ranks' together at a checkpoint).
     meter: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0  # training time of the current epoch so far

@@ -296,7 +296,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                      f"{ctx.world} process(es) on {ctx.device} -> {run_dir}")
 
     meter = _Meter(state.meter if ctx.is_main else None)
-    window = _Meter()  # the steps since the last steps.jsonl row
+    window = _Meter(state.window)  # the steps since the last steps.jsonl row (resumed with the checkpoint)
     step_grid = max(1, steps_per_epoch // STEP_ROWS_PER_EPOCH)
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps,
@@ -305,6 +305,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
     def save(final_epoch: bool = False) -> None:
         # All ranks' sums go into rank 0's (the one that saves); the others start again from zero.
         state.meter = meter.reduce(ctx) if not final_epoch else {}
+        state.window = dict(window.sums)
         meter.sums = _Meter(state.meter if ctx.is_main else None).sums
 
         def write() -> None:
