@@ -55,14 +55,14 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     totals = {"conv": 0.0, "whitening": 0.0}
 
     def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        (inp,) = inputs[:1]
+        inp = inputs[0]
         if isinstance(m, nn.Conv2d | FastDeconv):
             totals["conv"] += 3 * _conv_flops(m, inp, out)
         elif isinstance(m, nn.Linear | Delinear):
             totals["conv"] += 3 * 2.0 * out.numel() * m.in_features
         if isinstance(m, FastDeconv):
             n, d = _sampled_rows(m, inp), m.num_features
-            matrices = m.groups if m.groups > 1 else 1
+            matrices = m.groups  # one whitening matrix per group (1 for a plain conv)
             rows = m.out_channels * (1 if m.groups > 1 else m.in_channels // m.block)
             totals["whitening"] += _whitening_flops(n, d, matrices, rows, split)
         elif isinstance(m, Delinear):
