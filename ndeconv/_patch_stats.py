@@ -13,6 +13,12 @@ the whole matrix, ``col2im``) as on the product. Written out:
   ``col2im``, no zero-filled gradient where the patches tile the whole input; interleaved blocks:
   ``col2im``, measured faster than ``9 * blocks`` small copies).
 
+Grouped convs with overlapping patches (PNASNet-A's 7x7 depthwise layers) keep them as ``(groups, nf, n)``:
+``unfold`` already puts a group's features next to each other, so one centring copy makes every per-group
+product a contiguous batched one, and the backward undoes the permute before ``col2im`` (13% off PNASNet-A's
+step against the transposed ``(n, C*49)`` matrix with strided per-group views). Disjoint grouped patches
+(3x3 depthwise, sampling stride 3) stay on the strided copies, measured faster there.
+
 Autograd's backward also subtracts the column means of ``Xc (G + G^T) / n``; those are zero up to
 rounding (``Xc``'s columns sum to zero), so leaving them out changes gradients by rounding only
 (tests/test_patch_stats.py: 1e-12 in float64; the parity fixtures still pass at 1e-9).
@@ -117,6 +123,27 @@ class PatchSampler:
             rows = rows.clone()  # a reshape that stayed a view of x: the caller centres the rows in place
         return rows
 
+    def group_major(self) -> bool:
+        """Whether a grouped conv's patches overlap, so ``gather_groups`` (unfold, no transpose) is used."""
+        return self.grouped and self.kernel != (1, 1) and not self._disjoint()
+
+    def gather_groups(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overlapping patches of a grouped conv, centred, as a fresh ``(groups, nf, n)`` tensor, and their mean."""
+        n, c = x.shape[:2]
+        # unfold's (N, C*kh*kw, L) holds group g's features at [g*nf, (g+1)*nf): only N moves inwards.
+        cols = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)
+        patches = cols.view(n, groups, -1, cols.shape[-1]).permute(1, 2, 0, 3)
+        mean = patches.mean((2, 3))
+        rows = patches.new_empty(patches.shape)  # contiguous (an elementwise op would keep the permuted strides)
+        torch.sub(patches, mean[:, :, None, None], out=rows)
+        return rows.view(groups, patches.shape[1], -1), mean.reshape(-1)
+
+    def scatter_groups(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The input-shaped gradient of ``gather_groups`` for the ``(groups, nf, n)`` row gradients."""
+        n, c, h, w = shape
+        cols = rows.view(*rows.shape[:2], n, -1).permute(2, 0, 1, 3).reshape(n, c * self.kernel[0] * self.kernel[1], -1)
+        return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+
     def scatter(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The input-shaped gradient of ``gather`` for the row gradients ``rows`` (gather's adjoint)."""
         n, c, h, w = shape
@@ -164,34 +191,42 @@ def symmetric_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
 class _PatchStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sampler: PatchSampler, eps: float, groups: int):  # type: ignore[override]
-        rows = sampler.gather(x)
-        mean = rows.mean(0)
-        rows.sub_(mean)  # `rows` is this Function's own copy: centre it in place
-        n = rows.shape[0]
+        if sampler.group_major():
+            rows, mean = sampler.gather_groups(x, groups)  # (groups, nf, n), centred
+            n = rows.shape[2]
+            per_group = rows
+        else:
+            rows = sampler.gather(x)
+            mean = rows.mean(0)
+            rows.sub_(mean)  # `rows` is this Function's own copy: centre it in place
+            n = rows.shape[0]
+            per_group = rows.view(n, groups, -1).transpose(0, 1).mT  # (groups, nf, n), strided
         if groups == 1:
             cov = symmetric_gram(rows, 1.0 / n, eps)
         else:
-            per_group = rows.view(n, groups, -1).transpose(0, 1)
-            eye = torch.eye(per_group.shape[-1], dtype=rows.dtype, device=rows.device)
-            cov = torch.baddbmm(eye.expand(groups, -1, -1), per_group.mT, per_group, beta=eps, alpha=1.0 / n)
+            eye = torch.eye(per_group.shape[1], dtype=rows.dtype, device=rows.device)
+            cov = torch.baddbmm(eye.expand(groups, -1, -1), per_group, per_group.mT, beta=eps, alpha=1.0 / n)
         ctx.save_for_backward(rows)
-        ctx.sampler, ctx.groups, ctx.shape = sampler, groups, x.shape
+        ctx.sampler, ctx.groups, ctx.shape, ctx.n = sampler, groups, x.shape, n
         return mean, cov
 
     @staticmethod
     def backward(ctx, d_mean: torch.Tensor | None, d_cov: torch.Tensor | None):  # type: ignore[override]
         (rows,) = ctx.saved_tensors
-        n = rows.shape[0]
+        n, groups, group_major = ctx.n, ctx.groups, ctx.sampler.group_major()
         if d_cov is None:
             d_rows = rows.new_zeros(rows.shape)
-        elif ctx.groups == 1:
+        elif group_major:
+            d_rows = torch.bmm((d_cov + d_cov.mT) / n, rows)
+        elif groups == 1:
             d_rows = rows @ ((d_cov + d_cov.mT) / n)
         else:
-            per_group = rows.view(n, ctx.groups, -1).transpose(0, 1)
+            per_group = rows.view(n, groups, -1).transpose(0, 1)
             d_rows = torch.bmm(per_group, (d_cov + d_cov.mT) / n).transpose(0, 1).reshape(n, -1)
         if d_mean is not None:
-            d_rows.add_(d_mean / n)
-        return ctx.sampler.scatter(d_rows, ctx.shape), None, None, None
+            d_rows.add_((d_mean / n).view(groups, -1, 1) if group_major else d_mean / n)
+        scatter = ctx.sampler.scatter_groups if group_major else ctx.sampler.scatter
+        return scatter(d_rows, ctx.shape), None, None, None
 
 
 class _PatchMean(torch.autograd.Function):

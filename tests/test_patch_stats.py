@@ -41,6 +41,9 @@ CASES = [  # kernel, dilation, padding, sampling stride, channels per block, gro
     ((1, 1), (1, 1), (0, 0), 9, 8, 1, (3, 16, 7, 5)),  # 1x1: every 9th pixel of the batch
     ((3, 3), (1, 1), (1, 1), 3, 4, 4, (2, 16, 9, 9)),  # grouped: one matrix per group
     ((3, 3), (1, 1), (1, 1), 3, 1, 32, (2, 32, 8, 8)),  # depthwise
+    ((7, 7), (1, 1), (3, 3), 3, 1, 6, (2, 6, 11, 10)),  # PNASNet-A's depthwise 7x7: overlapping patches
+    ((3, 3), (1, 1), (1, 1), 6, 2, 4, (3, 8, 9, 9)),  # grouped, stride 2: sparse patches
+    ((1, 1), (1, 1), (0, 0), 3, 2, 4, (2, 8, 5, 5)),  # grouped 1x1
 ]
 
 
@@ -57,7 +60,7 @@ def test_matches_autograd_through_the_plain_formula(kernel, dilation, padding, s
     mean, cov = patch_statistics(x2, sampler, 1e-5, groups)
     (grad,) = torch.autograd.grad((mean * probe_mean).sum() + (cov * probe_cov).sum(), x2)
     assert torch.equal(x2.detach(), x.detach())  # the in-place centring never touches the input
-    torch.testing.assert_close(mean, want_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-14, atol=1e-15)  # summation order differs: rounding
     torch.testing.assert_close(cov, want_cov, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
 
