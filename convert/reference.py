@@ -23,6 +23,7 @@ from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
 from ndeconv.io import check_output_path, save_json_atomic, save_safetensors_atomic
+from zoo import REFERENCE_ARCHS, resolve_model_name
 
 __all__ = [
     "REFERENCE_ARCHS",
@@ -31,22 +32,8 @@ __all__ = [
     "convert_reference_checkpoint",
     "infer_model_args",
     "load_reference_checkpoint",
-    "resolve_arch",
 ]
 
-# The authors' ``--arch`` values (main.py) -> zoo model names.
-REFERENCE_ARCHS: dict[str, str] = {
-    "vgg16": "vgg16_deconv",
-    "resnet": "resnet18_deconv",
-    "preact": "preact_resnet18_deconv",
-    "densenet121": "densenet121_deconv",
-    "resnext": "resnext29_32x4d_deconv",
-    "mobilev2": "mobilenetv2_deconv",
-    "dpn": "dpn92_deconv",
-    "senet": "senet18_deconv",
-    "pnasnetA": "pnasnet_a_deconv",
-    "efficient": "efficientnet_b0_deconv",
-}
 
 # Checkpoint fields copied into config.json (when they are plain values) to record where the weights came from.
 _PROVENANCE_FIELDS = ("arch", "epoch", "best_acc")
@@ -110,20 +97,6 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the ``module.`` that DataParallel / DistributedDataParallel put in front of every key."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-
-
-def resolve_arch(name: str) -> str:
-    """A zoo name (``resnet18_deconv``) or the authors' ``--arch`` value (``resnet``) -> the zoo name."""
-    import zoo
-
-    if name in zoo.ZOO_MODELS:
-        return name
-    if name in REFERENCE_ARCHS:
-        return REFERENCE_ARCHS[name]
-    raise UsageError(
-        f"unknown architecture {name!r}: give a zoo name ({', '.join(zoo.ZOO_MODELS)}) "
-        f"or the reference's --arch ({', '.join(REFERENCE_ARCHS)})"
-    )
 
 
 # -- inferring the model's arguments ---------------------------------------------------------------------------
@@ -242,7 +215,7 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
         if not isinstance(arch, str):
             raise UsageError(f"{path}: the checkpoint names no 'arch'; pass --arch (a zoo name or the reference's "
                              f"--arch value, e.g. resnet18_deconv or resnet)")
-    model_name = resolve_arch(arch)
+    model_name = resolve_model_name(arch, "architecture")
     model_args = infer_model_args(model_name, state_dict)
     model = timm.create_model(model_name, pretrained=False, **model_args)
     problems = _layout_errors(model, state_dict)
@@ -269,7 +242,7 @@ def convert_reference(
     if output.suffix != ".safetensors":
         raise UsageError(f"{output}: the output must be a .safetensors file (e.g. model.safetensors)")
     if arch is not None:
-        resolve_arch(arch)  # an unknown name is the first thing to report, before any file is touched
+        resolve_model_name(arch, "architecture")  # an unknown name is reported first, before any file is touched
     config_path = output.with_name("config.json")
     check_output_path(output, force)
     check_output_path(config_path, force)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["LoadedCheckpoint", "infer_model_args", "load_checkpoint_model", "read_state_dict", "resolve_zoo_name"]
+__all__ = ["LoadedCheckpoint", "infer_model_args", "load_checkpoint_model", "read_state_dict"]
 
 
 @dataclass
@@ -31,16 +31,6 @@ class LoadedCheckpoint:
     model_args: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the config.json beside the file, if any
     folded: bool = False
-
-
-def resolve_zoo_name(name: str) -> str:
-    """A zoo name, also without its ``_deconv`` suffix (plain ``resnet18`` is timm's own ResNet, not ours)."""
-    import zoo
-
-    for candidate in (name, f"{name}_deconv"):
-        if candidate in zoo.ZOO_MODELS:
-            return candidate
-    raise UsageError(f"unknown model {name!r}; known: {', '.join(zoo.ZOO_MODELS)} (the _deconv suffix is optional)")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +108,9 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
     name = arch or config.get("architecture")
     if not name:
         raise UsageError(f"{path}: no config.json beside it names the architecture; pass --arch NAME")
-    name = resolve_zoo_name(str(name))
+    import zoo
+
+    name = zoo.resolve_model_name(str(name))
     args = infer_model_args(state, name)
     if arch is None or config.get("architecture") in (name, name.removesuffix("_deconv")):
         # The config.json describes these weights (not when --arch names another architecture).

@@ -18,6 +18,22 @@ ALL_TEN = {
 SMALL = [n for n in zoo.ZOO_MODELS if n != "dpn92_deconv"]  # DPN-92 (34M) is covered by the layout test
 
 
+
+@pytest.mark.parametrize("typed,name", [
+    ("resnet18_deconv", "resnet18_deconv"), ("resnet18", "resnet18_deconv"), ("resnet", "resnet18_deconv"),
+    ("pnasnetA", "pnasnet_a_deconv"), ("mobilev2", "mobilenetv2_deconv"), ("efficientnet_b0", "efficientnet_b0_deconv"),
+])
+def test_names_users_type_resolve_to_one_zoo_model(typed: str, name: str) -> None:
+    """Every command takes the zoo name, the name without ``_deconv`` or the authors' ``--arch`` value."""
+    assert zoo.resolve_model_name(typed) == name
+
+
+def test_an_unknown_name_lists_the_choices() -> None:
+    from ndeconv.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"unknown --arch 'resnet50'; choose one of: densenet121, .*authors'"):
+        zoo.resolve_model_name("resnet50", "--arch")
+
 def test_registry_lists_the_zoo_and_shadows_nothing():
     names = set(timm.list_models("*_deconv"))
     assert names == set(zoo.ZOO_MODELS) and names <= ALL_TEN

@@ -12,9 +12,11 @@ import pkgutil
 from timm.models import list_models
 
 from ._factory import create_zoo_model, zoo_cfg
+from ._names import REFERENCE_ARCHS
+from ._names import resolve_model_name as _resolve
 from ._pretrained import complete_pretrained_cfgs
 
-__all__ = ["ZOO_MODELS", "create_zoo_model", "zoo_cfg"]
+__all__ = ["REFERENCE_ARCHS", "ZOO_MODELS", "create_zoo_model", "resolve_model_name", "zoo_cfg"]
 
 
 def _register_all() -> list[str]:
@@ -28,3 +30,8 @@ def _register_all() -> list[str]:
 
 
 ZOO_MODELS: list[str] = _register_all()
+
+
+def resolve_model_name(name: str, what: str = "model") -> str:
+    """A zoo model name from what a user typed: ``resnet18_deconv``, ``resnet18``, or the authors' ``resnet``."""
+    return _resolve(name, ZOO_MODELS, what)

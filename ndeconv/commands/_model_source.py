@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoints import load_checkpoint_model, resolve_zoo_name
+from ..checkpoints import load_checkpoint_model
 from ..errors import NdeconvError, UsageError
 
 __all__ = ["ModelSource", "add_model_source_arguments", "load_model_source"]
@@ -38,7 +38,9 @@ def _from_name(spec: str, random_init: bool) -> ModelSource:
     import timm
 
     arch, _, tag = spec.partition(".")
-    arch = resolve_zoo_name(arch)
+    import zoo
+
+    arch = zoo.resolve_model_name(arch)
     if random_init:
         if tag:
             raise UsageError(f"--random-init builds an untrained {arch}; drop the tag .{tag} or the flag")

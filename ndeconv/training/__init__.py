@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from .config import TrainConfig, build_model, resolve_arch
+from .config import TrainConfig, build_model
 from .data import DATASETS, load_split
 from .evaluate import EvalResult, evaluate
 from .loop import TrainResult, load_run_model, read_run_config, train
@@ -25,6 +25,5 @@ __all__ = [
     "load_run_model",
     "load_split",
     "read_run_config",
-    "resolve_arch",
     "train",
 ]

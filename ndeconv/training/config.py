@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import UsageError
 
-__all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "build_model", "resolve_arch"]
+__all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "build_model"]
 
 
 @dataclass
@@ -64,7 +64,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def model_name(self) -> str:
-        return resolve_arch(self.arch)
+        from zoo import resolve_model_name
+
+        return resolve_model_name(self.arch, "--arch")
 
     def default_run_dir(self) -> str:
         form = "nd" if self.deconv else "bn"
@@ -101,17 +103,6 @@ class TrainConfig:
 
 # Flags that may differ when resuming: they change how the run is carried out, not what it computes.
 RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "checkpoint_every", "log_every", "max_steps", "data_dir"})
-
-
-def resolve_arch(arch: str) -> str:
-    """``resnet18`` or ``resnet18_deconv`` -> the registered zoo name; anything else is a clear error."""
-    from zoo import ZOO_MODELS
-
-    name = arch if arch.endswith("_deconv") else f"{arch}_deconv"
-    if name not in ZOO_MODELS:
-        bare = ", ".join(m.removesuffix("_deconv") for m in ZOO_MODELS)
-        raise UsageError(f"unknown --arch {arch!r}; choose one of: {bare} (with or without the _deconv suffix)")
-    return name
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
