@@ -94,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add(run, "--checkpoint-every", "checkpoint_every", d.checkpoint_every,
          "save a resumable checkpoint every N steps (and at every epoch end)", type=int, metavar="N")
     _add(run, "--log-every", "log_every", d.log_every, "log line every N steps when not on a terminal", type=int)
+    _add(run, "--curve-rows", "curve_rows", d.curve_rows, "about N rows per epoch of training loss/top-1 in "
+         "steps.jsonl (the batch curve of curves.png)", type=int, metavar="N")
     run.add_argument("--out", metavar="RUN_DIR", default=None,
                      help="run directory (default: runs/<arch>-<nd|bn>-<dataset>-<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None,

@@ -54,6 +54,7 @@ class TrainConfig:
     sync_deconv: bool = False
     fast: int = 1  # opt-in fast mode: refresh the whitening matrices every `fast` steps (1: exact)
     log_every: int = 50
+    curve_rows: int = 50  # steps.jsonl rows per epoch (fixed for a run: a resumed run keeps its grid)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,6 +87,7 @@ class TrainConfig:
             (self.eps > 0, "--eps must be > 0"),
             (self.stride >= 1, "--stride must be >= 1"),
             (self.fast >= 1, "--fast must be >= 1 (1: exact mode)"),
+            (self.curve_rows >= 1, "--curve-rows must be >= 1"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: only at epoch ends)"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.train_subset is None or self.train_subset >= 1, "--train-subset must be >= 1"),

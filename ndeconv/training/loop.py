@@ -41,7 +41,6 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 STEPS_FILE = "steps.jsonl"
-STEP_ROWS_PER_EPOCH = 50  # steps.jsonl rows per epoch (a grid fixed by the data, so a resumed run keeps it)
 _RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, STEPS_FILE, CURVES_FILE, "checkpoint.pt")
 
 
@@ -297,7 +296,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
 
     meter = _Meter(state.meter if ctx.is_main else None)
     window = _Meter(state.window)  # the steps since the last steps.jsonl row (resumed with the checkpoint)
-    step_grid = max(1, steps_per_epoch // STEP_ROWS_PER_EPOCH)
+    step_grid = max(1, steps_per_epoch // cfg.curve_rows)  # fixed by the data and config: kept on resume
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps,
                                                                                  steps_per_epoch * cfg.epochs)
