@@ -10,10 +10,12 @@ Method: ND and BN steps alternate (ND, BN, ND, BN, ...) after untimed warm-up ro
 from other processes hits both alike; medians of the timed steps are reported, with the ratio
 beside the reference implementation's own median ratio (../shared/anchors/reference_speed.json).
 A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32 inputs; eval is
-a no-grad forward in eval mode. ``--memory`` measures each config's peak step memory in a fresh
-subprocess (ru_maxrss delta, see _common.peak_rss_probe). ``--profile`` adds torch.profiler's top
-ops of an ND step. Each model row also counts the step's arithmetic (benchmarks/flops.py): GFLOP of
-the convolutions and of the whitening, and the ND/BN ratio that arithmetic alone implies.
+a no-grad forward in eval mode. Like ``ndeconv train``, the benchmark first lets glibc's malloc
+reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
+``--memory`` measures each config's peak step memory in a fresh subprocess (ru_maxrss delta, see
+_common.peak_rss_probe). ``--profile`` adds torch.profiler's top ops of an ND step. Each model row
+also counts the step's arithmetic (benchmarks/flops.py): GFLOP of the convolutions and of the
+whitening, and the ND/BN ratio that arithmetic alone implies.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
 from benchmarks.flops import step_flops  # noqa: E402
-from ndeconv import FastDeconv  # noqa: E402
+from ndeconv import FastDeconv, keep_freed_memory  # noqa: E402
 
 # One layer per ResNet-18 stage at its CIFAR resolution (channels, spatial size), plus the stride-2 1x1 shortcut.
 LAYERS = (
@@ -119,7 +121,9 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
             if args.memory:
                 for form in ("nd", "bn"):
                     row[f"{form}_peak_step_mib"] = C.peak_rss_probe(
-                        [__file__, "--probe", arch, form, str(batch), str(args.image)]).get("peak_step_mib")
+                        [__file__, "--probe", arch, form, str(batch), str(args.image),
+                         "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
+                    ).get("peak_step_mib")
                 if row.get("nd_peak_step_mib") and row.get("bn_peak_step_mib"):
                     row["nd_over_bn_peak_memory"] = round(row["nd_peak_step_mib"] / row["bn_peak_step_mib"], 3)
             if args.profile:
@@ -186,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", action="store_true", help="peak step memory, one subprocess per config")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of the ND step")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc malloc reuses freed memory, as `ndeconv train` does (default: on)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up round, 2 timed steps, no layers")
     p.add_argument("--name", default=None, help="results file name (default from the arch)")
     p.add_argument("--probe", nargs=4, metavar=("ARCH", "FORM", "BATCH", "IMAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.probe:
         probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]))
         return 0
@@ -202,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = C.reference_ratios()
     payload = {"command": C.command_line(), "machine": C.machine_info(),
                "method": __doc__.split("Method: ", 1)[1].strip(), "settings": {
-                   k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast")}}
+                   k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast",
+                                               "keep_freed_memory")}}
     payload["models"] = run_models(args, ref)
     if args.layers:
         payload["layers"] = run_layers(args)

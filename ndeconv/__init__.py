@@ -13,6 +13,7 @@ from .delinear import Delinear
 from .distributed import sync_deconv
 from .fast_deconv import FastDeconv, set_fast_mode
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
+from .runtime import keep_freed_memory
 
 try:
     __version__ = version("ndeconv")
@@ -28,6 +29,7 @@ __all__ = [
     "sync_deconv",
     "isqrt_newton_schulz",
     "isqrt_newton_schulz_batch",
+    "keep_freed_memory",
     "__version__",
 ]
 

@@ -91,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
          type=str2bool, nargs="?", const=True, metavar="BOOL")
     _add(run, "--fast", "fast", d.fast, "fast mode: recompute each whitening matrix every K training steps and reuse "
          "it in between (1: exact; see ndeconv.set_fast_mode for the cost)", type=int, metavar="K")
+    _add(run, "--keep-freed-memory", "keep_freed_memory", d.keep_freed_memory,
+         "let glibc's malloc reuse freed memory instead of mapping it afresh every step (same results, "
+         "~20%% faster steps on CPU; see ndeconv.keep_freed_memory)", type=str2bool, metavar="BOOL")
     _add(run, "--checkpoint-every", "checkpoint_every", d.checkpoint_every,
          "save a resumable checkpoint every N steps (and at every epoch end)", type=int, metavar="N")
     _add(run, "--log-every", "log_every", d.log_every, "log line every N steps when not on a terminal", type=int)

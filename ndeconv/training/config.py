@@ -54,6 +54,7 @@ class TrainConfig:
     sync_deconv: bool = False
     fast: int = 1  # opt-in fast mode: refresh the whitening matrices every `fast` steps (1: exact)
     log_every: int = 50
+    keep_freed_memory: bool = True  # glibc malloc reuses freed memory (ndeconv.keep_freed_memory): speed only
     curve_rows: int = 50  # steps.jsonl rows per epoch (fixed for a run: a resumed run keeps its grid)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +105,8 @@ class TrainConfig:
 
 
 # Flags that may differ when resuming: they change how the run is carried out, not what it computes.
-RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "checkpoint_every", "log_every", "max_steps", "data_dir"})
+RESUMABLE_OVERRIDES = frozenset({"num_workers", "device", "checkpoint_every", "log_every", "max_steps", "data_dir",
+                                 "keep_freed_memory"})
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str, Any]:

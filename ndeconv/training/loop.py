@@ -27,6 +27,7 @@ from ..distributed import sync_deconv
 from ..errors import UsageError
 from ..fast_deconv import set_fast_mode
 from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
+from ..runtime import keep_freed_memory
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, model_kwargs
 from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches, get_spec, load_split
@@ -213,6 +214,8 @@ def train(
     else:
         run_dir = Path(out) if out is not None else Path(cfg.default_run_dir())
     cfg.validate()
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     ctx = setup(cfg.device)
     try:
         return _run(cfg, ctx, run_dir, resume is not None, force, stream)
