@@ -34,9 +34,20 @@ def _train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ndeconv.cli", "train", *args]
 
 
+def _as_if_started_by_an_older_version(run_dir: Path, setting: str) -> None:
+    """Drop a setting newer than the run from its config.json and checkpoint.pt (an upgrade mid-run)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["train"][setting]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    del payload["config"][setting]
+    torch.save(payload, run_dir / "checkpoint.pt")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An uninterrupted run and, beside it, the same run SIGKILLed mid-epoch then resumed with --resume."""
+    """An uninterrupted run and, beside it, the same run SIGKILLed mid-epoch then resumed with --resume (by a
+    version of ndeconv with a setting the killed run did not know)."""
     root = tmp_path_factory.mktemp("runs")
     full_dir, killed_dir = root / "full", root / "killed"
     # Both start together: two single-threaded processes on a 2-core CI machine.
@@ -53,6 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     killed.wait(timeout=120)
     assert killed.returncode == -signal.SIGKILL, "".join(seen)
     assert (killed_dir / "checkpoint.pt").is_file() and not (killed_dir / "model.safetensors").exists()
+    _as_if_started_by_an_older_version(killed_dir, "fast")  # before fast mode existed
     resumed = subprocess.run(_train_cmd("--resume", str(killed_dir)), env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr

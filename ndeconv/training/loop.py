@@ -260,7 +260,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
     state = TrainState()
     if resuming:
         payload = load_checkpoint(run_dir)
-        saved = {k: v for k, v in payload.get("config", {}).items() if k not in RESUMABLE_OVERRIDES}
+        # Through TrainConfig: a setting added after the run started takes its default on both sides.
+        recorded = TrainConfig.from_dict(payload.get("config", {})).to_dict()
+        saved = {k: v for k, v in recorded.items() if k not in RESUMABLE_OVERRIDES}
         now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_OVERRIDES}
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
