@@ -46,14 +46,14 @@ def all_archs_table(paths: list[Path]) -> list[str]:
         data = json.loads(path.read_text())
         commands.append(f"`{data['command']}`")
         for row in data["models"]:
-            rows[(row["arch"], row["batch"])] = row
+            rows[(row["arch"], row["batch"])] = {**row, "malloc": "kept" if _kept(data) else "glibc default"}
     lines = [f"All ten zoo networks, training step, median of interleaved steps; {', '.join(commands)}. "
              "Target: no higher than the reference's median ratio at batch 128 and than 2.0 (1.5 for ResNet-18). "
              "FLOP ratio: `1 + whitening GFLOP / convolution GFLOP` per step (benchmarks/flops.py), the "
              "floor of exact mode where convolutions are dense.", "",
              "| network | batch | ND step | BN step | ND/BN | target | met | FLOP ratio | "
-             "GFLOP conv + whitening |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "GFLOP conv + whitening | malloc |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for (arch, batch), row in sorted(rows.items(), key=lambda kv: (ZOO_ARCHS.index(kv[0][0]), kv[0][1])):
         target = row.get("target_nd_over_bn_train")
         met = "–" if target is None else ("yes" if row["nd_over_bn_train"] <= target else "**no**")
@@ -61,7 +61,40 @@ def all_archs_table(paths: list[Path]) -> list[str]:
                      f"{row['bn_train']['median_s']:.3f} s | "
                      f"**{row['nd_over_bn_train']:.2f}** | {target if target is not None else '–'} | {met} | "
                      f"{row.get('flop_ratio_nd_over_bn', '–')} | "
-                     f"{row.get('conv_gflop', '–')} + {row.get('whitening_gflop', '–')} |")
+                     f"{row.get('conv_gflop', '–')} + {row.get('whitening_gflop', '–')} | {row['malloc']} |")
+    return lines
+
+
+def _kept(data: dict) -> bool:
+    # Results from before the setting existed ran with glibc's default malloc.
+    return bool(data.get("settings", {}).get("keep_freed_memory", False))
+
+
+def allocator_table(default_path: Path, kept_paths: list[Path]) -> list[str]:
+    """Step times with glibc's default malloc (``--no-keep-freed-memory``) beside the same networks with freed
+    memory kept, from the all-networks run(s)."""
+    default = json.loads(default_path.read_text())
+    kept = {}
+    for path in kept_paths:
+        data = json.loads(path.read_text())
+        if _kept(data):
+            kept.update({(r["arch"], r["batch"]): r for r in data["models"]})
+    keys = [(row["arch"], row["batch"]) for row in default["models"]]
+    pairs = [(row, kept[key]) for row, key in zip(default["models"], keys, strict=True) if key in kept]
+    if not pairs:
+        return []
+    lines = [f"Training step with glibc's default malloc (`{default['command']}`) and with freed memory kept "
+             "(`ndeconv.keep_freed_memory`, what `ndeconv train` and the rows above use), two runs minutes apart "
+             "on the same quiet machine:", "",
+             "| network | batch | ND step default -> kept | BN step default -> kept | ND/BN default -> kept |",
+             "|---|---:|---:|---:|---:|"]
+    for base, row in pairs:
+        def step(form: str, base=base, row=row) -> str:
+            before, after = base[f"{form}_train"]["median_s"], row[f"{form}_train"]["median_s"]
+            return f"{before:.3f} -> {after:.3f} s ({(after / before - 1) * 100:+.0f}%)"
+
+        lines.append(f"| {base['arch']} | {base['batch']} | {step('nd')} | {step('bn')} | "
+                     f"{base['nd_over_bn_train']:.2f} -> **{row['nd_over_bn_train']:.2f}** |")
     return lines
 
 
@@ -101,8 +134,11 @@ def main() -> int:
         path = RESULTS / name
         if path.is_file():
             parts.append("\n".join(render(path)))
-        if name == "resnet18.json" and sorted(RESULTS.glob("all_archs*.json")):
-            parts.append("\n".join(all_archs_table(sorted(RESULTS.glob("all_archs*.json")))))
+        all_archs = sorted(RESULTS.glob("all_archs*.json"))
+        if name == "resnet18.json" and all_archs:
+            parts.append("\n".join(all_archs_table(all_archs)))
+            if (RESULTS / "allocator_default.json").is_file():
+                parts.append("\n".join(allocator_table(RESULTS / "allocator_default.json", all_archs)))
     block = "\n\n".join(parts) + "\n"
     from reproduce.readme_block import write_readme_block
 

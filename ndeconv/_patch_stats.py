@@ -15,9 +15,10 @@ the whole matrix, ``col2im``) as on the product. Written out:
 
 Grouped convs with overlapping patches (PNASNet-A's 7x7 depthwise layers) keep them as ``(groups, nf, n)``:
 ``unfold`` already puts a group's features next to each other, so one centring copy makes every per-group
-product a contiguous batched one, and the backward undoes the permute before ``col2im`` (13% off PNASNet-A's
-step against the transposed ``(n, C*49)`` matrix with strided per-group views). Disjoint grouped patches
-(3x3 depthwise, sampling stride 3) stay on the strided copies, measured faster there.
+product a contiguous batched one, and the backward undoes the permute before ``col2im`` (7-13% off
+PNASNet-A's training step, interleaved A/B, against the transposed ``(n, C*49)`` matrix with strided
+per-group views). Disjoint grouped patches (3x3 depthwise, sampling stride 3) stay on the strided copies,
+measured faster there.
 
 Autograd's backward also subtracts the column means of ``Xc (G + G^T) / n``; those are zero up to
 rounding (``Xc``'s columns sum to zero), so leaving them out changes gradients by rounding only

@@ -37,9 +37,9 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
 def _from_name(spec: str, random_init: bool) -> ModelSource:
     import timm
 
-    arch, _, tag = spec.partition(".")
     import zoo
 
+    arch, _, tag = spec.partition(".")
     arch = zoo.resolve_model_name(arch)
     if random_init:
         if tag:
