@@ -10,7 +10,8 @@ Method: ND and BN steps alternate (ND, BN, ND, BN, ...) after untimed warm-up ro
 from other processes hits both alike; medians of the timed steps are reported, with the ratio
 beside the reference implementation's own median ratio (../shared/anchors/reference_speed.json).
 A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32 inputs; eval is
-a no-grad forward in eval mode. Like ``ndeconv train``, the benchmark first lets glibc's malloc
+a no-grad forward in eval mode; fast mode (``--fast K``) is timed over whole refresh cycles of K steps,
+per step. Like ``ndeconv train``, the benchmark first lets glibc's malloc
 reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
 ``--memory`` measures each config's peak step memory in a fresh subprocess (ru_maxrss delta, see
 _common.peak_rss_probe). ``--profile`` adds torch.profiler's top ops of an ND step. Each model row
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,10 +75,26 @@ def _target(arch: str, ref: dict[str, float]) -> float | None:
     return min(ref[base], 2.0, 1.5 if base == "resnet18" else 2.0)
 
 
+def _refresh_cycle(net: str) -> int:
+    """Training steps timed together for ``net``: fast mode's whole refresh cycle (``fast4``: one step that
+    recomputes the whitening, three that reuse it), whose mean is its cost per step; a median of single steps
+    would report the cheap reusing steps only."""
+    return int(net[len("fast"):]) if net.startswith("fast") else 1
+
+
+def _steps(step: Callable[[], None], count: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(count):
+            step()
+
+    return run
+
+
 def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
-    train = {k: C.make_train_step(m, x, y) for k, m in nets.items()}
+    train = {k: _steps(C.make_train_step(m, x, y), _refresh_cycle(k)) for k, m in nets.items()}
     evals = {k: C.make_eval_forward(m, x) for k, m in nets.items()}
     t = C.interleaved(train, args.warmup, args.repeats)
+    t = {k: [s / _refresh_cycle(k) for s in v] for k, v in t.items()}  # seconds per training step
     e = C.interleaved(evals, 1, args.eval_repeats)
     out = {f"{k}_train": C.summary(v) for k, v in t.items()}
     out.update({f"{k}_eval": C.summary(v) for k, v in e.items()})
@@ -87,16 +105,16 @@ def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, arg
     return out
 
 
-def _models(arch: str, fast: int) -> tuple[dict[str, nn.Module], str]:
+def _models(arch: str, fast: list[int]) -> tuple[dict[str, nn.Module], str]:
     torch.manual_seed(0)
     nd, source = build(arch, deconv=True)
     nets = {"nd": nd}
-    if fast:
+    for k in fast:
         from ndeconv.fast_deconv import set_fast_mode
 
         fast_model, _ = build(arch, deconv=True)
-        set_fast_mode(fast_model, fast)
-        nets[f"fast{fast}"] = fast_model
+        set_fast_mode(fast_model, k)
+        nets[f"fast{k}"] = fast_model
     nets["bn"], _ = build(arch, deconv=False)
     return nets, source
 
@@ -186,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-repeats", type=int, default=3)
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
                    help="also time single layers (default: on unless --arch all)")
-    p.add_argument("--fast", type=int, default=0, metavar="K", help="also time fast mode refreshing every K steps")
+    p.add_argument("--fast", type=int, nargs="+", default=[], metavar="K",
+                   help="also time fast mode refreshing every K steps (one or more K)")
     p.add_argument("--memory", action="store_true", help="peak step memory, one subprocess per config")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of the ND step")
     p.add_argument("--threads", type=int, default=None)

@@ -66,16 +66,12 @@ class PatchSampler:
         hi = (size - 1 - offset) // self.stride + 1 if size - 1 - offset >= 0 else 0
         return max(lo, 0), max(min(hi, grid), max(lo, 0))
 
-    def _taps(self, shape: torch.Size, blocks: int):
-        """For each kernel tap (a, b) and channel residue c0: the slices linking input and patch matrix.
-
-        The patch matrix is viewed (N, Hs, Ws, blocks, nf); feature ``p = c*kh*kw + a*kw + b`` of a patch sits
-        at block ``p % blocks``, position ``p // blocks``. Channels ``c0, c0 + blocks, ...`` of one tap land
-        ``kh*kw`` apart in one block, so each (tap, c0) is one strided copy.
-        """
-        _, c, h, w = shape
+    def _tap_windows(self, shape: torch.Size):
+        """For each kernel tap (a, b) that reaches inside the input: the grid positions whose tap is inside
+        (rows, cols of the patch grid) and the input pixels they read (rows, cols: strided slices)."""
+        _, _, h, w = shape
         (kh, kw), (dh, dw), (ph, pw) = self.kernel, self.dilation, self.padding
-        grid, kk = self._grid((h, w)), kh * kw
+        grid = self._grid((h, w))
         for a in range(kh):
             hs = self._valid(h, grid[0], a * dh - ph)
             for b in range(kw):
@@ -86,10 +82,53 @@ class PatchSampler:
                                 self.stride)
                 cols_in = slice(ws[0] * self.stride + b * dw - pw, (ws[1] - 1) * self.stride + b * dw - pw + 1,
                                 self.stride)
-                for c0 in range(blocks):
-                    p = c0 * kk + a * kw + b
-                    yield (slice(*hs), slice(*ws), p % blocks, slice(p // blocks, None, kk)), \
-                        (slice(c0, None, blocks), rows_in, cols_in)
+                yield a, b, slice(*hs), slice(*ws), rows_in, cols_in
+
+    def _taps(self, shape: torch.Size, blocks: int):
+        """For each kernel tap (a, b) and channel residue c0: the slices linking input and patch matrix.
+
+        The patch matrix is viewed (N, Hs, Ws, blocks, nf); feature ``p = c*kh*kw + a*kw + b`` of a patch sits
+        at block ``p % blocks``, position ``p // blocks``. Channels ``c0, c0 + blocks, ...`` of one tap land
+        ``kh*kw`` apart in one block, so each (tap, c0) is one strided copy.
+        """
+        kk, kw = self.kernel[0] * self.kernel[1], self.kernel[1]
+        for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(shape):
+            for c0 in range(blocks):
+                p = c0 * kk + a * kw + b
+                yield (grid_rows, grid_cols, p % blocks, slice(p // blocks, None, kk)), \
+                    (slice(c0, None, blocks), rows_in, cols_in)
+
+    def _mean_divisor(self, shape: torch.Size) -> int:
+        """How many sampled values each feature of the mean averages (zero padding included)."""
+        grid = self._grid(tuple(shape[2:]))
+        return shape[0] * grid[0] * grid[1] * self._blocks(shape[1])
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of the sampled patches without gathering them: the batch summed once, then per kernel tap
+        one strided sum per channel (padding adds zeros); in the block layout, a feature averages over its
+        blocks."""
+        c, (kh, kw) = x.shape[1], self.kernel
+        image = x.sum(0)  # every image is sampled at the same pixels
+        sums = x.new_zeros(c, kh, kw)
+        for a, b, _, _, rows_in, cols_in in self._tap_windows(x.shape):
+            sums[:, a, b] = image[:, rows_in, cols_in].sum((1, 2))
+        sums = sums.view(-1) if self.grouped else sums.view(self.num_features, -1).sum(1)
+        return sums / self._mean_divisor(x.shape)
+
+    def mean_backward(self, d_mean: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The input-shaped gradient of ``mean`` (its adjoint): each sampled pixel gets its features' share."""
+        c, (kh, kw) = shape[1], self.kernel
+        share = d_mean / self._mean_divisor(shape)
+        if not self.grouped:  # every block's copy of feature f got the same share
+            share = share.unsqueeze(1).expand(-1, self._blocks(c))
+        share = share.reshape(c, kh, kw)
+        disjoint = self._disjoint()
+        image = torch.zeros(shape[1:], dtype=d_mean.dtype, device=d_mean.device)
+        for a, b, _, _, rows_in, cols_in in self._tap_windows(shape):
+            window = image[:, rows_in, cols_in]
+            value = share[:, a, b].view(c, 1, 1)
+            window.copy_(value.expand_as(window)) if disjoint else window.add_(value)
+        return image.expand(shape)  # the same for every image: autograd takes the broadcast view
 
     def _blocks(self, channels: int) -> int:
         return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
@@ -233,6 +272,19 @@ class _PatchStatistics(torch.autograd.Function):
 class _PatchMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sampler: PatchSampler):  # type: ignore[override]
+        ctx.sampler, ctx.shape = sampler, x.shape
+        return sampler.mean(x)
+
+    @staticmethod
+    def backward(ctx, d_mean: torch.Tensor):  # type: ignore[override]
+        return ctx.sampler.mean_backward(d_mean, ctx.shape), None
+
+
+class _PixelMean(torch.autograd.Function):
+    """1x1 kernels: the mean of every ``stride**2``-th pixel of the batch, as the authors sample them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sampler: PatchSampler):  # type: ignore[override]
         rows = sampler.gather(x)
         ctx.sampler, ctx.shape, ctx.rows = sampler, x.shape, rows.shape[0]
         return rows.mean(0)
@@ -245,7 +297,7 @@ class _PatchMean(torch.autograd.Function):
 
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:
     """The mean of the sampled patches alone (fast mode's steps between refreshes)."""
-    return _PatchMean.apply(x, sampler)
+    return (_PixelMean if sampler.kernel == (1, 1) else _PatchMean).apply(x, sampler)
 
 
 def patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float,
