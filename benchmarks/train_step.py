@@ -35,7 +35,7 @@ from torch import nn  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
 from benchmarks.flops import step_flops  # noqa: E402
-from ndeconv import FastDeconv, keep_freed_memory  # noqa: E402
+from ndeconv import FastDeconv, keep_freed_memory, set_fast_mode  # noqa: E402
 
 # One layer per ResNet-18 stage at its CIFAR resolution (channels, spatial size), plus the stride-2 1x1 shortcut.
 LAYERS = (
@@ -110,8 +110,6 @@ def _models(arch: str, fast: list[int]) -> tuple[dict[str, nn.Module], str]:
     nd, source = build(arch, deconv=True)
     nets = {"nd": nd}
     for k in fast:
-        from ndeconv.fast_deconv import set_fast_mode
-
         fast_model, _ = build(arch, deconv=True)
         set_fast_mode(fast_model, k)
         nets[f"fast{k}"] = fast_model
