@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fast_mode}
 source reproduce/train_run.sh
 mkdir -p "$OUT"
-for k in ${FAST_K:-4}; do
+for k in ${FAST_K:-4 8}; do
   train_run "$OUT/resnet18-nd-fast$k" --arch resnet18 --deconv true --fast "$k" --dataset fashion_mnist --epochs 1 \
     --seed 0 || exit 1
 done
