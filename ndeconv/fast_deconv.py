@@ -230,7 +230,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         return s
 
 
-def set_fast_mode(model: nn.Module, refresh_every: int = 4) -> int:
+def set_fast_mode(model: nn.Module, refresh_every: int = 8) -> int:
     """Opt-in fast training: every FastDeconv of ``model`` recomputes its whitening matrix (covariance,
     Newton–Schulz and their backward) only every ``refresh_every``-th training step and reuses it,
     as a constant, in between; the patch mean is still taken from every batch, and the running
@@ -239,6 +239,10 @@ def set_fast_mode(model: nn.Module, refresh_every: int = 4) -> int:
     The cost: between refreshes no gradient flows through the whitening matrix, and the matrix
     lags the weights by up to ``refresh_every - 1`` steps. Eval, folding and the state_dict are
     unchanged. Returns the number of layers set.
+
+    The default, 8, is the measured choice (README, Speed): ResNet-18 trains at 1.14x a BatchNorm step
+    on a 2-core CPU (4: 1.28x, exact: 1.92x) and scores 92.74% on Fashion-MNIST after one epoch against
+    exact mode's 92.59%.
     """
     if not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"set_fast_mode: refresh_every must be an int >= 1 (1 = exact mode), got {refresh_every!r}")
