@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-# Allocate, fill and free a 200 MB tensor five times; report the minor page faults of each round.
+# Allocate, fill and free a 200 MB tensor eight times; report the minor page faults of each round.
 _PROBE = r"""
 import json, resource, sys, torch
 from ndeconv.runtime import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(5):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(50_000_000).fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -35,8 +35,9 @@ def test_freed_memory_is_reused_without_new_page_faults() -> None:
     assert kept["took"] is True
     # glibc's default maps every round afresh: each one faults in all its pages again.
     assert all(f > pages // 2 for f in default["faults"]), default
-    # Kept: after the heap has grown to the buffer's size, the later rounds touch pages already mapped.
-    assert all(f < pages // 100 for f in kept["faults"][2:]), kept
+    # Kept: once the heap has grown to hold the buffer (a few rounds, depending on what the import left in
+    # it), the rounds touch pages already mapped.
+    assert sum(kept["faults"][4:]) < pages // 100, kept
 
 
 def test_train_keeps_freed_memory_by_default() -> None:
