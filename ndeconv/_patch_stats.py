@@ -98,37 +98,26 @@ class PatchSampler:
                 yield (grid_rows, grid_cols, p % blocks, slice(p // blocks, None, kk)), \
                     (slice(c0, None, blocks), rows_in, cols_in)
 
-    def _mean_divisor(self, shape: torch.Size) -> int:
-        """How many sampled values each feature of the mean averages (zero padding included)."""
-        grid = self._grid(tuple(shape[2:]))
-        return shape[0] * grid[0] * grid[1] * self._blocks(shape[1])
-
     def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """The mean of the sampled patches without gathering them: the batch summed once, then per kernel tap
-        one strided sum per channel (padding adds zeros); in the block layout, a feature averages over its
-        blocks."""
-        c, (kh, kw) = x.shape[1], self.kernel
-        image = x.sum(0)  # every image is sampled at the same pixels
-        sums = x.new_zeros(c, kh, kw)
-        for a, b, _, _, rows_in, cols_in in self._tap_windows(x.shape):
-            sums[:, a, b] = image[:, rows_in, cols_in].sum((1, 2))
-        sums = sums.view(-1) if self.grouped else sums.view(self.num_features, -1).sum(1)
-        return sums / self._mean_divisor(x.shape)
-
-    def mean_backward(self, d_mean: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The input-shaped gradient of ``mean`` (its adjoint): each sampled pixel gets its features' share."""
-        c, (kh, kw) = shape[1], self.kernel
-        share = d_mean / self._mean_divisor(shape)
-        if not self.grouped:  # every block's copy of feature f got the same share
-            share = share.unsqueeze(1).expand(-1, self._blocks(c))
-        share = share.reshape(c, kh, kw)
-        disjoint = self._disjoint()
-        image = torch.zeros(shape[1:], dtype=d_mean.dtype, device=d_mean.device)
-        for a, b, _, _, rows_in, cols_in in self._tap_windows(shape):
-            window = image[:, rows_in, cols_in]
-            value = share[:, a, b].view(c, 1, 1)
-            window.copy_(value.expand_as(window)) if disjoint else window.add_(value)
-        return image.expand(shape)  # the same for every image: autograd takes the broadcast view
+        """The mean of the sampled patches, differentiable, without the patch matrix: the batch summed once
+        (every image is sampled at the same pixels), then one strided sum per kernel tap and channel (zero
+        padding adds nothing); in the block layout a feature also averages over its blocks."""
+        n, c = x.shape[:2]
+        if self.kernel == (1, 1):  # every stride**2-th pixel of the batch, as the authors sample them
+            pixels = x.permute(0, 2, 3, 1).reshape(-1, c)[:: self.stride**2]
+            sums, count = pixels.sum(0), pixels.shape[0]
+        else:
+            image = x.sum(0)
+            taps = {(a, b): image[:, rows, cols].sum((1, 2)) for a, b, _, _, rows, cols in self._tap_windows(x.shape)}
+            outside = image.new_zeros(c)  # a tap that only ever reads padding
+            kh, kw = self.kernel
+            sums = torch.stack([taps.get((a, b), outside) for a in range(kh) for b in range(kw)], 1).view(-1)
+            grid = self._grid(tuple(x.shape[2:]))
+            count = n * grid[0] * grid[1]
+        if not self.grouped:  # feature f of block g is patch element f * blocks + g
+            sums = sums.view(self.num_features, -1).sum(1)
+            count *= self._blocks(c)
+        return sums / count
 
     def _blocks(self, channels: int) -> int:
         return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
@@ -269,35 +258,9 @@ class _PatchStatistics(torch.autograd.Function):
         return scatter(d_rows, ctx.shape), None, None, None
 
 
-class _PatchMean(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sampler: PatchSampler):  # type: ignore[override]
-        ctx.sampler, ctx.shape = sampler, x.shape
-        return sampler.mean(x)
-
-    @staticmethod
-    def backward(ctx, d_mean: torch.Tensor):  # type: ignore[override]
-        return ctx.sampler.mean_backward(d_mean, ctx.shape), None
-
-
-class _PixelMean(torch.autograd.Function):
-    """1x1 kernels: the mean of every ``stride**2``-th pixel of the batch, as the authors sample them."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sampler: PatchSampler):  # type: ignore[override]
-        rows = sampler.gather(x)
-        ctx.sampler, ctx.shape, ctx.rows = sampler, x.shape, rows.shape[0]
-        return rows.mean(0)
-
-    @staticmethod
-    def backward(ctx, d_mean: torch.Tensor):  # type: ignore[override]
-        d_rows = (d_mean / ctx.rows).expand(ctx.rows, -1).contiguous()
-        return ctx.sampler.scatter(d_rows, ctx.shape), None
-
-
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:
-    """The mean of the sampled patches alone (fast mode's steps between refreshes)."""
-    return (_PixelMean if sampler.kernel == (1, 1) else _PatchMean).apply(x, sampler)
+    """The mean of the sampled patches alone (fast mode's steps between refreshes), differentiable."""
+    return sampler.mean(x)
 
 
 def patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float,
