@@ -6,8 +6,8 @@ and frees the same large buffers every step (a deconvolution layer's sampled-pat
 at batch 128), so every step pays the kernel to map, zero-fill and unmap them again: one minor page fault
 per 4 KB, measured here as the larger half of a 49x49-by-15488 batched product's time. Serving every
 allocation from the heap and never trimming it makes the next step reuse the same pages: on this 2-core
-CPU 10% off ResNet-18's training step (deconvolution and BatchNorm alike) and half of PNASNet-A's
-deconvolution step (benchmarks/results/allocator_default.json against all_archs_light.json, in the README).
+CPU 9-39% off the training steps of five zoo networks, deconvolution and BatchNorm (README allocator table:
+benchmarks/results/allocator_default.json against the all_archs results).
 The cost: the process keeps its peak memory mapped until it exits.
 """
 

@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
          "it in between (1: exact; see ndeconv.set_fast_mode for the cost)", type=int, metavar="K")
     _add(run, "--keep-freed-memory", "keep_freed_memory", d.keep_freed_memory,
          "let glibc's malloc reuse freed memory instead of mapping it afresh every step (same results, "
-         "10-50%% faster steps on CPU; see ndeconv.keep_freed_memory)", type=str2bool, metavar="BOOL")
+         "10-40%% faster steps on CPU; see ndeconv.keep_freed_memory)", type=str2bool, metavar="BOOL")
     _add(run, "--checkpoint-every", "checkpoint_every", d.checkpoint_every,
          "save a resumable checkpoint every N steps (and at every epoch end)", type=int, metavar="N")
     _add(run, "--log-every", "log_every", d.log_every, "log line every N steps when not on a terminal", type=int)
