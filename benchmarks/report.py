@@ -66,6 +66,36 @@ def all_archs_table(paths: list[Path]) -> list[str]:
     return lines
 
 
+def _channels_last(path: Path) -> bool:
+    return bool(json.loads(path.read_text()).get("settings", {}).get("channels_last", False))
+
+
+def channels_last_table(cl_paths: list[Path], nchw_paths: list[Path]) -> list[str]:
+    """Both forms in channels-last memory format beside the same networks in NCHW (the rows above)."""
+    nchw = {}
+    for path in nchw_paths:
+        nchw.update({(r["arch"], r["batch"]): r for r in json.loads(path.read_text())["models"]})
+    runs = [json.loads(path.read_text()) for path in cl_paths]
+    pairs = [(nchw[(r["arch"], r["batch"])], r) for data in runs for r in data["models"]
+             if (r["arch"], r["batch"]) in nchw]
+    if not pairs:
+        return []
+    commands = ", ".join(f"`{data['command']}`" for data in runs)
+    lines = [f"Both forms in channels-last memory format ({commands}: the model through "
+             "`model.to(memory_format=torch.channels_last)`, the input likewise) beside the NCHW rows above:", "",
+             "| network | batch | ND step NCHW -> channels-last | BN step NCHW -> channels-last | "
+             "ND/BN NCHW -> channels-last |",
+             "|---|---:|---:|---:|---:|"]
+    for base, row in pairs:
+        def step(form: str, base=base, row=row) -> str:
+            before, after = base[f"{form}_train"]["median_s"], row[f"{form}_train"]["median_s"]
+            return f"{before:.3f} -> {after:.3f} s ({(after / before - 1) * 100:+.0f}%)"
+
+        lines.append(f"| {row['arch']} | {row['batch']} | {step('nd')} | {step('bn')} | "
+                     f"{base['nd_over_bn_train']:.2f} -> **{row['nd_over_bn_train']:.2f}** |")
+    return lines
+
+
 def _kept(data: dict) -> bool:
     # Results from before the setting existed ran with glibc's default malloc.
     return bool(data.get("settings", {}).get("keep_freed_memory", False))
@@ -135,11 +165,14 @@ def main() -> int:
         path = RESULTS / name
         if path.is_file():
             parts.append("\n".join(render(path)))
-        all_archs = sorted(RESULTS.glob("all_archs*.json"))
+        all_archs = [p for p in sorted(RESULTS.glob("all_archs*.json")) if not _channels_last(p)]
         if name == "resnet18.json" and all_archs:
             parts.append("\n".join(all_archs_table(all_archs)))
             if (RESULTS / "allocator_default.json").is_file():
                 parts.append("\n".join(allocator_table(RESULTS / "allocator_default.json", all_archs)))
+            channels_last = [p for p in sorted(RESULTS.glob("all_archs*.json")) if _channels_last(p)]
+            if channels_last:
+                parts.append("\n".join(channels_last_table(channels_last, all_archs)))
     block = "\n\n".join(parts) + "\n"
     from reproduce.readme_block import write_readme_block
 

@@ -13,6 +13,7 @@ A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32
 a no-grad forward in eval mode; fast mode (``--fast K``) is timed over whole refresh cycles of K steps,
 per step. Like ``ndeconv train``, the benchmark first lets glibc's malloc
 reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
+``--channels-last`` puts every network and input in channels-last memory format (both forms alike).
 ``--memory`` measures each config's peak step memory in a fresh subprocess (ru_maxrss delta, see
 _common.peak_rss_probe). ``--profile`` adds torch.profiler's top ops of an ND step. Each model row
 also counts the step's arithmetic (benchmarks/flops.py): GFLOP of the convolutions and of the
@@ -105,7 +106,11 @@ def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, arg
     return out
 
 
-def _models(arch: str, fast: list[int]) -> tuple[dict[str, nn.Module], str]:
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _models(arch: str, fast: list[int], channels_last: bool = False) -> tuple[dict[str, nn.Module], str]:
     torch.manual_seed(0)
     nd, source = build(arch, deconv=True)
     nets = {"nd": nd}
@@ -114,7 +119,7 @@ def _models(arch: str, fast: list[int]) -> tuple[dict[str, nn.Module], str]:
         set_fast_mode(fast_model, k)
         nets[f"fast{k}"] = fast_model
     nets["bn"], _ = build(arch, deconv=False)
-    return nets, source
+    return {k: m.to(memory_format=_layout(channels_last)) for k, m in nets.items()}, source
 
 
 def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
@@ -123,12 +128,14 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
     for arch in archs:
         for batch in args.batch:
             try:
-                nets, source = _models(arch, args.fast)
+                nets, source = _models(arch, args.fast, args.channels_last)
             except SystemExit as exc:
                 print(f"skip {arch}: {exc}", flush=True)
                 continue
             x, y = _data(batch, args.image)
-            row = {"arch": arch, "batch": batch, "image": args.image, "source": source}
+            x = x.contiguous(memory_format=_layout(args.channels_last))
+            row = {"arch": arch, "batch": batch, "image": args.image, "source": source,
+                   "memory_format": "channels_last" if args.channels_last else "nchw"}
             row.update(bench_pair(nets, x, y, args))
             base = arch.removesuffix("_deconv")
             row["reference_nd_over_bn_train_median"] = ref.get(base)
@@ -138,7 +145,8 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
                 for form in ("nd", "bn"):
                     row[f"{form}_peak_step_mib"] = C.peak_rss_probe(
                         [__file__, "--probe", arch, form, str(batch), str(args.image),
-                         "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
+                         "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory",
+                         "--channels-last" if args.channels_last else "--no-channels-last"]
                     ).get("peak_step_mib")
                 if row.get("nd_peak_step_mib") and row.get("bn_peak_step_mib"):
                     row["nd_over_bn_peak_memory"] = round(row["nd_peak_step_mib"] / row["bn_peak_step_mib"], 3)
@@ -179,11 +187,13 @@ def _line(row: dict) -> str:
     return "  ".join(parts)
 
 
-def probe(arch: str, form: str, batch: int, image: int) -> None:
+def probe(arch: str, form: str, batch: int, image: int, channels_last: bool = False) -> None:
     """Subprocess entry for --memory: peak RSS growth over two training steps of one model."""
     torch.manual_seed(0)
     model, _ = build(arch, deconv=form == "nd")
     x, y = _data(batch, image)
+    model = model.to(memory_format=_layout(channels_last))
+    x = x.contiguous(memory_format=_layout(channels_last))
     step = C.make_train_step(model, x, y)
     C.reset_peak_rss()
     before = C.maxrss_mib()
@@ -209,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="glibc malloc reuses freed memory, as `ndeconv train` does (default: on)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="networks and inputs in channels-last memory format (default: NCHW)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up round, 2 timed steps, no layers")
     p.add_argument("--name", default=None, help="results file name (default from the arch)")
     p.add_argument("--probe", nargs=4, metavar=("ARCH", "FORM", "BATCH", "IMAGE"), help=argparse.SUPPRESS)
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory:
         keep_freed_memory()
     if args.probe:
-        probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]))
+        probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]), args.channels_last)
         return 0
     if args.quick:
         args.warmup, args.repeats, args.eval_repeats = 1, 2, 1
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": C.command_line(), "machine": C.machine_info(),
                "method": __doc__.split("Method: ", 1)[1].strip(), "settings": {
                    k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast",
-                                               "keep_freed_memory")}}
+                                               "keep_freed_memory", "channels_last")}}
     payload["models"] = run_models(args, ref)
     if args.layers:
         payload["layers"] = run_layers(args)

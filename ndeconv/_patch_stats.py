@@ -33,6 +33,11 @@ import torch
 import torch.nn.functional as F
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (and not also plain contiguous, as 1x1 images are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 @dataclass(frozen=True)
 class PatchSampler:
     """How a layer samples patches: its im2col geometry and the authors' block layout.
@@ -103,8 +108,8 @@ class PatchSampler:
         (every image is sampled at the same pixels), then one strided sum per kernel tap and channel (zero
         padding adds nothing); in the block layout a feature also averages over its blocks."""
         n, c = x.shape[:2]
-        if self.kernel == (1, 1):  # every stride**2-th pixel of the batch, as the authors sample them
-            pixels = x.permute(0, 2, 3, 1).reshape(-1, c)[:: self.stride**2]
+        if self.kernel == (1, 1):
+            pixels = self._sampled_pixels(x)
             sums, count = pixels.sum(0), pixels.shape[0]
         else:
             image = x.sum(0)
@@ -118,6 +123,22 @@ class PatchSampler:
             sums = sums.view(self.num_features, -1).sum(1)
             count *= self._blocks(c)
         return sums / count
+
+    def _pixel_index(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and pixel index of every ``stride**2``-th pixel of the batch in (N, H, W) order: the authors'
+        1x1 sample (``x.permute(1, 0, 2, 3).reshape(C, -1)[:, ::stride**2]``)."""
+        n, _, h, w = shape
+        flat = torch.arange(0, n * h * w, self.stride**2, device=device)
+        return flat // (h * w), flat % (h * w)
+
+    def _sampled_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1x1 sample as a ``(pixels, C)`` matrix. Channels-last: a strided view. NCHW: gathered straight from
+        the input (a permuted copy of the whole input first costs 4-8x as long: DenseNet-121's 1x1 layers see up
+        to 1024 channels)."""
+        if channels_last(x):
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[:: self.stride**2]
+        image, pixel = self._pixel_index(x.shape, x.device)
+        return x.flatten(2)[image, :, pixel]
 
     def _blocks(self, channels: int) -> int:
         return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
@@ -140,7 +161,7 @@ class PatchSampler:
                 rows[:, ph, pw, g, f].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
             return rows.view(-1, nf)
         if self.kernel == (1, 1):  # every pixel a patch: the authors sample every stride**2-th pixel of the batch
-            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[:: self.stride**2]
+            rows = self._sampled_pixels(x)
         else:
             rows = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride).transpose(1, 2)
             rows = rows.reshape(-1, rows.shape[-1])
@@ -167,14 +188,16 @@ class PatchSampler:
         torch.sub(patches, mean[:, :, None, None], out=rows)
         return rows.view(groups, patches.shape[1], -1), mean.reshape(-1)
 
-    def scatter_groups(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def scatter_groups(self, rows: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
         """The input-shaped gradient of ``gather_groups`` for the ``(groups, nf, n)`` row gradients."""
         n, c, h, w = shape
         cols = rows.view(*rows.shape[:2], n, -1).permute(2, 0, 1, 3).reshape(n, c * self.kernel[0] * self.kernel[1], -1)
-        return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+        grad = F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+        return grad.contiguous(memory_format=layout)
 
-    def scatter(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The input-shaped gradient of ``gather`` for the row gradients ``rows`` (gather's adjoint)."""
+    def scatter(self, rows: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
+        """The input-shaped gradient of ``gather`` for the row gradients ``rows`` (gather's adjoint), in the
+        input's memory ``layout`` (a gradient in another format slows every op it meets later)."""
         n, c, h, w = shape
         blocks = self._blocks(c)
         width = c * self.kernel[0] * self.kernel[1]
@@ -185,20 +208,28 @@ class PatchSampler:
                 self.stride == k and d == 1 and g * self.stride - p >= size and p < self.stride
                 for k, d, g, p, size in zip(self.kernel, self.dilation, grid, self.padding, (h, w), strict=True)
             )
-            grad = rows.new_empty(shape) if covered else rows.new_zeros(shape)
+            grad = torch.empty(shape, dtype=rows.dtype, device=rows.device, memory_format=layout)
+            if not covered:
+                grad.zero_()
             for (ph, pw, g, f), (cs, hi, wi) in self._taps(shape, blocks):
                 grad[:, cs, hi, wi].copy_(rows[:, ph, pw, g, f].permute(0, 3, 1, 2))
             return grad
         if blocks > 1:
             rows = rows.view(-1, blocks, self.num_features).transpose(1, 2)
         rows = rows.reshape(-1, width)
-        if self.kernel == (1, 1):
-            grad = rows.new_zeros(n, h, w, c)
-            grad.view(-1, c)[:: self.stride**2] = rows
-            return grad.permute(0, 3, 1, 2)
+        if self.kernel == (1, 1):  # straight into NCHW: a channels-last gradient slows every op it meets later
+            if layout == torch.channels_last:
+                grad = rows.new_zeros(n, h, w, c)
+                grad.view(-1, c)[:: self.stride**2] = rows
+                return grad.permute(0, 3, 1, 2)
+            grad = rows.new_zeros(n, c, h * w)
+            image, pixel = self._pixel_index(shape, rows.device)
+            grad[image, :, pixel] = rows
+            return grad.view(shape)
         grid = self._grid((h, w))
         cols = rows.view(n, grid[0] * grid[1], width).transpose(1, 2)
-        return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+        grad = F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+        return grad.contiguous(memory_format=layout)
 
 
 def symmetric_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -237,6 +268,7 @@ class _PatchStatistics(torch.autograd.Function):
             cov = torch.baddbmm(eye.expand(groups, -1, -1), per_group, per_group.mT, beta=eps, alpha=1.0 / n)
         ctx.save_for_backward(rows)
         ctx.sampler, ctx.groups, ctx.shape, ctx.n = sampler, groups, x.shape, n
+        ctx.layout = torch.channels_last if channels_last(x) else torch.contiguous_format
         return mean, cov
 
     @staticmethod
@@ -255,7 +287,7 @@ class _PatchStatistics(torch.autograd.Function):
         if d_mean is not None:
             d_rows.add_((d_mean / n).view(groups, -1, 1) if group_major else d_mean / n)
         scatter = ctx.sampler.scatter_groups if group_major else ctx.sampler.scatter
-        return scatter(d_rows, ctx.shape), None, None, None
+        return scatter(d_rows, ctx.shape, ctx.layout), None, None, None
 
 
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:

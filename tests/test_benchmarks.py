@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import train_step
 
@@ -30,3 +31,41 @@ def test_quick_run_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_refresh_cycle() -> None:
     assert train_step._refresh_cycle("fast4") == 4 and train_step._refresh_cycle("nd") == 1
+
+
+def test_channels_last_run_converts_both_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real_bench = train_step.bench_pair
+    monkeypatch.setattr(train_step, "bench_pair", lambda nets, x, y, args: seen.append((nets, x)) or
+                        real_bench(nets, x, y, args))
+    out = tmp_path / "cl"
+    assert train_step.main(["--arch", "mobilenetv2_deconv", "--batch", "2", "--quick", "--no-layers",
+                            "--channels-last", "--name", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())["models"]
+    assert row["memory_format"] == "channels_last"
+    ((nets, x),) = seen
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    for net in nets.values():
+        convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                             for p in convs)
+
+
+def _results(path: Path, channels_last: bool, nd: float, bn: float) -> Path:
+    row = {"arch": "resnet18_deconv", "batch": 128, "nd_train": {"median_s": nd}, "bn_train": {"median_s": bn},
+           "nd_over_bn_train": round(nd / bn, 3), "target_nd_over_bn_train": 1.5}
+    path.write_text(json.dumps({"command": f"cmd {path.stem}", "models": [row],
+                                "settings": {"keep_freed_memory": True, "channels_last": channels_last}}))
+    return path
+
+
+def test_report_keeps_channels_last_runs_out_of_the_nchw_table(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    nchw = _results(tmp_path / "all_archs_a.json", False, 4.0, 2.0)
+    cl = _results(tmp_path / "all_archs_cl.json", True, 3.0, 1.0)
+    assert [report._channels_last(p) for p in (nchw, cl)] == [False, True]
+    table = "\n".join(report.all_archs_table([nchw]))
+    assert "**2.00**" in table and "**3.00**" not in table
+    (row,) = [line for line in report.channels_last_table([cl], [nchw]) if line.startswith("| resnet18")]
+    assert "4.000 -> 3.000 s (-25%)" in row and "2.000 -> 1.000 s (-50%)" in row and "2.00 -> **3.00**" in row

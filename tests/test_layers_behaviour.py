@@ -121,15 +121,22 @@ def _clone_layer(layer: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, groups=8)]
+    "kwargs",
+    [dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, groups=8),
+     dict(kernel_size=3, padding=1, block=8)],
 )
 def test_channels_last_input_gives_the_same_result(kwargs):
+    """Same numbers in either memory format, and the layer keeps the format it is given, as nn.Conv2d does (a
+    one-block 1x1 layer used to switch an NCHW model to channels-last, slowing every mixed-format op after it)."""
     torch.manual_seed(0)
     a = FastDeconv(16, 16, **kwargs).double()
-    b = _clone_layer(a)
+    b = _clone_layer(a).to(memory_format=torch.channels_last)
     x = _correlated(4, 16, 10, 10)
     y_a, gx_a = _train_step(a, x)
     y_b, gx_b = _train_step(b, x.to(memory_format=torch.channels_last))
+    assert y_a.is_contiguous() and gx_a.is_contiguous()
+    assert y_b.is_contiguous(memory_format=torch.channels_last) and not y_b.is_contiguous()
+    assert gx_b.is_contiguous(memory_format=torch.channels_last) and not gx_b.is_contiguous()
     torch.testing.assert_close(y_b, y_a, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gx_b, gx_a, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(b.weight.grad, a.weight.grad, rtol=1e-10, atol=1e-12)

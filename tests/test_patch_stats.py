@@ -87,3 +87,24 @@ def test_patch_mean_alone(kernel, dilation, padding, stride, block, groups, shap
     (grad,) = torch.autograd.grad((mean * probe).sum(), x)
     torch.testing.assert_close(mean, want, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_gradient_keeps_the_input_layout(kernel, dilation, padding, stride, block, groups, shape, layout) -> None:
+    """Same statistics and gradient from an NCHW and a channels-last input, and the gradient comes back in the
+    input's layout (one in the other format makes every later elementwise op slow)."""
+    torch.manual_seed(0)
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    x = torch.randn(*shape, dtype=torch.float64)
+    want_mean, want_cov = _plain(x, sampler, 1e-5, groups)
+    probe_mean, probe_cov = torch.randn_like(want_mean), torch.randn_like(want_cov)
+    grads = []
+    for fmt in (torch.contiguous_format, layout):
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+        mean, cov = patch_statistics(xi, sampler, 1e-5, groups)
+        torch.testing.assert_close(cov, want_cov, rtol=1e-13, atol=1e-15)
+        (grad,) = torch.autograd.grad((mean * probe_mean).sum() + (cov * probe_cov).sum(), xi)
+        assert grad.is_contiguous(memory_format=fmt) and grad.stride() == xi.stride()
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
