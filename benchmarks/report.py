@@ -66,6 +66,16 @@ def all_archs_table(paths: list[Path]) -> list[str]:
     return lines
 
 
+def _before_after_row(base: dict, row: dict) -> str:
+    """One network's ND step, BN step and ratio in two runs (``base`` -> ``row``)."""
+    def step(form: str) -> str:
+        before, after = base[f"{form}_train"]["median_s"], row[f"{form}_train"]["median_s"]
+        return f"{before:.3f} -> {after:.3f} s ({(after / before - 1) * 100:+.0f}%)"
+
+    return (f"| {base['arch']} | {base['batch']} | {step('nd')} | {step('bn')} | "
+            f"{base['nd_over_bn_train']:.2f} -> **{row['nd_over_bn_train']:.2f}** |")
+
+
 def _channels_last(path: Path) -> bool:
     return bool(json.loads(path.read_text()).get("settings", {}).get("channels_last", False))
 
@@ -86,14 +96,7 @@ def channels_last_table(cl_paths: list[Path], nchw_paths: list[Path]) -> list[st
              "| network | batch | ND step NCHW -> channels-last | BN step NCHW -> channels-last | "
              "ND/BN NCHW -> channels-last |",
              "|---|---:|---:|---:|---:|"]
-    for base, row in pairs:
-        def step(form: str, base=base, row=row) -> str:
-            before, after = base[f"{form}_train"]["median_s"], row[f"{form}_train"]["median_s"]
-            return f"{before:.3f} -> {after:.3f} s ({(after / before - 1) * 100:+.0f}%)"
-
-        lines.append(f"| {row['arch']} | {row['batch']} | {step('nd')} | {step('bn')} | "
-                     f"{base['nd_over_bn_train']:.2f} -> **{row['nd_over_bn_train']:.2f}** |")
-    return lines
+    return lines + [_before_after_row(base, row) for base, row in pairs]
 
 
 def _kept(data: dict) -> bool:
@@ -119,14 +122,7 @@ def allocator_table(default_path: Path, kept_paths: list[Path]) -> list[str]:
              "on the same quiet machine:", "",
              "| network | batch | ND step default -> kept | BN step default -> kept | ND/BN default -> kept |",
              "|---|---:|---:|---:|---:|"]
-    for base, row in pairs:
-        def step(form: str, base=base, row=row) -> str:
-            before, after = base[f"{form}_train"]["median_s"], row[f"{form}_train"]["median_s"]
-            return f"{before:.3f} -> {after:.3f} s ({(after / before - 1) * 100:+.0f}%)"
-
-        lines.append(f"| {base['arch']} | {base['batch']} | {step('nd')} | {step('bn')} | "
-                     f"{base['nd_over_bn_train']:.2f} -> **{row['nd_over_bn_train']:.2f}** |")
-    return lines
+    return lines + [_before_after_row(base, row) for base, row in pairs]
 
 
 def scaling_section(path: Path) -> list[str]:
