@@ -38,22 +38,33 @@ PAPER_CIFAR10_1EPOCH = {
 
 
 def read_run(run_dir: Path) -> dict | None:
-    """Last epoch of a finished 1-epoch run: test top-1 and wall seconds; None if absent or unfinished."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    """A finished 1-epoch run (test top-1, wall seconds) or a diverged one (``diverged.json``, written by
+    ``ndeconv train`` when the loss stopped being finite: the step, wall seconds); None if absent or unfinished."""
+    metrics, diverged = run_dir / "metrics.jsonl", run_dir / "diverged.json"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     rows = [r for r in rows if r.get("epoch", 0) >= 1 and not r.get("partial")]
-    if not rows:
+    if rows:
+        result = {"test_top1": float(rows[-1]["test_top1"]), "seconds": float(sum(r.get("seconds", 0.0) for r in rows))}
+    elif diverged.is_file():
+        record = json.loads(diverged.read_text())
+        result = {"diverged_at_step": int(record["step"]), "seconds": float(record["seconds"])}
+    else:
         return None
-    last = rows[-1]
+    result["run_dir"] = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
     note = run_dir / "time_note.txt"  # written by hand when a run was paused (SIGSTOP) or shared the machine
-    return {
-        "test_top1": float(last["test_top1"]),
-        "seconds": float(sum(r.get("seconds", 0.0) for r in rows)),
-        "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
-        **({"time_note": note.read_text().strip()} if note.is_file() else {}),
-    }
+    return {**result, **({"time_note": note.read_text().strip()} if note.is_file() else {})}
+
+
+def _top1(run: dict | None) -> str:
+    if run is None:
+        return "pending"
+    if "diverged_at_step" in run:
+        return f"diverged (loss NaN at step {run['diverged_at_step']})"
+    return f"{run['test_top1']:.2f}"
+
+
+def _trained(run: dict | None) -> bool:
+    return run is not None and "test_top1" in run
 
 
 def collect(runs: Path) -> list[dict]:
@@ -63,7 +74,7 @@ def collect(runs: Path) -> list[dict]:
         paper_bn, paper_nd = PAPER_CIFAR10_1EPOCH[arch]
         table.append({
             "arch": arch, "bn": bn, "nd": nd,
-            "nd_minus_bn": None if not (bn and nd) else nd["test_top1"] - bn["test_top1"],
+            "nd_minus_bn": nd["test_top1"] - bn["test_top1"] if _trained(bn) and _trained(nd) else None,
             "paper_cifar10_bn": paper_bn, "paper_cifar10_nd": paper_nd,
         })
     return table
@@ -81,17 +92,23 @@ def markdown(table: list[dict]) -> str:
     for row in table:
         bn, nd = row["bn"], row["nd"]
         diff = row["nd_minus_bn"]
-        bn_top1 = f"{bn['test_top1']:.2f}" if bn else "pending"
-        nd_top1 = f"{nd['test_top1']:.2f}" if nd else "pending"
+        diff_text = f"{diff:+.2f}" if diff is not None else (
+            "BN diverged" if _trained(nd) and bn and not _trained(bn) else
+            "ND diverged" if _trained(bn) and nd and not _trained(nd) else "–")
         lines.append(
-            f"| {row['arch']} | {bn_top1} | {nd_top1} | {f'{diff:+.2f}' if diff is not None else '–'} | "
+            f"| {row['arch']} | {_top1(bn)} | {_top1(nd)} | {diff_text} | "
             f"{_fmt_minutes(bn['seconds']) if bn else '–'} | {_fmt_minutes(nd['seconds']) if nd else '–'} | "
             f"{row['paper_cifar10_bn']:.2f} → {row['paper_cifar10_nd']:.2f} |"
         )
-    done = [r for r in table if r["nd_minus_bn"] is not None]
-    worse = [r["arch"] for r in done if r["nd_minus_bn"] <= 0]
+    done = [r for r in table if r["bn"] and r["nd"]]
+    worse = [r["arch"] for r in done if r["nd_minus_bn"] is not None and r["nd_minus_bn"] <= 0]
+    diverged = [f"{r['arch']} {form.upper()}" for r in done for form in ("bn", "nd") if not _trained(r[form])]
     summary = (f"\nMeasured pairs: {len(done)} of {len(table)}. Times are each run's wall clock on the shared "
                "2-core machine, other work included; quiet-machine step times are in the Speed section.")
+    if diverged:
+        summary += (f" Diverged under the protocol's settings (the loss became NaN; `ndeconv train` stops there and "
+                    f"records it in the run's diverged.json; no accuracy to report, no bar in the chart): "
+                    f"{', '.join(diverged)}.")
     notes = [f"{row['arch']} {form.upper()}: {row[form]['time_note']}" for row in table for form in ("bn", "nd")
              if row[form] and row[form].get("time_note")]
     if notes:
@@ -99,7 +116,7 @@ def markdown(table: list[dict]) -> str:
     if worse:
         summary += f" ND did not beat BN for: {', '.join(worse)}."
     elif done:
-        summary += " ND beat BN in every measured pair."
+        summary += " ND beat BN in every measured pair that both trained."
     chart = ("\n![BN vs ND test top-1 after one epoch, with the paper's CIFAR-10 numbers]"
              "(reproduce/results/paper_claim.png)")
     return "\n".join(lines) + "\n" + summary + "\n" + chart + "\n"
@@ -112,8 +129,8 @@ def bar_chart(table: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     archs = [r["arch"] for r in table]
-    bn = [r["bn"]["test_top1"] if r["bn"] else 0.0 for r in table]
-    nd = [r["nd"]["test_top1"] if r["nd"] else 0.0 for r in table]
+    bn = [r["bn"]["test_top1"] if _trained(r["bn"]) else 0.0 for r in table]
+    nd = [r["nd"]["test_top1"] if _trained(r["nd"]) else 0.0 for r in table]
     x = range(len(archs))
     fig, ax = plt.subplots(figsize=(10, 4.8))
     ax.bar([i - 0.2 for i in x], bn, 0.4, label="BatchNorm")
@@ -122,11 +139,16 @@ def bar_chart(table: list[dict], path: Path) -> None:
     ax.plot([i - 0.2 for i in x], [r["paper_cifar10_bn"] for r in table], "k_", markersize=14,
             label="paper, CIFAR-10: BatchNorm")
     ax.plot([i + 0.2 for i in x], [r["paper_cifar10_nd"] for r in table], "kx", label="paper, CIFAR-10: deconvolution")
+    for i, r in enumerate(table):
+        for offset, form in ((-0.2, "bn"), (0.2, "nd")):
+            if r[form] and not _trained(r[form]):
+                ax.text(i + offset, 2, "diverged", rotation=90, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), archs, rotation=30, ha="right")
     ax.set_ylabel("test top-1 after 1 epoch (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=4, fontsize=8, frameon=False)
-    ax.set_title("BatchNorm vs network deconvolution on Fashion-MNIST, 1 epoch (missing bars: run pending)")
+    ax.set_title("BatchNorm vs network deconvolution on Fashion-MNIST, 1 epoch (missing bars: run pending)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

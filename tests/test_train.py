@@ -188,3 +188,36 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
     _fails(capsys, ["train", "--resume", str(broken)], r"cannot read .*checkpoint\.pt")
     assert (broken / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_divergence_is_recorded_and_the_checkpoint_kept(tmp_path: Path) -> None:
+    """A loss that stops being finite ends the run with a one-line error and a diverged.json the paper-claim
+    table reads (a diverged run is a result, not an interrupted one); the last checkpoint stays."""
+    out = tmp_path / "run"
+    done = subprocess.run(_train_cmd(*TINY, "--out", str(out), "--deconv", "false", "--lr", "1e12"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "the loss became nan" in done.stderr and "lower --lr" in done.stderr and "diverged.json" in done.stderr
+    record = json.loads((out / "diverged.json").read_text())
+    assert record["loss"] == "nan" and record["step"] >= 1 and record["epoch"] == 1 and record["seconds"] > 0
+    assert (out / "checkpoint.pt").is_file() and not (out / "metrics.jsonl").exists()
+    from reproduce.paper_claim import read_run
+
+    assert read_run(out) == {"diverged_at_step": record["step"], "seconds": pytest.approx(record["seconds"]),
+                             "run_dir": str(out)}
+
+
+def test_queue_skips_a_diverged_run(tmp_path: Path) -> None:
+    """reproduce/train_run.sh leaves a diverged run alone (resuming would repeat the same steps)."""
+    run = tmp_path / "vgg16-bn"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    (run / "diverged.json").write_text('{"step": 47}')
+    script = f"source reproduce/train_run.sh; NDECONV=false train_run {run} --arch vgg16"
+    done = subprocess.run(["bash", "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "diverged" in done.stdout and "skipped" in done.stdout
+    (run / "diverged.json").unlink()  # without the record the same directory is resumed (and here fails)
+    done = subprocess.run(["bash", "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "resuming" in done.stdout

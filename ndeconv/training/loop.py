@@ -42,7 +42,8 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 STEPS_FILE = "steps.jsonl"
-_RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, STEPS_FILE, CURVES_FILE, "checkpoint.pt")
+DIVERGED_FILE = "diverged.json"  # written when the loss stops being finite: what happened, where, when
+_RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, STEPS_FILE, CURVES_FILE, DIVERGED_FILE, "checkpoint.pt")
 
 
 @dataclass
@@ -315,6 +316,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
         def write() -> None:
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, cfg.to_dict())
             if final_epoch:
+                (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resumed run that got past it after all
                 save_safetensors_atomic(model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
                 write_metrics(state.history, run_dir / METRICS_FILE)
                 write_metrics(state.steps, run_dir / STEPS_FILE)
@@ -352,8 +354,14 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                 scheduler.step()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
+                # A diverged run is a result too (the paper-claim table reports it): recorded in the run directory,
+                # so scripts can tell it from an interrupted run; the last checkpoint stays as it was.
+                record = {"step": state.global_step + 1, "epoch": epoch + 1, "loss": str(loss_value),
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": state.seconds + time.perf_counter() - tick}
+                ctx.on_main(lambda record=record: save_json_atomic(record, run_dir / DIVERGED_FILE))
                 raise UsageError(f"the loss became {loss_value} at step {state.global_step + 1}; lower --lr "
-                                 f"(now {cfg.lr}) or check the data; the last checkpoint is in {run_dir}")
+                                 f"(now {cfg.lr}) or check the data; recorded in {run_dir / DIVERGED_FILE}, the last "
+                                 f"checkpoint is in {run_dir}")
             c1, c5 = topk_correct(logits.detach().float(), y)
             meter.update(loss_value, c1, c5, y.numel())
             window.update(loss_value, c1, c5, y.numel())
