@@ -217,7 +217,7 @@ class PatchSampler:
         if blocks > 1:
             rows = rows.view(-1, blocks, self.num_features).transpose(1, 2)
         rows = rows.reshape(-1, width)
-        if self.kernel == (1, 1):  # straight into NCHW: a channels-last gradient slows every op it meets later
+        if self.kernel == (1, 1):  # straight into the input's layout (no permuted copy of the whole gradient)
             if layout == torch.channels_last:
                 grad = rows.new_zeros(n, h, w, c)
                 grad.view(-1, c)[:: self.stride**2] = rows

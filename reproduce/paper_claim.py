@@ -47,7 +47,8 @@ def read_run(run_dir: Path) -> dict | None:
         result = {"test_top1": float(rows[-1]["test_top1"]), "seconds": float(sum(r.get("seconds", 0.0) for r in rows))}
     elif diverged.is_file():
         record = json.loads(diverged.read_text())
-        result = {"diverged_at_step": int(record["step"]), "seconds": float(record["seconds"])}
+        result = {"diverged_at_step": int(record["step"]), "diverged_loss": str(record["loss"]),
+                  "seconds": float(record["seconds"])}
     else:
         return None
     result["run_dir"] = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
@@ -59,7 +60,7 @@ def _top1(run: dict | None) -> str:
     if run is None:
         return "pending"
     if "diverged_at_step" in run:
-        return f"diverged (loss NaN at step {run['diverged_at_step']})"
+        return f"diverged (loss {run['diverged_loss']} at step {run['diverged_at_step']})"
     return f"{run['test_top1']:.2f}"
 
 
@@ -106,8 +107,8 @@ def markdown(table: list[dict]) -> str:
     summary = (f"\nMeasured pairs: {len(done)} of {len(table)}. Times are each run's wall clock on the shared "
                "2-core machine, other work included; quiet-machine step times are in the Speed section.")
     if diverged:
-        summary += (f" Diverged under the protocol's settings (the loss became NaN; `ndeconv train` stops there and "
-                    f"records it in the run's diverged.json; no accuracy to report, no bar in the chart): "
+        summary += (" Diverged under the protocol's settings (the loss stopped being finite; `ndeconv train` stops "
+                    "there and records it in the run's diverged.json; no accuracy to report, no bar in the chart): "
                     f"{', '.join(diverged)}.")
     notes = [f"{row['arch']} {form.upper()}: {row[form]['time_note']}" for row in table for form in ("bn", "nd")
              if row[form] and row[form].get("time_note")]

@@ -203,8 +203,8 @@ def test_divergence_is_recorded_and_the_checkpoint_kept(tmp_path: Path) -> None:
     assert (out / "checkpoint.pt").is_file() and not (out / "metrics.jsonl").exists()
     from reproduce.paper_claim import read_run
 
-    assert read_run(out) == {"diverged_at_step": record["step"], "seconds": pytest.approx(record["seconds"]),
-                             "run_dir": str(out)}
+    assert read_run(out) == {"diverged_at_step": record["step"], "diverged_loss": "nan",
+                             "seconds": pytest.approx(record["seconds"]), "run_dir": str(out)}
 
 
 def test_queue_skips_a_diverged_run(tmp_path: Path) -> None:
