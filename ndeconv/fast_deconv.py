@@ -42,8 +42,8 @@ def _like(weight: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
 
     ``F.conv2d`` runs in channels-last when its input or weight looks channels-last, and the fold's reshapes
     leave strides that say so by accident: a one-block 1x1 weight came out (C, 1, C, C), so a plain NCHW
-    model switched memory format after that layer, and mixed-format elementwise ops downstream ran up to
-    30x slower (ResNeXt-29's ReLU backward). Copying onto the layer weight's strides keeps the format the
+    model switched memory format after that layer, and mixed-format elementwise ops downstream ran many times
+    slower (ResNeXt-29's ReLU backward, in a profile). Copying onto the layer weight's strides keeps the format the
     user chose: NCHW by default, channels-last after ``model.to(memory_format=torch.channels_last)``.
     """
     if weight.stride() == layout.stride():
