@@ -66,6 +66,7 @@ class ExportResult:
     external_data: bool
     fold_report: FoldReport | None
     reference: nn.Module = field(repr=False)  # the float32 eval model the export must reproduce
+    verification: VerifyResult | None = None  # set when export_onnx(verify=True)
 
 
 @dataclass
@@ -99,11 +100,14 @@ def export_onnx(
     input_size: tuple[int, int, int] | None = None,
     force: bool = False,
     fold_model: bool = True,
+    verify: bool = False,
 ) -> ExportResult:
     """Fold ``model`` (unless ``fold_model=False`` and it is already plain) and write it to ``path`` as ONNX.
 
     The batch axis is dynamic (named ``batch``) unless ``static_batch`` fixes it. Input ``input``
     (float32, N x C x H x W), output ``logits``. One file unless the weights exceed protobuf's 2 GiB.
+    With ``verify``, the export is checked (``verify_onnx_for_model``) before it takes ``path``'s place, so a
+    failed check raises and leaves whatever was at ``path`` untouched.
     """
     path = check_output_path(path, force)
     if static_batch is not None and static_batch < 1:
@@ -137,6 +141,16 @@ def export_onnx(
                 torch.onnx.export(plain, (example,), str(tmp_path), **kwargs)
         except Exception as err:
             raise NdeconvError(f"ONNX export of {type(model).__name__} failed: {type(err).__name__}: {err}") from err
+        result = ExportResult(path=tmp_path, opset=opset, dynamic_batch=static_batch is None,
+                              static_batch=static_batch, input_size=input_size, external_data=external,
+                              fold_report=report, reference=reference)
+        if verify:
+            try:
+                result.verification = verify_onnx_for_model(result)
+            except NdeconvError as err:
+                reason = str(err).replace(str(tmp_path), str(path))
+                kept = "the existing file is kept" if path.exists() else "nothing was written"
+                raise NdeconvError(f"verification failed ({kept}): {reason}") from err
         # Data file first, so the .onnx never points at a missing one.
         for produced in sorted(tmp_dir.iterdir(), key=lambda p: p == tmp_path):
             with open(produced, "rb") as f:
@@ -144,8 +158,8 @@ def export_onnx(
             os.replace(produced, path.parent / produced.name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return ExportResult(path=path, opset=opset, dynamic_batch=static_batch is None, static_batch=static_batch,
-                        input_size=input_size, external_data=external, fold_report=report, reference=reference)
+    result.path = path
+    return result
 
 
 def onnx_op_types(path: str | os.PathLike) -> Counter:

@@ -133,9 +133,8 @@ def save_folded(
     from ndeconv.io import check_output_path
 
     path = Path(path)
-    config_path = path.with_name("config.json")
     check_output_path(path, force)
-    check_output_path(config_path, force)
+    config_path = check_folded_config_path(path, force)
     config = folded_config(folded, report, source)
     text = json.dumps(config)
     save_safetensors_atomic(folded.state_dict(), path, metadata={METADATA_KEY: text, "format": "pt"})
@@ -143,7 +142,24 @@ def save_folded(
     return path, config_path
 
 
+def check_folded_config_path(path: str | os.PathLike, force: bool) -> Path:
+    """The config.json beside folded weights at ``path``; ``force`` replaces only one ``save_folded`` wrote."""
+    from ndeconv.io import check_config_beside
+
+    return check_config_beside(Path(path).with_name("config.json"), force,
+                               lambda config: config.get("format") == FOLDED_FORMAT, "`ndeconv fold`")
+
+
 def _read_config(path: Path) -> dict[str, Any] | None:
+    # The config embedded in the file first: it always describes these weights, while a config.json beside them
+    # may be stale (another file copied in) or half-written. The sidecar is for files whose metadata was stripped.
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception:  # noqa: BLE001 - unreadable files get load_safetensors' clear error later
+        return None
+    if text:
+        return json.loads(text)
     sidecar = path.with_name("config.json")
     if sidecar.is_file():
         try:
@@ -152,12 +168,7 @@ def _read_config(path: Path) -> dict[str, Any] | None:
             raise NdeconvError(f"{sidecar}: not readable JSON ({err})") from err
         if isinstance(config, dict) and config.get("format") == FOLDED_FORMAT:
             return config
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception:  # noqa: BLE001 - unreadable files get load_safetensors' clear error later
-        return None
-    return json.loads(text) if text else None
+    return None
 
 
 def is_folded_file(path: str | os.PathLike) -> bool:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
-from ndeconv.io import check_output_path, save_json_atomic, save_safetensors_atomic
+from ndeconv.io import check_config_beside, check_output_path, save_json_atomic, save_safetensors_atomic
 from zoo import REFERENCE_ARCHS, resolve_model_name
 
 __all__ = [
@@ -243,9 +243,9 @@ def convert_reference(
         raise UsageError(f"{output}: the output must be a .safetensors file (e.g. model.safetensors)")
     if arch is not None:
         resolve_model_name(arch, "architecture")  # an unknown name is reported first, before any file is touched
-    config_path = output.with_name("config.json")
     check_output_path(output, force)
-    check_output_path(config_path, force)
+    config_path = check_config_beside(output.with_name("config.json"), force,
+                                      lambda config: "converted_from" in config, "`ndeconv convert-reference`")
     converted = convert_reference_checkpoint(path, arch)
     metadata = {"format": "pt", "architecture": converted.model_name}
     save_safetensors_atomic(converted.model.state_dict(), output, metadata=metadata)

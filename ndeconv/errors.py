@@ -13,3 +13,14 @@ class UsageError(NdeconvError):
     """Bad arguments or input named by the user: unknown model, missing file, existing output (exit status 2)."""
 
     exit_code = 2
+
+
+def error_summary(err: BaseException) -> str:
+    """One line for an exception from a library: its first line, or, where that line only introduces a list
+    (torch's "Error(s) in loading state_dict for X:"), that line and the first item, which names the cause."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

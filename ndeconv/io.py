@@ -17,6 +17,7 @@ from .errors import NdeconvError, UsageError
 
 __all__ = [
     "atomic_write",
+    "check_config_beside",
     "check_output_path",
     "load_safetensors",
     "save_json_atomic",
@@ -27,6 +28,8 @@ __all__ = [
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     """Refuse to overwrite an existing file unless ``force``; make sure the folder exists and is writable."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; name the output file (e.g. {path / 'model.safetensors'})")
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another output path")
     parent = path.parent if str(path.parent) else Path(".")
@@ -36,6 +39,23 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
         raise UsageError(f"cannot create the output folder {parent}: {err.strerror}") from err
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent}: permission denied; choose a writable output path")
+    return path
+
+
+def check_config_beside(
+    path: str | os.PathLike, force: bool, is_ours: Callable[[dict[str, Any]], bool], writer: str
+) -> Path:
+    """``check_output_path`` for a config.json written beside a weights file: ``force`` replaces only a config
+    the same writer made, never a run directory's or a Hub folder's, which other files depend on."""
+    path = check_output_path(path, force)
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text())
+        except (OSError, ValueError):
+            existing = None
+        if not (isinstance(existing, dict) and is_ours(existing)):
+            raise UsageError(f"{path} exists and was not written by {writer} (it may describe a run or other "
+                             "weights), so --force does not replace it; write the output into another folder")
     return path
 
 

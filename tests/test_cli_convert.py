@@ -67,6 +67,25 @@ def test_refuses_overwrite_without_force(tmp_path, capsys) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
+def test_force_never_replaces_a_config_it_did_not_write(tmp_path, capsys) -> None:
+    # A run directory's config.json (resume, eval and local-dir: read it) survives `fold -o RUN/x --force`.
+    run_config = tmp_path / "config.json"
+    run_config.write_text('{"architecture": "pnasnet_a_deconv", "train": {"epochs": 1}}')
+    code, _, stderr = run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "-o", str(tmp_path / "a.safetensors"),
+                          "--force")
+    assert code == 2 and "was not written by `ndeconv fold`" in stderr and len(stderr.strip().splitlines()) == 1
+    assert run_config.read_text() == '{"architecture": "pnasnet_a_deconv", "train": {"epochs": 1}}'
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_folded_file_is_read_by_its_own_metadata(tmp_path, capsys) -> None:
+    # Two folds into one folder: the second replaces the config.json beside both, the first still loads as itself.
+    first, second = tmp_path / "pnasnet.safetensors", tmp_path / "resnet.safetensors"
+    assert run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "--no-check", "-o", str(first))[0] == 0
+    assert run(capsys, "fold", "resnet18_deconv", "--random-init", "--no-check", "-o", str(second), "--force")[0] == 0
+    assert type(load_folded(first)).__name__ == "PNASNet" and type(load_folded(second)).__name__ == "ResNet"
+
+
 @pytest.mark.parametrize("argv,code,message", [
     (["fold", "nosuchnet", "-o", "{tmp}/a.safetensors"], 2, "unknown model 'nosuchnet'"),
     (["export", "resnet18_deconv.nosuchtag", "-o", "{tmp}/a.onnx"], 2, "no pretrained tag 'nosuchtag'"),
@@ -79,6 +98,7 @@ def test_refuses_overwrite_without_force(tmp_path, capsys) -> None:
     (["fold", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/file.txt/a.safetensors"], 2,
      "cannot create the output folder"),
     (["export", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/a.txt"], 2, "*.onnx"),
+    (["export", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/folder.onnx", "--force"], 2, "is a folder"),
     (["export", "-o", "{tmp}/a.onnx"], 2, "give either MODEL"),
     (["export", "pnasnet_a_deconv", "--arch", "resnet18", "-o", "{tmp}/a.onnx"], 2, "--arch describes"),
     (["fold", "pnasnet_a_deconv", "--random-init", "-o", "{tmp}/a.safetensors", "--no-check", "--arch", "x"], 2,
@@ -87,6 +107,7 @@ def test_refuses_overwrite_without_force(tmp_path, capsys) -> None:
 def test_clear_one_line_errors(tmp_path, capsys, argv, code, message) -> None:
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00not a safetensors file")
     (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "folder.onnx").mkdir()
     got, stdout, stderr = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert got == code, stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

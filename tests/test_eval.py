@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from test_data import write_cifar10  # tests/ is on sys.path (pytest rootdir, no package)
+from test_data import write_cifar10, write_imagefolder  # tests/ is on sys.path (pytest rootdir, no package)
 
 from ndeconv.cli import main
 from ndeconv.training.data import FASHION_MNIST_DIR, load_split
@@ -104,7 +104,8 @@ def test_eval_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fails(["--checkpoint", str(weights), "--dataset", "cifar10"], "no config.json beside it")
     fails(["--checkpoint", str(weights), "--arch", "resnet18", "--deconv", "false", "--dataset", "cifar10"],
           "does not fit resnet18_deconv")
-    fails(["no_such_model_deconv", "--dataset", "cifar10"], "Unknown model")
+    fails(["no_such_model_deconv", "--dataset", "cifar10"], "unknown model 'no_such_model_deconv'")
+    fails(["resnet18_deconv.no_such_tag"], "Invalid pretrained tag")
     fails(["pnasnet_a_deconv", "--dataset", "svhn"], "unknown dataset 'svhn'")
 
 
@@ -121,3 +122,26 @@ def test_eval_infers_the_form_and_takes_folded_files(tmp_path: Path, capsys: pyt
     plain = _eval_json(capsys, ["--checkpoint", str(folded), *data])
     assert plain["count"] == unfolded["count"] == 6
     assert plain["top1"] == unfolded["top1"] and plain["loss"] == pytest.approx(unfolded["loss"], rel=1e-5)
+
+
+@needs_fashion
+def test_eval_takes_every_spelling_of_a_zoo_name(capsys: pytest.CaptureFixture) -> None:
+    # As the other commands: the zoo name, the name without _deconv, the authors' --arch; the tag may be left
+    # to its default, whose data is then the dataset (never timm's own ImageNet resnet18).
+    want = _eval_json(capsys, ["resnet18_deconv.fashion_mnist", "--test-subset", "8"])
+    for spelling in ("resnet18.fashion_mnist", "resnet.fashion_mnist", "resnet18_deconv", "resnet18"):
+        got = _eval_json(capsys, [spelling, "--test-subset", "8"])
+        assert got["dataset"] == "fashion_mnist" and got["loss"] == want["loss"], spelling
+
+
+def test_eval_run_directory_uses_its_image_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_imagefolder(tmp_path / "data", {"cat": 2, "dog": 2}, size=20)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "pnasnet_a", "--deconv", "false", "--dataset", "imagefolder", "--data-dir",
+                 str(tmp_path / "data"), "--img-size", "16", "--batch-size", "2", "--max-steps", "1",
+                 "--out", str(run)]) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    got = _eval_json(capsys, [str(run), "--data-dir", str(tmp_path / "data")])
+    assert got["loss"] == pytest.approx(last["test_loss"], rel=1e-6)  # at the run's 16x16, not the default 32
+    other = _eval_json(capsys, [str(run), "--data-dir", str(tmp_path / "data"), "--img-size", "32"])
+    assert other["loss"] != pytest.approx(last["test_loss"], rel=1e-6)

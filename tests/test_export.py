@@ -84,6 +84,19 @@ def test_op_check_rejects_whitening_subgraphs(tmp_path) -> None:
         check_onnx_ops(path)
 
 
+def test_failed_verification_keeps_the_existing_file(tmp_path) -> None:
+    # An export that does not pass its checks never takes the place of the file already there (--force).
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"a good export")
+    with pytest.raises(NdeconvError, match=r"verification failed \(the existing file is kept\).*m\.onnx"):
+        export_onnx(_Unfolding().eval(), target, input_size=(3, 8, 8), force=True, fold_model=False, verify=True)
+    assert target.read_bytes() == b"a good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary folder or data file left
+    with pytest.raises(NdeconvError, match="nothing was written"):
+        export_onnx(_Unfolding().eval(), tmp_path / "new.onnx", input_size=(3, 8, 8), fold_model=False, verify=True)
+    assert not (tmp_path / "new.onnx").exists()
+
+
 def test_verify_fails_on_a_different_model(tmp_path) -> None:
     model = trained("pnasnet_a_deconv")
     result = export_onnx(model, tmp_path / "m.onnx")

@@ -188,6 +188,72 @@ def test_wrong_architecture_is_clear_error(shipped, other):
     assert "\n" not in str(err.value)
 
 
+def test_feature_extractor_loads_without_the_head(shipped, gray_model):
+    # timm's num_classes=0: the classifier and its Delinear whitening are dropped, the backbone loads exactly.
+    file = str(shipped / "model.safetensors")
+    model = timm.create_model("resnet18_deconv", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=file)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_x()), gray_model.forward_head(gray_model.forward_features(_x()),
+                                                                         pre_logits=True), rtol=0, atol=0)
+
+
+def test_head_of_another_width_is_clear_error(shipped):
+    # Same classes, twice the pooled features: the classifier and its whitening cannot load, said in one line.
+    with pytest.raises(NdeconvError, match=r"wrong shape: linear\.") as err:
+        timm.create_model("resnet18_deconv", pretrained=True, global_pool="catavgmax",
+                          pretrained_cfg_overlay=dict(file=str(shipped / "model.safetensors")))
+    assert "\n" not in str(err.value)
+    # A new head (other classes) on the same backbone is fine: only the head starts fresh.
+    model = timm.create_model("resnet18_deconv", pretrained=True, global_pool="catavgmax", num_classes=3,
+                              pretrained_cfg_overlay=dict(file=str(shipped / "model.safetensors")))
+    assert model.linear.weight.shape == (3, 1024)
+
+
+def test_overlay_naming_another_source_replaces_the_shipped_file(shipped, gray_model, tmp_path, monkeypatch):
+    # timm tries `file` before `hf_hub_id`: without care the registered shipped file would silently win.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    _hf_cache(tmp_path, "someorg/mine", shipped)
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someorg/mine"))
+    assert _same(model, gray_model) == 0.0
+    assert model.pretrained_cfg.get("file") is None and model.pretrained_cfg["hf_hub_id"] == "someorg/mine"
+
+
+def test_user_file_takes_the_normalisation_recorded_beside_it(gray_model, tmp_path):
+    file = tmp_path / "model.safetensors"
+    pretrained_mod.save_safetensors_atomic(gray_model.state_dict(), file)
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    assert model.pretrained_cfg["mean"] == (0.0,)  # nothing recorded: the default tag's
+    recorded = dict(architecture="resnet18_deconv", input_size=[1, 32, 32], mean=[0.29], std=[0.35])
+    (tmp_path / "config.json").write_text(json.dumps(dict(pretrained_cfg=recorded)))
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    assert model.pretrained_cfg["mean"] == (0.29,) and model.pretrained_cfg["std"] == (0.35,)
+    assert timm.data.resolve_data_config(model=model)["mean"] == (0.29,)
+    rgb = timm.create_model("resnet18_deconv", pretrained=True, in_chans=3, pretrained_cfg_overlay=dict(file=str(file)))
+    assert rgb.pretrained_cfg["mean"] == (0.29,) * 3 and rgb.pretrained_cfg["input_size"] == (3, 32, 32)
+    # Another architecture's config says nothing about these weights.
+    (tmp_path / "config.json").write_text(json.dumps(dict(pretrained_cfg={**recorded, "architecture": "vgg16_deconv"})))
+    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    assert model.pretrained_cfg["mean"] == (0.0,)
+
+
+def test_rgb_adaptation_describes_the_model_it_built(shipped, monkeypatch, caplog):
+    monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", shipped.parent)
+    with caplog.at_level("WARNING"):
+        rgb = timm.create_model("resnet18_deconv", pretrained=True, in_chans=3,
+                                pretrained_cfg_overlay=dict(file=str(shipped / "model.safetensors")))
+    assert rgb.conv1.in_channels == 3
+    assert rgb.pretrained_cfg["input_size"] == (3, 32, 32) and len(rgb.pretrained_cfg["mean"]) == 3
+    assert not [r for r in caplog.records if "source channels" in r.getMessage()]
+
+
+def test_pickled_user_file_is_refused_without_unpickling(gray_model, tmp_path):
+    file = tmp_path / "model.pth"
+    torch.save(gray_model.state_dict(), file)
+    with pytest.raises(NdeconvError, match="only safetensors is loaded"):
+        timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+
+
 def test_local_dir(shipped, gray_model):
     model = timm.create_model(f"local-dir:{shipped}", pretrained=True)
     assert model.pretrained_cfg["architecture"] == "resnet18_deconv"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ndeconv.cli import build_parser, main
 from ndeconv.training import TrainConfig, load_run_model
@@ -175,6 +176,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
     assert (existing / "notes.txt").read_text() == "keep me"
 
+    _fails(capsys, ["train", *TINY, "--out", str(existing), "--force"], r"--force starts over only in a run dir")
+    assert (existing / "notes.txt").read_text() == "keep me"  # --force deletes nothing in a folder not a run's
     _fails(capsys, ["train", "--resume", str(existing)], r"no config\.json.*not a run directory")
     _fails(capsys, ["train", "--resume", str(tmp_path / "nope")], r"no such directory")
     before = {p.name: p.stat().st_mtime_ns for p in runs["full"].iterdir()}
@@ -188,6 +191,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
     _fails(capsys, ["train", "--resume", str(broken)], r"cannot read .*checkpoint\.pt")
     assert (broken / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+    # A checkpoint of ours whose optimizer state is another model's: one line, the file left as it was.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs["full"], damaged)
+    payload = torch.load(damaged / "checkpoint.pt", weights_only=True)
+    payload["optimizer"]["param_groups"].append(dict(payload["optimizer"]["param_groups"][0], params=[10**6]))
+    torch.save(payload, damaged / "checkpoint.pt")
+    before = (damaged / "checkpoint.pt").read_bytes()
+    _fails(capsys, ["train", "--resume", str(damaged)], r"training state cannot be restored.*damaged")
+    assert (damaged / "checkpoint.pt").read_bytes() == before
+    # Weights that are not the run's model: eval says so in one line.
+    save_file({"weight": torch.zeros(2)}, str(damaged / "model.safetensors"))
+    _fails(capsys, ["eval", str(damaged), "--test-subset", "4"], r"model\.safetensors does not fit the model its")
 
 
 def test_divergence_is_recorded_and_the_checkpoint_kept(tmp_path: Path) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import shipped_zoo_models, zoo_model_without_weights
 from timm.models._registry import _model_to_module
 
 import zoo
-from zoo._pretrained import shipped_weights_path
+from zoo._pretrained import registered_tags, shipped_weights_path
 
 ALL_TEN = {
     "vgg16_deconv", "resnet18_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",
@@ -46,6 +47,16 @@ def test_registry_lists_the_zoo_and_shadows_nothing():
         # A zoo file registers only *_deconv names, which timm does not have: nothing of timm's is replaced.
         assert all(n.endswith("_deconv") for n in timm.list_models(module=module))
     assert timm.list_pretrained("resnet18_deconv*") == ["resnet18_deconv.fashion_mnist"]
+
+
+def test_list_pretrained_lists_only_weights_that_exist():
+    # timm's list_pretrained means "has weights": a tag whose weights are not trained yet is registered
+    # (pretrained=True says so clearly) but not listed.
+    listed = set(timm.list_pretrained("*_deconv*"))
+    expected = {f"{name}.fashion_mnist" for name in shipped_zoo_models()}
+    assert listed == expected
+    name = zoo_model_without_weights()
+    assert registered_tags(name) == ["fashion_mnist"] and not timm.list_pretrained(f"{name}*")
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO_MODELS))

@@ -31,7 +31,7 @@ from timm.models._registry import _model_default_cfgs, _model_has_pretrained, _m
 from torch import nn
 
 from ndeconv import FastDeconv
-from ndeconv.errors import NdeconvError, UsageError
+from ndeconv.errors import NdeconvError, UsageError, error_summary
 from ndeconv.io import atomic_write, save_json_atomic, save_safetensors_atomic
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "complete_pretrained_cfgs",
     "expand_deconv_stem",
+    "registered_tags",
     "ship_weights",
     "shipped_weights_path",
     "verify_sha256",
@@ -96,10 +97,19 @@ def complete_pretrained_cfgs(model_names: list[str]) -> None:
             cfg = dataclasses.replace(cfg, architecture=name, tag=tag or None, **updates)
             default_cfg.cfgs[tag] = cfg
             keys = ([name] if tag_idx == 0 else []) + ([f"{name}.{tag}"] if tag else [])
+            # timm's list_pretrained means "weights exist": a tag whose shipped file is not trained yet keeps its
+            # cfg (pretrained=True then says so clearly) but is not listed as pretrained.
+            available = cfg.has_weights and not ("file" in updates and not Path(updates["file"]).is_file())
             for key in keys:
                 _model_pretrained_cfgs[key] = cfg
-                if cfg.has_weights:
+                if available:
                     _model_has_pretrained.add(key)
+
+
+def registered_tags(model_name: str) -> list[str]:
+    """Every pretrained tag registered for a zoo model, with or without weights on disk yet."""
+    default_cfg = _model_default_cfgs.get(model_name)
+    return [tag for tag in default_cfg.tags if tag] if default_cfg is not None else []
 
 
 # -- checks ----------------------------------------------------------------------------------------------------
@@ -140,8 +150,10 @@ def _peek_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
             keys = set(f.keys())
             return {n: tuple(f.get_slice(n).get_shape()) for n in names if n in keys}
     except (SafetensorError, OSError, ValueError) as err:
-        raise NdeconvError(f"{path}: not a readable safetensors file ({err}); "
-                           "it may be truncated, corrupt or in another format") from err
+        raise NdeconvError(f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt, "
+                           "or in another format: only safetensors is loaded, nothing is unpickled (save a "
+                           "state_dict with safetensors.torch.save_file; the authors' checkpoints convert with "
+                           "`ndeconv convert-reference`)") from err
 
 
 # -- build-time preparation ------------------------------------------------------------------------------------
@@ -167,11 +179,57 @@ def _describe_source(cfg: Any) -> str:
     return f"{load_from} {loc}"
 
 
+# Where timm may find weights. It tries a state_dict, then ``file``, then ``hf_hub_id``, then ``url``, so a
+# registered ``file`` would win over an overlay that names only a Hub repo or a URL.
+_SOURCES = ("state_dict", "file", "hf_hub_id", "url")
+
+
+def _only_overlay_source(overlay: dict[str, Any]) -> dict[str, Any]:
+    """An overlay that names a weight source replaces the registry's sources rather than ranking below them."""
+    if any(overlay.get(key) for key in _SOURCES):
+        overlay = {**{key: None for key in _SOURCES}, **overlay}
+    return overlay
+
+
+def _with_channels(data: dict[str, Any], chans: int) -> dict[str, Any]:
+    """``input_size``/``mean``/``std`` for ``chans`` channels: statistics repeat for whole multiples (an RGB copy
+    of a gray image has the gray statistics in every channel), else their average does."""
+    mean, std = tuple(data["mean"]), tuple(data["std"])
+    if len(mean) != chans:
+        if chans % len(mean) == 0:
+            mean, std = mean * (chans // len(mean)), std * (chans // len(std))
+        else:
+            mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
+    return dict(input_size=(chans, *tuple(data["input_size"])[1:]), mean=mean, std=std)
+
+
+def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> dict[str, Any]:
+    """The data fields recorded in a ``config.json`` beside a weights file (a run directory or Hub folder).
+
+    A user's file otherwise gets the default tag's normalisation, which a model trained on other data does not use.
+    Only a config of the same architecture and channel count is trusted.
+    """
+    try:
+        recorded = json.loads((path.parent / "config.json").read_text()).get("pretrained_cfg")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(recorded, dict) or recorded.get("architecture") not in (None, architecture):
+        return {}
+    data = {key: tuple(recorded[key]) for key in ("input_size", "mean", "std", "label_names") if key in recorded}
+    if "input_size" in data and chans is not None and data["input_size"][0] != chans:
+        return {}
+    return data
+
+
 def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Adjust ``build_model_with_cfg`` kwargs before building (see ``create_zoo_model``)."""
     registry_cfg = kwargs.get("pretrained_cfg") is None or isinstance(kwargs.get("pretrained_cfg"), str)
-    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    user_input_size = "input_size" in overlay
+    if registry_cfg and overlay:
+        overlay = _only_overlay_source(overlay)
+        kwargs["pretrained_cfg_overlay"] = overlay
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay or None)
     if not pretrained:
         if registry_cfg:
             # No weights: the architecture's own input, and a pretrained_cfg that describes it.
@@ -194,26 +252,37 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
     shipped = path.resolve().is_relative_to(WEIGHTS_DIR)
     if not path.is_file():
         where = "shipped weights" if shipped else "weights file"
-        hint = (f"no weights are shipped for it yet; load your own with pretrained_cfg_overlay=dict(file=...) "
-                f"or from the Hub with 'hf-hub:{cfg.hf_hub_id}'" if shipped and cfg.hf_hub_id
-                else "check the path")
+        hint = (f"no weights are shipped for it yet; train them (`ndeconv train --arch {variant}`) and load "
+                "them with pretrained_cfg_overlay=dict(file=...)" if shipped else "check the path")
         raise NdeconvError(f"{_label(variant, cfg)}: no pretrained weights: looked for {where} at {path}; {hint}")
     if shipped:
         verify_sha256(path)
-        return kwargs
-    # A user's file: the model takes the channels and classes of the weights (unless asked for others).
-    first = [f"{n}.weight" for n in _names(cfg.first_conv)]
-    head = [f"{n}.weight" for n in _names(cfg.classifier)]
-    shapes = _peek_shapes(path, first + head)
-    if first and first[0] in shapes and "input_size" not in overlay and len(shapes[first[0]]) == 4:
-        chans = shapes[first[0]][1]  # grouped stems are not in the zoo: weight.shape[1] is the input channels
-        if chans != cfg.input_size[0]:
-            overlay["input_size"] = (chans, *cfg.input_size[1:])
-            if len(cfg.mean) != chans:
-                overlay["mean"] = (sum(cfg.mean) / len(cfg.mean),) * chans
-                overlay["std"] = (sum(cfg.std) / len(cfg.std),) * chans
-    if head and head[0] in shapes and "num_classes" not in overlay:
-        overlay["num_classes"] = shapes[head[0]][0]
+        source_chans = cfg.input_size[0]
+    else:
+        # A user's file: the model takes the channels and classes of the weights (unless asked for others), and
+        # the normalisation recorded beside them.
+        first = [f"{n}.weight" for n in _names(cfg.first_conv)]
+        head = [f"{n}.weight" for n in _names(cfg.classifier)]
+        shapes = _peek_shapes(path, first + head)
+        source_chans = cfg.input_size[0]
+        if first and first[0] in shapes and len(shapes[first[0]]) == 4:
+            source_chans = shapes[first[0]][1]  # no zoo stem is grouped: weight.shape[1] is the input channels
+        if not user_input_size:
+            data = {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
+            data.update(_sidecar_data(path, cfg.architecture, source_chans))
+            overlay.update({k: v for k, v in data.items() if k not in overlay})
+            if source_chans != overlay["input_size"][0]:
+                overlay.update(_with_channels(data, source_chans))
+        if head and head[0] in shapes and "num_classes" not in overlay:
+            overlay["num_classes"] = shapes[head[0]][0]
+    # A deconvolution stem is adapted to other input channels by zoo_filter_fn, so the model's pretrained_cfg
+    # describes its own input (and timm does not try to adapt the stem again). timm adapts a plain conv stem
+    # itself and must be told the source channels for that.
+    in_chans = kwargs.get("in_chans")
+    if in_chans and in_chans != source_chans and kwargs.get("deconv", True) and not user_input_size:
+        source = {"input_size": overlay.get("input_size", cfg.input_size), "mean": overlay.get("mean", cfg.mean),
+                  "std": overlay.get("std", cfg.std)}
+        overlay.update(_with_channels(source, in_chans))
     kwargs["pretrained_cfg_overlay"] = overlay
     return kwargs
 
@@ -231,7 +300,7 @@ def pretrained_errors(variant: str, kwargs: dict[str, Any]) -> Iterator[None]:
             label, source = _label(variant, cfg), _describe_source(cfg)
         except Exception:  # noqa: BLE001 - describing the source must never hide the real error
             label, source = variant, "its pretrained_cfg"
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = error_summary(err)
         raise NdeconvError(f"{label}: cannot load pretrained weights from {source}: {reason}") from err
 
 
@@ -302,13 +371,23 @@ def zoo_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict
         if isinstance(module, FastDeconv) and weight is not None and weight.ndim == 4:
             if weight.shape[1] != module.in_channels:
                 state_dict = expand_deconv_stem(state_dict, f"{stem}.", module)
-    classifier_prefixes = tuple(f"{n}." for n in _names(cfg.get("classifier")))
+    classifiers = _names(cfg.get("classifier"))
+    classifier_prefixes = tuple(f"{n}." for n in classifiers)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.startswith(classifier_prefixes)]
+    # Another num_classes (0 for a feature extractor): timm drops the classifier's weight and bias itself; the
+    # rest of the head (a Delinear's whitening of the pooled features) is kept where it fits and dropped where
+    # the new head has none or another shape (num_classes=0, global_pool='catavgmax').
+    source_classes = next((state_dict[f"{n}.weight"].shape[0] for n in classifiers if f"{n}.weight" in state_dict),
+                          None)
+    new_head = source_classes is not None and getattr(model, "num_classes", source_classes) != source_classes
+    if new_head:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(classifier_prefixes)
+                      or (k in expected and v.shape == expected[k].shape)}
+    missing = [k for k in expected if k not in state_dict and not (new_head and k.startswith(classifier_prefixes))]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = []
     for key, value in state_dict.items():
-        if key not in expected or key.startswith(classifier_prefixes) or value.shape == expected[key].shape:
+        if key not in expected or value.shape == expected[key].shape:
             continue
         if key in {f"{s}.weight" for s in stems} and value.shape[0] == expected[key].shape[0]:
             continue  # a plain stem conv with other input channels: timm adapts it

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoints import load_checkpoint_model
-from ..errors import NdeconvError, UsageError
+from ..errors import NdeconvError, UsageError, error_summary
 
 __all__ = ["ModelSource", "add_model_source_arguments", "load_model_source"]
 
@@ -38,7 +38,12 @@ def _from_name(spec: str, random_init: bool) -> ModelSource:
     import timm
 
     import zoo
+    from zoo._pretrained import registered_tags
 
+    if spec.startswith(("hf-hub:", "local-dir:")):  # timm's own sources, whole (a Hub repo name may hold dots)
+        if random_init:
+            raise UsageError(f"--random-init builds an untrained zoo model; {spec} names weights: drop one of them")
+        return ModelSource(_create_pretrained(spec).eval(), {"model": spec})
     arch, _, tag = spec.partition(".")
     arch = zoo.resolve_model_name(arch)
     if random_init:
@@ -46,17 +51,22 @@ def _from_name(spec: str, random_init: bool) -> ModelSource:
             raise UsageError(f"--random-init builds an untrained {arch}; drop the tag .{tag} or the flag")
         model = timm.create_model(arch, pretrained=False)
         return ModelSource(model.eval(), {"model": arch, "weights": "random init"})
-    tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+    tags = registered_tags(arch)
     if tag and tag not in tags:
         raise UsageError(f"{arch} has no pretrained tag {tag!r}; known: {', '.join(tags) or 'none'}")
     name = f"{arch}.{tag}" if tag else arch
+    return ModelSource(_create_pretrained(name).eval(), {"model": name})
+
+
+def _create_pretrained(name: str) -> nn.Module:
+    import timm
+
     try:
-        model = timm.create_model(name, pretrained=True)
+        return timm.create_model(name, pretrained=True)
     except NdeconvError:
         raise
     except (RuntimeError, OSError, ValueError) as err:
-        raise NdeconvError(f"{name}: cannot load its weights: {str(err).strip().splitlines()[0]}") from err
-    return ModelSource(model.eval(), {"model": name})
+        raise NdeconvError(f"{name}: cannot load its weights: {error_summary(err)}") from err
 
 
 def _from_checkpoint(file: str, arch: str | None) -> ModelSource:

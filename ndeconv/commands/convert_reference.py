@@ -35,5 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "pnasnetA, ...); default: the checkpoint's own 'arch' field")
     parser.add_argument("-o", "--output", metavar="OUT.safetensors", required=True,
                         help="output weights file; config.json is written beside it")
-    parser.add_argument("--force", action="store_true", help="overwrite OUT and its config.json if they exist")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite OUT and the config.json this command wrote beside it")
     parser.set_defaults(func=_run)

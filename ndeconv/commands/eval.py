@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="weights file (a run's model.safetensors, the authors' .pth)")
     p.add_argument("--dataset", help="dataset (default: the one the weights were trained on, when recorded)")
     p.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files")
-    p.add_argument("--img-size", type=int, default=32, help="image size for imagefolder (default: 32)")
+    p.add_argument("--img-size", type=int, help="image size for imagefolder (default: the run's, else 32)")
     p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--num-workers", type=int, default=0, help="data loading processes (default: 0)")
@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..training.data import get_spec
     from ..training.dist import _pick_device
-    from ..training.evaluate import evaluate_on_dataset, load_eval_model
+    from ..training.evaluate import evaluate_on_dataset, load_eval_model, recorded_img_size
 
     device = _pick_device(args.device, 0)
     model_args = {k: v for k, v in dict(
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("which data? pass --dataset (fashion_mnist, mnist, cifar10, cifar100, imagefolder)")
     get_spec(dataset)
     result = evaluate_on_dataset(model, dataset, args.data_dir, args.batch_size, device, args.test_subset,
-                                 args.num_workers, args.img_size)
+                                 args.num_workers, recorded_img_size(info, args.img_size))
     name = args.model or args.checkpoint
     if args.json:
         print(json.dumps({"model": name, "dataset": dataset, **result.to_dict()}))

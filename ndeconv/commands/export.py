@@ -33,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from convert import FoldWarning, export_onnx, verify_onnx_for_model
+    from convert import FoldWarning, export_onnx
     from convert.export import REL_TOLERANCE
-    from ndeconv.errors import NdeconvError, UsageError
+    from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
 
     if not args.output.endswith(".onnx"):
@@ -47,16 +47,14 @@ def _run(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, args.force)  # fail before any work
     source = load_model_source(args)
     with warnings_to_stderr("export", FoldWarning):
-        result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch, force=True)
+        # Verified before it replaces anything: a failed check leaves an existing file as it was.
+        result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch, force=True,
+                             verify=args.verify)
     batch = f"static batch {args.static_batch}" if args.static_batch else "dynamic batch"
     print(f"wrote {result.path} (opset {result.opset}, {batch}, input {'x'.join(map(str, result.input_size))})")
-    if not args.verify:
+    verification = result.verification
+    if verification is None:
         return 0
-    try:
-        verification = verify_onnx_for_model(result)
-    except NdeconvError as err:
-        result.path.unlink(missing_ok=True)  # never leave an unverified export where a verified one is expected
-        raise NdeconvError(f"verification failed, {result.path} removed: {err}") from err
     ops = ", ".join(f"{op} x{n}" for op, n in sorted(verification.ops.items()))
     print(f"onnx.checker (full): ok; ops: {ops}")
     for line in verification.lines():

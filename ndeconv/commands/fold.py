@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_source_arguments(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="folded weights (.safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite FILE and the config.json beside it")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite FILE and the config.json `ndeconv fold` wrote beside it")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing the folded and unfolded outputs on a random batch")
     p.set_defaults(func=_run)
@@ -29,13 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from convert import FoldWarning, fold_with_report, save_folded
+    from convert.folded_io import check_folded_config_path
     from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
 
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o {args.output}: folded weights are written as safetensors; name the file *.safetensors")
     output = check_output_path(args.output, args.force)  # fail before any work
-    check_output_path(output.with_name("config.json"), args.force)
+    check_folded_config_path(output, args.force)
     source = load_model_source(args)
     if source.folded:
         raise UsageError(f"{args.checkpoint} is already folded; nothing to do")

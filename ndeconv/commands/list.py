@@ -17,6 +17,7 @@ def zoo_table(pattern: str = "*", deconv: bool = True) -> list[dict]:
     from timm.models import get_pretrained_cfg
 
     import zoo
+    from zoo._pretrained import registered_tags
 
     rows = []
     for name in zoo.ZOO_MODELS:
@@ -26,10 +27,10 @@ def zoo_table(pattern: str = "*", deconv: bool = True) -> list[dict]:
             model = timm.create_model(name, deconv=deconv, num_classes=10, in_chans=3)
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tags = []
-        for name_tag in timm.list_pretrained(f"{name}.*"):
-            cfg = get_pretrained_cfg(name_tag)
+        for tag in registered_tags(name):  # every tag, also those whose weights are not trained yet
+            cfg = get_pretrained_cfg(f"{name}.{tag}")
             tags.append(dict(
-                tag=name_tag.split(".", 1)[1], file=cfg.file,
+                tag=tag, file=cfg.file,
                 on_disk=bool(cfg.file) and Path(cfg.file).is_file(), hf_hub_id=cfg.hf_hub_id,
             ))
         rows.append(dict(name=name, params=params, tags=tags))

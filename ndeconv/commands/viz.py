@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..io import atomic_write, check_output_path
     from ..training.data import Preprocess, get_spec, load_split
-    from ..training.evaluate import load_eval_model
+    from ..training.evaluate import load_eval_model, recorded_img_size
     from ..viz import whitening_figure
 
     out = check_output_path(args.out, args.force)
@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     dataset = args.dataset or info.get("dataset")
     if not dataset:
         raise UsageError(f"{args.model}: cannot tell which dataset it was trained on; pass --dataset")
-    source = load_split(dataset, "test", args.data_dir)
+    source = load_split(dataset, "test", args.data_dir, recorded_img_size(info))
     import torch
 
     spec = get_spec(dataset)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, error_summary
 from ..fast_deconv import FastDeconv
 from ..io import atomic_write
 
@@ -136,16 +136,21 @@ def restore_checkpoint(
     """Load a checkpoint into freshly built objects; a model that does not fit is a UsageError."""
     try:
         model.load_state_dict(payload["model"], strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UsageError(f"the checkpoint does not fit the model the run's settings build ({first})") from err
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload.get("scaler") is not None:
-        scaler.load_state_dict(payload["scaler"])
-    counters = payload.get("deconv_counters", {})
-    for name, module in model.named_modules():
-        if isinstance(module, FastDeconv) and name in counters:
-            module.counter = int(counters[name])
-    _set_rng_state(payload["rng"])
-    return TrainState(**payload["state"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UsageError(f"the checkpoint does not fit the model the run's settings build ({error_summary(err)})"
+                         ) from err
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler") is not None:
+            scaler.load_state_dict(payload["scaler"])
+        counters = payload.get("deconv_counters", {})
+        for name, module in model.named_modules():
+            if isinstance(module, FastDeconv) and name in counters:
+                module.counter = int(counters[name])
+        _set_rng_state(payload["rng"])
+        return TrainState(**payload["state"])
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
+        # A file that unpickles as a checkpoint of ours but whose training state is damaged or from elsewhere.
+        raise UsageError(f"the checkpoint's training state cannot be restored ({type(err).__name__}: "
+                         f"{error_summary(err)}); it is damaged: start the run again with --force") from err

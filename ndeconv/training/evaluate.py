@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
-from .data import ImageSource, Preprocess, batch_loader, eval_batches
+from ..errors import UsageError, error_summary
+from .data import DATASETS, ImageSource, Preprocess, batch_loader, eval_batches
 from .dist import DistContext
 from .metrics import topk_correct
 
@@ -87,6 +87,7 @@ def load_eval_model(
     import timm
 
     import ndeconv  # noqa: F401 - registers the zoo
+    import zoo
 
     from ..checkpoints import load_checkpoint_model
     from .loop import load_run_model, read_run_config
@@ -97,16 +98,27 @@ def load_eval_model(
         config = read_run_config(Path(model))
         return load_run_model(Path(model)), {"dataset": config["train"].get("dataset"), "config": config}
     if model is not None:
-        tag = model.rsplit(".", 1)[1] if "." in model and ":" not in model else None
+        name = model
+        if ":" not in model:  # a zoo name, in any of the spellings the other commands take (hf-hub:/local-dir: as is)
+            arch, _, tag = model.partition(".")
+            name = f"{zoo.resolve_model_name(arch)}.{tag}" if tag else zoo.resolve_model_name(arch)
         try:
-            net = timm.create_model(model, pretrained=True, **(model_args or {}))
-        except RuntimeError as err:  # timm's "Unknown model"
-            raise UsageError(f"{model}: {str(err).strip().splitlines()[0]}; see `ndeconv list`") from err
-        return net.eval(), {"dataset": tag}
+            net = timm.create_model(name, pretrained=True, **(model_args or {}))
+        except RuntimeError as err:  # timm's "Invalid pretrained tag"
+            raise UsageError(f"{model}: {error_summary(err)}; see `ndeconv list`") from err
+        # Zoo tags name the data the weights were trained on (fashion_mnist), also when the default tag was taken.
+        tag = (getattr(net, "pretrained_cfg", None) or {}).get("tag")
+        return net.eval(), {"dataset": tag if tag in DATASETS else None}
 
     loaded = load_checkpoint_model(checkpoint, arch, model_args)
     train = loaded.config.get("train") or {}
     return loaded.model, {"dataset": train.get("dataset"), "config": loaded.config}
+
+
+def recorded_img_size(info: dict[str, Any], given: int | None = None) -> int:
+    """The image size to evaluate at: ``given``, else the one the run trained at (imagefolder), else 32."""
+    train = (info.get("config") or {}).get("train") or {}
+    return int(given or train.get("img_size") or 32)
 
 
 def evaluate_on_dataset(

@@ -9,9 +9,11 @@ tensorboard is installed. Under torchrun only rank 0 touches the directory.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import random
+import shutil
 import subprocess
 import time
 from contextlib import nullcontext
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import sync_deconv
-from ..errors import UsageError
+from ..errors import UsageError, error_summary
 from ..fast_deconv import set_fast_mode
 from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
 from ..runtime import keep_freed_memory
@@ -88,6 +90,18 @@ def _check_new_run_dir(run_dir: Path, force: bool) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
         raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
                          "--force to start over in it, or another --out")
+    if force and run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run_dir(run_dir):
+        # --force deletes a run's files: only where they are a run's, never in any folder the user named.
+        raise UsageError(f"--force starts over only in a run directory of `ndeconv train`; {run_dir} is not one "
+                         "(no config.json of a run), so nothing in it is touched: choose another --out")
+
+
+def _is_run_dir(path: Path) -> bool:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("train"), dict)
 
 
 def _git_commit() -> str | None:
@@ -284,6 +298,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in _RUN_FILES:  # --force: nothing of an old run may mix into this one
                 (run_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             save_json_atomic(hub, run_dir / CONFIG_FILE)
 
         ctx.on_main(create)
@@ -433,6 +448,17 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Modu
     config = read_run_config(run_dir)
     args = dict(config.get("model_args", {}))
     args["num_classes"] = config.get("num_classes", args.get("num_classes"))
-    model = timm.create_model(config["architecture"], pretrained=False, **args)
-    model.load_state_dict(load_safetensors(Path(run_dir) / WEIGHTS_FILE), strict=True)
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UsageError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch yet "
+                         f"(continue it with `ndeconv train --resume {run_dir}`)")
+    try:
+        model = timm.create_model(config["architecture"], pretrained=False, **args)
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:
+        raise UsageError(f"{run_dir}: its config.json does not build a model ({error_summary(err)})") from err
+    try:
+        model.load_state_dict(load_safetensors(weights), strict=True)
+    except RuntimeError as err:
+        raise UsageError(f"{weights} does not fit the model its config.json describes ({error_summary(err)}); "
+                         "the run directory is mixed up") from err
     return model.to(device).eval()
