@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -84,8 +85,11 @@ class FoldCache:
     """Folded (weight, bias) of a layer in eval mode, rebuilt only when a source tensor changed.
 
     The key holds each source tensor's storage address and version counter: in-place edits
-    (optimizer steps, ``load_state_dict``, ``weight.data.mul_``) bump the version; ``.to()``
-    and ``.data = ...`` change the address.
+    (optimizer steps, ``load_state_dict``, ``with torch.no_grad(): weight.mul_(2)``, updates through
+    ``state_dict()`` tensors as timm's ModelEma makes them) bump the version; ``.to()`` and
+    ``.data = ...`` change the address. An in-place edit *through* ``.data`` (``weight.data.mul_(2)``)
+    is invisible to both, as it is to autograd: the layers drop the cache whenever their mode is set, so
+    call ``model.eval()`` after such an edit.
     """
 
     __slots__ = ("key", "value")
@@ -112,6 +116,19 @@ class FoldCache:
 
 class CachedEvalFold:
     """Mixin of FastDeconv and Delinear: their eval-mode folded weight and bias, rebuilt only on change."""
+
+    def train(self, mode: bool = True):  # type: ignore[no-untyped-def]
+        # model.eval() / .train() is where a cache goes stale unseen (edits through .data): start afresh.
+        cache = getattr(self, "_fold_cache", None)
+        if cache is not None:
+            cache.clear()
+        return super().train(mode)  # type: ignore[misc]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        cache = getattr(self, "_fold_cache", None)
+        if cache is not None:
+            cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
 
     def _eval_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not can_use_fold_cache(self.weight, self.bias):

@@ -52,6 +52,7 @@ class ChannelDeconv(nn.Module):
         # Channels of the last input: the block size alone does not say how many remainder channels follow,
         # and fuse() needs the full count (a plain attribute, as the reference's state_dict has no room for it).
         self.num_channels: int | None = None
+        self.input_dim: int | None = None  # 2 for (N, C) input, 4 for (N, C, H, W): what fuse() must accept
 
     def _owner(self) -> str:
         return f"ChannelDeconv(block={self.block})"
@@ -70,6 +71,7 @@ class ChannelDeconv(nn.Module):
         b = self.block
         c = (channels // b) * b
         self.num_channels = channels
+        self.input_dim = len(in_shape)
         if c == 0:
             raise ValueError(
                 f"{self._owner()}: input has {channels} channels, fewer than block={b}; use block <= {channels}"
@@ -88,7 +90,8 @@ class ChannelDeconv(nn.Module):
                 ensure_finite(self._owner(), cov)
                 deconv = isqrt_newton_schulz(cov, self.n_iter)
             else:
-                mean1, deconv = self.running_mean1, self.running_deconv
+                # Buffers may be float16/bfloat16 (model.half()); the statistics work in float32 or wider.
+                mean1, deconv = self.running_mean1.to(work.dtype), self.running_deconv.to(work.dtype)
             out = (deconv @ (x1 - mean1)).view(c, n, height, width).permute(1, 0, 2, 3)
 
             if c != channels:
@@ -98,7 +101,7 @@ class ChannelDeconv(nn.Module):
                     mean2, var = rest_s.mean(), rest_s.var()
                     ensure_finite(self._owner(), var)
                 else:
-                    mean2, var = self.running_mean2, self.running_var
+                    mean2, var = self.running_mean2.to(work.dtype), self.running_var.to(work.dtype)
                 out = torch.cat([out, (rest - mean2) / (var + self.eps).sqrt()], dim=1)
 
             if self.training:
@@ -139,18 +142,29 @@ class ChannelDeconv(nn.Module):
             bias[c:] = -self.running_mean2.reshape(()) * scale
         return weight, bias
 
-    def fuse(self, num_channels: int | None = None) -> nn.Conv2d:
-        """A 1x1 ``nn.Conv2d`` computing this layer's eval output for ``num_channels`` channels (default: the
-        channel count of the last input, so ``timm.models.reparameterize_model`` can call it bare)."""
+    def fuse(self, num_channels: int | None = None, input_dim: int | None = None) -> nn.Conv2d | nn.Linear:
+        """The layer's eval map as a plain module: a 1x1 ``nn.Conv2d`` for (N, C, H, W) input, an ``nn.Linear``
+        for (N, C) input. Both default to what the last input had (the layer accepts either, and the block size
+        alone does not say the channel count), so ``timm.models.reparameterize_model`` can call it bare after
+        one forward pass."""
         num_channels = num_channels or self.num_channels
+        input_dim = input_dim or self.input_dim or 4
         if num_channels is None:
-            raise ValueError(f"{self._owner()}.fuse: the channel count is unknown; pass num_channels or run a forward")
+            raise ValueError(f"{self._owner()}.fuse: the channel count is unknown (it is not in the state_dict); "
+                             "pass num_channels or run one forward pass first")
+        if input_dim not in (2, 4):
+            raise ValueError(f"{self._owner()}.fuse: input_dim must be 2 (N, C) or 4 (N, C, H, W), got {input_dim}")
         with torch.no_grad():
             weight, bias = self.affine(num_channels)
-            conv = nn.Conv2d(num_channels, num_channels, 1, bias=True, device=weight.device, dtype=weight.dtype)
-            conv.weight.copy_(weight.view(num_channels, num_channels, 1, 1))
-            conv.bias.copy_(bias)
-        return conv
+            factory = {"device": weight.device, "dtype": weight.dtype}
+            if input_dim == 2:
+                plain: nn.Conv2d | nn.Linear = nn.Linear(num_channels, num_channels, bias=True, **factory)
+                plain.weight.copy_(weight)
+            else:
+                plain = nn.Conv2d(num_channels, num_channels, 1, bias=True, **factory)
+                plain.weight.copy_(weight.view(num_channels, num_channels, 1, 1))
+            plain.bias.copy_(bias)
+        return plain
 
     def extra_repr(self) -> str:
         return f"block={self.block}, eps={self.eps}, n_iter={self.n_iter}, sampling_stride={self.sampling_stride}"

@@ -180,6 +180,36 @@ def test_channel_deconv_alone_becomes_affine_layer(flat: bool) -> None:
     assert report.check_rel <= 1e-10
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_channel_deconv_fuse_takes_the_input_it_saw(flat: bool) -> None:
+    # timm's reparameterize_model calls fuse() bare: (N, C) features need a Linear, (N, C, H, W) a 1x1 conv.
+    from timm.models import reparameterize_model
+
+    torch.manual_seed(0)
+    model = _ChannelDeconvThenRelu(flat).double().train()
+    with torch.no_grad():
+        model(correlated_batch(4, 3).double())
+    x = correlated_batch(2, 3, seed=5).double()
+    with torch.no_grad():
+        expected = model.eval()(x)
+        plain = reparameterize_model(model)
+        assert isinstance(plain.cd, nn.Linear if flat else nn.Conv2d)
+        torch.testing.assert_close(plain(x), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_deconv_evaluates_in_half_precision(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layer = ChannelDeconv(4, eps=1e-2).train()
+    x = correlated_batch(4, 3)[:, :3].repeat(1, 3, 1, 1)[:, :8] + 0.1 * torch.randn(4, 8, 32, 32)
+    with torch.no_grad():
+        layer(x)
+        expected = layer.eval()(x)
+        got = layer.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_warns_on_identity_whitening_and_train_mode() -> None:
     import timm
 

@@ -277,6 +277,12 @@ def test_eval_fold_cache_reuses_and_invalidates(layer_cls, monkeypatch):
         layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})
         layer(x)
         assert len(calls) == 5
+        # An edit through .data bumps no version counter (autograd cannot see it either); setting the mode
+        # again, as model.eval() does, drops the cache.
+        layer.weight.data.mul_(2.0)
+        layer.eval()
+        torch.testing.assert_close(layer(x), fresh(), rtol=0, atol=0)
+        assert len(calls) == 6
     # With gradients wanted the fold must stay differentiable: no cache.
     y = layer(x)
     assert y.requires_grad
@@ -342,6 +348,33 @@ def test_deconvolve_stem_only_and_errors():
         deconvolve(_torchvision_resnet18(), which="head")
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         deconvolve(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_deconvolve_keeps_the_activation_of_a_norm_act_layer():
+    # timm's BatchNormAct2d is a BatchNorm2d carrying its activation: removing the norm must keep the ReLU.
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.ReLU))
+    deconvolve(model, block=3)
+    assert isinstance(model[0], FastDeconv) and isinstance(model[1], nn.ReLU)
+    assert model(_correlated(2, 3, 8, 8, dtype=torch.float32)).min() >= 0
+
+
+def test_deconvolve_gives_a_bias_where_the_norm_went():
+    model = deconvolve(_torchvision_resnet18(), block=16)
+    assert torch.equal(model.conv1.bias, torch.zeros(64))  # the shift BatchNorm's beta gave, starting at zero
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, FastDeconv))
+    model = deconvolve(_torchvision_resnet18(), block=16, bias=False)  # the caller's choice wins
+    assert all(m.bias is None for m in model.modules() if isinstance(m, FastDeconv))
+
+
+def test_deconvolve_changes_nothing_when_a_conv_cannot_convert():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"cannot convert 2 .*nothing was changed"):
+        deconvolve(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]
 
 
 def test_public_api():

@@ -65,3 +65,38 @@ def test_two_cpu_ranks_agree_and_only_rank0_writes(tmp_path: Path) -> None:
     # 16 images over 2 ranks at batch 4: 2 steps per epoch per rank; every test image counted once.
     assert len(rows) == 1 and rows[0]["step"] == 2
     assert rows[0]["test_top1"] * 8 / 100 == pytest.approx(round(rows[0]["test_top1"] * 8 / 100))
+
+
+ON_MAIN_FAILS = textwrap.dedent("""
+    import os, sys
+    import torch.distributed as dist
+    from ndeconv.errors import NdeconvError
+    from ndeconv.training.dist import DistContext
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ctx = DistContext(rank=rank, world=2, device=__import__("torch").device("cpu"))
+
+    def save():
+        raise OSError(28, "No space left on device")
+
+    try:
+        ctx.on_main(save)
+    except OSError:
+        print(f"rank {rank}: OSError", flush=True)
+    except NdeconvError as err:
+        print(f"rank {rank}: NdeconvError {err}", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_a_plain_error_on_rank0_stops_every_rank(tmp_path: Path) -> None:
+    # Rank 0 alone writes files; a full disk there must end the other ranks too, not leave them waiting.
+    driver = tmp_path / "on_main.py"
+    driver.write_text(ON_MAIN_FAILS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: OSError" in proc.stdout
+    assert "rank 1: NdeconvError rank 0 failed: OSError" in proc.stdout and "No space left" in proc.stdout

@@ -40,15 +40,21 @@ class DistContext:
         """
         result: Any = None
         error: tuple[str, str] | None = None
+        failure: Exception | None = None
         if self.is_main:
             try:
                 result = fn()
             except NdeconvError as err:
                 error = (type(err).__name__, str(err))
+            except Exception as err:  # noqa: BLE001 - e.g. a full disk: the other ranks must not wait forever
+                failure = err
+                error = ("NdeconvError", f"rank 0 failed: {type(err).__name__}: {err}")
         if self.distributed:
             box = [(result, error)]
             dist.broadcast_object_list(box, src=0)
             result, error = box[0]
+        if failure is not None:
+            raise failure  # rank 0 keeps its own traceback
         if error is not None:
             raise (UsageError if error[0] == "UsageError" else NdeconvError)(error[1])
         return result

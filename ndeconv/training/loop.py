@@ -58,8 +58,6 @@ class TrainResult:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    import json
-
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UsageError(f"{run_dir}: no {CONFIG_FILE}; it is not a run directory of `ndeconv train`")
@@ -94,6 +92,20 @@ def _check_new_run_dir(run_dir: Path, force: bool) -> None:
         # --force deletes a run's files: only where they are a run's, never in any folder the user named.
         raise UsageError(f"--force starts over only in a run directory of `ndeconv train`; {run_dir} is not one "
                          "(no config.json of a run), so nothing in it is touched: choose another --out")
+
+
+def _diverged(ctx: DistContext, run_dir: Path, cfg: TrainConfig, state: TrainState, epoch: int,
+              optimizer: torch.optim.Optimizer, tick: float, loss: str) -> UsageError:
+    """Record a divergence in the run directory and return the error that ends the run.
+
+    A diverged run is a result too (the paper-claim table reports it): recorded, so scripts can tell it from an
+    interrupted run (resuming would repeat the same steps); the last checkpoint stays as it was.
+    """
+    record = {"step": state.global_step + 1, "epoch": epoch + 1, "loss": loss,
+              "lr": optimizer.param_groups[0]["lr"], "seconds": state.seconds + time.perf_counter() - tick}
+    ctx.on_main(lambda: save_json_atomic(record, run_dir / DIVERGED_FILE))
+    return UsageError(f"the loss became {loss} at step {state.global_step + 1}; lower --lr (now {cfg.lr}) or "
+                      f"check the data; recorded in {run_dir / DIVERGED_FILE}, the last checkpoint is in {run_dir}")
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -283,6 +295,13 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise UsageError(f"--resume {run_dir}: checkpoint.pt was written with other settings than config.json "
                              f"({', '.join(diff)}); the run directory is mixed up")
+        # Each rank's share of an epoch, the steps per epoch and the schedule's length all follow the process
+        # count: a run continues only with the count it started with.
+        started_with = (read_run_config(run_dir).get("run") or {}).get("world_size")
+        if started_with is not None and int(started_with) != ctx.world:
+            raise UsageError(f"--resume {run_dir}: the run started with {started_with} process(es), this is "
+                             f"{ctx.world}; resume it with {started_with} (torchrun --nproc_per_node "
+                             f"{started_with}) so its batches and schedule stay the same")
         state = restore_checkpoint(payload, model, optimizer, scheduler, scaler)
         if state.finished:
             progress.log(f"{run_dir}: the run already finished ({state.global_step} steps); nothing to do")
@@ -329,14 +348,16 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
         meter.sums = _Meter(state.meter if ctx.is_main else None).sums
 
         def write() -> None:
-            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, cfg.to_dict())
             if final_epoch:
+                # The epoch's results before the checkpoint that says it is done: killed in between, the run
+                # resumes from the previous checkpoint and writes them again, never "finished" without weights.
                 (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resumed run that got past it after all
                 save_safetensors_atomic(model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
                 write_metrics(state.history, run_dir / METRICS_FILE)
                 write_metrics(state.steps, run_dir / STEPS_FILE)
                 plot_curves(state.history, run_dir / CURVES_FILE, f"{name} ({'ND' if cfg.deconv else 'BN'}) "
                             f"on {cfg.dataset}", steps=state.steps)
+            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, cfg.to_dict())
 
         ctx.on_main(write)
 
@@ -354,9 +375,14 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
         ):
             x = preprocess(images, Preprocess.generator(cfg.seed, epoch, step, ctx.rank)).to(ctx.device)
             y = labels.to(ctx.device)
-            with autocast():
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
+            try:
+                with autocast():
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+            except FloatingPointError as err:
+                # A deconvolution layer refuses a non-finite covariance (the weights diverged at the step before):
+                # the same divergence, met before the loss.
+                raise _diverged(ctx, run_dir, cfg, state, epoch, optimizer, tick, "non-finite") from err
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -369,14 +395,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                 scheduler.step()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                # A diverged run is a result too (the paper-claim table reports it): recorded in the run directory,
-                # so scripts can tell it from an interrupted run; the last checkpoint stays as it was.
-                record = {"step": state.global_step + 1, "epoch": epoch + 1, "loss": str(loss_value),
-                          "lr": optimizer.param_groups[0]["lr"], "seconds": state.seconds + time.perf_counter() - tick}
-                ctx.on_main(lambda record=record: save_json_atomic(record, run_dir / DIVERGED_FILE))
-                raise UsageError(f"the loss became {loss_value} at step {state.global_step + 1}; lower --lr "
-                                 f"(now {cfg.lr}) or check the data; recorded in {run_dir / DIVERGED_FILE}, the last "
-                                 f"checkpoint is in {run_dir}")
+                raise _diverged(ctx, run_dir, cfg, state, epoch, optimizer, tick, str(loss_value))
             c1, c5 = topk_correct(logits.detach().float(), y)
             meter.update(loss_value, c1, c5, y.numel())
             window.update(loss_value, c1, c5, y.numel())
