@@ -165,6 +165,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     _fails(capsys, ["train", "--arch", "lenet5", "--out", str(out)], r"unknown --arch 'lenet5'; choose one of")
     _fails(capsys, ["train", "--dataset", "svhn", "--out", str(out)], r"unknown dataset 'svhn'")
     _fails(capsys, ["train", "--block", "0", "--out", str(out)], r"--block must be a positive")
+    _fails(capsys, ["train", "--momentum", "-1", "--out", str(out)], r"--momentum must be in \[0, 1\)")
+    _fails(capsys, ["train", "--multistep-gamma", "0", "--out", str(out)], r"--multistep-gamma must be")
     _fails(capsys, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(out)],
            r"mnist: looked for train-images-idx3-ubyte.*in .*--data-dir")
     assert not out.exists()  # nothing was created by a refused run
