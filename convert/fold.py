@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ndeconv import ChannelDeconv, Delinear, FastDeconv
-from ndeconv.deconvolve import _without_norm
+from ndeconv.deconvolve import norm_remainder
 from ndeconv.errors import NdeconvError
 
 from ._graph import ModelGraph, trace_model
@@ -338,7 +338,7 @@ def _fuse_batchnorms(folded: nn.Module, graph: ModelGraph, report: FoldReport) -
             continue  # such a BN normalises with batch statistics even in eval: not a fixed map
         _replace(folded, source.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
         # timm's norm+act layer keeps its dropout and activation (norm -> drop -> act), as deconvolve() does.
-        _replace(folded, bn_node.target, _without_norm(bn))
+        _replace(folded, bn_node.target, norm_remainder(bn))
         report.bn_fused[bn_node.target] = source.target
 
 

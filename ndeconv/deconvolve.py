@@ -9,7 +9,7 @@ from torch import nn
 
 from .fast_deconv import FastDeconv
 
-__all__ = ["deconvolve"]
+__all__ = ["deconvolve", "norm_remainder"]
 
 
 def _check_convertible(name: str, conv: nn.Conv2d) -> None:
@@ -34,7 +34,7 @@ def _to_fast_deconv(conv: nn.Conv2d, bias: bool, deconv_kwargs: dict[str, Any]) 
     return layer
 
 
-def _without_norm(norm: nn.BatchNorm2d) -> nn.Module:
+def norm_remainder(norm: nn.BatchNorm2d) -> nn.Module:
     """What stays of a BatchNorm after the conv before it whitens: nothing, or the activation (and dropout) of
     a norm+act layer such as timm's ``BatchNormAct2d``, whose forward is norm -> drop -> act."""
     act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
@@ -98,5 +98,5 @@ def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", **deconv
     for parent, name, norm_name, layer in replacements:
         setattr(parent, name, layer)
         if norm_name is not None:
-            setattr(parent, norm_name, _without_norm(parent._modules[norm_name]))
+            setattr(parent, norm_name, norm_remainder(parent._modules[norm_name]))
     return model

@@ -346,7 +346,7 @@ def test_inplace_fold_is_checked_against_the_model_before_folding(monkeypatch):
 
     fold_module = importlib.import_module("convert.fold")  # `convert.fold` the attribute is the function
     model = _timm_norm_act_net()
-    monkeypatch.setattr(fold_module, "_without_norm", lambda norm: nn.Identity())  # drops the activations
+    monkeypatch.setattr(fold_module, "norm_remainder", lambda norm: nn.Identity())  # drops the activations
     with warnings.catch_warnings(), pytest.raises(NdeconvError, match="disagrees with the unfolded model"):
         warnings.simplefilter("ignore", FoldWarning)
         fold(model, example_input=torch.randn(2, 3, 64, 64), inplace=True)
