@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._common import check_hyperparameters, ensure_finite, full_precision, stats_dtype, update_running
+from .checkpointing import is_recomputing
 from .isqrt import isqrt_newton_schulz
 
 __all__ = ["ChannelDeconv"]
@@ -104,7 +105,7 @@ class ChannelDeconv(nn.Module):
                     mean2, var = self.running_mean2.to(work.dtype), self.running_var.to(work.dtype)
                 out = torch.cat([out, (rest - mean2) / (var + self.eps).sqrt()], dim=1)
 
-            if self.training:
+            if self.training and not is_recomputing():  # a checkpoint's recompute must not count twice
                 with torch.no_grad():
                     if first:  # the reference starts its running statistics from the first batch
                         self.running_mean1.copy_(mean1)

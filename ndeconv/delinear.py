@@ -25,6 +25,7 @@ from ._common import (
     sync_statistics,
     update_running,
 )
+from .checkpointing import is_recomputing
 from .isqrt import isqrt_newton_schulz
 
 __all__ = ["Delinear"]
@@ -114,9 +115,10 @@ class Delinear(CachedEvalFold, nn.Module):
         with full_precision(x.device):
             if self.training:
                 mean, deconv = self._batch_statistics(x)
-                with torch.no_grad():
-                    update_running(self.running_mean, mean, self.momentum)
-                    update_running(self.running_deconv, deconv, self.momentum)
+                if not is_recomputing():  # a checkpoint's recompute (ndeconv.checkpoint) must not count twice
+                    with torch.no_grad():
+                        update_running(self.running_mean, mean, self.momentum)
+                        update_running(self.running_deconv, deconv, self.momentum)
                 weight, bias = self.folded_weight_bias(mean, deconv)
             else:
                 weight, bias = self._eval_weight_bias()

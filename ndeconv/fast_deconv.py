@@ -32,6 +32,7 @@ from ._common import (
     update_running,
 )
 from ._patch_stats import PatchSampler, patch_mean, patch_statistics
+from .checkpointing import record_or_replay
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 __all__ = ["FastDeconv", "set_fast_mode"]
@@ -130,31 +131,26 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         return PatchSampler(self.kernel_size, self.dilation, self.padding, self.sampling_stride, self.num_features,
                             self.groups > 1)
 
-    def _reused_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix.
-
-        None when this step must refresh (every ``refresh_every``-th step, or no usable matrix kept).
-        """
+    def _step_plan(self, x: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """This training step's decisions: frozen (use the running statistics), and in fast mode the kept
+        whitening matrix to reuse (None: compute it from this batch, every ``refresh_every``-th step or when no
+        usable matrix is kept)."""
+        if self.freeze and self.counter > self.freeze_iter:
+            return True, None
         kept = self._fast_deconv
         if self.refresh_every <= 1 or kept is None or self._fast_step % self.refresh_every == 0:
-            return None
-        stats = stats_dtype(x.dtype)
-        if kept.device != x.device or kept.dtype != stats:
-            return None
-        mean = patch_mean(x.to(stats), self._sampler())
+            return False, None
+        if kept.device != x.device or kept.dtype != stats_dtype(x.dtype):
+            return False, None
+        return False, kept
+
+    def _reused_statistics(self, x: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix."""
+        mean = patch_mean(x.to(kept.dtype), self._sampler())
         ensure_finite(self._owner(), mean)
         if self.sync_stats:
             mean, _ = sync_statistics(mean, kept)
         return mean, kept
-
-    def _training_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stats = self._reused_statistics(x) if self.refresh_every > 1 else None
-        if stats is None:
-            stats = self._batch_statistics(x)
-            self._fast_deconv = stats[1].detach() if self.refresh_every > 1 else None
-        if self.refresh_every > 1:
-            self._fast_step += 1
-        return stats
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable)."""
@@ -216,11 +212,18 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        frozen = self.freeze and self.counter > self.freeze_iter
+        # Under ndeconv.checkpoint the recompute replays the forward's decisions and changes no state.
+        frozen, kept, replaying = False, None, False
+        if self.training:
+            (frozen, kept), replaying = record_or_replay(self, lambda: self._step_plan(x))
         with full_precision(x.device):
             if self.training and not frozen:
-                mean, deconv = self._training_statistics(x)
-                if self.track_running_stats:
+                mean, deconv = self._batch_statistics(x) if kept is None else self._reused_statistics(x, kept)
+                if self.refresh_every > 1 and not replaying:
+                    if kept is None:
+                        self._fast_deconv = deconv.detach()
+                    self._fast_step += 1
+                if self.track_running_stats and not replaying:
                     with torch.no_grad():
                         update_running(self.running_mean, mean, self.momentum)
                         update_running(self.running_deconv, deconv, self.momentum)
@@ -230,7 +233,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
             else:
                 weight, bias = self._eval_weight_bias()
         # Counted only once the batch was accepted (a rejected NaN batch leaves the layer's state alone).
-        if self.training and self.track_running_stats and self.freeze:
+        if self.training and self.track_running_stats and self.freeze and not replaying:
             self.counter = (self.counter + 1) % (self.freeze_iter * 10)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
+from ndeconv.checkpointing import checkpoint_seq
+
 from ._builder import DeconvSettings
 
 __all__ = ["ZooClassifierMixin"]
@@ -21,6 +23,7 @@ class ZooClassifierMixin:
     """
 
     classifier_name: str = "linear"
+    grad_checkpointing: bool = False
     deconv_settings: DeconvSettings
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
@@ -47,11 +50,18 @@ class ZooClassifierMixin:
         self._set_classifier(num_classes)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        # timm's interface (train.py --grad-checkpointing calls it); not implemented, said as timm's own VGG does,
-        # instead of an AttributeError.
-        if enable:
-            raise NotImplementedError(f"{type(self).__name__}: gradient checkpointing is not implemented in the "
-                                      "ndeconv zoo; train without it")
+        """timm's interface (``train.py --grad-checkpointing``): checkpoint each block of ``forward_features``.
+
+        Through ``ndeconv.checkpoint``, so the deconvolution layers update their running statistics once per
+        step and the recompute replays the forward's whitening (torch's checkpoint alone would run them twice).
+        """
+        self.grad_checkpointing = enable
+
+    def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``stage(x)``; under grad checkpointing one checkpoint per block (child of a Sequential), as timm's."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()) or torch.jit.is_scripting():
+            return stage(x)
+        return checkpoint_seq(stage if isinstance(stage, nn.Sequential) else [stage], x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -99,9 +99,9 @@ class DenseNet(ZooClassifierMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         for i in range(self.num_stages):
-            x = getattr(self, f"dense{i + 1}")(x)
+            x = self.run_stage(getattr(self, f"dense{i + 1}"), x)
             if i < self.num_stages - 1:
-                x = getattr(self, f"trans{i + 1}")(x)
+                x = self.run_stage(getattr(self, f"trans{i + 1}"), x)
         x = F.relu(self.bn(x))
         if self.channel_deconv is not None:
             x = self.channel_deconv(x)

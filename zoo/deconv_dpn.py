@@ -108,7 +108,7 @@ class DPN(ZooClassifierMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
+            x = self.run_stage(getattr(self, f"layer{i + 1}"), x)
         if self.deconv1 is not None:
             x = self.deconv1(x)
         return x

@@ -86,7 +86,7 @@ class EfficientNet(ZooClassifierMixin, nn.Module):
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.run_stage(self.layers, F.relu(self.bn1(self.conv1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

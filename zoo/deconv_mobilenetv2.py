@@ -105,7 +105,7 @@ class MobileNetV2(ZooClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
+        x = self.run_stage(self.layers, x)
         x = F.relu(self.bn2(self.conv2(x)))
         if self.deconv1 is not None:
             x = self.deconv1(x)

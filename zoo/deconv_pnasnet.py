@@ -99,11 +99,11 @@ class PNASNet(ZooClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-        x = self.layer5(x)
+        x = self.run_stage(self.layer1, x)
+        x = self.run_stage(self.layer2, x)
+        x = self.run_stage(self.layer3, x)
+        x = self.run_stage(self.layer4, x)
+        x = self.run_stage(self.layer5, x)
         if self.deconv1 is not None:
             x = self.deconv1(x)
         return x

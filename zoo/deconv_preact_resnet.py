@@ -78,7 +78,8 @@ class PreActResNet(ZooClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # no activation: each pre-activation block starts with its own
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self.run_stage(stage, x)
         if self.deconv1 is not None:
             x = self.deconv1(x)
         return x

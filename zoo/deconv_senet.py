@@ -82,7 +82,8 @@ class SENet(ZooClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self.run_stage(stage, x)
         if self.deconv1 is not None:
             x = self.deconv1(x)
         return x

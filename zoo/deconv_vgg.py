@@ -72,7 +72,7 @@ class VGG(ZooClassifierMixin, nn.Module):
         self._init_head(int(widths[-1]), num_classes, global_pool, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        x = self.run_stage(self.features, x)
         if self.channel_deconv is not None:
             x = self.channel_deconv(x)
         return x
