@@ -212,7 +212,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        # Under ndeconv.checkpoint the recompute replays the forward's decisions and changes no state.
+        # Under ndeconv.checkpointing the recompute replays the forward's decisions and changes no state.
         frozen, kept, replaying = False, None, False
         if self.training:
             (frozen, kept), replaying = record_or_replay(self, lambda: self._step_plan(x))

@@ -52,7 +52,7 @@ class ZooClassifierMixin:
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's interface (``train.py --grad-checkpointing``): checkpoint each block of ``forward_features``.
 
-        Through ``ndeconv.checkpoint``, so the deconvolution layers update their running statistics once per
+        Through ``ndeconv.checkpointing``, so the deconvolution layers update their running statistics once per
         step and the recompute replays the forward's whitening (torch's checkpoint alone would run them twice).
         """
         self.grad_checkpointing = enable
