@@ -53,23 +53,32 @@ def reference_ratios() -> dict[str, float]:
     return json.loads(ANCHORS.read_text()).get("batch_128_nd_over_bn_train_median", {})
 
 
-def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step: forward, cross-entropy, backward, SGD with momentum 0.9 (the authors' setting)."""
+def autocast(x: torch.Tensor, amp: torch.dtype | None):
+    """``torch.autocast`` on ``x``'s device in ``amp`` (a no-op context for ``None``: float32)."""
+    return torch.autocast(x.device.type, dtype=amp, enabled=amp is not None)
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    amp: torch.dtype | None = None) -> Callable[[], None]:
+    """One training step: forward, cross-entropy, backward, SGD with momentum 0.9 (the authors' setting); under
+    autocast in ``amp`` if given (the loss in float32, as ``ndeconv train`` takes it)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
     def step() -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with autocast(x, amp):
+            logits = model(x)
+        nn.functional.cross_entropy(logits.float(), y).backward()
         opt.step()
 
     return step
 
 
-def make_eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def make_eval_forward(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None) -> Callable[[], None]:
     def forward() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x, amp):
             model(x)
 
     return forward

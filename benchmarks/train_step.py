@@ -13,7 +13,8 @@ A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32
 a no-grad forward in eval mode; fast mode (``--fast K``) is timed over whole refresh cycles of K steps,
 per step. Like ``ndeconv train``, the benchmark first lets glibc's malloc
 reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
-``--channels-last`` puts every network and input in channels-last memory format (both forms alike).
+``--channels-last`` puts every network and input in channels-last memory format (both forms alike);
+``--amp bf16`` times both forms under ``torch.autocast`` (the loss in float32, as ``ndeconv train``).
 ``--memory`` measures each config's peak step memory in a fresh subprocess (ru_maxrss delta, see
 _common.peak_rss_probe). ``--profile`` adds torch.profiler's top ops of an ND step. Each model row
 also counts the step's arithmetic (benchmarks/flops.py): GFLOP of the convolutions and of the
@@ -37,6 +38,8 @@ from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
 from benchmarks.flops import step_flops  # noqa: E402
 from ndeconv import FastDeconv, keep_freed_memory, set_fast_mode  # noqa: E402
+
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # One layer per ResNet-18 stage at its CIFAR resolution (channels, spatial size), plus the stride-2 1x1 shortcut.
 LAYERS = (
@@ -92,8 +95,9 @@ def _steps(step: Callable[[], None], count: int) -> Callable[[], None]:
 
 
 def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
-    train = {k: _steps(C.make_train_step(m, x, y), _refresh_cycle(k)) for k, m in nets.items()}
-    evals = {k: C.make_eval_forward(m, x) for k, m in nets.items()}
+    amp = AMP[args.amp]
+    train = {k: _steps(C.make_train_step(m, x, y, amp), _refresh_cycle(k)) for k, m in nets.items()}
+    evals = {k: C.make_eval_forward(m, x, amp) for k, m in nets.items()}
     t = C.interleaved(train, args.warmup, args.repeats)
     t = {k: [s / _refresh_cycle(k) for s in v] for k, v in t.items()}  # seconds per training step
     e = C.interleaved(evals, 1, args.eval_repeats)
@@ -135,7 +139,7 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
             x, y = _data(batch, args.image)
             x = x.contiguous(memory_format=_layout(args.channels_last))
             row = {"arch": arch, "batch": batch, "image": args.image, "source": source,
-                   "memory_format": "channels_last" if args.channels_last else "nchw"}
+                   "memory_format": "channels_last" if args.channels_last else "nchw", "amp": args.amp}
             row.update(bench_pair(nets, x, y, args))
             base = arch.removesuffix("_deconv")
             row["reference_nd_over_bn_train_median"] = ref.get(base)
@@ -146,12 +150,12 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
                     row[f"{form}_peak_step_mib"] = C.peak_rss_probe(
                         [__file__, "--probe", arch, form, str(batch), str(args.image),
                          "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory",
-                         "--channels-last" if args.channels_last else "--no-channels-last"]
+                         "--channels-last" if args.channels_last else "--no-channels-last", "--amp", args.amp]
                     ).get("peak_step_mib")
                 if row.get("nd_peak_step_mib") and row.get("bn_peak_step_mib"):
                     row["nd_over_bn_peak_memory"] = round(row["nd_peak_step_mib"] / row["bn_peak_step_mib"], 3)
             if args.profile:
-                row["nd_profile_top_ops"] = C.profile_top_ops(C.make_train_step(nets["nd"], x, y))
+                row["nd_profile_top_ops"] = C.profile_top_ops(C.make_train_step(nets["nd"], x, y, AMP[args.amp]))
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -187,14 +191,14 @@ def _line(row: dict) -> str:
     return "  ".join(parts)
 
 
-def probe(arch: str, form: str, batch: int, image: int, channels_last: bool = False) -> None:
+def probe(arch: str, form: str, batch: int, image: int, channels_last: bool = False, amp: str = "off") -> None:
     """Subprocess entry for --memory: peak RSS growth over two training steps of one model."""
     torch.manual_seed(0)
     model, _ = build(arch, deconv=form == "nd")
     x, y = _data(batch, image)
     model = model.to(memory_format=_layout(channels_last))
     x = x.contiguous(memory_format=_layout(channels_last))
-    step = C.make_train_step(model, x, y)
+    step = C.make_train_step(model, x, y, AMP[amp])
     C.reset_peak_rss()
     before = C.maxrss_mib()
     step()
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="glibc malloc reuses freed memory, as `ndeconv train` does (default: on)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="networks and inputs in channels-last memory format (default: NCHW)")
+    p.add_argument("--amp", choices=sorted(AMP), default="off",
+                   help="time the steps under torch.autocast in this dtype (default: off, float32)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up round, 2 timed steps, no layers")
     p.add_argument("--name", default=None, help="results file name (default from the arch)")
     p.add_argument("--probe", nargs=4, metavar=("ARCH", "FORM", "BATCH", "IMAGE"), help=argparse.SUPPRESS)
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory:
         keep_freed_memory()
     if args.probe:
-        probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]), args.channels_last)
+        probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]), args.channels_last, args.amp)
         return 0
     if args.quick:
         args.warmup, args.repeats, args.eval_repeats = 1, 2, 1
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": C.command_line(), "machine": C.machine_info(),
                "method": __doc__.split("Method: ", 1)[1].strip(), "settings": {
                    k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast",
-                                               "keep_freed_memory", "channels_last")}}
+                                               "keep_freed_memory", "channels_last", "amp")}}
     payload["models"] = run_models(args, ref)
     if args.layers:
         payload["layers"] = run_layers(args)

@@ -31,6 +31,7 @@ from .fold import DECONV_TYPES, FoldReport, fold_with_report, model_input_size, 
 __all__ = [
     "ALLOWED_OPS",
     "DEFAULT_OPSET",
+    "MAX_OPSET",
     "MIN_OPSET",
     "ExportResult",
     "VerifyResult",
@@ -45,6 +46,22 @@ __all__ = [
 # torch.onnx.export(dynamo=True) writes opset 18 and later: asked for less, it silently falls back to 18.
 MIN_OPSET = 18
 DEFAULT_OPSET = 20
+
+
+def _max_opset() -> int:
+    """The newest opset the installed exporter writes natively. Above it the exporter converts with onnx's
+    version converter, which fails for some opsets and, for one past onnx's own newest, silently writes 18."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+
+        return int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):  # another torch: onnx's own newest opset
+        import onnx
+
+        return int(onnx.defs.onnx_opset_version())
+
+
+MAX_OPSET = _max_opset()
 # What a folded CNN classifier needs at inference. Anything else (an Unfold decomposition, a Newton-Schulz
 # or covariance subgraph: Einsum, ReduceSum, Sqrt, Pow, ...) means something was not folded.
 ALLOWED_OPS = frozenset({
@@ -115,9 +132,9 @@ def export_onnx(
     path = check_output_path(path, force)
     if static_batch is not None and static_batch < 1:
         raise NdeconvError(f"static batch must be >= 1, got {static_batch}")
-    if opset < MIN_OPSET:
-        raise NdeconvError(f"opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} and later; choose "
-                           f"{MIN_OPSET} or higher (onnxruntime runs them)")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise NdeconvError(f"opset {opset}: the installed torch ONNX exporter writes opsets {MIN_OPSET} to "
+                           f"{MAX_OPSET}; choose {MIN_OPSET} or higher, up to {MAX_OPSET} (e.g. {DEFAULT_OPSET})")
     input_size = tuple(input_size or model_input_size(model))
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if len(input_size) != 3 or (first is not None and input_size[0] != first.in_channels):

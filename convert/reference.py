@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError, error_summary
-from ndeconv.io import check_config_beside, check_output_path, save_json_atomic, save_safetensors_atomic
+from ndeconv.io import (
+    check_config_beside,
+    check_output_path,
+    folder_not_file,
+    save_json_atomic,
+    save_safetensors_atomic,
+    verify_checksums_beside,
+)
 from ndeconv.training.data import DATASETS
 from zoo import REFERENCE_ARCHS, resolve_model_name
 
@@ -61,8 +68,11 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     A bare state_dict (what ``torch.save(model.state_dict())`` writes) is accepted as ``{'state_dict': it}``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(folder_not_file(path))
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
+    verify_checksums_beside(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -192,9 +202,11 @@ def _config(converted_name: str, model: nn.Module, model_args: dict[str, Any], c
     cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", None) or {}).items() if k not in drop}
     cfg.update(architecture=converted_name, num_classes=model_args["num_classes"])
     cfg["input_size"] = (model_args["in_chans"], *cfg.get("input_size", (3, 32, 32))[1:])
-    if model_args["in_chans"] == 3 and model_args["num_classes"] == DATASETS["cifar100"].num_classes:
-        # The authors' main.py has one 100-class dataset, CIFAR-100, normalised with its own statistics.
-        cfg.update(mean=DATASETS["cifar100"].mean, std=DATASETS["cifar100"].std)
+    if model_args["in_chans"] == 3:
+        # The authors' main.py trains RGB on CIFAR, normalised with its statistics: CIFAR-100 for its one
+        # 100-class dataset, else CIFAR-10 (a zoo model's own cfg is its default tag's, Fashion-MNIST's).
+        spec = DATASETS["cifar100" if model_args["num_classes"] == DATASETS["cifar100"].num_classes else "cifar10"]
+        cfg.update(mean=spec.mean, std=spec.std)
     provenance = {k: checkpoint[k] for k in _PROVENANCE_FIELDS if isinstance(checkpoint.get(k), (str, int, float))}
     return dict(
         architecture=converted_name,

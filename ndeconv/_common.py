@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,6 +51,22 @@ def full_precision(device: torch.device) -> Iterator[None]:
         yield
 
 
+def check_input_matches(owner: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    """Refuse an input the layer's own computation would reject, before the layer changes any state: a training
+    forward updates the running statistics before its conv/linear finds the dtype or device wrong, so without
+    this a failed step leaves the statistics moved. ``like``: the layer's weight (or a buffer, for layers
+    without one). Under torch.autocast the layer's ops cast their inputs themselves: any floating dtype goes."""
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: expected a floating-point input, got {x.dtype}; convert it (e.g. x.float() / 255)")
+    if x.device != like.device:
+        raise RuntimeError(f"{owner}: input is on {x.device} but the layer is on {like.device}; move one of them "
+                           f"(model.to({str(x.device)!r}) or x.to({str(like.device)!r}))")
+    if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{owner}: input is {x.dtype} but the layer's weights are {like.dtype}; convert one of "
+                        f"them (x.to({like.dtype}) or model.to({x.dtype})), or run under torch.autocast for mixed "
+                        "precision")
+
+
 def ensure_finite(owner: str, cov: torch.Tensor) -> None:
     """A NaN or Inf batch would poison the running whitening matrix for every later eval: refuse it."""
     if not bool(torch.isfinite(cov).all()):
@@ -84,12 +101,15 @@ def update_running(buffer: torch.Tensor, value: torch.Tensor, momentum: float) -
 class FoldCache:
     """Folded (weight, bias) of a layer in eval mode, rebuilt only when a source tensor changed.
 
-    The key holds each source tensor's storage address and version counter: in-place edits
-    (optimizer steps, ``load_state_dict``, ``with torch.no_grad(): weight.mul_(2)``, updates through
-    ``state_dict()`` tensors as timm's ModelEma makes them) bump the version; ``.to()`` and
-    ``.data = ...`` change the address. An in-place edit *through* ``.data`` (``weight.data.mul_(2)``)
-    is invisible to both, as it is to autograd: the layers drop the cache whenever their mode is set, so
-    call ``model.eval()`` after such an edit.
+    The key holds a weak reference to each source tensor, its storage address and its version counter. The
+    reference tells a replaced tensor from its successor: after ``layer.weight = nn.Parameter(...)`` the
+    allocator may hand the old storage address to the new tensor, whose version counter starts at 0 again, so
+    address and version alone matched and eval returned the old weights' output. In-place edits (optimizer
+    steps, ``load_state_dict``, ``with torch.no_grad(): weight.mul_(2)``, updates through ``state_dict()``
+    tensors as timm's ModelEma makes them) bump the version; ``.to()`` and ``.data = ...`` change the address.
+    An in-place edit *through* ``.data`` (``weight.data.mul_(2)``) is invisible to all three, as it is to
+    autograd: the layers drop the cache whenever their mode is set, so call ``model.eval()`` after such an edit.
+    The references are weak so that the cache never keeps a replaced tensor alive.
     """
 
     __slots__ = ("key", "value")
@@ -103,11 +123,27 @@ class FoldCache:
         # A fold made under torch.inference_mode() is an inference tensor, which a later forward that autograd
         # records (an input that needs a gradient) cannot save: such a fold serves inference mode only.
         return (torch.is_inference_mode_enabled(),) + tuple(
-            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors
+            None if t is None else (weakref.ref(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+            for t in tensors
         )
 
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        # Compared by hand: ``==`` on weak references compares their tensors, elementwise.
+        if len(a) != len(b) or a[0] != b[0]:
+            return False
+        for x, y in zip(a[1:], b[1:], strict=True):
+            if x is None or y is None:
+                if x is not y:
+                    return False
+                continue
+            target = x[0]()
+            if target is None or target is not y[0]() or x[1:] != y[1:]:
+                return False
+        return True
+
     def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.value if key == self.key else None
+        return self.value if self.key is not None and self._same(key, self.key) else None
 
     def put(self, key: tuple, value: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.key, self.value = key, value

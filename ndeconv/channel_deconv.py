@@ -71,12 +71,22 @@ class ChannelDeconv(nn.Module):
         n, channels, height, width = x.shape
         b = self.block
         c = (channels // b) * b
-        self.num_channels = channels
-        self.input_dim = len(in_shape)
         if c == 0:
             raise ValueError(
                 f"{self._owner()}: input has {channels} channels, fewer than block={b}; use block <= {channels}"
             )
+        # Any floating dtype is whitened in float32 or wider (and returned in its own): only the kind and the
+        # device must fit, checked before the running statistics move.
+        if not x.is_floating_point():
+            raise TypeError(f"{self._owner()}: expected a floating-point input, got {x.dtype}")
+        if x.device != self.running_deconv.device:
+            raise RuntimeError(f"{self._owner()}: input is on {x.device} but the layer is on "
+                               f"{self.running_deconv.device}; move one of them")
+        if self.training and n * height * width == 0:
+            raise ValueError(f"{self._owner()}: a training batch of shape {tuple(in_shape)} has no samples to take "
+                             "whitening statistics from; skip empty batches")
+        self.num_channels = channels
+        self.input_dim = len(in_shape)
         first = self.num_batches_tracked.item() == 0 if self.training else False
 
         with full_precision(x.device):

@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .errors import NdeconvError
+from .errors import Interrupted, NdeconvError
 
 # Subcommand modules under ndeconv.commands, in the order --help lists them.
 COMMANDS: tuple[str, ...] = ("list", "convert_reference", "train", "eval", "fold", "export", "viz")
@@ -38,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except Interrupted as err:  # asked for, not a failure: no "error:"
+        print(f"ndeconv {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except NdeconvError as err:
         print(f"ndeconv {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -17,6 +17,7 @@ from ._common import (
     CachedEvalFold,
     FoldCache,
     check_hyperparameters,
+    check_input_matches,
     ensure_finite,
     full_precision,
     resolve_block,
@@ -112,6 +113,10 @@ class Delinear(CachedEvalFold, nn.Module):
                 f"{self._owner()}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}; "
                 f"flatten the features or build the layer with in_features={x.shape[-1] if x.dim() else '?'}"
             )
+        check_input_matches(self._owner(), x, self.weight)
+        if self.training and x.numel() == 0:
+            raise ValueError(f"{self._owner()}: a training batch of 0 samples gives no whitening statistics; skip "
+                             "empty batches")
         with full_precision(x.device):
             if self.training:
                 mean, deconv = self._batch_statistics(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 
 class NdeconvError(Exception):
@@ -17,14 +18,55 @@ class UsageError(NdeconvError):
     exit_code = 2
 
 
+class Interrupted(NdeconvError):
+    """A run stopped on request (SIGINT/SIGTERM) after saving what it needs to continue; the shell's exit status
+    convention for the signal, 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 # What torch.load(weights_only=True) raises on bytes that are not a checkpoint, beside OSError/RuntimeError:
 # the unpickler fails in any way (b"hi\n" -> KeyError, b"abc" -> IndexError).
 UNPICKLE_ERRORS: tuple[type[Exception], ...] = (KeyError, IndexError, EOFError, pickle.UnpicklingError)
 
 
+# The globals a weights-only unpickler refused, as torch ("GLOBAL posix.system") and timm ("Unsupported globals:
+# posix.system.") name them.
+_REFUSED_GLOBAL = re.compile(r"(?:\bGLOBAL|Unsupported globals?:)\s+(?:GLOBAL\s+)?([\w.]+?)\.?(?:\s|,|$)")
+
+
+def weights_only_refusal(err: BaseException) -> str | None:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused (directly or through timm), or None.
+
+    torch's and timm's messages advise re-running with ``weights_only=False``: for a file from anywhere, that is
+    the advice to run its code, so it is never passed on; the line says what the file needs instead.
+    """
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    text = "\n".join(str(e) for e in chain)
+    if "weights_only" not in text and not any(isinstance(e, pickle.UnpicklingError) for e in chain):
+        return None
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        return (f"refusing to unpickle it: it holds more than tensors and plain containers (it needs "
+                f"{found.group(1)}), and loading that would run code from the file")
+    reasons = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+               and "Weights only load failed" not in line and "documentation" not in line.lower()]
+    return "the weights-only unpickler refused it" + (f" ({reasons[0]})" if reasons else "")
+
+
 def error_summary(err: BaseException) -> str:
     """One line for an exception from a library: its first line, or, where that line only introduces a list
-    (torch's "Error(s) in loading state_dict for X:"), that line and the first item, which names the cause."""
+    (torch's "Error(s) in loading state_dict for X:"), that line and the first item, which names the cause.
+    A refused pickle is described without the libraries' advice to load it unsafely (``weights_only_refusal``)."""
+    refusal = weights_only_refusal(err)
+    if refusal is not None:
+        return refusal
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if not lines:
         return type(err).__name__

@@ -24,6 +24,7 @@ from ._common import (
     CachedEvalFold,
     FoldCache,
     check_hyperparameters,
+    check_input_matches,
     ensure_finite,
     full_precision,
     resolve_block,
@@ -209,6 +210,20 @@ class FastDeconv(CachedEvalFold, _ConvNd):
                 f"{self._owner()}: input has {x.shape[1]} channels but the layer was built for "
                 f"{self.in_channels}; build it with in_channels={x.shape[1]} or fix the input"
             )
+        check_input_matches(self._owner(), x, self.weight)
+        (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.padding
+        span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        height, width = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+        if height < span_h or width < span_w:
+            dilated = " (dilated)" if (dh, dw) != (1, 1) else ""
+            padded = f" ({height}x{width} padded)" if (ph, pw) != (0, 0) else ""
+            raise ValueError(
+                f"{self._owner()}: input of {x.shape[2]}x{x.shape[3]} pixels{padded} is smaller than the{dilated} "
+                f"kernel's {span_h}x{span_w}; give larger images or build the layer with more padding"
+            )
+        if self.training and x.shape[0] == 0:
+            raise ValueError(f"{self._owner()}: a training batch of 0 images has no patches to take whitening "
+                             "statistics from; skip empty batches")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

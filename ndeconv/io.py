@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -16,13 +18,21 @@ from safetensors.torch import load_file, save_file
 from .errors import NdeconvError, UsageError
 
 __all__ = [
+    "CHECKSUMS_FILE",
     "atomic_write",
     "check_config_beside",
+    "check_loadable_weights",
     "check_output_path",
+    "file_sha256",
+    "finite_json",
+    "folder_not_file",
     "load_safetensors",
     "save_json_atomic",
     "save_safetensors_atomic",
+    "verify_checksums_beside",
 ]
+
+CHECKSUMS_FILE = "SHA256SUMS"
 
 
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
@@ -91,20 +101,145 @@ def save_safetensors_atomic(
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def save_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON (indented, trailing newline) atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, Infinity) replaced by None: Python's json writes those as bare
+    ``NaN``/``Infinity``, which is not JSON and which strict parsers (JavaScript, jq, Go, serde) reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def save_json_atomic(obj: Any, path: str | os.PathLike, *, finite: bool = False) -> Path:
+    """Write JSON (indented, trailing newline) atomically. ``finite``: strict JSON, non-finite numbers written
+    as null (see ``finite_json``)."""
+    if finite:
+        text = json.dumps(finite_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    else:
+        text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors state_dict, turning a missing, truncated or foreign file into one clear error."""
+# -- checksums -------------------------------------------------------------------------------------------------
+
+# sha256 of each file hashed in this process, keyed by what any rewrite changes (ctime cannot be set back by a
+# user, unlike mtime): a 95 MB shipped file loaded by several commands of one process is hashed once.
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file (symlinks followed), cached per (path, size, mtime, ctime, inode) in this process."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        digest = _DIGESTS[key] = sha.hexdigest()
+    return digest
+
+
+def _recorded_sha256(sums: Path, name: str) -> str | None:
+    expected = None
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == name:
+            expected = parts[0].lower()
+    return expected
+
+
+def verify_checksums_beside(path: str | os.PathLike, required: bool = False) -> bool:
+    """Check ``path`` against every ``SHA256SUMS`` beside it, beside the file a symlink points to first (a
+    shipped folder), then beside the link itself (a Hugging Face cache snapshot, whose files link to blobs).
+
+    Returns whether a checksum was checked. A mismatch raises NdeconvError naming the file and both hashes; so
+    does ``required`` (a shipped file) when no SHA256SUMS records the file.
+    """
     path = Path(path)
+    resolved = path.resolve()
+    checked, seen = False, set()
+    for sums, name in ((resolved.parent / CHECKSUMS_FILE, resolved.name), (path.parent / CHECKSUMS_FILE, path.name)):
+        if (sums.resolve(), name) in seen or not sums.is_file():
+            continue
+        seen.add((sums.resolve(), name))
+        expected = _recorded_sha256(sums, name)
+        if expected is None:
+            if required:
+                raise NdeconvError(f"{sums}: has no entry for {name}; re-create the folder with "
+                                   "zoo._pretrained.ship_weights")
+            continue
+        actual = file_sha256(resolved)
+        if actual != expected:
+            raise NdeconvError(f"{path}: sha256 {actual} does not match {expected} recorded in {sums}; the file "
+                               "is corrupt or was replaced: restore it (e.g. git checkout) or re-download it")
+        checked = True
+    if required and not checked:
+        raise NdeconvError(f"{path}: no {CHECKSUMS_FILE} beside it, so the file cannot be verified; "
+                           "re-create the folder with zoo._pretrained.ship_weights")
+    return checked
+
+
+# -- reading weights -------------------------------------------------------------------------------------------
+
+
+def check_loadable_weights(state_dict: dict[str, Any], expected: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Refuse weights that load but cannot be right, naming the first such tensor: a non-floating tensor where the
+    model holds a floating one (an all-integer file casts to zeros and rounded values) and NaN or Inf values
+    (a diverged run's weights). Integer buffers of the model (BatchNorm's num_batches_tracked) stay integers.
+
+    ``expected``: the model's state_dict; ``prefix``: the model's own prefix in ``state_dict`` (a submodule's).
+    """
+    for key, target in expected.items():
+        value = state_dict.get(prefix + key)
+        if not isinstance(value, torch.Tensor) or not isinstance(target, torch.Tensor):
+            continue
+        if not (target.is_floating_point() or target.is_complex()):
+            continue
+        if not (value.is_floating_point() or value.is_complex()):
+            raise NdeconvError(f"weights {prefix + key}: {str(value.dtype).removeprefix('torch.')} values where the "
+                               f"model holds {str(target.dtype).removeprefix('torch.')}; the file is damaged or was "
+                               "saved with the wrong dtype (integers cast to floats are not these weights): "
+                               "re-create it from the trained model")
+        if value.device.type != "meta" and value.numel() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NdeconvError(f"weights {prefix + key}: {bad} of its {value.numel()} values are NaN or Inf; the "
+                               "weights are corrupt (a diverged run saves such): use an earlier checkpoint or "
+                               "retrain")
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors state_dict, turning a missing, truncated or foreign file into one clear error.
+
+    A ``SHA256SUMS`` beside the file (a shipped or Hub folder) is checked first."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(folder_not_file(path))
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
+    verify_checksums_beside(path)
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as err:
         raise NdeconvError(
             f"{path}: not a readable safetensors file ({err}); it may be truncated or in another format"
         ) from err
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".pt", ".bin")
+
+
+def folder_not_file(path: Path) -> str:
+    """The error for a folder given where a weights file is wanted, naming the weights it holds, if any."""
+    try:
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    except OSError:  # an unreadable folder: say what it is all the same
+        found = []
+    if found:
+        return f"{path} is a folder, not a weights file; name the file in it, e.g. {path / found[0]}"
+    return f"{path} is a folder with no weights file in it (*.safetensors, *.pth); give the weights file itself"

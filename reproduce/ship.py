@@ -53,6 +53,10 @@ def train_command(train: dict) -> str:
     ]
     if train.get("amp"):
         flags.append(("--amp", train["amp"]))
+    if train.get("fast", 1) > 1:
+        flags.append(("--fast", train["fast"]))
+    if train.get("channels_last"):
+        flags.append(("--channels-last", "true"))
     return "ndeconv train " + " ".join(f"{k} {v}" for k, v in flags)
 
 
@@ -95,8 +99,20 @@ ndeconv on the {len(metrics)}-epoch protocol of
 
 ```python
 import timm, ndeconv  # importing ndeconv registers the zoo with timm
-model = timm.create_model("{name}", pretrained=True).eval()  # 1x32x32 input in [0, 1], 10 classes
+model = timm.create_model("{name}", pretrained=True).eval()  # 3x32x32 input in [0, 1], 10 classes
+gray = timm.create_model("{name}", pretrained=True, in_chans=1).eval()  # the weights' own 1x32x32 stem
 ```
+
+As timm's convention has it, the default model takes 3 channels (the gray stem adapted exactly: an RGB copy
+of a gray image gives the gray image's output, in eval) and its pretrained_cfg says so; `in_chans=1` is the
+stem the weights were trained with. timm's data config gives the training input: `crop_pct` 32/28 makes its
+eval transform Resize(28) + CenterCrop(32), the same 2-pixel zero border. `class_map.txt` is timm's
+`--class-map` for an image folder of the test set (folder-safe names in class-index order):
+`validate.py DATA --model {name} --pretrained --class-map class_map.txt`.
+
+**Fine-tuning: pass `in_chans=1` and gray inputs.** The 3-channel adaptation is exact in eval only: in
+training the copies' batch covariance is not the gray one (the adapted stem's output is 1/√3 of the gray
+stem's), so fine-tuning the default model trains another stem than the one these weights learned.
 
 Evaluate it: `ndeconv eval {name}.{tag}`. Fold the whitening into plain convs for deployment:
 `ndeconv fold {name}.{tag} -o folded.safetensors`, or export ONNX: `ndeconv export {name}.{tag} -o model.onnx`.

@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
-# Install everything the tests need on a fresh Debian machine, then run the whole suite.
-# Usage: scripts/test.sh [pytest args...]
+# Run ruff and the whole test suite in a virtual environment: .venv in the repository root, made with
+# `python3 -m venv` on first use and reused after. Everything the tests need goes into it (torch, the package
+# with its dev extra), never into whatever Python is active; a fresh Debian machine also gets the
+# dataset-fashion-mnist package. About 6 minutes in CI.
+# Usage: scripts/test.sh [pytest args...]      e.g. scripts/test.sh -m "not slow" for the quick part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
-python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>/dev/null || python -m pip install -q torch torchvision
-python -m pip install -q -e ".[dev]"
-python -m ruff check .
-python -m pytest "$@"
+
+VENV=.venv
+PY="$VENV/bin/python"
+if [ -x "$PY" ] && "$PY" -m pip --version >/dev/null 2>&1; then
+  echo "scripts/test.sh: reusing the virtual environment $VENV"
+else
+  echo "scripts/test.sh: creating a virtual environment in $VENV (python3 -m venv)"
+  if ! python3 -m venv "$VENV"; then
+    # Debian ships venv's pip bootstrap (ensurepip) separately; a second try completes the half-made .venv.
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq python3-venv
+    python3 -m venv "$VENV"
+  fi
+fi
+"$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1 2>/dev/null || "$PY" -m pip install -q torch torchvision
+"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m ruff check .
+exec "$PY" -m pytest "$@"

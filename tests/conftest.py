@@ -1,4 +1,4 @@
-"""Test set-up: offline Hugging Face Hub, and the path of the shared reference fixtures."""
+"""Test set-up: offline Hugging Face Hub, and the path of the reference fixtures (committed in tests/fixtures/)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 import pytest  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared"
-REFERENCE = SHARED / "fixtures" / "reference"
+# The authors' outputs: a byte-identical copy of ../shared/fixtures/reference (sha256 in reference.sha256 beside
+# it, checked by tests/test_ecosystem.py), committed so that a fresh clone anywhere checks parity.
+REFERENCE = PROJECT_ROOT / "tests" / "fixtures" / "reference"
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """``../shared/fixtures/reference``: the authors' outputs. Skips (with the reason) only when absent."""
+    """``tests/fixtures/reference``: the authors' outputs. Skips (with the reason) only when absent."""
     if not REFERENCE.is_dir():
-        pytest.skip(f"reference fixtures not found at {REFERENCE} (the read-only ../shared beside the project)")
+        pytest.skip(f"reference fixtures not found at {REFERENCE}; restore tests/fixtures/ from the repository")
     return REFERENCE
 
 

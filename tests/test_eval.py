@@ -125,7 +125,7 @@ def test_eval_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fails(["--checkpoint", str(weights), "--arch", "resnet18", "--deconv", "false", "--dataset", "cifar10"],
           "does not fit resnet18_deconv")
     fails(["no_such_model_deconv", "--dataset", "cifar10"], "unknown model 'no_such_model_deconv'")
-    fails(["resnet18_deconv.no_such_tag"], "Invalid pretrained tag")
+    fails(["resnet18_deconv.no_such_tag"], "resnet18_deconv has no pretrained tag 'no_such_tag'")
     fails(["pnasnet_a_deconv", "--dataset", "svhn"], "unknown dataset 'svhn'")
     fails(["pnasnet_a_deconv", "--dataset", "fashion_mnist", "--batch-size", "0"], "batch size must be >= 1")
     for count in ("0", "-1"):  # -1 used to drop the last image silently, 0 to print nan%

@@ -213,6 +213,66 @@ def test_wrong_input_gets_a_clear_error():
         Delinear(16, 4)(torch.randn(4, 12))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_input_smaller_than_the_kernel_is_named(training):
+    """A 2x2 image under an unpadded 3x3 kernel: training failed with "cannot reshape tensor of 0 elements"."""
+    layer = FastDeconv(3, 8, 3, padding=0).train(training)
+    with pytest.raises(ValueError, match=r"FastDeconv\(3, 8.*2x2 pixels is smaller than the kernel's 3x3"):
+        layer(torch.randn(2, 3, 2, 2))
+    dilated = FastDeconv(3, 8, 3, padding=1, dilation=3).train(training)
+    with pytest.raises(ValueError, match=r"4x4 pixels \(6x6 padded\) is smaller than the \(dilated\) kernel's 7x7"):
+        dilated(torch.randn(2, 3, 4, 4))
+    assert dilated(torch.randn(1, 3, 5, 5)).shape == (1, 8, 1, 1)  # exactly the kernel's span: fine
+
+
+@pytest.mark.parametrize("layer_cls", ["fast_deconv", "delinear", "channel_deconv", "channel_deconv_no_pixels"])
+def test_empty_training_batch_is_named(layer_cls):
+    """No samples to take statistics from: one error naming the layer (was a reshape error or ZeroDivisionError),
+    the running statistics untouched; in eval an empty batch passes through as in nn.Conv2d."""
+    if layer_cls == "fast_deconv":
+        layer, x = FastDeconv(3, 8, 3, padding=1), torch.randn(0, 3, 8, 8)
+    elif layer_cls == "delinear":
+        layer, x = Delinear(8, 4), torch.randn(0, 8)
+    else:
+        layer = ndeconv.ChannelDeconv(4)
+        x = torch.randn(0, 8, 4, 4) if layer_cls == "channel_deconv" else torch.randn(2, 8, 0, 4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}\(.*batch .*skip empty batches"):
+        layer.train()(x)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    assert layer.eval()(x).shape[0] == x.shape[0]
+
+
+@pytest.mark.parametrize("layer_cls", ["fast_deconv", "delinear"])
+def test_wrong_input_dtype_is_refused_before_any_state_changes(layer_cls):
+    """fp16 into a float32 layer, outside autocast: the conv/linear fails, but it used to fail after the running
+    statistics (and the freeze counter, and fast mode's step) had moved. Under torch.autocast, reduced-precision
+    activations are what a float32 layer is meant to get."""
+    torch.manual_seed(0)
+    if layer_cls == "delinear":
+        layer, x = Delinear(16, 4, block=8), _correlated(32, 16, dtype=torch.float32)
+    else:
+        layer, x = FastDeconv(8, 8, 3, padding=1, freeze=True, freeze_iter=5), _correlated(4, 8, 8, 8,
+                                                                                           dtype=torch.float32)
+        ndeconv.set_fast_mode(layer, 2)
+    layer.train()(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    plain = {k: getattr(layer, k) for k in ("counter", "_fast_step") if hasattr(layer, k)}
+    for bad in (x.half(), x.double()):
+        with pytest.raises(TypeError, match=rf"{type(layer).__name__}\(.*input is {bad.dtype} but the layer's "
+                                            r"weights are torch.float32.*torch.autocast") as info:
+            layer(bad)
+        assert "\n" not in str(info.value)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, state[key]), f"{key} changed by a refused input"
+        assert {k: getattr(layer, k) for k in plain} == plain
+    with pytest.raises(TypeError, match="floating-point input"):
+        layer(x.to(torch.int32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and not torch.equal(layer.running_mean, state["running_mean"])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("layer_cls", ["fast_deconv", "fast_deconv_grouped", "delinear"])
 def test_non_finite_batch_raises_and_leaves_running_statistics(layer_cls, bad):
@@ -301,6 +361,59 @@ def test_eval_fold_cache_reuses_and_invalidates(layer_cls, monkeypatch):
     # With gradients wanted the fold must stay differentiable: no cache.
     y = layer(x)
     assert y.requires_grad
+
+
+@pytest.mark.parametrize("layer_cls", ["fast_deconv", "fast_deconv_1x1", "delinear"])
+def test_eval_fold_cache_sees_reassigned_parameters(layer_cls):
+    """``layer.weight = nn.Parameter(...)``: after two such reassignments the allocator hands the first weight's
+    storage to the third, whose version counter is 0 again. A key of address and version matched, and eval
+    returned the first weight's output; the cache must tell the tensors apart, however often they are replaced."""
+    torch.manual_seed(0)
+    if layer_cls == "delinear":
+        layer, x = Delinear(64, 32, block=16).double(), _correlated(32, 64)
+    elif layer_cls == "fast_deconv_1x1":
+        layer, x = FastDeconv(16, 16, 1).double(), _correlated(4, 16, 8, 8)
+    else:
+        layer, x = FastDeconv(8, 16, 3, padding=1).double(), _correlated(4, 8, 8, 8)
+    _train_step(layer, x)
+    layer.eval()
+    stale = 0
+    with torch.no_grad():
+        for _ in range(8):  # where the allocator puts each weight varies: many tries, all must be fresh
+            for times in (1, 2, 3, 4):
+                for _ in range(times):
+                    layer.weight = nn.Parameter(torch.randn(layer.weight.shape, dtype=torch.float64))
+                    if layer.bias is not None and times == 3:
+                        layer.bias = nn.Parameter(torch.randn(layer.bias.shape, dtype=torch.float64))
+                y = layer(x)
+                w, b = layer.folded_weight_bias(layer.running_mean, layer.running_deconv)
+                stale += not torch.equal(y, _apply(layer, x, w, b))
+    assert stale == 0, f"eval returned a replaced weight's output {stale} times in 32"
+    # Nor does the cache keep a replaced weight alive.
+    import weakref
+
+    old = weakref.ref(layer.weight)
+    with torch.no_grad():
+        layer(x)
+        layer.weight = nn.Parameter(torch.randn(layer.weight.shape, dtype=torch.float64))
+    assert old() is None
+
+
+def test_channel_deconv_eval_follows_reassigned_buffers():
+    """ChannelDeconv keeps no fold cache: its eval output always comes from the buffers it holds now."""
+    torch.manual_seed(0)
+    layer = ndeconv.ChannelDeconv(4).double()
+    x = _correlated(4, 8, 6, 6)
+    layer.train()(x)
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+        layer.running_deconv = 2 * layer.running_deconv
+        after = layer(x)
+    weight, bias = layer.affine(8)
+    expected = torch.einsum("oc,nchw->nohw", weight, x) + bias.view(1, -1, 1, 1)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12)
 
 
 def _apply(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

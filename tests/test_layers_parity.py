@@ -1,4 +1,4 @@
-"""Replay the authors' seeded layer runs (../shared/fixtures/reference/layers.*) and match every tensor."""
+"""Replay the authors' seeded layer runs (tests/fixtures/reference/layers.*) and match every tensor."""
 
 from __future__ import annotations
 

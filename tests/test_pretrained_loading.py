@@ -56,13 +56,14 @@ def _same(a: torch.nn.Module, b: torch.nn.Module, chans: int = 1) -> float:
 
 def test_ship_weights_layout(shipped, gray_model):
     files = sorted(p.name for p in shipped.iterdir())
-    assert files == ["SHA256SUMS", "config.json", "model.safetensors"]
+    assert files == ["SHA256SUMS", "class_map.txt", "config.json", "model.safetensors"]
     digest = hashlib.sha256((shipped / "model.safetensors").read_bytes()).hexdigest()
     assert (shipped / "SHA256SUMS").read_text() == f"{digest}  model.safetensors\n"
     config = json.loads((shipped / "config.json").read_text())
     assert config["architecture"] == "resnet18_deconv"
-    assert config["pretrained_cfg"]["input_size"] == [1, 32, 32]
-    assert config["model_args"]["deconv"] is True and config["model_args"]["in_chans"] == 1
+    # The default model of gray weights takes 3 channels (the registry's rule); the weights' own are the stem's.
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["model_args"]["deconv"] is True and "in_chans" not in config["model_args"]
 
 
 def test_no_shipped_weights_is_one_clear_error():
@@ -78,13 +79,13 @@ def test_registered_cfg_points_at_shipped_folder():
     cfg = timm.models.get_pretrained_cfg("resnet18_deconv.fashion_mnist")
     assert Path(cfg.file) == pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist" / "model.safetensors"
     assert cfg.hf_hub_id == "ndeconv/resnet18_deconv.fashion_mnist"
-    assert cfg.input_size == (1, 32, 32) and len(cfg.mean) == len(cfg.std) == 1
+    assert cfg.input_size == (3, 32, 32) and len(cfg.mean) == len(cfg.std) == 3
 
 
 def test_shipped_file_is_sha256_checked(shipped, gray_model, monkeypatch, tmp_path):
     monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", shipped.parent)
     file = str(shipped / "model.safetensors")
-    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=file))
+    model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=file))
     assert model.conv1.in_channels == 1 and _same(model, gray_model) == 0.0
 
     # The same bytes under another checksum: refused before anything is loaded.
@@ -214,7 +215,8 @@ def test_overlay_naming_another_source_replaces_the_shipped_file(shipped, gray_m
     # timm tries `file` before `hf_hub_id`: without care the registered shipped file would silently win.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     _hf_cache(tmp_path, "someorg/mine", shipped)
-    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someorg/mine"))
+    model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1,
+                              pretrained_cfg_overlay=dict(hf_hub_id="someorg/mine"))
     assert _same(model, gray_model) == 0.0
     assert model.pretrained_cfg.get("file") is None and model.pretrained_cfg["hf_hub_id"] == "someorg/mine"
 
@@ -268,7 +270,7 @@ def test_local_dir_with_damaged_pytorch_bin_is_clear_error(tmp_path):
 
 
 def test_local_dir(shipped, gray_model):
-    model = timm.create_model(f"local-dir:{shipped}", pretrained=True)
+    model = timm.create_model(f"local-dir:{shipped}", pretrained=True, in_chans=1)
     assert model.pretrained_cfg["architecture"] == "resnet18_deconv"
     assert _same(model, gray_model) == 0.0
 
@@ -297,11 +299,13 @@ def test_hf_hub_offline_cache(shipped, gray_model, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     _hf_cache(tmp_path, "someorg/resnet18_deconv.fashion_mnist", shipped)
     model = timm.create_model("hf-hub:someorg/resnet18_deconv.fashion_mnist", pretrained=True)
+    assert model.conv1.in_channels == 3 and model.pretrained_cfg["input_size"][0] == 3  # the default model
+    model = timm.create_model("hf-hub:someorg/resnet18_deconv.fashion_mnist", pretrained=True, in_chans=1)
     assert model.conv1.in_channels == 1
     assert _same(model, gray_model) == 0.0
     # The registered hf_hub_id is the fallback when the shipped file is switched off (file='').
     _hf_cache(tmp_path, "ndeconv/resnet18_deconv.fashion_mnist", shipped)
-    model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=""))
+    model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=""))
     assert _same(model, gray_model) == 0.0
 
 

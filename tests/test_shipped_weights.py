@@ -33,7 +33,8 @@ def _card(name: str) -> dict:
 def test_loads_with_no_other_argument(name):
     model = timm.create_model(name, pretrained=True)
     assert model.pretrained_cfg["tag"] == "fashion_mnist"
-    assert model.num_classes == 10 and model.get_submodule(model.pretrained_cfg["first_conv"]).in_channels == 1
+    # timm's default: 3 channels, the gray stem adapted exactly (the cfg says 3 too: tests/test_ecosystem.py).
+    assert model.num_classes == 10 and model.get_submodule(model.pretrained_cfg["first_conv"]).in_channels == 3
     hub = torch.hub.load(str(PROJECT_ROOT), name, source="local", pretrained=True)
     for (key, a), b in zip(model.state_dict().items(), hub.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
@@ -42,8 +43,8 @@ def test_loads_with_no_other_argument(name):
 @needs_weights
 @pytest.mark.parametrize("name", SHIPPED)
 def test_rgb_copy_of_gray_image_gets_the_gray_prediction(name):
-    gray = timm.create_model(name, pretrained=True).eval()
-    rgb = timm.create_model(name, pretrained=True, in_chans=3).eval()
+    gray = timm.create_model(name, pretrained=True, in_chans=1).eval()
+    rgb = timm.create_model(name, pretrained=True).eval()
     torch.manual_seed(0)
     x = torch.rand(4, 1, 32, 32)
     with torch.no_grad():

@@ -49,13 +49,22 @@ def _as_if_started_by_an_older_version(run_dir: Path, setting: str) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An uninterrupted run and, beside it, the same run SIGKILLed mid-epoch then resumed with --resume (by a
     version of ndeconv with a setting the killed run did not know)."""
-    root = tmp_path_factory.mktemp("runs")
+    return _full_and_resumed(tmp_path_factory.mktemp("runs"), [], older_setting="fast")
+
+
+@pytest.fixture(scope="module")
+def amp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same pair under bf16 autocast in channels-last memory format."""
+    return _full_and_resumed(tmp_path_factory.mktemp("amp_runs"), ["--amp", "bf16", "--channels-last"])
+
+
+def _full_and_resumed(root: Path, extra: list[str], older_setting: str | None = None) -> dict[str, Path]:
     full_dir, killed_dir = root / "full", root / "killed"
     # Both start together: two single-threaded processes on a 2-core CI machine.
-    full = subprocess.Popen(_train_cmd(*TINY, "--out", str(full_dir)), env=ENV, stdout=subprocess.DEVNULL,
+    full = subprocess.Popen(_train_cmd(*TINY, *extra, "--out", str(full_dir)), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(_train_cmd(*TINY, "--out", str(killed_dir)), env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(_train_cmd(*TINY, *extra, "--out", str(killed_dir)), env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in killed.stderr:
         seen.append(line)
@@ -65,7 +74,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     killed.wait(timeout=120)
     assert killed.returncode == -signal.SIGKILL, "".join(seen)
     assert (killed_dir / "checkpoint.pt").is_file() and not (killed_dir / "model.safetensors").exists()
-    _as_if_started_by_an_older_version(killed_dir, "fast")  # before fast mode existed
+    if older_setting:
+        _as_if_started_by_an_older_version(killed_dir, older_setting)  # e.g. before fast mode existed
     resumed = subprocess.run(_train_cmd("--resume", str(killed_dir)), env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -95,6 +105,36 @@ def test_resume_after_sigkill_is_bit_exact(runs: dict[str, Path]) -> None:
     for a, b in zip(rows[0], rows[1], strict=True):
         for key in ("epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5"):
             assert a[key] == b[key], key
+
+
+def test_resume_is_bit_exact_under_bf16_autocast_and_channels_last(amp_runs: dict[str, Path]) -> None:
+    full = load_file(str(amp_runs["full"] / "model.safetensors"))
+    resumed = load_file(str(amp_runs["killed"] / "model.safetensors"))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    for run in amp_runs.values():
+        train = json.loads((run / "config.json").read_text())["train"]
+        assert train["amp"] == "bf16" and train["channels_last"] is True
+    timing = {"seconds", "images_per_s", "eval_seconds"}
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+             for line in (amp_runs[r] / "metrics.jsonl").read_text().splitlines()] for r in ("full", "killed")]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+
+
+def test_bare_amp_trains_in_float32_where_bf16_is_not_native(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import ndeconv.training.loop as loop
+
+    monkeypatch.setattr(loop, "native_amp_dtype", lambda device: None)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--max-steps", "1", "--out", str(out), "--amp"]) == 0
+    assert "no native reduced-precision arithmetic" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["train"]["amp"] is None
+    monkeypatch.setattr(loop, "native_amp_dtype", lambda device: torch.bfloat16)
+    out = tmp_path / "native"
+    assert main(["train", *TINY, "--max-steps", "1", "--out", str(out), "--amp"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["amp"] == "bf16"
 
 
 def test_run_directory(runs: dict[str, Path]) -> None:

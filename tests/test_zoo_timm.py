@@ -63,11 +63,13 @@ def test_list_pretrained_lists_only_weights_that_exist():
 def test_pretrained_cfg(name):
     cfg = timm.models.get_pretrained_cfg(f"{name}.fashion_mnist")
     assert cfg.tag == "fashion_mnist" and cfg.architecture == name
-    assert cfg.input_size == (1, 32, 32) and cfg.num_classes == 10 and len(cfg.label_names) == 10
+    # timm's convention: the default model takes 3 channels; the gray weights' statistics repeat in each.
+    assert cfg.input_size == (3, 32, 32) and cfg.mean == (0.0,) * 3 and cfg.std == (1.0,) * 3
+    assert cfg.num_classes == 10 and len(cfg.label_names) == 10
     assert cfg.file.endswith(f"zoo/weights/{name}.fashion_mnist/model.safetensors")
     assert cfg.hf_hub_id == f"ndeconv/{name}.fashion_mnist"
     assert cfg.paper_ids == "arXiv:1905.11926" and cfg.license == "mit"
-    # Without weights the model is the architecture's own: 3 channels, CIFAR statistics.
+    # Without weights the model is the default one, with the default tag's cfg (as any timm model).
     with torch.device("meta"):
         model = timm.create_model(name)
     assert model.pretrained_cfg["input_size"] == (3, 32, 32) and len(model.pretrained_cfg["mean"]) == 3

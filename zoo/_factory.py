@@ -59,12 +59,13 @@ def create_zoo_model(
 ) -> nn.Module:
     """``build_model_with_cfg`` plus what the zoo needs around it.
 
-    - Without weights, a model defaults to the architecture's own input (3 channels, CIFAR statistics in its
-      pretrained_cfg) rather than the default tag's data (Fashion-MNIST is 1 channel).
-    - With weights, the model takes the channels and classes of the weights it loads (timm fills ``in_chans``
-      and ``num_classes`` from the resolved pretrained_cfg; a user's file is read for them), a shipped file's
-      sha256 is checked first, a deconvolution stem is adapted to another ``in_chans`` exactly
-      (``zoo_filter_fn``), and any failure is one clear error naming the model, the tag and the source.
+    - The default model takes 3 channels, as timm's convention has it, and its pretrained_cfg (the default
+      tag's, with or without weights) says so; ``in_chans=1`` builds the gray stem Fashion-MNIST weights were
+      trained with, and whatever ``in_chans``, the model's pretrained_cfg describes the model built.
+    - With weights, a registered tag's gray weights load into the 3-channel stem through an exact adaptation
+      (``zoo_filter_fn``: an RGB copy of a gray image gives the gray image's output, in eval); a user's file
+      gives the model its own channels and classes unless asked for others; a shipped file's sha256 is checked
+      first, and any failure is one clear error naming the model, the tag and the source.
     """
     if feature_indices is not None:
         # features_only by forward hooks on the unmodified model (every zoo forward has functional ops between

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from ndeconv.checkpointing import checkpoint_seq
+from ndeconv.io import check_loadable_weights
 
 from ._builder import DeconvSettings
 
@@ -38,6 +42,13 @@ class ZooClassifierMixin:
         # 'catavgmax' pooling doubles the features the classifier sees.
         in_features = self.num_features * self.global_pool.feat_mult()
         setattr(self, self.classifier_name, self.deconv_settings.head(in_features, num_classes))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, refusing weights that would load but cannot be right (integer values
+        where the model has floats, NaN or Inf), with one error naming the tensor. Every way weights reach a zoo
+        model passes here: timm's pretrained loading, checkpoints, run directories, folded files, conversion."""
+        check_loadable_weights(dict(state_dict), self.state_dict())  # type: ignore[attr-defined]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
 
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)

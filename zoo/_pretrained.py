@@ -17,32 +17,45 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from timm.models import resolve_pretrained_cfg
+from timm.models import adapt_input_conv, resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._registry import _model_default_cfgs, _model_has_pretrained, _model_pretrained_cfgs
 from torch import nn
 
 from ndeconv import FastDeconv
 from ndeconv.errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
-from ndeconv.io import atomic_write, save_json_atomic, save_safetensors_atomic
+from ndeconv.io import (
+    CHECKSUMS_FILE,
+    atomic_write,
+    check_loadable_weights,
+    file_sha256,
+    save_json_atomic,
+    save_safetensors_atomic,
+    verify_checksums_beside,
+)
 
 __all__ = [
+    "CLASS_MAP_FILE",
+    "DEFAULT_IN_CHANS",
     "TAG_DATA",
     "WEIGHTS_DIR",
     "complete_pretrained_cfgs",
+    "default_in_chans",
     "expand_deconv_stem",
+    "folder_name",
     "registered_tags",
     "ship_weights",
     "shipped_weights_path",
     "verify_sha256",
+    "weights_in_chans",
+    "write_class_map",
     "zoo_filter_fn",
 ]
 
@@ -52,22 +65,37 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "model.safetensors"
-CHECKSUMS_FILE = "SHA256SUMS"
+CLASS_MAP_FILE = "class_map.txt"
 HF_HUB_ORG = "ndeconv"
 
 FASHION_MNIST_LABELS = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 
-# What each pretrained tag was trained on: the data fields of its pretrained_cfg. Fashion-MNIST is zero-padded
-# from 28x28 to the CIFAR topology's 32x32 and, as the authors' main.py trains it, only scaled to [0, 1]
-# (ToTensor, no normalisation): mean 0 and std 1 say exactly that to timm's data config.
+# What each pretrained tag was trained on: the data fields of its pretrained_cfg, with the channels of the
+# images themselves (the weights' stem). Fashion-MNIST is zero-padded from 28x28 to the CIFAR topology's 32x32
+# and, as the authors' main.py trains it, only scaled to [0, 1] (ToTensor, no normalisation): mean 0 and std 1
+# say exactly that to timm's data config, and crop_pct 32/28 with a centre crop makes timm's eval transform
+# Resize(28) + CenterCrop(32), which on a 28x28 image is the same 2-pixel zero border (crop_pct 1.0 would
+# resize the 28x28 image up to 32x32 instead: 10 points of top-1 lost).
 TAG_DATA: dict[str, dict[str, Any]] = {
     "fashion_mnist": dict(
-        input_size=(1, 32, 32), mean=(0.0,), std=(1.0,), num_classes=10, label_names=FASHION_MNIST_LABELS,
+        input_size=(1, 32, 32), mean=(0.0,), std=(1.0,), crop_pct=32 / 28, crop_mode="center",
+        num_classes=10, label_names=FASHION_MNIST_LABELS,
         description="Trained on Fashion-MNIST (28x28 grayscale, zero-padded to 32x32).",
     ),
 }
+
+# timm's convention: a model takes 3-channel images and its pretrained_cfg says so. Weights trained on gray
+# images (1 channel) load into that model through an exact stem adaptation (``zoo_filter_fn``); ``in_chans=1``
+# builds their own gray stem, and whatever the channels, a model's pretrained_cfg describes the model built.
+DEFAULT_IN_CHANS = 3
+
+
+def default_in_chans(weights_chans: int) -> int:
+    """The channels of the default model for weights of ``weights_chans`` input channels: 3 where the stem
+    adapts exactly (3 is a whole multiple of them), else the weights' own."""
+    return DEFAULT_IN_CHANS if DEFAULT_IN_CHANS % weights_chans == 0 else weights_chans
 
 
 def shipped_weights_path(model_name: str, tag: str) -> Path:
@@ -91,6 +119,8 @@ def complete_pretrained_cfgs(model_names: list[str]) -> None:
         for tag_idx, tag in enumerate(default_cfg.tags):
             cfg = default_cfg.cfgs[tag]
             updates: dict[str, Any] = dict(TAG_DATA.get(tag, {}))
+            if "input_size" in updates:  # the default model's input, not the weights' (DEFAULT_IN_CHANS)
+                updates.update(_with_channels(updates, default_in_chans(updates["input_size"][0])))
             if tag and not (cfg.file or cfg.url or cfg.hf_hub_id):
                 updates["file"] = str(shipped_weights_path(name, tag))
                 updates["hf_hub_id"] = f"{HF_HUB_ORG}/{name}.{tag}"
@@ -115,32 +145,46 @@ def registered_tags(model_name: str) -> list[str]:
 # -- checks ----------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: str | Path) -> None:
-    """Check a shipped weights file against the ``SHA256SUMS`` beside it; raise NdeconvError if it does not match."""
-    path = Path(path)
-    sums = path.parent / CHECKSUMS_FILE
-    if not sums.is_file():
-        raise NdeconvError(f"{path}: no {CHECKSUMS_FILE} beside it, so the file cannot be verified; "
-                           "re-create the folder with zoo._pretrained.ship_weights")
-    expected = None
-    for line in sums.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("*") == path.name:
-            expected = parts[0].lower()
-    if expected is None:
-        raise NdeconvError(f"{sums}: has no entry for {path.name}; re-create the folder with ship_weights")
-    actual = file_sha256(path)
-    if actual != expected:
-        raise NdeconvError(f"{path}: sha256 {actual} does not match {expected} recorded in {sums}; "
-                           "the file is corrupt or was replaced: restore it (e.g. git checkout) or re-download it")
+    """Check a shipped weights file against the ``SHA256SUMS`` beside it; raise NdeconvError if it does not match
+    or none records it (a symlink is followed to the shipped folder first)."""
+    verify_checksums_beside(path, required=True)
+
+
+def local_dir_weights(folder: Path) -> Path | None:
+    """The weights file timm's ``local-dir:`` source reads from ``folder`` (its preferred names, then the first
+    file of each extension in its order), or None when there is none."""
+    try:
+        from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+    except ImportError:  # another timm: its own choice is the model.safetensors every Hub folder has
+        _PREFERRED_FILES, _EXT_PRIORITY = (WEIGHTS_FILE,), ()
+    if not folder.is_dir():
+        return None
+    for name in _PREFERRED_FILES:
+        if (folder / name).exists():
+            return folder / name
+    for ext in _EXT_PRIORITY:
+        found = sorted(folder.glob(f"*{ext}"))
+        if found:
+            return found[0]
+    return None
+
+
+def _cached_hub_weights(loc: str | tuple[str, str]) -> Path | None:
+    """The weights file of a Hub repo that timm will read from the local cache, if it is cached (a first
+    download comes checked by the Hub's own hashes; a SHA256SUMS is beside it only when the repo was fetched whole)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, names = (loc, ("model.safetensors", "pytorch_model.bin")) if isinstance(loc, str) else (loc[0], (loc[1],))
+    repo_id, _, revision = repo.partition("@")
+    for name in names:
+        try:
+            cached = try_to_load_from_cache(repo_id, name, revision=revision or None)
+        except ValueError:  # not a repo name: timm reports it
+            return None
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
 
 
 def _peek_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
@@ -193,21 +237,28 @@ def _only_overlay_source(overlay: dict[str, Any]) -> dict[str, Any]:
 
 def _with_channels(data: dict[str, Any], chans: int) -> dict[str, Any]:
     """``input_size``/``mean``/``std`` for ``chans`` channels: statistics repeat for whole multiples (an RGB copy
-    of a gray image has the gray statistics in every channel), else their average does."""
-    mean, std = tuple(data["mean"]), tuple(data["std"])
-    if len(mean) != chans:
-        if chans % len(mean) == 0:
-            mean, std = mean * (chans // len(mean)), std * (chans // len(std))
-        else:
-            mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
-    return dict(input_size=(chans, *tuple(data["input_size"])[1:]), mean=mean, std=std)
+    of a gray image has the gray statistics in every channel) and come back whole from such a repetition,
+    else their average does."""
+
+    def fit(stats: tuple[float, ...]) -> tuple[float, ...]:
+        if len(stats) == chans:
+            return stats
+        if chans % len(stats) == 0:
+            return stats * (chans // len(stats))
+        if len(stats) % chans == 0 and stats == stats[:chans] * (len(stats) // chans):
+            return stats[:chans]
+        return (sum(stats) / len(stats),) * chans
+
+    return dict(input_size=(chans, *tuple(data["input_size"])[1:]), mean=fit(tuple(data["mean"])),
+                std=fit(tuple(data["std"])))
 
 
 def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> dict[str, Any]:
     """The data fields recorded in a ``config.json`` beside a weights file (a run directory or Hub folder).
 
     A user's file otherwise gets the default tag's normalisation, which a model trained on other data does not use.
-    Only a config of the same architecture and channel count is trusted.
+    Only a config of the same architecture is trusted, recorded for the weights' channels or, as ``ship_weights``
+    writes gray weights' default 3-channel model, for a whole multiple of them with the statistics repeated.
     """
     try:
         recorded = json.loads((path.parent / "config.json").read_text()).get("pretrained_cfg")
@@ -217,8 +268,27 @@ def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> di
         return {}
     data = {key: tuple(recorded[key]) for key in ("input_size", "mean", "std", "label_names") if key in recorded}
     if "input_size" in data and chans is not None and data["input_size"][0] != chans:
-        return {}
+        recorded_chans = data["input_size"][0]
+        if recorded_chans % chans or any(len(data.get(key, ())) != recorded_chans for key in ("mean", "std")):
+            return {}
+        fitted = _with_channels(data, chans)
+        if _with_channels(fitted, recorded_chans) != _with_channels(data, recorded_chans):
+            return {}  # per-channel statistics of other images, not copies of the weights' channels
+        data.update(fitted)
     return data
+
+
+def _fit_in_chans(cfg: Any, kwargs: dict[str, Any], user_input_size: bool) -> dict[str, Any]:
+    """A model built for other input channels (``in_chans=``) than its pretrained_cfg says gets a pretrained_cfg
+    that describes its own input; the stem of weights loaded into it is adapted by ``zoo_filter_fn`` first, so
+    timm then neither warns nor adapts it again."""
+    in_chans = kwargs.get("in_chans")
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    source = {key: overlay.get(key, getattr(cfg, key)) for key in ("input_size", "mean", "std")}
+    if in_chans and not user_input_size and source["input_size"][0] != in_chans:
+        overlay.update(_with_channels(source, in_chans))
+        kwargs["pretrained_cfg_overlay"] = overlay
+    return kwargs
 
 
 def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -231,23 +301,19 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
         kwargs["pretrained_cfg_overlay"] = overlay
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay or None)
     if not pretrained:
-        if registry_cfg:
-            # No weights: the architecture's own input, and a pretrained_cfg that describes it.
-            in_chans = kwargs.setdefault("in_chans", 3)
-            if cfg.input_size[0] != in_chans and "input_size" not in overlay:
-                overlay["input_size"] = (in_chans, *cfg.input_size[1:])
-                if in_chans == 3:
-                    overlay.setdefault("mean", CIFAR10_MEAN)
-                    overlay.setdefault("std", CIFAR10_STD)
-                else:
-                    overlay.setdefault("mean", (sum(cfg.mean) / len(cfg.mean),) * in_chans)
-                    overlay.setdefault("std", (sum(cfg.std) / len(cfg.std),) * in_chans)
-                kwargs["pretrained_cfg_overlay"] = overlay
-        return kwargs
+        # No weights: the default model is timm's (in_chans from the default cfg, DEFAULT_IN_CHANS), and its
+        # pretrained_cfg is the default tag's, as for any timm model; another in_chans gets a cfg describing it.
+        return _fit_in_chans(cfg, kwargs, user_input_size)
 
     load_from, loc = _resolve_pretrained_source(cfg.to_dict())
+    if load_from in ("local-dir", "hf-hub"):
+        # timm reads these files itself: check the one it will read against a SHA256SUMS beside it first.
+        weights = local_dir_weights(Path(loc)) if load_from == "local-dir" else _cached_hub_weights(loc)
+        if weights is not None:
+            verify_checksums_beside(weights, required=weights.resolve().is_relative_to(WEIGHTS_DIR))
+        return _fit_in_chans(cfg, kwargs, user_input_size)
     if load_from != "file":
-        return kwargs
+        return _fit_in_chans(cfg, kwargs, user_input_size)
     path = Path(loc)
     shipped = path.resolve().is_relative_to(WEIGHTS_DIR)
     if not path.is_file():
@@ -257,8 +323,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
         raise NdeconvError(f"{_label(variant, cfg)}: no pretrained weights: looked for {where} at {path}; {hint}")
     if shipped:
         verify_sha256(path)
-        source_chans = cfg.input_size[0]
     else:
+        verify_checksums_beside(path)  # a user's copy of a shipped or Hub folder carries its SHA256SUMS along
         # A user's file: the model takes the channels and classes of the weights (unless asked for others), and
         # the normalisation recorded beside them.
         first = [f"{n}.weight" for n in _names(cfg.first_conv)]
@@ -279,16 +345,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
         # labels come from a config.json beside it (taken above) or stay unknown.
         for key in ("tag", "description", "label_names"):
             overlay.setdefault(key, None)
-    # A deconvolution stem is adapted to other input channels by zoo_filter_fn, so the model's pretrained_cfg
-    # describes its own input (and timm does not try to adapt the stem again). timm adapts a plain conv stem
-    # itself and must be told the source channels for that.
-    in_chans = kwargs.get("in_chans")
-    if in_chans and in_chans != source_chans and kwargs.get("deconv", True) and not user_input_size:
-        source = {"input_size": overlay.get("input_size", cfg.input_size), "mean": overlay.get("mean", cfg.mean),
-                  "std": overlay.get("std", cfg.std)}
-        overlay.update(_with_channels(source, in_chans))
     kwargs["pretrained_cfg_overlay"] = overlay
-    return kwargs
+    return _fit_in_chans(cfg, kwargs, user_input_size)
 
 
 @contextlib.contextmanager
@@ -304,8 +362,41 @@ def pretrained_errors(variant: str, kwargs: dict[str, Any]) -> Iterator[None]:
             label, source = _label(variant, cfg), _describe_source(cfg)
         except Exception:  # noqa: BLE001 - describing the source must never hide the real error
             label, source = variant, "its pretrained_cfg"
-        reason = error_summary(err)
-        raise NdeconvError(f"{label}: cannot load pretrained weights from {source}: {reason}") from err
+        missing = hub_lookup_failure(err)
+        reason = missing or error_summary(err)
+        # The Hub has no such repo or file, or cannot be reached: the name is the problem (exit status 2).
+        error = UsageError if missing else NdeconvError
+        raise error(f"{label}: cannot load pretrained weights from {source}: {reason}") from err
+
+
+def hub_lookup_failure(err: BaseException) -> str | None:
+    """Why a Hub repo or file cannot be found (not on the Hub, or not cached while offline), in one line, or None
+    for any other error."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        return None
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        return (f"not in the local Hugging Face cache and {why}; download it where there is a connection "
+                "(`hf download ORG/NAME`), or load a folder with local-dir:FOLDER")
+    if isinstance(err, RepositoryNotFoundError):
+        return "no such Hugging Face Hub repo (or it is private or gated: log in with `hf auth login`)"
+    if isinstance(err, RevisionNotFoundError):
+        return "the Hub repo has no such revision"
+    if isinstance(err, EntryNotFoundError):
+        return f"the Hub repo has no such file ({error_summary(err)})"
+    if isinstance(err, HFValidationError):
+        return f"not a Hugging Face Hub repo name ({error_summary(err)}); write hf-hub:ORG/NAME"
+    return None
 
 
 # -- state_dict filter -----------------------------------------------------------------------------------------
@@ -360,11 +451,13 @@ def _strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def zoo_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: adapt a deconvolution stem to ``in_chans``, refuse a foreign state_dict.
+    """timm ``pretrained_filter_fn``: adapt the stem to ``in_chans``, refuse a foreign state_dict.
 
-    The classifier (resized by timm when ``num_classes`` differs) and a plain-conv stem's input channels
-    (adapted by timm's ``adapt_input_conv``) are left to timm; any other missing, unexpected or differently
-    shaped key means the file is another architecture (or the other form, ``deconv=True``/``False``).
+    A deconvolution stem is adapted exactly (``expand_deconv_stem``), a plain-conv stem by timm's own
+    ``adapt_input_conv``, both from the channels of the weights themselves (the model's pretrained_cfg describes
+    the model, not the source). The classifier is left to timm (resized when ``num_classes`` differs); any other
+    missing, unexpected or differently shaped key means the file is another architecture (or the other form,
+    ``deconv=True``/``False``).
     """
     state_dict = _strip_module_prefix(dict(state_dict))
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -374,7 +467,16 @@ def zoo_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict
         weight = state_dict.get(f"{stem}.weight")
         if isinstance(module, FastDeconv) and weight is not None and weight.ndim == 4:
             if weight.shape[1] != module.in_channels:
+                # The adaptation computes in float64, which would hide integer weights from load_state_dict's check.
+                check_loadable_weights(state_dict, module.state_dict(prefix=f"{stem}."))
                 state_dict = expand_deconv_stem(state_dict, f"{stem}.", module)
+        elif isinstance(module, nn.Conv2d) and weight is not None and weight.ndim == 4:
+            if weight.shape[1] != module.in_channels and module.groups == 1:
+                # A plain stem (the BatchNorm form): timm's own adaptation, done here from the weights' channels
+                # so the pretrained_cfg can describe the model being built rather than the source.
+                check_loadable_weights(state_dict, module.state_dict(prefix=f"{stem}."))
+                state_dict = dict(state_dict)
+                state_dict[f"{stem}.weight"] = adapt_input_conv(module.in_channels, weight, base_chans=weight.shape[1])
     classifiers = _names(cfg.get("classifier"))
     classifier_prefixes = tuple(f"{n}." for n in classifiers)
     expected = model.state_dict()
@@ -433,11 +535,15 @@ def ship_weights(model: nn.Module, tag: str, root: str | Path = WEIGHTS_DIR, for
         cfg.pop(key, None)
     cfg["tag"] = tag
     cfg.update({k: v for k, v in TAG_DATA.get(tag, {}).items() if k not in ("input_size", "num_classes")})
-    cfg["input_size"] = (model.get_submodule(_names(cfg.get("first_conv"))[0]).in_channels, *cfg["input_size"][1:])
+    # The config describes the default model of these weights (DEFAULT_IN_CHANS, as the registry does), so
+    # ``hf-hub:``/``local-dir:`` build what ``pretrained=True`` builds; the weights' own channels are their stem's,
+    # and model_args leave in_chans to the pretrained_cfg, as timm's Hub configs do.
+    chans = model.get_submodule(_names(cfg.get("first_conv"))[0]).in_channels
+    cfg.update(_with_channels(_with_channels(cfg, chans), default_in_chans(chans)))
     cfg["num_classes"] = model.num_classes
     settings = getattr(model, "deconv_settings", None)
     model_args = dict(settings.to_dict() if settings is not None else {})
-    model_args.update(in_chans=cfg["input_size"][0], num_classes=model.num_classes)
+    model_args.update(num_classes=model.num_classes)
     config = dict(
         architecture=name, num_classes=model.num_classes, num_features=model.num_features,
         global_pool=getattr(model, "global_pool_type", "avg"), model_args=model_args,
@@ -447,6 +553,8 @@ def ship_weights(model: nn.Module, tag: str, root: str | Path = WEIGHTS_DIR, for
         config["label_names"] = list(cfg["label_names"])
     save_safetensors_atomic(model.state_dict(), weights)
     save_json_atomic(config, folder / "config.json")
+    if cfg.get("label_names"):
+        write_class_map(cfg["label_names"], folder / CLASS_MAP_FILE)
     sums = f"{file_sha256(weights)}  {WEIGHTS_FILE}\n"
     atomic_write(folder / CHECKSUMS_FILE, lambda tmp: tmp.write_text(sums))
     return folder
@@ -454,3 +562,70 @@ def ship_weights(model: nn.Module, tag: str, root: str | Path = WEIGHTS_DIR, for
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def folder_name(label: str) -> str:
+    """A label as a class folder name: ``t-shirt/top`` cannot be one (``/``), ``t-shirt_top`` can."""
+    return "_".join(label.replace("/", " ").replace("\\", " ").split())
+
+
+def write_class_map(label_names: Sequence[str], path: str | Path) -> Path:
+    """timm's ``--class-map`` text file: one class folder name per line, line i for class index i.
+
+    An image folder sorted alphabetically (timm's and torchvision's default) does not have the dataset's class
+    order; ``--class-map`` with this file gives each folder its index, in timm's ``validate.py``/``train.py`` and
+    in ``ndeconv eval --dataset imagefolder``."""
+    names = [folder_name(label) for label in label_names]
+    if len(set(names)) != len(names):
+        raise UsageError(f"label names {list(label_names)} give the same folder name twice: rename them")
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
+    return path
+
+
+def _hub_or_dir_config(weights: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((weights.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def weights_in_chans(model_name: str) -> int | None:
+    """The input channels of the weights ``timm.create_model(model_name, pretrained=True)`` loads, read from the
+    file's header (nothing is loaded): the channels of the images they were trained on. Tools that feed those
+    images (``ndeconv eval``, ``fold``, ``viz``) build the weights' own stem with it (``in_chans=``) instead of
+    the default 3-channel model. None when the weights are not on this machine or are not safetensors."""
+    from timm.models import get_pretrained_cfg, parse_model_name
+
+    source, ident = parse_model_name(model_name)
+    first_conv = None
+    if source == "local-dir":
+        weights = local_dir_weights(Path(ident))
+    elif source == "hf-hub":
+        weights = _cached_hub_weights(ident)
+    else:
+        try:
+            cfg = get_pretrained_cfg(ident)
+        except RuntimeError:  # an unknown tag: creating the model says so
+            return None
+        if cfg is None:
+            return None
+        first_conv = cfg.first_conv
+        load_from, loc = _resolve_pretrained_source(cfg.to_dict())
+        weights = Path(loc) if load_from == "file" else _cached_hub_weights(loc) if load_from == "hf-hub" else None
+    if weights is None or not Path(weights).is_file():
+        return None
+    if first_conv is None:  # a Hub folder: its config.json names the stem, else the architecture's registry cfg
+        config = _hub_or_dir_config(Path(weights))
+        first_conv = (config.get("pretrained_cfg") or {}).get("first_conv")
+        if first_conv is None and config.get("architecture"):
+            registered = get_pretrained_cfg(str(config["architecture"]))
+            first_conv = registered.first_conv if registered is not None else None
+    names = [f"{n}.weight" for n in _names(first_conv)]
+    try:
+        shapes = _peek_shapes(Path(weights), names)
+    except NdeconvError:
+        return None
+    shape = shapes.get(names[0]) if names else None
+    return int(shape[1]) if shape is not None and len(shape) == 4 else None

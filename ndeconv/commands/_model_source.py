@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoints import load_checkpoint_model
-from ..errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
+from ..errors import UsageError
 
 __all__ = ["ModelSource", "add_model_source_arguments", "load_model_source"]
 
@@ -37,36 +37,18 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
 def _from_name(spec: str, random_init: bool) -> ModelSource:
     import timm
 
-    import zoo
-    from zoo._pretrained import registered_tags
+    from ..checkpoints import create_pretrained_model, pretrained_model_name
 
-    if spec.startswith(("hf-hub:", "local-dir:")):  # timm's own sources, whole (a Hub repo name may hold dots)
-        if random_init:
-            raise UsageError(f"--random-init builds an untrained zoo model; {spec} names weights: drop one of them")
-        return ModelSource(_create_pretrained(spec).eval(), {"model": spec})
-    arch, _, tag = spec.partition(".")
-    arch = zoo.resolve_model_name(arch)
+    name = pretrained_model_name(spec)  # any name that names nothing fails here, before --random-init is looked at
     if random_init:
+        if ":" in name:  # timm's own sources (hf-hub:/local-dir:) name weights
+            raise UsageError(f"--random-init builds an untrained zoo model; {spec} names weights: drop one of them")
+        arch, _, tag = name.partition(".")
         if tag:
             raise UsageError(f"--random-init builds an untrained {arch}; drop the tag .{tag} or the flag")
         model = timm.create_model(arch, pretrained=False)
         return ModelSource(model.eval(), {"model": arch, "weights": "random init"})
-    tags = registered_tags(arch)
-    if tag and tag not in tags:
-        raise UsageError(f"{arch} has no pretrained tag {tag!r}; known: {', '.join(tags) or 'none'}")
-    name = f"{arch}.{tag}" if tag else arch
-    return ModelSource(_create_pretrained(name).eval(), {"model": name})
-
-
-def _create_pretrained(name: str) -> nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=True)
-    except NdeconvError:
-        raise
-    except (RuntimeError, OSError, ValueError, *UNPICKLE_ERRORS) as err:
-        raise NdeconvError(f"{name}: cannot load its weights: {error_summary(err)}") from err
+    return ModelSource(create_pretrained_model(name).eval(), {"model": name})
 
 
 def _from_checkpoint(file: str, arch: str | None) -> ModelSource:

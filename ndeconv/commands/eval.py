@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset (default: the one the weights were trained on, when recorded)")
     p.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files")
     p.add_argument("--img-size", type=int, help="image size for imagefolder (default: the run's, else 32)")
+    p.add_argument("--class-map", metavar="FILE",
+                   help="imagefolder: timm's class map, one class folder name per line in class-index order (a "
+                   "shipped weights folder has class_map.txt; default: the model's label names, else train/)")
     p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--num-workers", type=int, default=0, help="data loading processes (default: 0)")
@@ -40,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..training.data import get_spec
+    from ..training.data import get_spec, read_class_map
     from ..training.dist import _pick_device
     from ..training.evaluate import evaluate_on_dataset, load_eval_model, recorded_img_size
 
@@ -52,13 +55,17 @@ def _run(args: argparse.Namespace) -> int:
     dataset = args.dataset
     if dataset is not None:
         get_spec(dataset)  # an unknown dataset fails before any model is built
+    class_map = read_class_map(args.class_map) if args.class_map is not None else None  # so does a bad class map
     model, info = load_eval_model(args.model, args.checkpoint, args.arch, model_args)
     dataset = dataset or info.get("dataset")
     if not dataset:
         raise UsageError("which data? pass --dataset (fashion_mnist, mnist, cifar10, cifar100, imagefolder)")
-    get_spec(dataset)
+    if class_map is not None and get_spec(dataset).kind != "imagefolder":
+        raise UsageError(f"--class-map orders an image folder's classes; {dataset} has its own order: drop it or "
+                         "pass --dataset imagefolder")
+    class_names = class_map or info.get("label_names")
     result = evaluate_on_dataset(model, dataset, args.data_dir, args.batch_size, device, args.test_subset,
-                                 args.num_workers, recorded_img_size(info, args.img_size), info.get("label_names"))
+                                 args.num_workers, recorded_img_size(info, args.img_size), class_names)
     name = args.model or args.checkpoint
     if args.json:
         print(json.dumps({"model": name, "dataset": dataset, **result.to_dict()}))

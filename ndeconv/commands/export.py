@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from convert import FoldWarning, export_onnx
-    from convert.export import MIN_OPSET, REL_TOLERANCE
+    from convert.export import MAX_OPSET, MIN_OPSET, REL_TOLERANCE
     from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
 
@@ -42,9 +42,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output}: name the ONNX file *.onnx")
     if args.static_batch is not None and args.static_batch < 1:
         raise UsageError(f"--static-batch must be >= 1, got {args.static_batch}")
-    if not MIN_OPSET <= args.opset <= 30:
-        raise UsageError(f"--opset {args.opset}: choose an ONNX opset from {MIN_OPSET} (the exporter's lowest), "
-                         "such as 18 or 20")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise UsageError(f"--opset {args.opset}: choose an ONNX opset from {MIN_OPSET} to {MAX_OPSET} (what the "
+                         "installed torch exporter writes), such as 18 or 20")
     output = check_output_path(args.output, args.force)  # fail before any work
     source = load_model_source(args)
     with warnings_to_stderr("export", FoldWarning):

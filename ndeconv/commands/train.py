@@ -81,8 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add(optim, "--max-steps", "max_steps", "none", "stop after N optimizer steps (quick runs)", type=int,
          metavar="N")
     _add(optim, "--seed", "seed", d.seed, "random seed", type=int)
-    _add(optim, "--amp", "amp", "off", "mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA); bare --amp picks "
-         "bf16 on CPU, fp16 on CUDA", nargs="?", const="auto", choices=("auto", "bf16", "fp16"))
+    _add(optim, "--amp", "amp", "off", "mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA, with a GradScaler); bare "
+         "--amp picks fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX) and float32 on other CPUs, "
+         "where bf16 is emulated and many times slower", nargs="?", const="auto", choices=("auto", "bf16", "fp16"))
+
+    _add(optim, "--channels-last", "channels_last", d.channels_last, "model and batches in channels-last memory "
+         "format (the same training, faster convolutions on some hardware)", type=str2bool, nargs="?", const=True,
+         metavar="BOOL")
 
     run = p.add_argument_group("run")
     _add(run, "--device", "device", d.device, "cpu, cuda, cuda:N or auto")
@@ -96,7 +101,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
          "10-40%% faster steps on CPU; see ndeconv.keep_freed_memory)", type=str2bool, metavar="BOOL")
     _add(run, "--checkpoint-every", "checkpoint_every", d.checkpoint_every,
          "save a resumable checkpoint every N steps (and at every epoch end)", type=int, metavar="N")
-    _add(run, "--log-every", "log_every", d.log_every, "log line every N steps when not on a terminal", type=int)
+    _add(run, "--log-every", "log_every", d.log_every, "log line every N steps when not on a terminal (and at the "
+         "first steps, 1, 2, 5 and 10)", type=int)
     _add(run, "--curve-rows", "curve_rows", d.curve_rows, "about N rows per epoch of training loss/top-1 in "
          "steps.jsonl (the batch curve of curves.png)", type=int, metavar="N")
     run.add_argument("--out", metavar="RUN_DIR", default=None,

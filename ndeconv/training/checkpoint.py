@@ -127,7 +127,14 @@ def save_checkpoint(
         "fast_mode": fast_mode_state(model),
         "rng": _rng_state(),
     }
-    return atomic_write(Path(run_dir) / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file object: on a full disk torch's own file writer fails with only "unexpected pos"
+        # (no errno), while a Python file raises OSError(ENOSPC), kept in the exception chain.
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return atomic_write(Path(run_dir) / CHECKPOINT_FILE, write)
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -49,7 +50,8 @@ class TrainConfig:
     test_subset: int | None = None
     max_steps: int | None = None
     checkpoint_every: int = 500
-    amp: str | None = None  # None, "auto", "bf16" or "fp16"
+    amp: str | None = None  # None, "auto", "bf16" or "fp16"; "auto" is resolved (and recorded) when the run starts
+    channels_last: bool = False  # model and batches in channels-last memory format (same math, another speed)
     device: str = "auto"
     sync_deconv: bool = False
     fast: int = 1  # opt-in fast mode: refresh the whitening matrices every `fast` steps (1: exact)
@@ -77,6 +79,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot train, each with the flag to fix."""
+        # NaN passes no comparison but inf passes `> 0`: --lr inf would train NaN weights and report success.
+        for name in ("lr", "momentum", "wd", "eps", "milestone", "multistep_gamma", "drop_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         checks = [
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.epochs >= 1, "--epochs must be >= 1"),

@@ -57,6 +57,10 @@ class DatasetSpec:
     default_dir: str | None = None
     install_hint: str = ""
     label_names: tuple[str, ...] | None = None
+    # timm's crop_pct for a run's pretrained_cfg: its eval transform Resize(32 / crop_pct) + CenterCrop(32) then
+    # feeds the model what ``load_split`` does (28x28 IDX images: Resize(28) + CenterCrop(32) is the same
+    # 2-pixel zero border ``_load_idx`` adds; crop_pct 1.0 would resize them up to 32x32 instead).
+    crop_pct: float = 1.0
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -64,9 +68,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
         "fashion_mnist", "idx", 10, 1, (0.0,), (1.0,), default_dir=FASHION_MNIST_DIR,
         install_hint="install it with `apt-get install dataset-fashion-mnist`", label_names=FASHION_MNIST_LABELS,
+        crop_pct=32 / 28,
     ),
     "mnist": DatasetSpec(
-        "mnist", "idx", 10, 1, (0.1307,), (0.3081,), label_names=tuple(str(i) for i in range(10)),
+        "mnist", "idx", 10, 1, (0.1307,), (0.3081,), label_names=tuple(str(i) for i in range(10)), crop_pct=32 / 28,
     ),
     "cifar10": DatasetSpec(
         "cifar10", "cifar", 10, 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), crop_padding=4,
@@ -281,8 +286,9 @@ def _load_imagefolder(
     if root is None:
         raise UsageError(f"imagefolder: no {' or '.join(names)} folder in {folder}; lay it out as "
                          f"{folder}/train/<class>/<image> and {folder}/val/<class>/<image>")
-    # Class indices come from the model's recorded label names, else the training folder, so train and val
-    # agree even if val lacks a class; val's own folders alone would shift every label after a missing class.
+    # Class indices come from the model's recorded label names (or a --class-map), else the training folder, so
+    # train and val agree even if val lacks a class; val's own folders alone would shift every label after a
+    # missing class.
     train_root = folder / "train" if (folder / "train").is_dir() else root
     if class_names:
         classes, known = list(class_names), "the model's recorded label_names"
@@ -296,11 +302,18 @@ def _load_imagefolder(
                          f"no {folder}/train/ to say which label each is; add train/ (its class folders, even empty) "
                          "or evaluate a model whose config.json records label_names")
     index = {c: i for i, c in enumerate(classes)}
+    if class_names:
+        from zoo._pretrained import folder_name
+
+        # A label that cannot be a folder name (Fashion-MNIST's "t-shirt/top") matches its folder-safe form, the
+        # one the shipped class_map.txt lists ("t-shirt_top").
+        for i, c in enumerate(classes):
+            index.setdefault(folder_name(c), i)
     files, labels = [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if class_dir.name not in index:
             raise UsageError(f"imagefolder: {class_dir} is a class {known} lacks, so its label is out of range; "
-                             "add the class there or remove the folder")
+                             "add the class there (or to --class-map) or remove the folder")
         for path in sorted(class_dir.rglob("*")):
             if path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file():
                 files.append(path)
@@ -312,6 +325,28 @@ def _load_imagefolder(
                          f"{num_classes}, so labels {num_classes}..{len(classes) - 1} are out of range; "
                          "raise --num-classes or remove folders")
     return FolderSource(files, labels, classes, img_size, spec.in_chans)
+
+
+def read_class_map(path: str | Path) -> tuple[str, ...]:
+    """The class folder names of timm's ``--class-map`` text file, in class-index order (line i names class i),
+    as ``timm.data`` reads it; a shipped weights folder has one (``class_map.txt``)."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        raise UsageError(f"--class-map {path}: only timm's text format is read (one class folder name per line, "
+                         "line i for class i; nothing is unpickled): write it as a .txt file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--class-map {path}: cannot read it ({err}); give a text file, one class folder name "
+                         "per line") from err
+    names = tuple(line.strip() for line in lines)
+    if not names or any(not n for n in names):
+        raise UsageError(f"--class-map {path}: {'is empty' if not names else 'has a blank line'}; write one class "
+                         "folder name per line, line i for class i, no blank lines")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--class-map {path}: names {', '.join(repeated)} more than once; each class folder once")
+    return names
 
 
 # -- entry points ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError, error_summary
+from ..errors import UsageError
 from .data import DATASETS, ImageSource, Preprocess, batch_loader, eval_batches
 from .dist import DistContext
 from .metrics import topk_correct
@@ -41,10 +41,12 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     ctx: DistContext | None = None,
     num_workers: int = 0,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> EvalResult:
     """Evaluate in eval mode (deconvolution from its running statistics). Under torchrun each rank takes every
     world-th image and the sums are added, so every image counts once; pass the unwrapped model, not the DDP
-    wrapper (ranks may run different numbers of batches)."""
+    wrapper (ranks may run different numbers of batches). ``memory_format``: the input's layout (channels-last for a
+    model trained with ``--channels-last``)."""
     device = torch.device(device)
     rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
     was_training = model.training
@@ -53,7 +55,7 @@ def evaluate(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     try:
         for images, labels in batch_loader(source, eval_batches(len(source), batch_size, rank, world), num_workers):
-            x, y = preprocess(images).to(device), labels.to(device)
+            x, y = preprocess(images).to(device).contiguous(memory_format=memory_format), labels.to(device)
             with autocast:
                 logits = model(x)
             logits = logits.float()
@@ -85,12 +87,9 @@ def load_eval_model(
     timm name with weights (``hf-hub:...``, ``local-dir:...``); ``checkpoint`` is a weights file, described by
     the config.json beside it (a run directory's) or by ``arch`` and ``model_args``.
     """
-    import timm
-
     import ndeconv  # noqa: F401 - registers the zoo
-    import zoo
 
-    from ..checkpoints import load_checkpoint_model
+    from ..checkpoints import create_pretrained_model, load_checkpoint_model
     from .loop import load_run_model, read_run_config
 
     if (model is None) == (checkpoint is None):
@@ -100,14 +99,9 @@ def load_eval_model(
         return load_run_model(Path(model)), {"dataset": config["train"].get("dataset"), "config": config,
                                              "label_names": config.get("label_names")}
     if model is not None:
-        name = model
-        if ":" not in model:  # a zoo name, in any of the spellings the other commands take (hf-hub:/local-dir: as is)
-            arch, _, tag = model.partition(".")
-            name = f"{zoo.resolve_model_name(arch)}.{tag}" if tag else zoo.resolve_model_name(arch)
-        try:
-            net = timm.create_model(name, pretrained=True, **(model_args or {}))
-        except RuntimeError as err:  # timm's "Invalid pretrained tag"
-            raise UsageError(f"{model}: {error_summary(err)}; see `ndeconv list`") from err
+        # A zoo name in any of the spellings the other commands take, or hf-hub:/local-dir:; any other name is
+        # one UsageError (``create_pretrained_model``).
+        net = create_pretrained_model(model, model_args, run_dirs=True)
         # Zoo tags name the data the weights were trained on (fashion_mnist), also when the default tag was taken.
         cfg = getattr(net, "pretrained_cfg", None) or {}
         return net.eval(), {"dataset": cfg.get("tag") if cfg.get("tag") in DATASETS else None,

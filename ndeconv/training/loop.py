@@ -4,37 +4,43 @@ resumable, data-parallel and self-describing.
 A run directory holds ``config.json`` (settings, versions, git commit, and timm's Hub fields, so the folder
 also loads as ``local-dir:RUN_DIR``), ``checkpoint.pt`` (see ``checkpoint.py``), ``model.safetensors`` (the
 weights after the last finished epoch), ``metrics.jsonl``, ``curves.png`` and TensorBoard events when
-tensorboard is installed. Under torchrun only rank 0 touches the directory.
+tensorboard is installed. Under torchrun only rank 0 touches the directory. One run at a time: the run holds
+``.lock`` (see ``lock.py``) from start to end.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import platform
 import random
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import sync_deconv
-from ..errors import UsageError, error_summary
+from ..errors import NdeconvError, UsageError, error_summary
 from ..fast_deconv import set_fast_mode
 from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
-from ..runtime import keep_freed_memory
+from ..runtime import keep_freed_memory, native_amp_dtype
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, model_kwargs
 from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches, get_spec, load_split
 from .dist import DistContext, setup
 from .evaluate import evaluate
+from .interrupt import StopRequests
+from .lock import LOCK_FILE, RunDirLock
 from .metrics import Progress, TensorBoard, plot_curves, topk_correct, write_metrics
 
 __all__ = ["TrainResult", "load_run_model", "read_run_config", "train"]
@@ -46,6 +52,7 @@ CURVES_FILE = "curves.png"
 STEPS_FILE = "steps.jsonl"
 DIVERGED_FILE = "diverged.json"  # written when the loss stops being finite: what happened, where, when
 _RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, STEPS_FILE, CURVES_FILE, DIVERGED_FILE, "checkpoint.pt")
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,10 +92,12 @@ def _resume_config(run_dir: Path, cfg: TrainConfig, given: frozenset[str]) -> Tr
 def _check_new_run_dir(run_dir: Path, force: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; choose a folder path")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+    # The lock file alone is no run's (it is there while a run starts, and after one killed before writing).
+    has_files = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if has_files and not force:
         raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
                          "--force to start over in it, or another --out")
-    if force and run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run_dir(run_dir):
+    if force and has_files and not _is_run_dir(run_dir):
         # --force deletes a run's files: only where they are a run's, never in any folder the user named.
         raise UsageError(f"--force starts over only in a run directory of `ndeconv train`; {run_dir} is not one "
                          "(no config.json of a run), so nothing in it is touched: choose another --out")
@@ -103,9 +112,64 @@ def _diverged(ctx: DistContext, run_dir: Path, cfg: TrainConfig, state: TrainSta
     """
     record = {"step": state.global_step + 1, "epoch": epoch + 1, "loss": loss,
               "lr": optimizer.param_groups[0]["lr"], "seconds": state.seconds + time.perf_counter() - tick}
-    ctx.on_main(lambda: save_json_atomic(record, run_dir / DIVERGED_FILE))
+    ctx.on_main(_space_checked(run_dir, lambda: save_json_atomic(record, run_dir / DIVERGED_FILE, finite=True)))
     return UsageError(f"the loss became {loss} at step {state.global_step + 1}; lower --lr (now {cfg.lr}) or "
                       f"check the data; recorded in {run_dir / DIVERGED_FILE}, the last checkpoint is in {run_dir}")
+
+
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether a failed write failed for a full disk (or quota), anywhere in its exception chain: torch.save and
+    safetensors wrap the OSError or only quote it."""
+    seen: set[int] = set()
+    texts = [os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122"]
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in texts):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _space_checked(run_dir: Path, fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` (a write into the run directory) with a full disk said in one line instead of torch's double
+    traceback. Nothing is lost: every file is written atomically, so the previous checkpoint is still whole."""
+
+    def run() -> T:
+        try:
+            return fn()
+        except NdeconvError:
+            raise
+        except Exception as err:
+            if not _out_of_space(err):
+                raise
+            if (run_dir / "checkpoint.pt").is_file():
+                then = f"continue with `ndeconv train --resume {run_dir}` (the last checkpoint is intact)"
+            else:  # the disk filled before the first checkpoint: nothing to continue from
+                then = "start the run again" + (" with --force" if (run_dir / CONFIG_FILE).is_file() else "")
+            raise NdeconvError(f"no space left on {run_dir}: free some space there, then {then}") from err
+
+    return run
+
+
+def _remove_orphaned_temps(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left mid-write (``.checkpoint.pt.XXXXXXXX.tmp``, as large as a
+    checkpoint): those of this run's own files only, named as ndeconv.io.atomic_write names them. Safe only under
+    the run directory's lock, which guarantees no other process is writing one."""
+    for name in _RUN_FILES:
+        for tmp in run_dir.glob(f".{name}.????????.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _eval_seconds_left(history: list[dict[str, Any]], epoch: int, total_steps: int, steps_per_epoch: int,
+                       test_images: int, images_per_s: float) -> float:
+    """The evaluations still to come in the ETA: one at each epoch end (and at a --max-steps stop), each as long
+    as the run's last one, or, before any, a test image costing a third of a training image (no backward)."""
+    evals_left = max(math.ceil(total_steps / max(steps_per_epoch, 1)) - epoch, 0)
+    last = history[-1].get("eval_seconds") if history else None
+    each = float(last) if isinstance(last, (int, float)) else test_images / (3 * max(images_per_s, 1e-9))
+    return evals_left * each
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -179,7 +243,7 @@ def _hub_config(cfg: TrainConfig, model: nn.Module, name: str, num_classes: int,
                       if v is not None and k not in ("file", "hf_hub_id", "url", "source", "state_dict")}
     pretrained_cfg.update(
         tag=cfg.dataset, num_classes=num_classes, input_size=[in_chans, size, size],
-        mean=list(spec.mean), std=list(spec.std), crop_pct=1.0,
+        mean=list(spec.mean), std=list(spec.std), crop_pct=spec.crop_pct,
     )
     pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()}
     args = model_kwargs(cfg, num_classes, in_chans)
@@ -230,7 +294,9 @@ def train(
 ) -> TrainResult:
     """Train (or continue) one run; return its directory, this rank's model and the per-epoch metrics.
 
-    ``given`` names the settings the user chose explicitly (checked against the run's own when resuming)."""
+    ``given`` names the settings the user chose explicitly (checked against the run's own when resuming). The run
+    holds its directory's lock throughout (another run into it is refused), and SIGINT/SIGTERM stop it with a
+    checkpoint at the next step boundary (an ``Interrupted`` error naming the command that continues it)."""
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
             raise UsageError("pass either --out (a new run) or --resume (an existing one), not both")
@@ -244,20 +310,35 @@ def train(
     if cfg.keep_freed_memory:
         keep_freed_memory()
     ctx = setup(cfg.device)
+    lock = RunDirLock(run_dir)
     try:
-        return _run(cfg, ctx, run_dir, resume is not None, force, stream)
+        if resume is None:  # before the lock creates the folder: a refused run touches nothing
+            ctx.on_main(lambda: _check_new_run_dir(run_dir, force))
+        ctx.on_main(lock.acquire)  # rank 0 only: it alone writes the directory (and no rank waits on another)
+        with StopRequests(announce=ctx.is_main) as stops:
+            return _run(cfg, ctx, run_dir, resume is not None, force, stream, stops)
     finally:
+        lock.release()
         ctx.close()
 
 
 def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, force: bool,
-         stream: TextIO | None) -> TrainResult:
+         stream: TextIO | None, stops: StopRequests) -> TrainResult:
     progress = Progress(ctx.is_main, cfg.log_every, stream)
-    if not resuming:
+    if not resuming:  # again, under the lock: another run may have written it since the first check
         ctx.on_main(lambda: _check_new_run_dir(run_dir, force))
-    if cfg.amp == "auto":
-        cfg.amp = "fp16" if ctx.device.type == "cuda" else "bf16"
+    if cfg.amp == "auto":  # recorded resolved: a resumed run must not pick again on another machine
+        native = native_amp_dtype(ctx.device)
+        cfg.amp = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(native)
+        if cfg.amp is None:
+            progress.log(f"--amp: {ctx.device} has no native reduced-precision arithmetic (bf16 on CPU needs "
+                         "AVX512-BF16 or AMX), where autocast is many times slower than float32: training in "
+                         "float32 (pass --amp bf16 to force it)")
+    elif cfg.amp == "bf16" and not resuming and native_amp_dtype(ctx.device) is None:
+        progress.log(f"warning: --amp bf16 on {ctx.device}, which has no native bf16 arithmetic: expect steps "
+                     "many times slower than float32 (same results as a bf16 machine up to rounding order)")
     amp_dtype = _amp_dtype(cfg.amp, ctx.device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     spec = get_spec(cfg.dataset)
     train_all = load_split(cfg.dataset, "train", cfg.data_dir, cfg.img_size, cfg.num_classes)
@@ -274,7 +355,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg, num_classes, spec.in_chans)
     name = cfg.model_name()
-    model.to(ctx.device)
+    model.to(ctx.device, memory_format=layout)
     if cfg.sync_deconv:
         sync_deconv(model)
     if cfg.fast > 1:
@@ -286,6 +367,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
 
     state = TrainState()
     if resuming:
+        ctx.on_main(lambda: _remove_orphaned_temps(run_dir))
         payload = load_checkpoint(run_dir)
         # Through TrainConfig: a setting added after the run started takes its default on both sides.
         recorded = TrainConfig.from_dict(payload.get("config", {})).to_dict()
@@ -320,9 +402,10 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
             for stale in _RUN_FILES:  # --force: nothing of an old run may mix into this one
                 (run_dir / stale).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-            save_json_atomic(hub, run_dir / CONFIG_FILE)
+            _remove_orphaned_temps(run_dir)
+            save_json_atomic(hub, run_dir / CONFIG_FILE, finite=True)
 
-        ctx.on_main(create)
+        ctx.on_main(_space_checked(run_dir, create))
 
     net: nn.Module = model
     if ctx.distributed:
@@ -360,8 +443,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                 plot_curves(state.history, run_dir / CURVES_FILE, f"{name} ({'ND' if cfg.deconv else 'BN'}) "
                             f"on {cfg.dataset}", steps=state.steps)
             save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, cfg.to_dict())
+            _remove_orphaned_temps(run_dir)  # e.g. of a run killed mid-write and resumed
 
-        ctx.on_main(write)
+        ctx.on_main(_space_checked(run_dir, write))
 
     if not resuming:
         save()  # a run killed before its first --checkpoint-every still resumes (from step 0)
@@ -376,6 +460,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
             batch_loader(train_src, batches[state.step_in_epoch:], cfg.num_workers), start=state.step_in_epoch
         ):
             x = preprocess(images, Preprocess.generator(cfg.seed, epoch, step, ctx.rank)).to(ctx.device)
+            x = x.contiguous(memory_format=layout)
             y = labels.to(ctx.device)
             try:
                 with autocast():
@@ -416,12 +501,18 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
                 rate = meter.sums["count"] * ctx.world / max(state.seconds, 1e-9)
                 _, top1, _ = _Meter.summary(meter.sums)
                 eta = (total_steps - done) * cfg.batch_size * ctx.world / max(rate, 1e-9)
+                eta += _eval_seconds_left(state.history, epoch, total_steps, steps_per_epoch, len(test_src), rate)
                 progress.step(epoch + 1, cfg.epochs, step + 1, len(batches), state.global_step, loss_value, top1,
                               rate, eta)
             stop = cfg.max_steps is not None and state.global_step >= cfg.max_steps
-            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not stop \
+            # SIGINT/SIGTERM: a checkpoint now, at a step boundary (at an epoch's last step, the epoch's own).
+            interrupted = not stop and state.step_in_epoch < len(batches) and stops.requested(ctx)
+            if (interrupted or cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0) and not stop \
                     and state.step_in_epoch < len(batches):
                 save()
+                if interrupted:
+                    board.close()
+                    raise stops.error(ctx, run_dir, state.global_step)
                 progress.log(f"checkpoint at step {state.global_step}")
                 tick = time.perf_counter()
             if stop:
@@ -431,9 +522,10 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
         ctx.broadcast_buffers(model)
         train_sums = meter.reduce(ctx)
         train_loss, train_top1, train_top5 = _Meter.summary(train_sums)
+        progress.log(f"evaluating {len(test_src)} test images")
         eval_start = time.perf_counter()
         result = evaluate(model, test_src, preprocess, max(cfg.batch_size, 256), ctx.device, amp_dtype, ctx,
-                          cfg.num_workers)
+                          cfg.num_workers, layout)
         row = {
             "epoch": epoch + 1, "step": state.global_step, "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_loss, "train_top1": train_top1, "train_top5": train_top5,
@@ -455,6 +547,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
         progress.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} top1 {train_top1:.2f}% | "
                      f"test loss {result.loss:.4f} top1 {result.top1:.2f}% top5 {result.top5:.2f}% | "
                      f"{row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s")
+        if not state.finished and stops.requested(ctx):  # asked during the evaluation: the epoch's checkpoint
+            board.close()
+            raise stops.error(ctx, run_dir, state.global_step)
     board.close()
     progress.log(f"done: {run_dir / WEIGHTS_FILE}")
     return TrainResult(run_dir, model, state.history)

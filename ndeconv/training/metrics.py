@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, finite_json
 
 __all__ = ["Progress", "TensorBoard", "plot_curves", "topk_correct", "write_metrics"]
 
@@ -25,8 +25,10 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
 
 
 def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
-    """Rewrite metrics.jsonl from the checkpointed history, so a resumed run never duplicates an epoch."""
-    text = "".join(json.dumps(row) + "\n" for row in history)
+    """Rewrite metrics.jsonl from the checkpointed history, so a resumed run never duplicates an epoch.
+
+    Strict JSON: a non-finite value (a test loss of NaN from weights that blew up in the last step) is null."""
+    text = "".join(json.dumps(finite_json(row), allow_nan=False) + "\n" for row in history)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
@@ -94,8 +96,11 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress bar (loss, accuracy, images/s, ETA) on a terminal; log lines every ``log_every``
-    steps otherwise (CI logs, redirected output). Silent on ranks other than 0."""
+    """A one-line progress bar (loss, accuracy, images/s, time, ETA) on a terminal; log lines otherwise (CI logs,
+    redirected output): the first steps this process runs (``FIRST_STEPS``), so a slow run shows its pace within
+    minutes, then every ``log_every`` steps. Silent on ranks other than 0."""
+
+    FIRST_STEPS = (1, 2, 5, 10)
 
     def __init__(self, enabled: bool, log_every: int, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
@@ -103,6 +108,8 @@ class Progress:
         self.tty = enabled and self.stream.isatty()
         self.log_every = max(log_every, 1)
         self._last_draw = 0.0
+        self._start = time.monotonic()
+        self._steps = 0  # steps this process has run (a resumed run logs its own first steps again)
 
     def log(self, message: str) -> None:
         if self.enabled:
@@ -114,8 +121,9 @@ class Progress:
              images_per_s: float, eta_s: float) -> None:
         if not self.enabled:
             return
+        self._steps += 1
         text = (f"epoch {epoch}/{epochs} step {step}/{steps} loss {loss:.4f} top1 {top1:.2f}% "
-                f"{images_per_s:.0f} img/s ETA {_duration(eta_s)}")
+                f"{images_per_s:.0f} img/s time {_duration(time.monotonic() - self._start)} ETA {_duration(eta_s)}")
         if self.tty:
             now = time.monotonic()
             if now - self._last_draw > 0.2 or step == steps:
@@ -123,5 +131,5 @@ class Progress:
                 self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (24 - filled)}] {text}")
                 self.stream.flush()
                 self._last_draw = now
-        elif global_step % self.log_every == 0:
+        elif self._steps in self.FIRST_STEPS or global_step % self.log_every == 0:
             print(f"step {global_step}: {text}", file=self.stream, flush=True)

@@ -1,0 +1,215 @@
+"""Numerical cost of computing the whitening in reduced precision, per layer, on real activations.
+
+For every FastDeconv layer of the shipped ``resnet18_deconv.fashion_mnist`` (native 1-channel stem), the
+inputs it sees on a batch of Fashion-MNIST training images are captured, rounded to the autocast dtype as
+they would arrive under ``torch.autocast`` (the previous layer's output), and the layer's training-mode
+whitening is computed several ways against a float64 computation on the *same* rounded input:
+
+- ``fp32``: what the layers do today under autocast: statistics, Newton–Schulz and the fold ``W·D`` in
+  float32, the convolution in the autocast dtype (autocast casts input and folded weight);
+- ``gram``: the sampled-patch Gram matrix as a reduced-precision product with float32 accumulation
+  (centred patches rounded to the autocast dtype, products summed in float32), the rest as ``fp32``;
+- ``gram+fold``: also the fold ``W·D`` as a reduced-precision product (``W`` and ``D`` rounded, float32 sum).
+
+A reduced-precision product with float32 accumulation is emulated exactly here: the product of two bf16
+(8-bit significand) or fp16 (11-bit) numbers is exact in float32 (24 bits), so rounding the operands and
+multiplying in float32 computes what a bf16/fp16 GEMM with float32 accumulation computes, up to the order
+of the sums. (This CPU has no native bf16 arithmetic: see README, Mixed precision.)
+
+Reported per layer: relative Frobenius error of the whitening matrix ``D`` and of the layer output,
+against float64. Run from the project root::
+
+    python benchmarks/precision.py            # -> benchmarks/results/precision.json and precision.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import ndeconv  # noqa: E402,F401  (registers the zoo)
+from benchmarks import _common as C  # noqa: E402
+from ndeconv import FastDeconv  # noqa: E402
+from ndeconv._patch_stats import patch_statistics  # noqa: E402
+from ndeconv.isqrt import isqrt_newton_schulz  # noqa: E402
+from ndeconv.training.data import Preprocess, get_spec, load_split  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).to(t.dtype)
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+def _capture_inputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0].detach()))
+             for name, m in model.named_modules() if isinstance(m, FastDeconv)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def _reduced_gram_stats(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (float32) and Cov^{-1/2} from a Gram matrix of centred patches rounded to ``dtype``."""
+    sampler = layer._sampler()
+    rows = sampler.gather(x.float())
+    mean = rows.mean(0)
+    rows = _round(rows - mean, dtype)
+    n, d = rows.shape
+    cov = rows.mT @ rows / n + layer.eps * torch.eye(d)
+    return mean, isqrt_newton_schulz(cov, layer.n_iter)
+
+
+def _conv(layer: FastDeconv, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None):
+    """The layer's convolution; with ``dtype`` as autocast runs it (operands rounded, float32 sums, rounded out)."""
+    if dtype is None:
+        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    out = F.conv2d(_round(x.float(), dtype), _round(w.float(), dtype), _round(b.float(), dtype),
+                   layer.stride, layer.padding, layer.dilation, layer.groups)
+    return _round(out, dtype)
+
+
+def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
+    x = _round(x.float(), dtype)  # as the layer receives it under autocast
+    sampler = layer._sampler()
+    mean64, cov64 = patch_statistics(x.double(), sampler, layer.eps, layer.groups)
+    d64 = isqrt_newton_schulz(cov64, layer.n_iter)
+    w64, b64 = _fold(layer, mean64, d64, torch.float64)
+    out64 = _conv(layer, x.double(), w64, b64, None)
+
+    row: dict[str, float] = {}
+    mean32, cov32 = patch_statistics(x.float(), sampler, layer.eps, layer.groups)
+    d32 = isqrt_newton_schulz(cov32, layer.n_iter)
+    w, b = _fold(layer, mean32, d32, torch.float32)
+    row["fp32_D"], row["fp32_out"] = _rel(d32, d64), _rel(_conv(layer, x, w, b, dtype), out64)
+
+    mean_g, d_g = _reduced_gram_stats(layer, x, dtype)
+    w, b = _fold(layer, mean_g, d_g, torch.float32)
+    row["gram_D"], row["gram_out"] = _rel(d_g, d64), _rel(_conv(layer, x, w, b, dtype), out64)
+
+    w, b = _fold(layer, mean_g, d_g, torch.float32, round_to=dtype)
+    row["gram_fold_out"] = _rel(_conv(layer, x, w, b, dtype), out64)
+    row["float32_no_autocast_out"] = _rel(_conv(layer, x.float(), *_fold(layer, mean32, d32, torch.float32), None),
+                                          out64)
+    return row
+
+
+def _fold(layer: FastDeconv, mean: torch.Tensor, deconv: torch.Tensor, dtype: torch.dtype,
+          round_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's own fold in ``dtype``; ``round_to`` rounds ``W`` and ``D`` first (a reduced-precision W·D)."""
+    saved = layer.weight.data
+    try:
+        weight = saved.to(dtype)
+        if round_to is not None:
+            weight, deconv = _round(weight, round_to), _round(deconv.to(dtype), round_to)
+        layer.weight.data = weight
+        bias = None if layer.bias is None else layer.bias.data
+        if bias is not None:
+            layer.bias.data = bias.to(dtype)
+        with torch.no_grad():
+            return layer.folded_weight_bias(mean.to(dtype), deconv.to(dtype))
+    finally:
+        layer.weight.data = saved
+        if layer.bias is not None:
+            layer.bias.data = bias
+
+
+def run(batch: int, dtypes: list[str]) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1)
+    spec = get_spec("fashion_mnist")
+    source = load_split("fashion_mnist", "train")
+    images = source.batch(torch.arange(batch))
+    x = Preprocess(spec.mean, spec.std)(images)
+    inputs = _capture_inputs(model, x)
+    layers = dict(model.named_modules())
+    results = {}
+    for key in dtypes:
+        rows = []
+        for name, inp in inputs.items():
+            layer = layers[name]
+            row = {"layer": name, "features": layer.num_features, "input": list(inp.shape[1:])}
+            row.update({k: float(f"{v:.3e}") for k, v in layer_errors(layer, inp, DTYPES[key]).items()})
+            rows.append(row)
+            print(key, _line(row), flush=True)
+        results[key] = rows
+    return results
+
+
+def _line(row: dict) -> str:
+    return (f"{row['layer']:24s} nf {row['features']:4d}  D: fp32 {row['fp32_D']:.1e} gram {row['gram_D']:.1e}  "
+            f"out: fp32 {row['fp32_out']:.1e} gram {row['gram_out']:.1e} gram+fold {row['gram_fold_out']:.1e}")
+
+
+def markdown(payload: dict) -> str:
+    lines = [f"Command: `{payload['command']}` (batch {payload['batch']} of Fashion-MNIST training images, "
+             "shipped resnet18_deconv.fashion_mnist, native 1-channel stem). Relative Frobenius error against "
+             "float64 on the same autocast-rounded input; `fp32`: the whitening in float32 as today (the conv "
+             "in the autocast dtype); `gram`: the patch Gram matrix as a reduced-precision product with float32 "
+             "accumulation; `+fold`: the fold W·D too. Last column: the layer with no autocast at all.", ""]
+    for key, rows in payload["results"].items():
+        lines += [f"**{key}**", "",
+                  "| layer | nf | D fp32 | D gram | out fp32 | out gram | out gram+fold | out float32, no autocast |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['layer']} | {r['features']} | {r['fp32_D']:.1e} | {r['gram_D']:.1e} | "
+                         f"{r['fp32_out']:.1e} | {r['gram_out']:.1e} | {r['gram_fold_out']:.1e} | "
+                         f"{r['float32_no_autocast_out']:.1e} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(payload: dict) -> str:
+    """The README's table: per autocast dtype, the median and the worst layer of each column."""
+    cols = [("fp32_D", "D, fp32 (today)"), ("gram_D", "D, reduced Gram"), ("fp32_out", "output, fp32 (today)"),
+            ("gram_out", "output, reduced Gram"), ("gram_fold_out", "output, reduced Gram + fold"),
+            ("float32_no_autocast_out", "output, no autocast")]
+    lines = [f"`{payload['command']}` (per layer: `benchmarks/results/precision.md`). Relative error against "
+             f"float64 over the {len(next(iter(payload['results'].values())))} FastDeconv layers of the shipped "
+             "ResNet-18, a batch of Fashion-MNIST training images, median (worst layer):", "",
+             "| autocast | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for key, rows in payload["results"].items():
+        cells = []
+        for col, _ in cols:
+            values = sorted(r[col] for r in rows)
+            cells.append(f"{values[len(values) // 2]:.1e} ({values[-1]:.1e})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
+    p.add_argument("--name", default="precision")
+    p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the summary table into README.md (default: on)")
+    args = p.parse_args(argv)
+    payload = {"command": C.command_line(), "machine": C.machine_info(), "batch": args.batch,
+               "method": __doc__.split("\n\n")[1], "results": run(args.batch, args.dtype)}
+    path = C.write_result(args.name, payload)
+    (path.parent / f"{args.name}.md").write_text(markdown(payload) + "\n")
+    if args.readme:
+        from reproduce.readme_block import write_readme_block
+
+        write_readme_block("precision", summary(payload))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""timm's own eval pipeline on the Fashion-MNIST test set as an image folder, for every shipped zoo model.
+
+What ``validate.py DATA --model NAME --pretrained --class-map class_map.txt`` does, in process: the 10,000 test
+images are written as 28x28 grayscale PNGs into ``<class folder>/`` folders (the names of the shipped
+``class_map.txt``), read back by ``timm.data.create_dataset`` (RGB for a 3-channel pretrained_cfg, as
+validate.py chooses), transformed by ``timm.data.create_loader`` with the model's resolved data config (its
+input_size, crop_pct, crop_mode, interpolation, mean, std) and scored against the card's top-1:
+
+    python reproduce/timm_transforms.py                              # all shipped models, README block
+    python reproduce/timm_transforms.py --models resnet18_deconv --crop-pct 1.0 --no-readme   # the old cfg
+
+Results go to ``reproduce/results/timm_transforms.json`` (a run of some models adds to the models recorded) and,
+unless ``--no-readme``, the README's ``timm-transforms`` block. One model is a few minutes with one thread
+(ResNet-18: about 8 on the shared 2-core machine; DPN-92 and DenseNet-121 several times that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import ndeconv  # noqa: E402,F401 - registers the zoo
+from ndeconv.training.data import _IDX_FILES, FASHION_MNIST_DIR, _find, read_idx  # noqa: E402
+from reproduce.readme_block import write_readme_block  # noqa: E402
+from zoo._pretrained import CLASS_MAP_FILE, WEIGHTS_DIR  # noqa: E402
+
+RESULTS = ROOT / "reproduce" / "results" / "timm_transforms.json"
+TAG = "fashion_mnist"
+
+
+def write_test_folder(root: Path, class_map: Path, data_dir: str = FASHION_MNIST_DIR, limit: int | None = None) -> int:
+    """The test split as ``root/<class folder>/<index>.png`` (28x28 'L', lossless): an ImageFolder for timm."""
+    from PIL import Image
+
+    folders = class_map.read_text().splitlines()
+    image_file, label_file = (_find(Path(data_dir), (stem,)) for stem in _IDX_FILES["test"])  # plain or .gz
+    if image_file is None or label_file is None:
+        raise SystemExit(f"{data_dir}: no Fashion-MNIST test files ({', '.join(_IDX_FILES['test'])}[.gz])")
+    images, labels = read_idx(image_file), read_idx(label_file)  # the raw 28x28 images, no padding
+    count = len(labels) if limit is None else min(limit, len(labels))
+    for name in folders:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        # Zero-padded index names: timm's natural sort keeps the test order within a class.
+        Image.fromarray(images[i].numpy(), mode="L").save(root / folders[int(labels[i])] / f"{i:05d}.png")
+    return count
+
+
+def timm_top1(name: str, folder: Path, class_map: Path, crop_pct: float | None, batch_size: int) -> dict:
+    """Top-1 of ``timm.create_model(name, pretrained=True)`` through timm's dataset, transforms and loader."""
+    import timm
+    from timm.data import create_dataset, create_loader, resolve_data_config
+
+    model = timm.create_model(name, pretrained=True).eval()
+    overrides = {"crop_pct": crop_pct} if crop_pct is not None else {}
+    config = resolve_data_config(overrides, model=model)
+    mode = "RGB" if config["input_size"][0] == 3 else "L"  # validate.py's choice of input_img_mode
+    dataset = create_dataset("", root=str(folder), split="", class_map=str(class_map), input_img_mode=mode)
+    loader = create_loader(dataset, input_size=config["input_size"], batch_size=batch_size, use_prefetcher=False,
+                           interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
+                           crop_pct=config["crop_pct"], crop_mode=config["crop_mode"], num_workers=0)
+    correct = total = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for images, targets in loader:
+            correct += int((model(images).argmax(1) == targets).sum())
+            total += len(targets)
+    return {"model": name, "count": total, "top1": 100.0 * correct / total, "data_config": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "seconds": round(time.perf_counter() - start, 1)}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | card top-1 (ndeconv eval) | timm pipeline top-1 | difference |", "|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['card_top1']:.2f}% | {r['top1']:.2f}% | {r['top1'] - r['card_top1']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="zoo models (default: every shipped one)")
+    parser.add_argument("--data-dir", default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX files")
+    parser.add_argument("--crop-pct", type=float, help="override the cfg's crop_pct (1.0: the cfg before the fix)")
+    parser.add_argument("--limit", type=int, help="first N test images only")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--no-readme", action="store_true", help="print only; leave README and results alone")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = args.models or sorted(p.name.removesuffix(f".{TAG}") for p in WEIGHTS_DIR.glob(f"*.{TAG}")
+                                   if (p / "model.safetensors").is_file())
+    class_map = WEIGHTS_DIR / f"{models[0]}.{TAG}" / CLASS_MAP_FILE
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fashion-mnist-test-") as tmp:
+        write_test_folder(Path(tmp), class_map, args.data_dir, args.limit)
+        for name in models:
+            card = json.loads((WEIGHTS_DIR / f"{name}.{TAG}" / "config.json").read_text())["weights"]["test_top1"]
+            result = timm_top1(name, Path(tmp), WEIGHTS_DIR / f"{name}.{TAG}" / CLASS_MAP_FILE, args.crop_pct,
+                               args.batch_size)
+            result["card_top1"] = card
+            print(f"{name}: timm pipeline {result['top1']:.2f}% on {result['count']} images, card {card:.2f}% "
+                  f"({result['seconds']} s)", flush=True)
+            results.append(result)
+    print(table(results))
+    if not args.no_readme and args.limit is None and args.crop_pct is None:
+        # Runs of some models add to (or replace) the recorded ones: the table lists every model measured.
+        recorded = json.loads(RESULTS.read_text())["results"] if RESULTS.is_file() else []
+        merged = {r["model"]: r for r in recorded} | {r["model"]: r for r in results}
+        results = [merged[name] for name in sorted(merged)]
+        RESULTS.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2) + "\n")
+        write_readme_block("timm-transforms", table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Mixed precision: the layers under torch.autocast keep float32 statistics and finite results; the stability
+sweep (reproduce/amp_stability.py) and the GPU check (benchmarks/gpu_check.py, CPU mode) run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.runtime import native_amp_dtype
+from ndeconv.training.data import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYERS = [
+    (lambda: FastDeconv(16, 8, 3, padding=1, block=8), (4, 16, 10, 10)),
+    (lambda: FastDeconv(8, 8, 3, padding=1, groups=8), (4, 8, 10, 10)),
+    (lambda: FastDeconv(16, 8, 1, stride=2, block=16, sampling_stride=1), (4, 16, 10, 10)),
+    (lambda: Delinear(32, 10, block=16), (64, 32)),
+    (lambda: ChannelDeconv(block=4), (4, 8, 6, 6)),
+]
+
+
+@pytest.mark.parametrize("make, shape", LAYERS, ids=["3x3", "grouped", "1x1_s2", "delinear", "channel_deconv"])
+def test_layers_train_under_bf16_autocast_with_float32_statistics(make, shape) -> None:
+    torch.manual_seed(0)
+    layer = make().train()
+    x = torch.randn(shape, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.to(torch.bfloat16) if x.dim() == 4 else x)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all() and torch.isfinite(x.grad).all()
+    for name, buf in layer.named_buffers():
+        if buf.is_floating_point():
+            # The running statistics stay in the layer's own precision: a bf16 whitening matrix loses the small
+            # eigenvalues (README, Mixed precision).
+            assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
+    for p in layer.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_native_amp_dtype_is_none_or_a_reduced_dtype() -> None:
+    assert native_amp_dtype("cpu") in (None, torch.bfloat16)
+    assert native_amp_dtype("cuda") == torch.float16
+    assert native_amp_dtype("meta") is None
+
+
+@pytest.mark.slow  # bf16 is emulated on AVX2 CPUs: one PNASNet-A step at batch 2 takes 10-20 s here
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_amp_stability_sweep_runs_and_reports_finite_training() -> None:
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    from amp_stability import stability
+
+    record = stability("pnasnet_a_deconv", steps=1, batch=2, amp=torch.bfloat16)
+    assert record["failed_at_step"] is None and record["last_loss"] is not None
+    assert 0 < record["max_abs_statistic"] < float("inf")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
+    from benchmarks.gpu_check import main
+
+    assert main([str(tmp_path), "--device", "cpu", "--quick"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["ok"] and set(result["layers"]) >= {"fastdeconv_3x3", "delinear", "channel_deconv"}
+    assert all(row["max_rel_error"] <= 1e-9 for row in result["layers"].values())
+    assert result["timing"]["isqrt_eigh_192_fwd_bwd_s"] > 0
+
+
+def test_gpu_check_without_cuda_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.gpu_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main([str(tmp_path)]) == 2
+    assert "--device cpu" in capsys.readouterr().err
