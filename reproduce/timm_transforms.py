@@ -11,7 +11,7 @@ input_size, crop_pct, crop_mode, interpolation, mean, std) and scored against th
 
 Results go to ``reproduce/results/timm_transforms.json`` (a run of some models adds to the models recorded) and,
 unless ``--no-readme``, the README's ``timm-transforms`` block. One model is a few minutes with one thread
-(ResNet-18: about 8 on the shared 2-core machine; DPN-92 and DenseNet-121 several times that).
+(ResNet-18: about 5 on the shared 2-core machine; DPN-92 and DenseNet-121 several times that).
 """
 
 from __future__ import annotations
