@@ -153,8 +153,28 @@ def inference_table(path: Path) -> list[str]:
     return lines
 
 
+def amp_speed_block(bf16: Path, fp32: Path) -> str:
+    """The README's bf16-vs-float32 sentence (Mixed precision), from the two quick ResNet-18 runs."""
+    runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
+    row = {k: r["models"][0] for k, r in runs.items()}
+    fastest = {(k, form): row[k][f"{form}_train"]["min_s"] for k in row for form in ("nd", "bn")}
+    load = max(r["machine"]["load_average_at_start"][0] for r in runs.values())
+    return (f"Measured (`{runs['bf16']['command']}`, and the same without `--amp` as `{fp32.stem}`): the BatchNorm "
+            f"ResNet-18's fastest training step at batch {row['bf16']['batch']} took {fastest['bf16', 'bn']:.1f} s "
+            f"under bf16 autocast against {fastest['fp32', 'bn']:.1f} s in float32 "
+            f"({fastest['bf16', 'bn'] / fastest['fp32', 'bn']:.1f}x slower), the deconvolution one "
+            f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s. Load average at the start: up to "
+            f"{load:.0f} on 2 cores (recorded in the JSON files), so these are coarse: rerun them on a quiet machine "
+            "before quoting a ratio.\n")
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT))
+    from reproduce.readme_block import write_readme_block
+
+    amp = [RESULTS / f"resnet18_b32_channels_last_{k}_quick.json" for k in ("bf16", "fp32")]
+    if all(p.is_file() for p in amp):
+        write_readme_block("amp-speed", amp_speed_block(*amp))
     parts = []
     for name, render in (("resnet18.json", training_table), ("inference.json", inference_table),
                          ("scaling.json", scaling_section)):
@@ -170,8 +190,6 @@ def main() -> int:
             if channels_last:
                 parts.append("\n".join(channels_last_table(channels_last, all_archs)))
     block = "\n\n".join(parts) + "\n"
-    from reproduce.readme_block import write_readme_block
-
     write_readme_block("bench", block)
     print(block)
     return 0
