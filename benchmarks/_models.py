@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import ndeconv  # noqa: F401  (registers the zoo with timm)
-from zoo._builder import DeconvSettings
+from ndeconv.zoo._layer_factory import DeconvSettings
 
 ZOO_ARCHS = (
     "resnet18_deconv", "vgg16_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",

@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import build  # noqa: E402
 from ndeconv import ChannelDeconv, Delinear, FastDeconv  # noqa: E402
-from ndeconv.isqrt import isqrt_newton_schulz  # noqa: E402
+from ndeconv.layers.isqrt import isqrt_newton_schulz  # noqa: E402
 
 TOLERANCE = 1e-9
 

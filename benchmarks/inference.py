@@ -9,7 +9,7 @@ not depend on the values). Rows:
 - ``nd_unfolded``: our FastDeconv/Delinear in eval (they cache their folded weights between calls);
 - ``nd_unfolded_recompute``: the same with the cache cleared before every call, i.e. the weights re-folded on
   every forward as the authors' implementation does;
-- ``nd_folded``: ``convert.fold`` (plain Conv2d/Linear);
+- ``nd_folded``: ``ndeconv.convert.fold`` (plain Conv2d/Linear);
 - ``bn_fused``: the ``deconv=False`` twin folded the same way (BatchNorm fused into its convs).
 
 onnxruntime runs the exported ``nd_folded`` and ``bn_fused`` graphs (an unfolded model is folded before export).
@@ -62,7 +62,7 @@ def _clear_fold_caches(model: nn.Module) -> Callable[[], None]:
 def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads: int, tmp: Path) -> list[dict]:
     import onnxruntime as ort
 
-    from convert import export_onnx, fold
+    from ndeconv.convert import export_onnx, fold
 
     nd = _moved_stats(name, True)
     bn = _moved_stats(name, False)

@@ -37,9 +37,10 @@ import torch.nn.functional as F  # noqa: E402
 import ndeconv  # noqa: E402,F401  (registers the zoo)
 from benchmarks import _common as C  # noqa: E402
 from ndeconv import FastDeconv  # noqa: E402
-from ndeconv._patch_stats import patch_statistics  # noqa: E402
-from ndeconv.isqrt import isqrt_newton_schulz  # noqa: E402
-from ndeconv.training.data import Preprocess, get_spec, load_split  # noqa: E402
+from ndeconv.datasets import get_spec, load_split  # noqa: E402
+from ndeconv.layers._patch_stats import patch_statistics  # noqa: E402
+from ndeconv.layers.isqrt import isqrt_newton_schulz  # noqa: E402
+from ndeconv.training.data import Preprocess  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
 
 __all__ = ["ModelGraph", "trace_model"]
 

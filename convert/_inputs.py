@@ -22,8 +22,8 @@ def fashion_mnist_batch(
 
     None when the model does not take one channel or the data is not installed (Debian's dataset-fashion-mnist).
     """
+    from ndeconv.datasets import load_split
     from ndeconv.errors import UsageError
-    from ndeconv.training.data import load_split
 
     channels, height, width = input_size
     if channels != 1:

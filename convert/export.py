@@ -1,6 +1,6 @@
 """Export a folded model to one self-contained ONNX file and verify it with onnxruntime.
 
-The model is folded first (``convert.fold``): the exported graph then holds plain inference ops only, and
+The model is folded first (``ndeconv.convert.fold``): the exported graph then holds plain inference ops only, and
 every Conv/Gemm/MatMul weight is a stored initializer (no whitening subgraph computing weights at run time).
 The dynamo exporter is used, with a dynamic batch axis by default. Files are written atomically: the
 export goes to a temporary folder beside the target and is renamed into place.

@@ -32,9 +32,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ndeconv import ChannelDeconv, Delinear, FastDeconv
-from ndeconv.deconvolve import norm_remainder
 from ndeconv.errors import NdeconvError
+from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.layers.deconvolve import norm_remainder
 
 from ._graph import ModelGraph, trace_model
 

@@ -181,7 +181,7 @@ def load_folded(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """The plain network saved by :func:`save_folded` (``path``: the .safetensors file or its folder), in eval mode."""
     import timm
 
-    import zoo  # noqa: F401 - registers the architectures with timm
+    import ndeconv.zoo  # noqa: F401 - registers the architectures with timm
 
     path = Path(path)
     if path.is_dir():

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ndeconv.datasets import DATASETS
 from ndeconv.errors import NdeconvError, UsageError, error_summary
 from ndeconv.io import (
     check_config_beside,
@@ -30,8 +31,7 @@ from ndeconv.io import (
     save_safetensors_atomic,
     verify_checksums_beside,
 )
-from ndeconv.training.data import DATASETS
-from zoo import REFERENCE_ARCHS, resolve_model_name
+from ndeconv.zoo import REFERENCE_ARCHS, resolve_model_name
 
 __all__ = [
     "REFERENCE_ARCHS",

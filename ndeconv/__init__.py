@@ -1,19 +1,36 @@
 """ndeconv: network deconvolution (Ye et al., ICLR 2020) layers, model zoo and conversion tools.
 
-``import ndeconv`` also registers the zoo's ``*_deconv`` models with timm.
+The package is layered, each layer importing only those before it:
+
+- ``ndeconv.layers``   the layer math (torch only), with the shared ``errors``, ``io``, ``runtime`` and
+                       ``datasets`` modules
+- ``ndeconv.zoo``      the timm-registered networks and their pretrained weights
+- ``ndeconv.convert``  fold into plain convolutions, ONNX export, the authors' checkpoints
+- the application      ``ndeconv.loading``, ``ndeconv.training``, ``ndeconv.commands``, ``ndeconv.cli``
+
+``import ndeconv`` (this face) re-exports the layers and registers the zoo's ``*_deconv`` models with timm, the
+one documented convenience; nothing inside the package imports the face.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from .channel_deconv import ChannelDeconv
-from .deconvolve import deconvolve
-from .delinear import Delinear
-from .distributed import sync_deconv
-from .fast_deconv import FastDeconv, set_fast_mode
-from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
+from ._source_tree import mount
+from .layers import (
+    ChannelDeconv,
+    Delinear,
+    FastDeconv,
+    deconvolve,
+    isqrt_newton_schulz,
+    isqrt_newton_schulz_batch,
+    set_fast_mode,
+    sync_deconv,
+)
 from .runtime import keep_freed_memory
+
+mount(Path(__file__).resolve().parent)
 
 try:
     __version__ = version("ndeconv")
@@ -34,4 +51,4 @@ __all__ = [
 ]
 
 # Registers the zoo's ``*_deconv`` models with timm. Last, because the zoo is built from the layers above.
-import zoo  # noqa: E402, F401
+from . import zoo  # noqa: E402, F401

@@ -172,7 +172,7 @@ def verify_checksums_beside(path: str | os.PathLike, required: bool = False) -> 
         if expected is None:
             if required:
                 raise NdeconvError(f"{sums}: has no entry for {name}; re-create the folder with "
-                                   "zoo._pretrained.ship_weights")
+                                   "ndeconv.zoo._pretrained.ship_weights")
             continue
         actual = file_sha256(resolved)
         if actual != expected:

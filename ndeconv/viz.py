@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
-from .fast_deconv import FastDeconv
+from .layers.fast_deconv import FastDeconv
 
 __all__ = ["first_deconv", "effective_kernels", "whiten_images", "whitening_figure"]
 

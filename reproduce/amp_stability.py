@@ -29,7 +29,8 @@ import timm  # noqa: E402
 
 import ndeconv  # noqa: E402,F401  (registers the zoo)
 from benchmarks._models import ZOO_ARCHS  # noqa: E402
-from ndeconv.training.data import Preprocess, default_crop_padding, get_spec, load_split  # noqa: E402
+from ndeconv.datasets import get_spec, load_split  # noqa: E402
+from ndeconv.training.data import Preprocess, default_crop_padding  # noqa: E402
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

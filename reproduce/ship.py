@@ -2,7 +2,7 @@
 
 For each run directory: evaluate its weights on the full test split in float32, then stored as float16 and
 as bfloat16; keep the first half-precision form whose test top-1 moves by <= 0.05 points (else float32),
-write the folder with ``zoo._pretrained.ship_weights`` (model.safetensors, config.json, SHA256SUMS) and add
+write the folder with ``ndeconv.zoo._pretrained.ship_weights`` (model.safetensors, config.json, SHA256SUMS) and add
 the run's metrics.jsonl, curves.png, its settings (in config.json) and a model card (README.md with a
 model-index block). The folder is what ``huggingface-cli upload`` would push unchanged. The card's top-1 is
 the shipped file's, the number ``ndeconv eval <model>.<tag>`` reproduces.
@@ -26,7 +26,7 @@ import ndeconv  # noqa: F401 - registers the zoo
 from ndeconv.io import atomic_write, save_json_atomic
 from ndeconv.training.evaluate import evaluate_on_dataset
 from ndeconv.training.loop import load_run_model, read_run_config
-from zoo._pretrained import WEIGHTS_DIR, ship_weights
+from ndeconv.zoo._pretrained import WEIGHTS_DIR, ship_weights
 
 MAX_TOP1_CHANGE = 0.05  # points of test top-1 a half-precision copy may lose or gain
 TAGS = {"fashion_mnist": "fashion_mnist"}

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ndeconv  # noqa: E402,F401 - registers the zoo
+from ndeconv.zoo import ZOO_MODELS  # noqa: E402
+from ndeconv.zoo._pretrained import WEIGHTS_DIR  # noqa: E402
 from reproduce.readme_block import write_readme_block  # noqa: E402
-from zoo import ZOO_MODELS  # noqa: E402
-from zoo._pretrained import WEIGHTS_DIR  # noqa: E402
 
 
 def rows() -> list[str]:

@@ -29,8 +29,8 @@ def reference_dir() -> Path:
 
 def zoo_model_without_weights(tag: str = "fashion_mnist") -> str:
     """A zoo model with no shipped weights for ``tag`` (skips the test when every model has them)."""
-    from zoo import ZOO_MODELS
-    from zoo._pretrained import shipped_weights_path
+    from ndeconv.zoo import ZOO_MODELS
+    from ndeconv.zoo._pretrained import shipped_weights_path
 
     for name in ZOO_MODELS:
         if not shipped_weights_path(name, tag).exists():
@@ -40,7 +40,7 @@ def zoo_model_without_weights(tag: str = "fashion_mnist") -> str:
 
 def shipped_zoo_models(tag: str = "fashion_mnist") -> list[str]:
     """The zoo models whose ``tag`` weights are shipped in zoo/weights/."""
-    from zoo import ZOO_MODELS
-    from zoo._pretrained import shipped_weights_path
+    from ndeconv.zoo import ZOO_MODELS
+    from ndeconv.zoo._pretrained import shipped_weights_path
 
     return [name for name in ZOO_MODELS if shipped_weights_path(name, tag).exists()]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.datasets import FASHION_MNIST_DIR
 from ndeconv.runtime import native_amp_dtype
-from ndeconv.training.data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

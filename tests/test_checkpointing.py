@@ -11,9 +11,9 @@ import torch.utils.checkpoint
 from conftest import shipped_zoo_models
 from torch import nn
 
-import ndeconv.checkpointing
+import ndeconv.layers.grad_checkpoint
 from ndeconv import ChannelDeconv, Delinear, FastDeconv, set_fast_mode
-from ndeconv.checkpointing import checkpoint, checkpoint_seq
+from ndeconv.layers.grad_checkpoint import checkpoint, checkpoint_seq
 
 
 def _tiny_net(freeze: bool = False) -> nn.Sequential:
@@ -135,8 +135,8 @@ def test_zoo_grad_checkpointing_matches_plain_training(name, monkeypatch):
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
     tapes = []
-    contexts = ndeconv.checkpointing._contexts
-    monkeypatch.setattr(ndeconv.checkpointing, "_contexts", lambda f: tapes.append(1) or contexts(f))
+    contexts = ndeconv.layers.grad_checkpoint._contexts
+    monkeypatch.setattr(ndeconv.layers.grad_checkpoint, "_contexts", lambda f: tapes.append(1) or contexts(f))
     x = torch.randn(2, 1, 32, 32)
     for model in (plain, ckpt):
         torch.manual_seed(1)  # the same dropout masks, if any

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_fold import correlated_batch, trained
 
-from convert import load_folded, output_difference
 from ndeconv.cli import main
+from ndeconv.convert import load_folded, output_difference
 from ndeconv.io import save_safetensors_atomic
 
 

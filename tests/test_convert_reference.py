@@ -1,4 +1,4 @@
-"""``ndeconv convert-reference`` and ``convert.reference``: the authors' checkpoints become zoo weights.
+"""``ndeconv convert-reference`` and ``ndeconv.convert.reference``: the authors' checkpoints become zoo weights.
 
 The oracle: ``{pnasnet_a,mobilenetv2}_nd_state_dict.safetensors`` are real state_dicts of the authors' models
 (trained 3 steps, stored as float16) and ``*_nd_io.safetensors`` the logits the authors' code gives for them,
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import ndeconv  # noqa: F401  (registers the zoo)
-from convert.reference import convert_reference, convert_reference_checkpoint, infer_model_args
 from ndeconv.cli import main
+from ndeconv.convert.reference import convert_reference, convert_reference_checkpoint, infer_model_args
 from ndeconv.errors import NdeconvError, UsageError
 
 

@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from ndeconv.datasets import FASHION_MNIST_DIR, load_split, read_idx
 from ndeconv.errors import UsageError
-from ndeconv.training.data import (
-    FASHION_MNIST_DIR,
-    Preprocess,
-    batch_loader,
-    epoch_batches,
-    eval_batches,
-    load_split,
-    read_idx,
-)
+from ndeconv.training.data import Preprocess, batch_loader, epoch_batches, eval_batches
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

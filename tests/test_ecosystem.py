@@ -23,10 +23,11 @@ from conftest import PROJECT_ROOT, REFERENCE, shipped_zoo_models
 from timm.data import create_transform, resolve_model_data_config
 from timm.models import get_pretrained_cfg_value
 
-import zoo
+import ndeconv.zoo as zoo
 from ndeconv.cli import main
-from ndeconv.training.data import DATASETS, FASHION_MNIST_DIR, FASHION_MNIST_LABELS, Preprocess, load_split
-from zoo._pretrained import WEIGHTS_DIR
+from ndeconv.datasets import DATASETS, FASHION_MNIST_DIR, FASHION_MNIST_LABELS, load_split
+from ndeconv.training.data import Preprocess
+from ndeconv.zoo._pretrained import WEIGHTS_DIR
 
 SHIPPED = shipped_zoo_models()
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
@@ -198,7 +199,7 @@ def test_hub_and_local_dir_loads_describe_the_model(tmp_path: Path, monkeypatch:
 
 def test_user_files_describe_the_model(tmp_path: Path) -> None:
     """A user's file: the model takes the weights' channels unless asked for others, in both forms."""
-    from zoo._pretrained import save_safetensors_atomic
+    from ndeconv.zoo._pretrained import save_safetensors_atomic
 
     for deconv in (True, False):
         torch.manual_seed(0)
@@ -218,7 +219,7 @@ def test_user_files_describe_the_model(tmp_path: Path) -> None:
 
 
 def test_ship_weights_config_builds_the_default_model(tmp_path: Path) -> None:
-    from zoo._pretrained import ship_weights
+    from ndeconv.zoo._pretrained import ship_weights
 
     torch.manual_seed(0)
     model = timm.create_model("pnasnet_a_deconv", in_chans=1).eval()
@@ -229,7 +230,7 @@ def test_ship_weights_config_builds_the_default_model(tmp_path: Path) -> None:
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert _stem_chans(loaded) == 3 and tuple(loaded.pretrained_cfg["mean"]) == (0.0,) * 3
     # ndeconv's own commands build the weights' own (gray) stem from it.
-    from zoo._pretrained import weights_in_chans
+    from ndeconv.zoo._pretrained import weights_in_chans
 
     assert weights_in_chans(f"local-dir:{folder}") == 1
 
@@ -241,7 +242,7 @@ def test_ship_weights_config_builds_the_default_model(tmp_path: Path) -> None:
 def test_shipped_class_map_is_timms_format(name: str) -> None:
     from timm.data.readers.class_map import load_class_map
 
-    from zoo._pretrained import folder_name
+    from ndeconv.datasets import folder_name
 
     path = WEIGHTS_DIR / f"{name}.fashion_mnist" / "class_map.txt"
     class_to_idx = load_class_map(str(path))
@@ -273,7 +274,7 @@ def test_eval_imagefolder_takes_a_class_map(tmp_path: Path, capsys: pytest.Captu
     weights = tmp_path / "w.safetensors"
     save_file(model.state_dict(), str(weights))
 
-    from ndeconv.training.data import read_class_map
+    from ndeconv.datasets import read_class_map
 
     source = load_split("imagefolder", "test", str(tmp_path / "data"), class_names=read_class_map(class_map))
     assert [order[int(y)] for y in source.labels] == [p.parent.name for p in source.files]

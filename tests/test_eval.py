@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from test_data import write_cifar10, write_imagefolder  # tests/ is on sys.path (pytest rootdir, no package)
 
 from ndeconv.cli import main
-from ndeconv.training.data import FASHION_MNIST_DIR, load_split
+from ndeconv.datasets import FASHION_MNIST_DIR, load_split
 
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
                                    reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)")

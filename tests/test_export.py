@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from test_fold import ZOO, correlated_batch, trained
 from torch import nn
 
-from convert import export_onnx, onnx_op_types, verify_onnx, verify_onnx_for_model
-from convert._inputs import fashion_mnist_batch
-from convert.export import check_onnx_ops
+from ndeconv.convert import export_onnx, onnx_op_types, verify_onnx, verify_onnx_for_model
+from ndeconv.convert._inputs import fashion_mnist_batch
+from ndeconv.convert.export import check_onnx_ops
+from ndeconv.datasets import FASHION_MNIST_DIR
 from ndeconv.errors import NdeconvError
-from ndeconv.training.data import FASHION_MNIST_DIR
 
 EXPORT_FAST = {"resnet18_deconv", "mobilenetv2_deconv", "pnasnet_a_deconv", "efficientnet_b0_deconv"}
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ndeconv import Delinear, FastDeconv
-from ndeconv.fast_deconv import set_fast_mode
+from ndeconv.layers.fast_deconv import set_fast_mode
 
 
 def _batch(step: int) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ndeconv  # noqa: F401 - registers the zoo
-from convert import FoldWarning, fold, fold_with_report, load_folded, output_difference, save_folded
-from convert.fold import has_identity_whitening
 from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.convert import FoldWarning, fold, fold_with_report, load_folded, output_difference, save_folded
+from ndeconv.convert.fold import has_identity_whitening
 from ndeconv.errors import NdeconvError
 
 ZOO = [
@@ -344,7 +344,7 @@ def test_inplace_fold_is_checked_against_the_model_before_folding(monkeypatch):
     """With inplace=True the check must not compare the folded model with itself: a wrong fold is caught."""
     import importlib
 
-    fold_module = importlib.import_module("convert.fold")  # `convert.fold` the attribute is the function
+    fold_module = importlib.import_module("ndeconv.convert.fold")  # the attribute is the function
     model = _timm_norm_act_net()
     monkeypatch.setattr(fold_module, "norm_remainder", lambda norm: nn.Identity())  # drops the activations
     with warnings.catch_warnings(), pytest.raises(NdeconvError, match="disagrees with the unfolded model"):

@@ -1,4 +1,4 @@
-"""The hand-written patch statistics (ndeconv._patch_stats) against autograd through the plain formula:
+"""The hand-written patch statistics (ndeconv.layers._patch_stats) against autograd through the plain formula:
 unfold the sampled patches, split them into the authors' blocks, centre, X^T X / n + eps I."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ndeconv._patch_stats import PatchSampler, patch_mean, patch_statistics
+from ndeconv.layers._patch_stats import PatchSampler, patch_mean, patch_statistics
 
 
 def _plain(x: torch.Tensor, s: PatchSampler, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,10 +15,10 @@ import torch
 from conftest import zoo_model_without_weights
 from timm.models import save_for_hf
 
-import zoo._pretrained as pretrained_mod
+import ndeconv.zoo._pretrained as pretrained_mod
 from ndeconv import FastDeconv
 from ndeconv.errors import NdeconvError
-from zoo._pretrained import expand_deconv_stem, ship_weights
+from ndeconv.zoo._pretrained import expand_deconv_stem, ship_weights
 
 
 def _trained(name: str = "resnet18_deconv", in_chans: int = 1, **kwargs) -> torch.nn.Module:

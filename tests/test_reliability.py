@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import zoo._pretrained as pretrained_mod
+import ndeconv.zoo._pretrained as pretrained_mod
 from ndeconv.cli import main
 from ndeconv.errors import NdeconvError
 
@@ -257,7 +257,7 @@ def test_a_path_is_not_called_an_unknown_model(capsys):
 
 
 def test_opset_out_of_range_names_both_bounds(tmp_path, capsys):
-    from convert.export import MAX_OPSET, MIN_OPSET, export_onnx
+    from ndeconv.convert.export import MAX_OPSET, MIN_OPSET, export_onnx
 
     assert MIN_OPSET < MAX_OPSET < 99
     code, err = run(capsys, "export", ARCH, "--random-init", "-o", str(tmp_path / "m.onnx"), "--opset", "99")

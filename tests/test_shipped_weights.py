@@ -13,8 +13,8 @@ from conftest import PROJECT_ROOT, shipped_zoo_models
 
 import ndeconv  # noqa: F401
 from ndeconv.cli import main
-from ndeconv.training.data import FASHION_MNIST_DIR
-from zoo._pretrained import WEIGHTS_DIR
+from ndeconv.datasets import FASHION_MNIST_DIR
+from ndeconv.zoo._pretrained import WEIGHTS_DIR
 
 SHIPPED = shipped_zoo_models()
 # One full 10,000-image evaluation keeps the suite short: the README's flagship if shipped, else the first.

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ndeconv.cli import build_parser, main
+from ndeconv.datasets import FASHION_MNIST_DIR
 from ndeconv.training import TrainConfig, load_run_model
-from ndeconv.training.data import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ndeconv.training.data import FASHION_MNIST_DIR
+from ndeconv.datasets import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)"

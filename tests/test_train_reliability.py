@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from ndeconv.cli import main
-from ndeconv.training.data import FASHION_MNIST_DIR
+from ndeconv.datasets import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)"

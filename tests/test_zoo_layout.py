@@ -43,7 +43,7 @@ def reference_models(reference_dir):
 def _build(case: str) -> nn.Module:
     arch, form = case.split("/")
     name, module = ZOO[arch]
-    if importlib.util.find_spec(f"zoo.{module}") is None:
+    if importlib.util.find_spec(f"ndeconv.zoo.{module}") is None:
         pytest.skip(f"zoo/{module}.py does not exist yet, so {name} is not built")
     assert name in timm.list_models("*_deconv"), f"zoo/{module}.py exists but does not register {name}"
     # The meta device builds even DPN-92 (34M parameters) without allocating or initialising anything.

@@ -8,8 +8,8 @@ import torch
 from conftest import shipped_zoo_models, zoo_model_without_weights
 from timm.models._registry import _model_to_module
 
-import zoo
-from zoo._pretrained import registered_tags, shipped_weights_path
+import ndeconv.zoo as zoo
+from ndeconv.zoo._pretrained import registered_tags, shipped_weights_path
 
 ALL_TEN = {
     "vgg16_deconv", "resnet18_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",

@@ -1,6 +1,6 @@
 """The ndeconv model zoo: the paper's ten CIFAR-topology architectures, registered with timm as ``*_deconv``.
 
-Importing ``zoo`` (``import ndeconv`` does) imports every ``zoo/deconv_*.py`` file, each of which registers its
+Importing ``ndeconv.zoo`` (``import ndeconv`` does) imports every ``zoo/deconv_*.py`` file, each of which registers its
 models with timm, then completes their pretrained_cfgs (weight locations and data fields of each tag).
 """
 
@@ -11,7 +11,7 @@ import pkgutil
 
 from timm.models import list_models
 
-from ._factory import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg
 from ._names import REFERENCE_ARCHS
 from ._names import resolve_model_name as _resolve
 from ._pretrained import complete_pretrained_cfgs

@@ -1,84 +1,81 @@
-"""What every zoo model is built from: one settings object that makes each conv, norm and head
-either the deconvolution form (FastDeconv, no norm, Delinear head) or the authors' BatchNorm
-baseline (bias-free Conv2d + BatchNorm2d, Linear head), so one definition builds both."""
+"""What every zoo file uses to register its models with timm, like timm's own ``_cfg`` and ``_create_*`` helpers.
+
+A zoo file reads::
+
+    def _create_resnet(variant, pretrained=False, **kwargs):
+        return create_zoo_model(ResNet, variant, pretrained, **kwargs)
+
+    default_cfgs = generate_default_cfgs({
+        'resnet18_deconv.fashion_mnist': zoo_cfg(first_conv='conv1', classifier='linear'),
+    })
+
+    @register_model
+    def resnet18_deconv(pretrained=False, **kwargs):
+        return _create_resnet('resnet18_deconv', pretrained, **dict(block_counts=(2, 2, 2, 2)) | kwargs)
+
+The data fields of a tag (``input_size``, ``mean``, ``std``, labels) and where its weights live (``file`` in
+``zoo/weights/<name>.<tag>/``, ``hf_hub_id``) are filled in once every zoo file is registered
+(``ndeconv.zoo._pretrained.complete_pretrained_cfgs``), so a zoo file names only its first conv and classifier.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from timm.models import build_model_with_cfg
 from torch import nn
 
-from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.datasets import CIFAR10_MEAN, CIFAR10_STD
 
-__all__ = ["DeconvSettings", "pop_deconv_settings"]
+from ._pretrained import prepare_pretrained, pretrained_errors, zoo_filter_fn
+
+__all__ = ["create_zoo_model", "zoo_cfg"]
 
 
-@dataclass(frozen=True)
-class DeconvSettings:
-    """The reference ``main.py`` flags that shape a model (``--deconv``, ``--block``, ``--block-fc``, ...).
 
-    ``block_fc=None`` means the reference's defaults for the chosen form: 512 for
-    deconvolution (a Delinear head), 0 for the BatchNorm baseline (a plain Linear head).
+def zoo_cfg(**overrides: Any) -> dict[str, Any]:
+    """The pretrained_cfg fields shared by every zoo model (CIFAR topology: 32x32 input, 10 classes)."""
+    cfg: dict[str, Any] = {
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (4, 4),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "fixed_input_size": False,
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv1",
+        "classifier": "linear",
+        "license": "mit",
+        "origin_url": "https://github.com/yechengxi/deconvolution",
+        "paper_name": "Network Deconvolution",
+        "paper_ids": "arXiv:1905.11926",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def create_zoo_model(
+    model_cls: type[nn.Module], variant: str, pretrained: bool = False,
+    feature_indices: tuple[int, ...] | None = None, **kwargs: Any,
+) -> nn.Module:
+    """``build_model_with_cfg`` plus what the zoo needs around it.
+
+    - The default model takes 3 channels, as timm's convention has it, and its pretrained_cfg (the default
+      tag's, with or without weights) says so; ``in_chans=1`` builds the gray stem Fashion-MNIST weights were
+      trained with, and whatever ``in_chans``, the model's pretrained_cfg describes the model built.
+    - With weights, a registered tag's gray weights load into the 3-channel stem through an exact adaptation
+      (``zoo_filter_fn``: an RGB copy of a gray image gives the gray image's output, in eval); a user's file
+      gives the model its own channels and classes unless asked for others; a shipped file's sha256 is checked
+      first, and any failure is one clear error naming the model, the tag and the source.
     """
-
-    deconv: bool = True
-    block: int = 64
-    block_fc: int | None = None
-    deconv_iter: int = 5
-    eps: float = 1e-5
-    sampling_stride: int = 3
-    bias: bool = True
-    freeze: bool = False
-    delinear: bool = True
-
-    def __post_init__(self) -> None:
-        if self.block_fc is None:
-            object.__setattr__(self, "block_fc", 512 if self.deconv else 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def conv(
-        self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0,
-        groups: int = 1, **deconv_overrides: Any,
-    ) -> nn.Module:
-        """FastDeconv (with bias, as the reference) or a bias-free Conv2d for the BN form.
-
-        ``deconv_overrides`` (e.g. ``n_iter=15, freeze=True`` for a stem) apply to the FastDeconv only.
-        """
-        if not self.deconv:
-            return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
-        kwargs: dict[str, Any] = dict(
-            bias=self.bias, eps=self.eps, n_iter=self.deconv_iter, block=self.block,
-            sampling_stride=self.sampling_stride, freeze=self.freeze,
-        )
-        kwargs.update(deconv_overrides)
-        return FastDeconv(in_chs, out_chs, kernel_size, stride, padding, groups=groups, **kwargs)
-
-    def norm(self, num_features: int) -> nn.Module:
-        """BatchNorm2d for the BN form; nothing (Identity, no state_dict keys) for deconvolution."""
-        return nn.Identity() if self.deconv else nn.BatchNorm2d(num_features)
-
-    def head(self, in_features: int, num_classes: int) -> nn.Module:
-        """The classifier: Delinear(block=block_fc) when block_fc > 0 and delinear, else Linear."""
-        if num_classes <= 0:
-            return nn.Identity()
-        if self.block_fc and self.delinear:
-            return Delinear(in_features, num_classes, eps=self.eps, n_iter=self.deconv_iter, block=self.block_fc)
-        return nn.Linear(in_features, num_classes)
-
-    def channel_deconv(self) -> nn.Module | None:
-        """The reference's optional ChannelDeconv before the pooling (``--delinear False --block-fc N``)."""
-        if self.block_fc and not self.delinear:
-            return ChannelDeconv(self.block_fc, eps=self.eps, n_iter=self.deconv_iter,
-                                 sampling_stride=self.sampling_stride)
-        return None
-
-
-_SETTING_NAMES = tuple(f.name for f in fields(DeconvSettings))
-
-
-def pop_deconv_settings(kwargs: dict[str, Any]) -> DeconvSettings:
-    """Take the deconvolution flags out of a model's kwargs (what timm.create_model passed through)."""
-    return DeconvSettings(**{name: kwargs.pop(name) for name in _SETTING_NAMES if name in kwargs})
+    if feature_indices is not None:
+        # features_only by forward hooks on the unmodified model (every zoo forward has functional ops between
+        # its children); ``feature_indices`` index the model's ``feature_info``.
+        kwargs.setdefault("feature_cfg", dict(feature_cls="hook", no_rewrite=True, out_indices=feature_indices))
+    kwargs.setdefault("pretrained_filter_fn", zoo_filter_fn)
+    kwargs = prepare_pretrained(variant, pretrained, kwargs)
+    if not pretrained:
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    with pretrained_errors(variant, kwargs):
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)

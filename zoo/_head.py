@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from ndeconv.checkpointing import checkpoint_seq
 from ndeconv.io import check_loadable_weights
+from ndeconv.layers.grad_checkpoint import checkpoint_seq
 
-from ._builder import DeconvSettings
+from ._layer_factory import DeconvSettings
 
 __all__ = ["ZooClassifierMixin"]
 
@@ -63,7 +63,7 @@ class ZooClassifierMixin:
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's interface (``train.py --grad-checkpointing``): checkpoint each block of ``forward_features``.
 
-        Through ``ndeconv.checkpointing``, so the deconvolution layers update their running statistics once per
+        Through ``ndeconv.layers.grad_checkpoint``, so the deconvolution layers update their running statistics once per
         step and the recompute replays the forward's whitening (torch's checkpoint alone would run them twice).
         """
         self.grad_checkpointing = enable

@@ -29,7 +29,7 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._registry import _model_default_cfgs, _model_has_pretrained, _model_pretrained_cfgs
 from torch import nn
 
-from ndeconv import FastDeconv
+from ndeconv.datasets import FASHION_MNIST_LABELS, folder_name
 from ndeconv.errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
 from ndeconv.io import (
     CHECKSUMS_FILE,
@@ -40,6 +40,7 @@ from ndeconv.io import (
     save_safetensors_atomic,
     verify_checksums_beside,
 )
+from ndeconv.layers import FastDeconv
 
 __all__ = [
     "CLASS_MAP_FILE",
@@ -49,7 +50,6 @@ __all__ = [
     "complete_pretrained_cfgs",
     "default_in_chans",
     "expand_deconv_stem",
-    "folder_name",
     "registered_tags",
     "ship_weights",
     "shipped_weights_path",
@@ -59,18 +59,10 @@ __all__ = [
     "zoo_filter_fn",
 ]
 
-# The normalisation of the authors' main.py for CIFAR-10 (their transforms, not the often-quoted 0.247/0.243/0.261).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "model.safetensors"
 CLASS_MAP_FILE = "class_map.txt"
 HF_HUB_ORG = "ndeconv"
-
-FASHION_MNIST_LABELS = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
 
 # What each pretrained tag was trained on: the data fields of its pretrained_cfg, with the channels of the
 # images themselves (the weights' stem). Fashion-MNIST is zero-padded from 28x28 to the CIFAR topology's 32x32
@@ -562,11 +554,6 @@ def ship_weights(model: nn.Module, tag: str, root: str | Path = WEIGHTS_DIR, for
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text())
-
-
-def folder_name(label: str) -> str:
-    """A label as a class folder name: ``t-shirt/top`` cannot be one (``/``), ``t-shirt_top`` can."""
-    return "_".join(label.replace("/", " ").replace("\\", " ").split())
 
 
 def write_class_map(label_names: Sequence[str], path: str | Path) -> Path:

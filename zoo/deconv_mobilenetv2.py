@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._builder import DeconvSettings
-from ._factory import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg
 from ._head import ZooClassifierMixin
+from ._layer_factory import DeconvSettings
 
 __all__ = ["MobileNetV2"]
 

@@ -1,6 +1,6 @@
 """Where a conversion command's model comes from: ``MODEL[.TAG]`` or ``--checkpoint FILE [--arch NAME]``.
 
-A checkpoint loads through ``ndeconv.checkpoints.load_checkpoint_model`` (its architecture from ``--arch`` or the
+A checkpoint loads through ``ndeconv.loading.load_checkpoint_model`` (its architecture from ``--arch`` or the
 config.json beside it, its shape from that config.json and the state_dict itself; folded weights as they are).
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoints import load_checkpoint_model
 from ..errors import UsageError
+from ..loading import load_checkpoint_model
 
 __all__ = ["ModelSource", "add_model_source_arguments", "load_model_source"]
 
@@ -37,7 +37,7 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
 def _from_name(spec: str, random_init: bool) -> ModelSource:
     import timm
 
-    from ..checkpoints import create_pretrained_model, pretrained_model_name
+    from ..loading import create_pretrained_model, pretrained_model_name
 
     name = pretrained_model_name(spec)  # any name that names nothing fails here, before --random-init is looked at
     if random_init:
@@ -61,7 +61,7 @@ def _from_checkpoint(file: str, arch: str | None) -> ModelSource:
 
 def load_model_source(args: argparse.Namespace) -> ModelSource:
     """The model named by ``MODEL[.TAG]`` or ``--checkpoint FILE [--arch NAME]`` (exactly one of them)."""
-    import ndeconv  # noqa: F401 - registers the zoo with timm
+    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
 
     if (args.model is None) == (args.checkpoint is None):
         raise UsageError("give either MODEL[.TAG] or --checkpoint FILE (with --arch NAME when no config.json is "

@@ -13,7 +13,7 @@ __all__ = ["register"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from convert.reference import convert_reference
+    from ndeconv.convert.reference import convert_reference
 
     converted = convert_reference(args.checkpoint, args.output, arch=args.arch, force=args.force)
     margs = converted.model_args

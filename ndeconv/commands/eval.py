@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..datasets import get_spec, read_class_map
     from ..errors import UsageError
-    from ..training.data import get_spec, read_class_map
     from ..training.dist import _pick_device
     from ..training.evaluate import evaluate_on_dataset, load_eval_model, recorded_img_size
 

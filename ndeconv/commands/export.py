@@ -11,7 +11,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from convert.export import DEFAULT_OPSET, REL_TOLERANCE
+    from ndeconv.convert.export import DEFAULT_OPSET, REL_TOLERANCE
 
     p = subparsers.add_parser(
         "export",
@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from convert import FoldWarning, export_onnx
-    from convert.export import MAX_OPSET, MIN_OPSET, REL_TOLERANCE
+    from ndeconv.convert import FoldWarning, export_onnx
+    from ndeconv.convert.export import MAX_OPSET, MIN_OPSET, REL_TOLERANCE
     from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
 

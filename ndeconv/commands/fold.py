@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from convert import FoldWarning, fold_with_report, save_folded
-    from convert.folded_io import check_folded_config_path
+    from ndeconv.convert import FoldWarning, fold_with_report, save_folded
+    from ndeconv.convert.folded_io import check_folded_config_path
     from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
 

@@ -16,8 +16,8 @@ def zoo_table(pattern: str = "*", deconv: bool = True) -> list[dict]:
     import torch
     from timm.models import get_pretrained_cfg
 
-    import zoo
-    from zoo._pretrained import registered_tags
+    import ndeconv.zoo as zoo
+    from ndeconv.zoo._pretrained import registered_tags
 
     rows = []
     for name in zoo.ZOO_MODELS:

@@ -27,8 +27,8 @@ def _add(group: argparse._ArgumentGroup, flag: str, dest: str, default: object, 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..datasets import DATASETS
     from ..training.config import TrainConfig
-    from ..training.data import DATASETS
 
     d = TrainConfig()
     p = subparsers.add_parser(

@@ -24,9 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..datasets import get_spec, load_split
     from ..errors import UsageError
     from ..io import atomic_write, check_output_path
-    from ..training.data import Preprocess, get_spec, load_split
+    from ..training.data import Preprocess
     from ..training.evaluate import load_eval_model, recorded_img_size
     from ..viz import whitening_figure
 

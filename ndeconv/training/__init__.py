@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+from ..datasets import DATASETS, load_split
 from .config import TrainConfig, build_model
-from .data import DATASETS, load_split
 from .evaluate import EvalResult, evaluate
 from .loop import TrainResult, load_run_model, read_run_config, train
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, error_summary
-from ..fast_deconv import FastDeconv
 from ..io import atomic_write
+from ..layers.fast_deconv import FastDeconv
 
 __all__ = ["CHECKPOINT_FILE", "TrainState", "load_checkpoint", "restore_checkpoint", "save_checkpoint"]
 

@@ -68,7 +68,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def model_name(self) -> str:
-        from zoo import resolve_model_name
+        from ndeconv.zoo import resolve_model_name
 
         return resolve_model_name(self.arch, "--arch")
 
@@ -133,7 +133,7 @@ def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str,
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     import timm
 
-    import ndeconv  # noqa: F401 - registers the zoo with timm
+    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
 
     name = cfg.model_name()
     try:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..datasets import DATASETS, ImageSource
 from ..errors import UsageError
-from .data import DATASETS, ImageSource, Preprocess, batch_loader, eval_batches
+from .data import Preprocess, batch_loader, eval_batches
 from .dist import DistContext
 from .metrics import topk_correct
 
@@ -87,9 +88,9 @@ def load_eval_model(
     timm name with weights (``hf-hub:...``, ``local-dir:...``); ``checkpoint`` is a weights file, described by
     the config.json beside it (a run directory's) or by ``arch`` and ``model_args``.
     """
-    import ndeconv  # noqa: F401 - registers the zoo
+    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
 
-    from ..checkpoints import create_pretrained_model, load_checkpoint_model
+    from ..loading import create_pretrained_model, load_checkpoint_model
     from .loop import load_run_model, read_run_config
 
     if (model is None) == (checkpoint is None):
@@ -133,7 +134,7 @@ def evaluate_on_dataset(
     """Top-1/top-5/loss of ``model`` on a dataset's test split, with that dataset's reference normalisation.
 
     ``class_names``: the label order the model was trained with (an image folder's classes by name)."""
-    from .data import get_spec, load_split
+    from ..datasets import get_spec, load_split
 
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")

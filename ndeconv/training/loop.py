@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import sync_deconv
+from ..datasets import get_spec, load_split
 from ..errors import NdeconvError, UsageError, error_summary
-from ..fast_deconv import set_fast_mode
 from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
+from ..layers.fast_deconv import set_fast_mode
+from ..layers.sync import sync_deconv
 from ..runtime import keep_freed_memory, native_amp_dtype
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, model_kwargs
-from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches, get_spec, load_split
+from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches
 from .dist import DistContext, setup
 from .evaluate import evaluate
 from .interrupt import StopRequests
@@ -559,7 +560,7 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Modu
     """The model of a run directory, built from its config.json and loaded from its model.safetensors."""
     import timm
 
-    import ndeconv  # noqa: F401
+    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
 
     config = read_run_config(run_dir)
     args = dict(config.get("model_args", {}))

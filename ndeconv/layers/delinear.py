@@ -26,7 +26,7 @@ from ._common import (
     sync_statistics,
     update_running,
 )
-from .checkpointing import is_recomputing
+from .grad_checkpoint import is_recomputing
 from .isqrt import isqrt_newton_schulz
 
 __all__ = ["Delinear"]

@@ -82,11 +82,11 @@ def infer_model_args(state: dict[str, torch.Tensor], arch: str) -> dict[str, Any
     """What a state_dict itself says: classes, input channels, the deconvolution or BatchNorm form (the stem's;
     a BatchNorm network may still have a ChannelDeconv head), ``bias``, ``block`` and the head's settings.
 
-    The search over block sizes and heads is ``convert.reference.infer_model_args`` (exact: equal buffer shapes
+    The search over block sizes and heads is ``ndeconv.convert.reference.infer_model_args`` (exact: equal buffer shapes
     everywhere); a state_dict without the stem or the classifier says nothing, so the defaults stay and loading
     it names what differs.
     """
-    from convert.reference import infer_model_args as infer_from_shapes
+    from ndeconv.convert.reference import infer_model_args as infer_from_shapes
 
     from .errors import NdeconvError
 
@@ -101,8 +101,8 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
     """The eval-mode zoo model whose weights ``path`` holds (see the module docstring for what decides its shape)."""
     import timm
 
-    import ndeconv  # noqa: F401 - registers the zoo with timm
-    from convert import is_folded_file, load_folded
+    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
+    from ndeconv.convert import is_folded_file, load_folded
 
     path = Path(path)
     if is_folded_file(path):
@@ -114,7 +114,7 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
     name = arch or config.get("architecture")
     if not name:
         raise UsageError(f"{path}: no config.json beside it names the architecture; pass --arch NAME")
-    import zoo
+    import ndeconv.zoo as zoo
 
     name = zoo.resolve_model_name(str(name))
     args = infer_model_args(state, name)
@@ -148,11 +148,12 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def pretrained_model_name(spec: str, run_dirs: bool = False) -> str:
-    """The timm name for ``MODEL[.TAG]`` (any spelling ``zoo.resolve_model_name`` takes), ``hf-hub:ORG/NAME[@REV]``
-    or ``local-dir:FOLDER``, checked before anything is loaded: a name that names nothing is one UsageError.
-    ``run_dirs``: the caller also takes run directories (said so when a path does not exist)."""
-    import zoo
-    from zoo._pretrained import local_dir_weights, registered_tags
+    """The timm name for ``MODEL[.TAG]`` (any spelling ``ndeconv.zoo.resolve_model_name`` takes),
+    ``hf-hub:ORG/NAME[@REV]`` or ``local-dir:FOLDER``, checked before anything is loaded: a name that names
+    nothing is one UsageError. ``run_dirs``: the caller also takes run directories (said so when a path does
+    not exist)."""
+    import ndeconv.zoo as zoo
+    from ndeconv.zoo._pretrained import local_dir_weights, registered_tags
 
     if spec.startswith(HUB_PREFIX):
         from huggingface_hub.errors import HFValidationError
@@ -201,7 +202,7 @@ def create_pretrained_model(spec: str, model_args: dict[str, Any] | None = None,
     offline) is a UsageError, weights that do not load an NdeconvError."""
     import timm
 
-    from zoo._pretrained import hub_lookup_failure, weights_in_chans
+    from ndeconv.zoo._pretrained import hub_lookup_failure, weights_in_chans
 
     name = pretrained_model_name(spec, run_dirs)
     args = dict(model_args or {})

@@ -33,7 +33,7 @@ from ._common import (
     update_running,
 )
 from ._patch_stats import PatchSampler, patch_mean, patch_statistics
-from .checkpointing import record_or_replay
+from .grad_checkpoint import record_or_replay
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 __all__ = ["FastDeconv", "set_fast_mode"]
@@ -227,7 +227,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        # Under ndeconv.checkpointing the recompute replays the forward's decisions and changes no state.
+        # Under ndeconv.layers.grad_checkpoint the recompute replays the forward's decisions and changes no state.
         frozen, kept, replaying = False, None, False
         if self.training:
             (frozen, kept), replaying = record_or_replay(self, lambda: self._step_plan(x))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._common import check_hyperparameters, ensure_finite, full_precision, stats_dtype, update_running
-from .checkpointing import is_recomputing
+from .grad_checkpoint import is_recomputing
 from .isqrt import isqrt_newton_schulz
 
 __all__ = ["ChannelDeconv"]

@@ -1,0 +1,84 @@
+"""What every zoo model is built from: one settings object that makes each conv, norm and head
+either the deconvolution form (FastDeconv, no norm, Delinear head) or the authors' BatchNorm
+baseline (bias-free Conv2d + BatchNorm2d, Linear head), so one definition builds both."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
+
+__all__ = ["DeconvSettings", "pop_deconv_settings"]
+
+
+@dataclass(frozen=True)
+class DeconvSettings:
+    """The reference ``main.py`` flags that shape a model (``--deconv``, ``--block``, ``--block-fc``, ...).
+
+    ``block_fc=None`` means the reference's defaults for the chosen form: 512 for
+    deconvolution (a Delinear head), 0 for the BatchNorm baseline (a plain Linear head).
+    """
+
+    deconv: bool = True
+    block: int = 64
+    block_fc: int | None = None
+    deconv_iter: int = 5
+    eps: float = 1e-5
+    sampling_stride: int = 3
+    bias: bool = True
+    freeze: bool = False
+    delinear: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_fc is None:
+            object.__setattr__(self, "block_fc", 512 if self.deconv else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def conv(
+        self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0,
+        groups: int = 1, **deconv_overrides: Any,
+    ) -> nn.Module:
+        """FastDeconv (with bias, as the reference) or a bias-free Conv2d for the BN form.
+
+        ``deconv_overrides`` (e.g. ``n_iter=15, freeze=True`` for a stem) apply to the FastDeconv only.
+        """
+        if not self.deconv:
+            return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        kwargs: dict[str, Any] = dict(
+            bias=self.bias, eps=self.eps, n_iter=self.deconv_iter, block=self.block,
+            sampling_stride=self.sampling_stride, freeze=self.freeze,
+        )
+        kwargs.update(deconv_overrides)
+        return FastDeconv(in_chs, out_chs, kernel_size, stride, padding, groups=groups, **kwargs)
+
+    def norm(self, num_features: int) -> nn.Module:
+        """BatchNorm2d for the BN form; nothing (Identity, no state_dict keys) for deconvolution."""
+        return nn.Identity() if self.deconv else nn.BatchNorm2d(num_features)
+
+    def head(self, in_features: int, num_classes: int) -> nn.Module:
+        """The classifier: Delinear(block=block_fc) when block_fc > 0 and delinear, else Linear."""
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.block_fc and self.delinear:
+            return Delinear(in_features, num_classes, eps=self.eps, n_iter=self.deconv_iter, block=self.block_fc)
+        return nn.Linear(in_features, num_classes)
+
+    def channel_deconv(self) -> nn.Module | None:
+        """The reference's optional ChannelDeconv before the pooling (``--delinear False --block-fc N``)."""
+        if self.block_fc and not self.delinear:
+            return ChannelDeconv(self.block_fc, eps=self.eps, n_iter=self.deconv_iter,
+                                 sampling_stride=self.sampling_stride)
+        return None
+
+
+_SETTING_NAMES = tuple(f.name for f in fields(DeconvSettings))
+
+
+def pop_deconv_settings(kwargs: dict[str, Any]) -> DeconvSettings:
+    """Take the deconvolution flags out of a model's kwargs (what timm.create_model passed through)."""
+    return DeconvSettings(**{name: kwargs.pop(name) for name in _SETTING_NAMES if name in kwargs})
