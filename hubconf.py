@@ -72,3 +72,106 @@ def senet18_deconv(pretrained: bool = False, **kwargs: Any):
 def efficientnet_b0_deconv(pretrained: bool = False, **kwargs: Any):
     """EfficientNet-B0 (CIFAR topology); as the authors, only the stem and the head are deconvolved."""
     return _create("efficientnet_b0_deconv", pretrained, **kwargs)
+
+
+# -- the authors' other main.py CIFAR models (``--arch vgg11 vgg13 vgg19 resnet34 resnet50 pnasnetB``): no weights --
+
+
+def vgg11_deconv(pretrained: bool = False, **kwargs: Any):
+    """VGG-11 (CIFAR topology, ``main.py --arch vgg11``) with network deconvolution; ``deconv=False`` for BN."""
+    return _create("vgg11_deconv", pretrained, **kwargs)
+
+
+def vgg13_deconv(pretrained: bool = False, **kwargs: Any):
+    """VGG-13 (CIFAR topology, ``main.py --arch vgg13``) with network deconvolution; ``deconv=False`` for BN."""
+    return _create("vgg13_deconv", pretrained, **kwargs)
+
+
+def vgg19_deconv(pretrained: bool = False, **kwargs: Any):
+    """VGG-19 (CIFAR topology, ``main.py --arch vgg19``) with network deconvolution; ``deconv=False`` for BN."""
+    return _create("vgg19_deconv", pretrained, **kwargs)
+
+
+def resnet34_deconv(pretrained: bool = False, **kwargs: Any):
+    """ResNet-34 (CIFAR topology, ``main.py --arch resnet34``) with network deconvolution."""
+    return _create("resnet34_deconv", pretrained, **kwargs)
+
+
+def resnet50_deconv(pretrained: bool = False, **kwargs: Any):
+    """ResNet-50 (CIFAR topology, ``main.py --arch resnet50``, bottleneck blocks) with network deconvolution."""
+    return _create("resnet50_deconv", pretrained, **kwargs)
+
+
+def pnasnet_b_deconv(pretrained: bool = False, **kwargs: Any):
+    """PNASNet-B (CIFAR topology, ``main.py --arch pnasnetB``) with network deconvolution."""
+    return _create("pnasnet_b_deconv", pretrained, **kwargs)
+
+
+# -- the authors' ImageNet models (main_imagenet.py, the paper's Table 2): 224x224, 1000 classes, no weights --------
+
+
+def resnet18_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """ResNet-18, ImageNet topology, with network deconvolution (the authors' ``resnet18d``); ``deconv=False`` is
+    torchvision's ``resnet18``."""
+    return _create("resnet18_imagenet_deconv", pretrained, **kwargs)
+
+
+def resnet34_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """ResNet-34, ImageNet topology, with network deconvolution (the authors' ``resnet34d``)."""
+    return _create("resnet34_imagenet_deconv", pretrained, **kwargs)
+
+
+def resnet50_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """ResNet-50, ImageNet topology, with network deconvolution (the authors' ``resnet50d``)."""
+    return _create("resnet50_imagenet_deconv", pretrained, **kwargs)
+
+
+def resnet101_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """ResNet-101, ImageNet topology, with network deconvolution (the authors' ``resnet101d``)."""
+    return _create("resnet101_imagenet_deconv", pretrained, **kwargs)
+
+
+def vgg11_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """VGG-11, ImageNet topology, with network deconvolution (the authors' ``vgg11d``); ``deconv=False`` is
+    torchvision's ``vgg11_bn``."""
+    return _create("vgg11_imagenet_deconv", pretrained, **kwargs)
+
+
+def vgg16_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """VGG-16, ImageNet topology, with network deconvolution (the authors' ``vgg16d``)."""
+    return _create("vgg16_imagenet_deconv", pretrained, **kwargs)
+
+
+def densenet121_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
+    """DenseNet-121, ImageNet topology, with network deconvolution (the authors' ``densenet121d``)."""
+    return _create("densenet121_imagenet_deconv", pretrained, **kwargs)
+
+
+# -- segmentation (Segmentation/train.py): torchvision's builder conventions, output {'out', 'aux'} ----------------
+
+
+def _segmentation(name: str, pretrained: bool, **kwargs: Any):
+    from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
+
+    return SEGMENTATION_MODELS[name](pretrained=pretrained, **kwargs)
+
+
+def fcn_resnet50_deconv(pretrained: bool = False, **kwargs: Any):
+    """FCN on a dilated ResNet-50 with network deconvolution (the authors' ``fcn_resnet50d``): ``num_classes=21``,
+    ``aux_loss`` as torchvision's; ``deconv=False`` is torchvision's ``fcn_resnet50``."""
+    return _segmentation("fcn_resnet50_deconv", pretrained, **kwargs)
+
+
+def fcn_resnet101_deconv(pretrained: bool = False, **kwargs: Any):
+    """FCN on a dilated ResNet-101 with network deconvolution (the authors' ``fcn_resnet101d``)."""
+    return _segmentation("fcn_resnet101_deconv", pretrained, **kwargs)
+
+
+def deeplabv3_resnet50_deconv(pretrained: bool = False, **kwargs: Any):
+    """DeepLabV3 on a dilated ResNet-50 with network deconvolution (the authors' ``deeplabv3_resnet50d``)."""
+    return _segmentation("deeplabv3_resnet50_deconv", pretrained, **kwargs)
+
+
+def deeplabv3_resnet101_deconv(pretrained: bool = False, **kwargs: Any):
+    """DeepLabV3 on a dilated ResNet-101 with network deconvolution (the authors' ``deeplabv3_resnet101d``)."""
+    return _segmentation("deeplabv3_resnet101_deconv", pretrained, **kwargs)

@@ -1,5 +1,5 @@
 """Networks the benchmarks time: the zoo's models through timm, and for the scaling study an
-ImageNet-style ResNet-18 stack (7x7/2 stem, max-pool, two stages) built from the same ``DeconvSettings``."""
+ImageNet-style ResNet-18 stack (7x7/2 stem, max-pool, two stages) of the zoo's own ``BasicBlock``."""
 
 from __future__ import annotations
 
@@ -9,30 +9,12 @@ from torch import nn
 
 import ndeconv  # noqa: F401  (registers the zoo with timm)
 from ndeconv.zoo._layer_factory import DeconvSettings
+from ndeconv.zoo.deconv_resnet import BasicBlock
 
 ZOO_ARCHS = (
     "resnet18_deconv", "vgg16_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",
     "mobilenetv2_deconv", "dpn92_deconv", "pnasnet_a_deconv", "senet18_deconv", "efficientnet_b0_deconv",
 )
-
-
-class _BasicBlock(nn.Module):
-    """The authors' CIFAR ResNet BasicBlock (module names conv1/bn1/conv2/bn2/shortcut as theirs)."""
-
-    def __init__(self, s: DeconvSettings, in_chs: int, out_chs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = s.conv(in_chs, out_chs, 3, stride, 1)
-        self.bn1 = s.norm(out_chs)
-        self.conv2 = s.conv(out_chs, out_chs, 3, 1, 1)
-        self.bn2 = s.norm(out_chs)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Sequential(s.conv(in_chs, out_chs, 1, stride), s.norm(out_chs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
 
 
 class ResNet18Stack(nn.Module):
@@ -47,7 +29,7 @@ class ResNet18Stack(nn.Module):
         layers, chs = [], 64
         for i, width in enumerate((64, 128, 256, 512)[:stages]):
             stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(_BasicBlock(s, chs, width, stride), _BasicBlock(s, width, width, 1)))
+            layers.append(nn.Sequential(BasicBlock(chs, width, stride, s), BasicBlock(width, width, 1, s)))
             chs = width
         self.layers = nn.Sequential(*layers)
         self.linear = s.head(chs, num_classes)

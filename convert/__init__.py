@@ -1,8 +1,11 @@
 """Deployment: fold deconvolution into plain conv weights, export ONNX, convert the authors' checkpoints.
 
-``fold(model)`` gives an inference-only plain CNN computing the model's eval outputs; ``save_folded`` /
-``load_folded`` store it as safetensors + config.json; ``export_onnx`` / ``verify_onnx`` write and check a
-self-contained ONNX file.
+``fold(model)`` gives an inference-only plain CNN computing the model's eval outputs: every deconvolution layer
+replaced by its own ``fuse()`` (``fuse_deconv_layers``, the walk timm's ``reparameterize_model`` makes), checked
+against the unfolded model, with BatchNorm fusion as an opt-in pass (``fuse_batchnorm=True``, ``fuse_batchnorms``).
+A folded zoo model is the architecture ``timm.create_model(name, folded=True)`` builds; ``save_folded`` /
+``load_folded`` store it as safetensors + config.json (its name and model_args). ``export_onnx`` / ``verify_onnx``
+write and check a self-contained ONNX file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from .fold import (
     default_example_input,
     fold,
     fold_with_report,
+    fuse_batchnorms,
+    fuse_deconv_layers,
     model_input_size,
     output_difference,
 )
@@ -28,6 +33,8 @@ __all__ = [
     "export_onnx",
     "fold",
     "fold_with_report",
+    "fuse_batchnorms",
+    "fuse_deconv_layers",
     "is_folded_file",
     "load_folded",
     "model_input_size",

@@ -1,8 +1,9 @@
-"""Read a model's dataflow with torch.fx to find what folding may merge.
+"""Read a model's dataflow with torch.fx to find which BatchNorms may fuse into the conv before them.
 
 Module names say nothing reliable about dataflow (a ResNet's ``bn1`` follows ``conv1``, a pre-activation
-block's ``bn2`` follows ``conv1``, a stem's BatchNorm may live in another parent than its conv), so folding
-decides from the traced graph: which module's output feeds which, and whether anything else reads it.
+block's ``bn2`` follows ``conv1``, a stem's BatchNorm may live in another parent than its conv), so the opt-in
+BatchNorm pass of folding decides from the traced graph: which module's output feeds which, and whether
+anything else reads it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
@@ -20,12 +19,6 @@ __all__ = ["ModelGraph", "trace_model"]
 
 # Metadata reads (x.size(0), x.shape, x.dim()) consume no data: they do not count as users of a value.
 _META_METHODS = {"size", "dim"}
-
-# Modules that map every channel's values by the same spatial averaging (or not at all): a per-pixel affine
-# map over channels commutes with them, so a ChannelDeconv can be carried through them.
-_PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d, nn.Flatten)
-_PASSTHROUGH_FUNCTIONS = {F.adaptive_avg_pool2d, F.dropout, torch.flatten, F.avg_pool2d}
-_PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "mean", "contiguous"}
 
 
 def _timm_tracer_settings() -> tuple[tuple, tuple]:
@@ -87,36 +80,6 @@ class ModelGraph:
         if any(a is node for a in _flatten_args(others)):
             return None
         return user
-
-    def is_channel_passthrough(self, node: fx.Node) -> bool:
-        """Whether ``node`` only averages spatially, reshapes (N, C, h, w) -> (N, C*h*w), or drops out (eval)."""
-        if node.op == "call_module":
-            module = self.modules[node.target]
-            if isinstance(module, nn.AvgPool2d):
-                return _zero_padding(module.padding) or not module.count_include_pad
-            return isinstance(module, _PASSTHROUGH_MODULES)
-        if node.op == "call_function":
-            if node.target is F.avg_pool2d:
-                padding = node.kwargs.get("padding", node.args[3] if len(node.args) > 3 else 0)
-                return _zero_padding(padding)
-            if node.target in (torch.flatten,):
-                start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-                return start == 1
-            return node.target in _PASSTHROUGH_FUNCTIONS
-        if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
-            if node.target == "mean":
-                dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-                dims = (dims,) if isinstance(dims, int) else dims
-                return isinstance(dims, (tuple, list)) and set(dims) <= {2, 3, -1, -2}
-            if node.target == "flatten":
-                start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-                return start == 1
-            return True  # view/reshape: checked to be (N, -1) flattening by the caller from recorded shapes
-        return False
-
-
-def _zero_padding(padding: int | tuple[int, ...]) -> bool:
-    return all(p == 0 for p in ((padding,) if isinstance(padding, int) else padding))
 
 
 def _flatten_args(args: object) -> list:

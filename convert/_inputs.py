@@ -8,8 +8,9 @@ import torch.nn.functional as F
 __all__ = ["fashion_mnist_batch", "random_batch"]
 
 
-def random_batch(batch: int, input_size: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    """A standard-normal float32 batch (normalised inputs are roughly that)."""
+def random_batch(batch: int, input_size: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A standard-normal float32 batch (normalised inputs are roughly that); ``input_size`` is (C, H, W), or (C, L)
+    for a 1-D model."""
     return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
 
 

@@ -1,7 +1,14 @@
-"""Convert a checkpoint written by the authors' ``main.py`` into a zoo model's safetensors + config.json.
+"""Convert a checkpoint written by one of the authors' scripts into a zoo model's safetensors + config.json.
 
-The authors save ``{'state_dict': ..., 'arch': ..., 'epoch': ..., 'best_acc': ..., 'optimizer': ..., ...}``
-(the state_dict ``module.``-prefixed when it came from a DataParallel model). Our zoo models use their module
+- ``main.py`` saves ``{'state_dict': ..., 'arch': ..., 'epoch': ..., 'best_acc': ..., 'optimizer': ..., ...}``
+  (the state_dict ``module.``-prefixed when it came from a DataParallel model).
+- ``main_imagenet.py`` saves ``{'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer'}``: ``module.`` keys
+  (DataParallel, DistributedDataParallel), and ``features.module.`` for VGG, whose ``features`` alone it wraps
+  in DataParallel; its ``arch`` is ``resnet18d`` ... or, for the BatchNorm baselines, torchvision's ``resnet18``,
+  ``vgg11_bn``, ... (the ImageNet zoo models with ``deconv=False``).
+- ``Segmentation/train.py`` saves ``{'model': state_dict, 'optimizer', 'epoch'}`` and no arch (pass it:
+  ``fcn_resnet50d`` ...); the model is a segmentation builder of ``ndeconv.zoo.deconv_segmentation``.
+ Our zoo models use their module
 names, so the tensors carry over unchanged; what a checkpoint does not say (the form, ``--block``,
 ``--block-fc``, the input channels and classes) is read off the tensors' shapes.
 
@@ -12,8 +19,6 @@ tensors and plain containers to unpickle is refused.
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +27,17 @@ import torch
 from torch import nn
 
 from ndeconv.datasets import DATASETS
-from ndeconv.errors import NdeconvError, UsageError, error_summary
+from ndeconv.errors import NdeconvError, UsageError
 from ndeconv.io import (
     check_config_beside,
     check_output_path,
-    folder_not_file,
+    load_torch_file,
     save_json_atomic,
     save_safetensors_atomic,
-    verify_checksums_beside,
 )
-from ndeconv.zoo import REFERENCE_ARCHS, resolve_model_name
+from ndeconv.zoo import IMAGENET_MODELS, REFERENCE_ARCHS, resolve_model_name
+from ndeconv.zoo._names import IMAGENET_BASELINE_ARCHS, SEGMENTATION_BASELINE_ARCHS
+from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
 __all__ = [
     "REFERENCE_ARCHS",
@@ -44,7 +50,7 @@ __all__ = [
 
 
 # Checkpoint fields copied into config.json (when they are plain values) to record where the weights came from.
-_PROVENANCE_FIELDS = ("arch", "epoch", "best_acc")
+_PROVENANCE_FIELDS = ("arch", "epoch", "best_acc", "best_acc1")
 # Block sizes tried, after the reference default, when inferring ``--block`` from the buffers' shapes.
 _BLOCK_CANDIDATES = (64, 1, 2, 4, 8, 16, 32, 128, 256, 512, 1024)
 
@@ -68,29 +74,12 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     A bare state_dict (what ``torch.save(model.state_dict())`` writes) is accepted as ``{'state_dict': it}``.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(folder_not_file(path))
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    verify_checksums_beside(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses any global it does not know (a custom class, a function, an argparse.Namespace).
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found is None:  # not a pickle at all (or a damaged one)
-            raise NdeconvError(f"{path}: not a readable PyTorch checkpoint; it is damaged or another format") from err
-        raise NdeconvError(
-            f"{path}: refusing to unpickle it: the checkpoint holds more than tensors and plain containers "
-            f"(it needs {found.group(1)}), and loading that would run code from the file; re-save only the weights "
-            "where the code is trusted: torch.save({'state_dict': model.state_dict(), 'arch': ...})"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - garbage makes the unpickler fail in any way (KeyError, IndexError, ...)
-        first = error_summary(err).split(". ")[0].rstrip(".")
-        raise NdeconvError(f"{path}: not a readable PyTorch checkpoint ({first}); it may be truncated") from err
+    checkpoint = load_torch_file(path)
 
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         state_dict = checkpoint["state_dict"]
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) and "optimizer" in checkpoint:
+        state_dict = checkpoint["model"]  # Segmentation/train.py's checkpoint
     elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         state_dict, checkpoint = checkpoint, {}
     else:
@@ -106,8 +95,13 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` that DataParallel / DistributedDataParallel put in front of every key."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    """Drop the ``module.`` that DataParallel / DistributedDataParallel put in front of every key, and the one
+    ``main_imagenet.py`` puts inside VGG's keys (``features.module.0.weight``: it wraps ``features`` alone)."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        out["features." + key[len("features.module."):] if key.startswith("features.module.") else key] = value
+    return out
 
 
 # -- inferring the model's arguments ---------------------------------------------------------------------------
@@ -121,16 +115,22 @@ def _stem_and_head(model_name: str) -> tuple[str, str]:
     return (first if isinstance(first, str) else first[0]), (head if isinstance(head, str) else head[0])
 
 
-def _shapes_of(model_name: str, model_args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def _shapes_of(model_name: str, model_args: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """The state_dict shapes of a candidate layout; None when the candidate cannot be built (a ChannelDeconv
+    head whose block exceeds the channels it whitens, say): it then fits no checkpoint."""
     import timm
 
-    with torch.device("meta"):  # layout only: nothing is allocated or initialised
-        model = timm.create_model(model_name, **model_args)
+    try:
+        with torch.device("meta"):  # layout only: nothing is allocated or initialised
+            model = timm.create_model(model_name, **model_args)
+    except ValueError:  # a layer refused the candidate's settings
+        return None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _fits(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], skip: tuple[str, ...]) -> bool:
-    return all(shapes.get(k) == s for k, s in expected.items() if not k.startswith(skip))
+def _fits(expected: dict[str, tuple[int, ...]] | None, shapes: dict[str, tuple[int, ...]],
+          skip: tuple[str, ...]) -> bool:
+    return expected is not None and all(shapes.get(k) == s for k, s in expected.items() if not k.startswith(skip))
 
 
 def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def _config(converted_name: str, model: nn.Module, model_args: dict[str, Any], c
     cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", None) or {}).items() if k not in drop}
     cfg.update(architecture=converted_name, num_classes=model_args["num_classes"])
     cfg["input_size"] = (model_args["in_chans"], *cfg.get("input_size", (3, 32, 32))[1:])
-    if model_args["in_chans"] == 3:
+    if model_args["in_chans"] == 3 and converted_name not in IMAGENET_MODELS:  # ImageNet's: the cfg's own
         # The authors' main.py trains RGB on CIFAR, normalised with its statistics: CIFAR-100 for its one
         # 100-class dataset, else CIFAR-10 (a zoo model's own cfg is its default tag's, Fashion-MNIST's).
         spec = DATASETS["cifar100" if model_args["num_classes"] == DATASETS["cifar100"].num_classes else "cifar10"]
@@ -230,8 +230,13 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
         arch = checkpoint.get("arch")
         if not isinstance(arch, str):
             raise UsageError(f"{path}: the checkpoint names no 'arch'; pass --arch (a zoo name or the reference's "
-                             f"--arch value, e.g. resnet18_deconv or resnet)")
+                             f"--arch value, e.g. resnet18_deconv or resnet; fcn_resnet50d for a segmentation one)")
+        if "best_acc1" in checkpoint and arch in IMAGENET_BASELINE_ARCHS:
+            arch = IMAGENET_BASELINE_ARCHS[arch]  # main_imagenet.py's baseline: torchvision's name, ImageNet model
+    arch = SEGMENTATION_BASELINE_ARCHS.get(arch, arch)
     model_name = resolve_model_name(arch, "architecture")
+    if model_name in SEGMENTATION_MODELS:
+        return _convert_segmentation(path, model_name, checkpoint)
     model_args = infer_model_args(model_name, state_dict)
     model = timm.create_model(model_name, pretrained=False, **model_args)
     problems = _layout_errors(model, state_dict)
@@ -247,6 +252,45 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
     full_args = dict(model.deconv_settings.to_dict(), in_chans=model_args["in_chans"],
                      num_classes=model_args["num_classes"])
     config = _config(model_name, model, full_args, checkpoint, path)
+    return ConvertedCheckpoint(model_name=model_name, model=model, model_args=full_args, config=config)
+
+
+def _segmentation_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The builder kwargs of a segmentation state_dict: the form and bias from the stem, the auxiliary head from
+    its keys, the classes from the head's last conv, ``block`` the first candidate whose shapes are the file's."""
+    if "backbone.conv1.weight" not in state_dict:
+        raise NdeconvError(f"the checkpoint has no backbone.conv1.weight, so it is not a {model_name} state_dict")
+    deconv = "backbone.conv1.running_deconv" in state_dict
+    head = max((k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")
+                and state_dict[k].ndim == 4), key=lambda k: int(k.split(".")[1]))
+    args: dict[str, Any] = dict(deconv=deconv, num_classes=state_dict[head].shape[0],
+                                in_chans=state_dict["backbone.conv1.weight"].shape[1],
+                                aux_loss=any(k.startswith("aux_classifier.") for k in state_dict))
+    if not deconv:
+        return args
+    args["bias"] = "backbone.conv1.bias" in state_dict
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for block in _BLOCK_CANDIDATES:
+        with torch.device("meta"):
+            model = SEGMENTATION_MODELS[model_name](**args, block=block)
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
+            return dict(args, block=block)
+    return dict(args, block=_BLOCK_CANDIDATES[0])  # nothing fits: the default, so that the caller names what differs
+
+
+def _convert_segmentation(path: Path, model_name: str, checkpoint: dict[str, Any]) -> ConvertedCheckpoint:
+    state_dict = checkpoint["state_dict"]
+    model_args = _segmentation_args(model_name, state_dict)
+    model = SEGMENTATION_MODELS[model_name](**model_args)
+    problems = _layout_errors(model, state_dict)
+    if problems:
+        raise NdeconvError(f"{path}: does not fit {model_name} ({model_args}): {'; '.join(problems)}; check --arch")
+    model.load_state_dict(state_dict)
+    full_args = dict(model.deconv_settings.to_dict(), in_chans=model_args["in_chans"],
+                     num_classes=model_args["num_classes"], aux_loss=model_args["aux_loss"])
+    provenance = {k: checkpoint[k] for k in _PROVENANCE_FIELDS if isinstance(checkpoint.get(k), (str, int, float))}
+    config = dict(architecture=model_name, num_classes=model_args["num_classes"], model_args=full_args,
+                  converted_from=dict(file=path.name, **provenance))
     return ConvertedCheckpoint(model_name=model_name, model=model, model_args=full_args, config=config)
 
 

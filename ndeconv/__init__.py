@@ -14,14 +14,15 @@ one documented convenience; nothing inside the package imports the face.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ._source_tree import mount
+from ._version import __version__
 from .layers import (
     ChannelDeconv,
     Delinear,
     FastDeconv,
+    FastDeconv1d,
     deconvolve,
     isqrt_newton_schulz,
     isqrt_newton_schulz_batch,
@@ -32,15 +33,12 @@ from .runtime import keep_freed_memory
 
 mount(Path(__file__).resolve().parent)
 
-try:
-    __version__ = version("ndeconv")
-except PackageNotFoundError:  # running from a source tree that was not pip-installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "ChannelDeconv",
     "Delinear",
     "FastDeconv",
+    "FastDeconv1d",
     "deconvolve",
     "set_fast_mode",
     "sync_deconv",

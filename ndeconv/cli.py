@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from .errors import Interrupted, NdeconvError
 
 # Subcommand modules under ndeconv.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ("list", "convert_reference", "train", "eval", "fold", "export", "viz")
+COMMANDS: tuple[str, ...] = ("list", "convert_reference", "convert_bn", "train", "eval", "fold", "export", "viz")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="ndeconv",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import NdeconvError, UsageError
+from .errors import NdeconvError, UsageError, error_summary
 
 __all__ = [
     "CHECKSUMS_FILE",
@@ -243,3 +246,39 @@ def folder_not_file(path: Path) -> str:
     if found:
         return f"{path} is a folder, not a weights file; name the file in it, e.g. {path / found[0]}"
     return f"{path} is a folder with no weights file in it (*.safetensors, *.pth); give the weights file itself"
+
+
+# What a torch checkpoint may pickle besides tensors and plain containers: timm's train.py saves its argparse
+# arguments (``args``) in every checkpoint. A Namespace unpickles to an object with attributes and runs no code,
+# so it is allowed; any other global is still refused.
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """The one weights-only reader of torch files: ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+    containers and argparse Namespaces; never code), after the SHA256SUMS beside it if there is one.
+
+    A pickle that needs anything else, a damaged file or one in another format is one NdeconvError naming the
+    file and the fix, never torch's advice to retry with ``weights_only=False`` (that would run the file's code).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(folder_not_file(path))
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    verify_checksums_beside(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:  # not a pickle at all (or a damaged one)
+            raise NdeconvError(f"{path}: not a readable PyTorch checkpoint; it is damaged or another format") from err
+        raise NdeconvError(
+            f"{path}: refusing to unpickle it: the checkpoint holds more than tensors and plain containers "
+            f"(it needs {found.group(1)}), and loading that would run code from the file; re-save only the weights "
+            "where the code is trusted: torch.save({'state_dict': model.state_dict(), 'arch': ...})"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - garbage makes the unpickler fail in any way (KeyError, IndexError, ...)
+        first = error_summary(err).split(". ")[0].rstrip(".")
+        raise NdeconvError(f"{path}: not a readable PyTorch checkpoint ({first}); it may be truncated") from err

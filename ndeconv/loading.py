@@ -1,4 +1,9 @@
-"""Zoo models from weight files: the one loader behind ``ndeconv eval``, ``fold``, ``export`` and ``viz``.
+"""The one model loader: ``load_model(SOURCE)`` takes anything a user can name and every command calls it.
+
+SOURCE is a zoo name with or without its pretrained tag (``resnet18_deconv.fashion_mnist``, the authors' names
+too), timm's ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER``, a run directory of ``ndeconv train``, or a weights
+file: safetensors, a torch checkpoint of tensors (the authors' ``main.py`` checkpoints, timm's ``train.py``
+``model_best.pth.tar``), or folded weights written by ``ndeconv fold``.
 
 A checkpoint is a state_dict of a zoo model: safetensors (what ``ndeconv train`` and ``convert-reference``
 write), or a torch file read with ``weights_only=True`` (never unpickling code; the authors' checkpoints keep
@@ -23,10 +28,14 @@ from .errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
 
 __all__ = [
     "LoadedCheckpoint",
+    "LoadedModel",
+    "load_eval_model",
+    "load_model",
     "create_pretrained_model",
     "infer_model_args",
     "load_checkpoint_model",
     "pretrained_model_name",
+    "read_checkpoint",
     "read_state_dict",
 ]
 
@@ -42,29 +51,36 @@ class LoadedCheckpoint:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file or of a torch checkpoint of tensors, ``module.`` prefixes stripped."""
-    from .io import folder_not_file, load_safetensors, verify_checksums_beside
+    return read_checkpoint(path)[0]
 
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state_dict of a weights file and what the file says of its model (``arch``), weights-only.
+
+    Reads safetensors files, torch files of tensors, the authors' checkpoints (``{'net'|'state_dict': ...}``,
+    ``module.`` keys of DataParallel) and timm's ``train.py`` checkpoints (``model_best.pth.tar``: ``arch``,
+    ``state_dict``, ``args``, optimizer state), never unpickling code (``torch.load(weights_only=True)``)."""
+    from .io import folder_not_file, load_safetensors, load_torch_file
+
+    meta: dict[str, Any] = {}
     if path.is_dir():
         raise UsageError(folder_not_file(path))
     if path.suffix == ".safetensors":
         state = load_safetensors(path)
     else:
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file")
-        verify_checksums_beside(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - pickle/zip errors vary
-            # error_summary never repeats torch's advice to retry with weights_only=False (that runs the file's code).
-            raise UsageError(f"{path}: not loadable as weights only ({error_summary(err)}); use a safetensors file "
-                             "or a torch checkpoint of tensors") from err
+            state = load_torch_file(path)
+        except NdeconvError as err:
+            raise UsageError(f"{err}; or use a safetensors file") from err
+        if isinstance(state, dict) and isinstance(state.get("arch"), str):
+            meta["arch"] = state["arch"]
         for key in ("state_dict", "model", "net"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path}: holds no state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}, meta
 
 
 def _config_beside(path: Path) -> dict[str, Any]:
@@ -109,16 +125,17 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
         if arch is not None:
             raise UsageError(f"{path} holds folded weights that name their architecture; drop --arch")
         return LoadedCheckpoint(load_folded(path).eval(), None, folded=True)
-    state = read_state_dict(path)
+    state, meta = read_checkpoint(path)
     config = _config_beside(path)
-    name = arch or config.get("architecture")
+    name = arch or config.get("architecture") or meta.get("arch")
     if not name:
         raise UsageError(f"{path}: no config.json beside it names the architecture; pass --arch NAME")
     import ndeconv.zoo as zoo
 
     name = zoo.resolve_model_name(str(name))
     args = infer_model_args(state, name)
-    if arch is None or config.get("architecture") in (name, name.removesuffix("_deconv")):
+    describes = arch is None or config.get("architecture") in (name, name.removesuffix("_deconv"))
+    if describes:
         # The config.json describes these weights (not when --arch names another architecture).
         recorded = dict(config.get("model_args") or {})
         recorded.update({k: config[k] for k in ("num_classes", "in_chans") if k in config})
@@ -126,6 +143,10 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
     args.update(model_args or {})
     try:
         model = timm.create_model(name, pretrained=False, **args)
+        if describes:  # ndeconv convert-bn's output: the BatchNorm architecture with its recorded deconvolve() call
+            from ndeconv.convert.batchnorm import rebuild_converted
+
+            model = rebuild_converted(model, config)
     except (TypeError, ValueError) as err:
         raise UsageError(f"cannot build {name} with {args}: {err}") from err
     try:
@@ -202,7 +223,8 @@ def create_pretrained_model(spec: str, model_args: dict[str, Any] | None = None,
     offline) is a UsageError, weights that do not load an NdeconvError."""
     import timm
 
-    from ndeconv.zoo._pretrained import hub_lookup_failure, weights_in_chans
+    from ndeconv.zoo._hub_errors import hub_lookup_failure
+    from ndeconv.zoo._pretrained import weights_in_chans
 
     name = pretrained_model_name(spec, run_dirs)
     args = dict(model_args or {})
@@ -223,3 +245,102 @@ def create_pretrained_model(spec: str, model_args: dict[str, Any] | None = None,
         if not isinstance(err, (RuntimeError, OSError, ValueError, TypeError, *UNPICKLE_ERRORS)):
             raise
         raise NdeconvError(f"{spec}: cannot load its weights: {error_summary(err)}") from err
+
+
+# -- any source ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode model and what is known of it: ``description`` is what a command records of its source
+    (in a folded file's or an export's config), ``dataset``/``label_names`` what it was trained on."""
+
+    model: nn.Module
+    kind: str  # "pretrained", "random-init", "run", "weights" or "folded"
+    description: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # a run's or the weights' config.json, if any
+    dataset: str | None = None
+    label_names: list[str] | None = None
+
+    @property
+    def folded(self) -> bool:
+        return self.kind == "folded"
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_model(
+    source: str | Path,
+    *,
+    arch: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    random_init: bool = False,
+    weights_file: bool = False,
+) -> LoadedModel:
+    """The eval-mode model ``source`` names (see the module docstring for every kind of source).
+
+    ``arch`` names the architecture of a weights file that carries no config.json and no ``arch`` of its own;
+    ``model_args`` override what is recorded (``num_classes``, ``in_chans``, deconvolution settings);
+    ``random_init`` builds a zoo name untrained, to try the tooling; ``weights_file`` says ``source`` was given as
+    a weights file (``--checkpoint``), so anything else there is named as what it is. Every failure is one UsageError or
+    NdeconvError that names the source and the fix."""
+    from ndeconv.datasets import DATASETS
+
+    path = Path(source)
+    text = str(source)
+    if _is_run_dir(path) and not weights_file and not text.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        if arch is not None or random_init:
+            raise UsageError(f"{source} is a run directory: its config.json names the model; drop "
+                             f"{'--arch' if arch is not None else '--random-init'}")
+        from .training.loop import load_run_model, read_run_config
+
+        config = read_run_config(path)
+        return LoadedModel(load_run_model(path), "run", {"run": text}, config,
+                           config["train"].get("dataset"), config.get("label_names"))
+    if path.is_file() or weights_file:
+        if random_init:
+            raise UsageError("--random-init builds an untrained zoo model; a weights file is loaded as it is")
+        loaded = load_checkpoint_model(path, arch, model_args)
+        if loaded.folded:
+            return LoadedModel(loaded.model, "folded", {"checkpoint": text, "folded": True})
+        train = loaded.config.get("train") or {}
+        return LoadedModel(loaded.model, "weights",
+                           {"checkpoint": text, "architecture": loaded.architecture, "model_args": loaded.model_args},
+                           loaded.config, train.get("dataset"), loaded.config.get("label_names"))
+    if arch is not None:
+        raise UsageError("--arch describes a weights file (--checkpoint); with a model name, drop it")
+    name = pretrained_model_name(text, run_dirs=True)  # a name that names nothing fails here, before anything else
+    if random_init:
+        import timm
+
+        if ":" in name:  # timm's own sources (hf-hub:/local-dir:) name weights
+            raise UsageError(f"--random-init builds an untrained zoo model; {source} names weights: drop one of them")
+        base, _, tag = name.partition(".")
+        if tag:
+            raise UsageError(f"--random-init builds an untrained {base}; drop the tag .{tag} or the flag")
+        return LoadedModel(timm.create_model(base, pretrained=False, **(model_args or {})).eval(), "random-init",
+                           {"model": base, "weights": "random init"})
+    net = create_pretrained_model(name, model_args, run_dirs=True)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    # Zoo tags name the data the weights were trained on (fashion_mnist), also when the default tag was taken.
+    dataset = cfg.get("tag") if cfg.get("tag") in DATASETS else None
+    return LoadedModel(net.eval(), "pretrained", {"model": name}, {}, dataset, cfg.get("label_names"))
+
+
+def load_eval_model(
+    model: str | None = None,
+    checkpoint: str | Path | None = None,
+    arch: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``ndeconv eval``'s and ``viz``'s form of ``load_model``: MODEL (a name or a run directory) or
+    ``--checkpoint FILE``, exactly one; returns the model and what is known of its training."""
+    if (model is None) == (checkpoint is None):
+        raise UsageError("give either MODEL (a zoo name with a tag, or a run directory) or --checkpoint FILE")
+    if model is not None and Path(model).is_file():
+        raise UsageError(f"{model} is a file, not a model name; pass weights files as --checkpoint {model}")
+    loaded = load_model(model if model is not None else checkpoint, arch=arch, model_args=model_args,
+                        weights_file=checkpoint is not None)
+    return loaded.model, {"dataset": loaded.dataset, "config": loaded.config, "label_names": loaded.label_names}

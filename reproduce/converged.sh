@@ -12,18 +12,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$HOME/.cache/ndeconv/runs/converged}
-export TRAIN_EPOCHS=20
 source reproduce/train_run.sh
 # The shipped default tags first (ND), cheapest first; BN baselines of the seven lighter ones; the heavy three last.
 DEFAULT_RUNS="resnet18-nd efficientnet_b0-nd mobilenetv2-nd vgg16-nd preact_resnet18-nd senet18-nd pnasnet_a-nd
 resnet18-bn efficientnet_b0-bn mobilenetv2-bn vgg16-bn preact_resnet18-bn senet18-bn pnasnet_a-bn
 resnext29_32x4d-nd densenet121-nd dpn92-nd resnext29_32x4d-bn densenet121-bn dpn92-bn"
-mkdir -p "$OUT"
-failed=0
-for run in ${RUNS:-$DEFAULT_RUNS}; do
-  arch=${run%-*}; form=${run##*-}
-  deconv=$([ "$form" = nd ] && echo true || echo false)
-  train_run "$OUT/$run" --arch "$arch" --deconv "$deconv" --dataset fashion_mnist --epochs 20 --seed 0 \
-    --fast 8 || failed=1
-done
-exit $failed
+train_queue "$OUT" 20 "${RUNS:-$DEFAULT_RUNS}" --fast 8

@@ -15,12 +15,5 @@ source reproduce/train_run.sh
 DEFAULT_RUNS="efficientnet_b0-nd efficientnet_b0-bn resnet18-nd mobilenetv2-nd vgg16-nd resnet18-bn
 mobilenetv2-bn vgg16-bn preact_resnet18-nd preact_resnet18-bn senet18-nd senet18-bn pnasnet_a-nd pnasnet_a-bn
 resnext29_32x4d-nd densenet121-nd dpn92-nd resnext29_32x4d-bn densenet121-bn dpn92-bn"
-mkdir -p "$OUT"
-failed=0
-for run in ${RUNS:-$DEFAULT_RUNS}; do
-  arch=${run%-*}; form=${run##*-}
-  deconv=$([ "$form" = nd ] && echo true || echo false)
-  # A run that fails (a diverged loss is recorded in its diverged.json) does not stop the runs after it.
-  train_run "$OUT/$run" --arch "$arch" --deconv "$deconv" --dataset fashion_mnist --epochs 1 --seed 0 || failed=1
-done
-exit $failed
+# A run that fails (a diverged loss is recorded in its diverged.json) does not stop the runs after it.
+train_queue "$OUT" 1 "${RUNS:-$DEFAULT_RUNS}"

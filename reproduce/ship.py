@@ -26,7 +26,8 @@ import ndeconv  # noqa: F401 - registers the zoo
 from ndeconv.io import atomic_write, save_json_atomic
 from ndeconv.training.evaluate import evaluate_on_dataset
 from ndeconv.training.loop import load_run_model, read_run_config
-from ndeconv.zoo._pretrained import WEIGHTS_DIR, ship_weights
+from ndeconv.zoo._pretrained import WEIGHTS_DIR
+from ndeconv.zoo._shipping import ship_weights
 
 MAX_TOP1_CHANGE = 0.05  # points of test top-1 a half-precision copy may lose or gain
 TAGS = {"fashion_mnist": "fashion_mnist"}

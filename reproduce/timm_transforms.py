@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 import ndeconv  # noqa: E402,F401 - registers the zoo
 from ndeconv.datasets import _IDX_FILES, FASHION_MNIST_DIR, _find, read_idx  # noqa: E402
-from ndeconv.zoo._pretrained import CLASS_MAP_FILE, WEIGHTS_DIR  # noqa: E402
+from ndeconv.zoo._pretrained import WEIGHTS_DIR  # noqa: E402
+from ndeconv.zoo._shipping import CLASS_MAP_FILE  # noqa: E402
 from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "timm_transforms.json"

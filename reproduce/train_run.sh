@@ -14,3 +14,23 @@ train_run() {
     echo "== $dir: starting"; ${NDECONV:-ndeconv} train "$@" --checkpoint-every 25 --out "$dir" --force
   fi
 }
+
+# `train_queue OUT EPOCHS "RUNS" [ndeconv train args...]`: the reproduce/*.sh queues of the paper's protocol. Each
+# run of the whitespace-separated RUNS is ARCH-nd (network deconvolution) or ARCH-bn (BatchNorm), trained by
+# train_run into OUT/RUN for EPOCHS epochs on Fashion-MNIST, seed 0, the authors' settings (ndeconv train's
+# defaults) and the extra args. A run that fails (a diverged loss is recorded in its diverged.json) does not stop
+# the runs after it; the status is 1 when any failed.
+train_queue() {
+  local out=$1 epochs=$2 runs=$3; shift 3
+  # train_run counts a run done when its metrics.jsonl reaches this epoch.
+  local TRAIN_EPOCHS=$epochs
+  local run arch form deconv failed=0
+  mkdir -p "$out"
+  for run in $runs; do
+    arch=${run%-*}; form=${run##*-}
+    deconv=$([ "$form" = nd ] && echo true || echo false)
+    train_run "$out/$run" --arch "$arch" --deconv "$deconv" --dataset fashion_mnist --epochs "$epochs" --seed 0 \
+      "$@" || failed=1
+  done
+  return $failed
+}

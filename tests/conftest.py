@@ -1,9 +1,12 @@
-"""Test set-up: offline Hugging Face Hub, and the path of the reference fixtures (committed in tests/fixtures/)."""
+"""Test set-up: offline Hugging Face Hub, the path of the reference fixtures (committed in tests/fixtures/), and
+the helpers several test files share (one torch thread, an empty zoo weights folder, a hand-built Hub cache)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # huggingface_hub reads these when first imported: set them before anything imports it.
@@ -12,6 +15,7 @@ os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="ndeconv-hf-cache-
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The authors' outputs: a byte-identical copy of ../shared/fixtures/reference (sha256 in reference.sha256 beside
@@ -27,15 +31,66 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    # Two cores shared by several jobs: multi-threaded batched eigh/bmm on small matrices then spin-waits
+    # (measured 10x slower); one thread is the fast setting here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def empty_weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The zoo's weights folder (``WEIGHTS_DIR``, what ``NDECONV_WEIGHTS`` names) pointed at an empty directory,
+    which is returned: every zoo tag is then one this install has no weights for, as in a pip install (the wheel
+    carries none), and ``pretrained=True`` says how to get them. The shipped file is found when a model is built,
+    so nothing in timm's registry needs changing. Hugging Face is kept offline, with an empty cache, so the Hub
+    fallback cannot find a copy either.
+
+    Every zoo model ships its weights, so this is the only way the missing-weights path can be tested.
+    """
+    import ndeconv.zoo._pretrained as pretrained
+
+    # Resolved: prepare_pretrained tells shipped weights from a user's file by the resolved path.
+    empty = (tmp_path / "zoo-weights").resolve()
+    empty.mkdir()
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", empty)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return empty
+
+
 def zoo_model_without_weights(tag: str = "fashion_mnist") -> str:
-    """A zoo model with no shipped weights for ``tag`` (skips the test when every model has them)."""
+    """A zoo model with no shipped weights for ``tag``; with ``empty_weights_dir`` that is every one (without it,
+    the test is skipped when every model has them)."""
     from ndeconv.zoo import ZOO_MODELS
     from ndeconv.zoo._pretrained import shipped_weights_path
 
     for name in ZOO_MODELS:
         if not shipped_weights_path(name, tag).exists():
             return name
-    pytest.skip(f"every zoo model ships {tag} weights: nothing left to test the missing-weights error on")
+    pytest.skip(f"every zoo model ships {tag} weights: use the empty_weights_dir fixture to test without them")
+
+
+def write_hf_cache(root: Path, repo: str, folder: Path,
+                   revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """The cache layout huggingface_hub reads offline for ``repo``, under ``root``, holding ``folder``'s
+    model.safetensors and config.json: refs/main (no trailing newline) + snapshots/REV/* (no download)."""
+    org, name = repo.split("/")
+    base = root / f"models--{org}--{name}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(revision)
+    snap = base / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for file in ("model.safetensors", "config.json"):
+        shutil.copyfile(folder / file, snap / file)
 
 
 def shipped_zoo_models(tag: str = "fashion_mnist") -> list[str]:

@@ -69,3 +69,30 @@ def test_report_keeps_channels_last_runs_out_of_the_nchw_table(tmp_path: Path) -
     assert "**2.00**" in table and "**3.00**" not in table
     (row,) = [line for line in report.channels_last_table([cl], [nchw]) if line.startswith("| resnet18")]
     assert "4.000 -> 3.000 s (-25%)" in row and "2.000 -> 1.000 s (-50%)" in row and "2.00 -> **3.00**" in row
+
+
+@pytest.mark.slow  # two ResNet-18s built and folded (about 50 s on two shared cores)
+def test_inference_benchmark_times_the_batchnorm_twin_fused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bn_fused`` is the BatchNorm network with its BatchNorms fused into the convs (fold fuses them only when
+    asked): the variants are built, then the run stops before any export or timing."""
+    import ndeconv.convert
+    from benchmarks import inference
+
+    real_fold = ndeconv.convert.fold
+    folded: list[torch.nn.Module] = []
+
+    class Built(Exception):
+        pass
+
+    def recording_fold(model: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
+        folded.append(real_fold(model, *args, **kwargs))
+        if len(folded) == 2:  # nd_folded, then bn_fused: all this test looks at
+            raise Built
+        return folded[-1]
+
+    monkeypatch.setattr(ndeconv.convert, "fold", recording_fold)
+    with pytest.raises(Built):
+        inference.bench_arch("resnet18_deconv", [1], 0, 1, 1, tmp_path)
+    bn_fused = folded[1]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in bn_fused.modules())
+    assert len(bn_fused.fold_report.bn_fused) == 20

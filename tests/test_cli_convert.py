@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,59 @@ def test_export_static_batch_no_verify(tmp_path, capsys, checkpoint) -> None:
     code, stdout, _ = run(capsys, "export", "--checkpoint", str(path), "--arch", "pnasnet_a_deconv", "-o", str(out),
                           "--static-batch", "2", "--no-verify", "--opset", "18")
     assert code == 0 and "static batch 2" in stdout and "verified" not in stdout and out.is_file()
+
+
+def test_fold_fuses_batchnorm_unless_asked_to_keep_it(tmp_path, capsys) -> None:
+    """The command fuses BatchNorms as it always has (the library's fold asks for it explicitly); with
+    --keep-batchnorm the file is timm.create_model(name, **model_args) with a strict state_dict, nothing else."""
+    import timm
+    from safetensors.torch import load_file
+
+    model = trained("pnasnet_a_deconv", deconv=False, in_chans=1, num_classes=5)
+    path = tmp_path / "bn.safetensors"
+    save_safetensors_atomic(model.state_dict(), path)
+    x = correlated_batch(2, 1)
+    for flags, fused in (((), True), (("--keep-batchnorm",), False)):
+        out = tmp_path / ("fused" if fused else "kept") / "folded.safetensors"
+        code, stdout, stderr = run(capsys, "fold", "--checkpoint", str(path), "--arch", "pnasnet_a", "-o", str(out),
+                                   *flags)
+        assert code == 0, stderr
+        config = json.loads((out.parent / "config.json").read_text())
+        assert bool(config["fused_batchnorms"]) is fused
+        assert ("23 BatchNorm fused into convs" in stdout) is fused
+        with torch.no_grad():
+            assert output_difference(model(x), load_folded(out)(x))[1] <= 1e-5
+    built = timm.create_model(config["architecture"], **config["model_args"])
+    built.load_state_dict(load_file(str(out)), strict=True)
+    with torch.no_grad():
+        assert output_difference(model(x), built.eval()(x))[1] <= 1e-5
+
+
+def test_version_1_folded_file_still_exports(tmp_path, capsys) -> None:
+    """A file folded by an older ndeconv (tests/fixtures/folded_v1) is a --checkpoint like any other."""
+    old = Path(__file__).resolve().parent / "fixtures" / "folded_v1" / "pnasnet_a_nd" / "model.safetensors"
+    code, stdout, stderr = run(capsys, "export", "--checkpoint", str(old), "-o", str(tmp_path / "m.onnx"),
+                               "--no-verify")
+    assert code == 0, stderr
+    assert (tmp_path / "m.onnx").is_file() and "input 1x32x32" in stdout
+
+
+def test_version_1_file_that_does_not_rebuild_is_one_line(tmp_path, capsys) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ndeconv.convert.folded_io import METADATA_KEY
+
+    old = Path(__file__).resolve().parent / "fixtures" / "folded_v1" / "pnasnet_a_nd" / "model.safetensors"
+    with safe_open(str(old), framework="pt") as f:
+        config = json.loads(f.metadata()[METADATA_KEY])
+    config["layers"]["linear"]["out_features"] = 7  # not the architecture the file names
+    bad = tmp_path / "old.safetensors"
+    save_safetensors_atomic(load_file(str(old)), bad, metadata={METADATA_KEY: json.dumps(config), "format": "pt"})
+    code, _, stderr = run(capsys, "export", "--checkpoint", str(bad), "-o", str(tmp_path / "m.onnx"))
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "layer linear differs" in stderr and f"ndeconv fold pnasnet_a_deconv -o {bad} --force" in stderr
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_refuses_overwrite_without_force(tmp_path, capsys) -> None:

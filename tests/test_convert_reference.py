@@ -21,14 +21,8 @@ from ndeconv.cli import main
 from ndeconv.convert.reference import convert_reference, convert_reference_checkpoint, infer_model_args
 from ndeconv.errors import NdeconvError, UsageError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by several jobs: multi-threaded small-matrix linear algebra spin-waits; one thread is fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two cores shared by several jobs: torch on one thread is the fast setting (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -188,11 +182,11 @@ def test_unreadable_files(tmp_path):
 
 def test_unknown_arch_is_named(reference_dir, tmp_path):
     sd = reference_state_dict(reference_dir, "pnasnet_a")
-    ckpt = save_reference_checkpoint(tmp_path / "c.pth", sd, "vgg19")
-    with pytest.raises(UsageError, match=r"unknown architecture 'vgg19'.*pnasnetA"):
+    ckpt = save_reference_checkpoint(tmp_path / "c.pth", sd, "vgg23")
+    with pytest.raises(UsageError, match=r"unknown architecture 'vgg23'.*pnasnetA"):
         convert_reference_checkpoint(ckpt)
-    with pytest.raises(UsageError, match="unknown architecture 'resnet50'"):
-        convert_reference(ckpt, tmp_path / "o.safetensors", arch="resnet50")
+    with pytest.raises(UsageError, match="unknown architecture 'resnet152'"):
+        convert_reference(ckpt, tmp_path / "o.safetensors", arch="resnet152")
     assert main(["convert-reference", str(ckpt), "--arch", "nope", "-o", str(tmp_path / "o.safetensors")]) == 2
     torch.save(sd, tmp_path / "bare.pth")  # a bare state_dict carries no arch
     with pytest.raises(UsageError, match="names no 'arch'; pass --arch"):

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import PROJECT_ROOT, REFERENCE, shipped_zoo_models
+from conftest import PROJECT_ROOT, REFERENCE, shipped_zoo_models, write_hf_cache
 from timm.data import create_transform, resolve_model_data_config
 from timm.models import get_pretrained_cfg_value
 
@@ -35,13 +35,8 @@ needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
 needs_resnet18 = pytest.mark.skipif("resnet18_deconv" not in SHIPPED, reason="resnet18_deconv is not shipped")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by several jobs: multi-threaded small-matrix linear algebra spin-waits; one thread is fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two cores shared by several jobs: torch on one thread is the fast setting (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stem_chans(model: torch.nn.Module) -> int:
@@ -153,26 +148,13 @@ def test_pretrained_cfg_describes_the_stem(name: str) -> None:
     assert _stem_chans(gray) == 1 and gray.pretrained_cfg["mean"] == (0.0,)
 
 
-def _hf_cache(root: Path, repo: str, folder: Path) -> None:
-    """The cache layout huggingface_hub reads offline: refs/main + snapshots/REV/* (no download)."""
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    org, name = repo.split("/")
-    base = root / f"models--{org}--{name}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(revision)
-    snap = base / "snapshots" / revision
-    snap.mkdir(parents=True)
-    for file in ("model.safetensors", "config.json"):
-        shutil.copyfile(folder / file, snap / file)
-
-
 @pytest.mark.skipif(not SHIPPED, reason="no zoo weights are shipped yet")
 def test_hub_and_local_dir_loads_describe_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A shipped folder as ``local-dir:`` and as a cached Hub repo builds what ``pretrained=True`` builds."""
     arch = "efficientnet_b0_deconv" if "efficientnet_b0_deconv" in SHIPPED else SHIPPED[0]  # small and quick
     folder = WEIGHTS_DIR / f"{arch}.fashion_mnist"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    _hf_cache(tmp_path / "hub", f"someorg/{arch}.fashion_mnist", folder)
+    write_hf_cache(tmp_path / "hub", f"someorg/{arch}.fashion_mnist", folder)
     reference = timm.create_model(arch, pretrained=True).eval()
     x = torch.rand(2, 3, 32, 32)
     for name in (f"local-dir:{folder}", f"hf-hub:someorg/{arch}.fashion_mnist"):
@@ -199,7 +181,7 @@ def test_hub_and_local_dir_loads_describe_the_model(tmp_path: Path, monkeypatch:
 
 def test_user_files_describe_the_model(tmp_path: Path) -> None:
     """A user's file: the model takes the weights' channels unless asked for others, in both forms."""
-    from ndeconv.zoo._pretrained import save_safetensors_atomic
+    from ndeconv.zoo._shipping import save_safetensors_atomic
 
     for deconv in (True, False):
         torch.manual_seed(0)
@@ -219,7 +201,7 @@ def test_user_files_describe_the_model(tmp_path: Path) -> None:
 
 
 def test_ship_weights_config_builds_the_default_model(tmp_path: Path) -> None:
-    from ndeconv.zoo._pretrained import ship_weights
+    from ndeconv.zoo._shipping import ship_weights
 
     torch.manual_seed(0)
     model = timm.create_model("pnasnet_a_deconv", in_chans=1).eval()

@@ -1,7 +1,11 @@
-"""ONNX export: every zoo model folds, exports with a dynamic batch and runs in onnxruntime within 1e-4."""
+"""ONNX export: every zoo model folds, exports with a dynamic batch and runs in onnxruntime within 1e-4; the
+file's metadata_props carry what a client needs to feed it."""
 
 from __future__ import annotations
 
+import gzip
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +16,16 @@ import torch.nn.functional as F
 from test_fold import ZOO, correlated_batch, trained
 from torch import nn
 
+from ndeconv.cli import main
 from ndeconv.convert import export_onnx, onnx_op_types, verify_onnx, verify_onnx_for_model
 from ndeconv.convert._inputs import fashion_mnist_batch
-from ndeconv.convert.export import check_onnx_ops
-from ndeconv.datasets import FASHION_MNIST_DIR
+from ndeconv.convert.export import METADATA_KEYS, check_onnx_ops, onnx_metadata, read_onnx_metadata
+from ndeconv.datasets import CIFAR10_LABELS, CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_DIR, FASHION_MNIST_LABELS
 from ndeconv.errors import NdeconvError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+needs_fashion = pytest.mark.skipif(not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file(),
+                                   reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)")
 
 EXPORT_FAST = {"resnet18_deconv", "mobilenetv2_deconv", "pnasnet_a_deconv", "efficientnet_b0_deconv"}
 
@@ -53,6 +62,8 @@ def test_real_images_static_batch_and_opset(tmp_path) -> None:
     import onnx
 
     assert onnx.load(str(result.path)).opset_import[0].version == 18
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["batch"] == "3" and meta["opset"] == "18" and meta == read_onnx_metadata(result.path)
 
 
 def test_refuses_to_overwrite(tmp_path) -> None:
@@ -114,3 +125,135 @@ def test_verify_fails_on_a_different_model(tmp_path) -> None:
     other = trained("pnasnet_a_deconv", deconv=False)
     with pytest.raises(NdeconvError, match="differs from PyTorch"):
         verify_onnx(result.path, other, {"random": correlated_batch(2, 3)})
+
+
+# -- metadata_props: what a client needs -------------------------------------------------------------------------
+
+
+def _raw_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` Fashion-MNIST test images as the IDX files hold them (uint8 28x28) and their labels,
+    read with gzip and numpy alone."""
+    with gzip.open(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz", "rb") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz", "rb") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return images[:count], labels[:count]
+
+
+def _client_logits(path: Path, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """A client with onnxruntime and numpy only: everything it does to the raw images comes from the file's
+    metadata_props (no ndeconv, no torch, no constant of the dataset)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["input_layout"] == "NCHW" and meta["input_dtype"] == "float32"
+    channels, height, width = json.loads(meta["input_size"])
+    resize = int(meta["resize"])
+    assert images.shape[1:] == (resize, resize)  # already at the resize size: the resize is the identity
+    top, bottom, left, right = json.loads(meta["pad"])
+    x = np.pad(images, ((0, 0), (top, bottom), (left, right)), constant_values=0)  # pixel value 0, before scaling
+    x = x.astype(np.float32) * np.float32(float(meta["scale"]))
+    x = x[:, None].repeat(channels, axis=1)  # gray images: one channel (the model's stem says how many)
+    mean = np.asarray(json.loads(meta["mean"]), np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(json.loads(meta["std"]), np.float32).reshape(1, -1, 1, 1)
+    x = ((x - mean) / std).astype(np.float32)
+    assert x.shape[1:] == (channels, height, width)
+    return session.run([meta["output_name"]], {meta["input_name"]: x})[0], json.loads(meta["label_names"])
+
+
+@needs_fashion
+def test_export_metadata_lets_an_onnxruntime_client_preprocess_raw_images(tmp_path, capsys) -> None:
+    """``ndeconv export`` of shipped weights writes the documented keys; a client using only onnxruntime and numpy
+    pads, scales and normalises raw 28x28 Fashion-MNIST images from them and gets the PyTorch model's logits on
+    the images ``ndeconv eval`` feeds it."""
+    from ndeconv.datasets import load_split
+    from ndeconv.loading import create_pretrained_model
+    from ndeconv.training.data import Preprocess
+    from ndeconv.zoo._pretrained import shipped_weights_path
+
+    path = tmp_path / "pnasnet.onnx"
+    assert main(["export", "pnasnet_a_deconv.fashion_mnist", "-o", str(path)]) == 0
+    assert "metadata_props: " in capsys.readouterr().out
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert list(meta) and set(meta) <= set(METADATA_KEYS)
+    shipped = json.loads(shipped_weights_path("pnasnet_a_deconv", "fashion_mnist").with_name("config.json").read_text())
+    assert {k: meta[k] for k in ("model", "architecture", "tag", "dataset", "input_layout", "input_size", "batch",
+                                 "fixed_input_size", "resize", "pad", "mean", "std", "num_classes", "opset")} == {
+        "model": "pnasnet_a_deconv.fashion_mnist", "architecture": "pnasnet_a_deconv", "tag": "fashion_mnist",
+        "dataset": "fashion_mnist", "input_layout": "NCHW", "input_size": "[1, 32, 32]", "batch": "dynamic",
+        "fixed_input_size": "true", "resize": "28", "pad": "[2, 2, 2, 2]", "mean": "[0.0]", "std": "[1.0]",
+        "num_classes": "10", "opset": "20",
+    }
+    assert meta["padding"].startswith("zero-pad 28x28 to 32x32")
+    assert json.loads(meta["label_names"]) == list(FASHION_MNIST_LABELS)
+    assert float(meta["test_top1"]) == shipped["weights"]["test_top1"]
+    assert meta["ndeconv_version"] and meta["torch_version"] == torch.__version__
+
+    raw, labels = _raw_test_images(24)
+    got, names = _client_logits(path, raw)
+    model = create_pretrained_model("pnasnet_a_deconv.fashion_mnist").eval()
+    test = load_split("fashion_mnist", "test")
+    with torch.no_grad():
+        want = model(Preprocess((0.0,), (1.0,))(test.batch(torch.arange(24)))).numpy()
+    assert np.array_equal(test.labels[:24].numpy(), labels)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+    assert names[int(got[0].argmax())] in FASHION_MNIST_LABELS
+
+    # The README's client, as printed there, on this file.
+    snippet = README.read_text(encoding="utf-8").split("A client with onnxruntime and numpy only", 1)[1]
+    snippet = snippet.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"images": raw}
+    exec(snippet.replace('"resnet18.onnx"', repr(str(path))), scope)  # noqa: S102 - the README's own code
+    assert np.array_equal(scope["logits"], got)
+    assert scope["labels"] == [names[i] for i in got.argmax(1)]
+
+
+def test_metadata_follows_the_weights_config() -> None:
+    """A model built from a weights file carries its architecture's default cfg; the config.json of its run says
+    what the weights were trained on (CIFAR-10 here: its normalisation, no padding, its labels)."""
+    import timm
+
+    model = timm.create_model("pnasnet_a_deconv", pretrained=False).eval()  # default cfg: Fashion-MNIST's
+    run_config = {
+        "architecture": "pnasnet_a_deconv", "label_names": list(CIFAR10_LABELS), "train": {"dataset": "cifar10"},
+        "pretrained_cfg": {"tag": "cifar10", "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD), "crop_pct": 1.0},
+    }
+    meta = onnx_metadata(model, (3, 32, 32), opset=20, config=run_config, source={"run": "runs/cifar"})
+    assert json.loads(meta["mean"]) == list(CIFAR10_MEAN) and json.loads(meta["std"]) == list(CIFAR10_STD)
+    assert meta["pad"] == "[0, 0, 0, 0]" and meta["resize"] == "32" and meta["padding"].startswith("none")
+    assert meta["dataset"] == "cifar10" and json.loads(meta["label_names"]) == list(CIFAR10_LABELS)
+    assert meta["model"] == "runs/cifar" and "test_top1" not in meta
+
+    # The shipped config.json describes the default 3-channel model (gray statistics repeated): a 1-channel
+    # export gets one value each. An untrained model names no dataset and no accuracy.
+    shipped = {"architecture": "pnasnet_a_deconv", "pretrained_cfg": {"mean": [0.0] * 3, "std": [1.0] * 3},
+               "weights": {"test_top1": 89.0}, "train": {"dataset": "fashion_mnist"}}
+    gray = timm.create_model("pnasnet_a_deconv", pretrained=False, in_chans=1).eval()
+    meta = onnx_metadata(gray, (1, 32, 32), opset=20, config=shipped)
+    assert meta["mean"] == "[0.0]" and meta["std"] == "[1.0]" and meta["test_top1"] == "89.0"
+    meta = onnx_metadata(gray, (1, 32, 32), opset=20, config=shipped, source={"model": "pnasnet_a_deconv",
+                                                                              "weights": "random init"})
+    assert "dataset" not in meta and "test_top1" not in meta and meta["model"] == "pnasnet_a_deconv"
+    # Another architecture's config.json does not describe these weights.
+    meta = onnx_metadata(gray, (1, 32, 32), opset=20, config={**run_config, "architecture": "vgg16_deconv"})
+    assert meta["dataset"] == "fashion_mnist" and meta["pad"] == "[2, 2, 2, 2]"
+
+    bad = copy_with_cfg(model, mean=(0.1, 0.2), std=(1.0, 1.0))
+    with pytest.raises(NdeconvError, match=r"2 mean values .* 3-channel input; set pretrained_cfg\['mean'\]"):
+        onnx_metadata(bad, (3, 32, 32), opset=20)
+
+
+def copy_with_cfg(model: nn.Module, **cfg) -> nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    other.pretrained_cfg = {**model.pretrained_cfg, **cfg}
+    return other
+
+
+def test_readme_documents_every_metadata_key() -> None:
+    """The README's ONNX section lists each key ``onnx_metadata`` writes."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## ONNX export", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M))
+    assert documented == set(METADATA_KEYS)

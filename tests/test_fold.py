@@ -2,7 +2,9 @@
 
 Running statistics are moved off their initial identity first by train-mode forward passes on correlated
 data (what a training step does to them; the backward pass never touches them), so the whitening folded in
-is a real one. Inputs are 32x32, so every padded border is part of the comparison.
+is a real one. Inputs are 32x32, so every padded border is part of the comparison. BatchNorm fusion is the
+opt-in pass (``fuse_batchnorm=True``); the folded architecture and its files are tests/test_folded_form.py's
+and tests/test_fold_io.py's.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def test_fold_bn_baseline_fuses_batchnorm(name: str) -> None:
     x = correlated_batch(2, 3, seed=8).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FoldWarning)  # PreAct-ResNet keeps its pre-activation BatchNorms
-        folded, report = fold_with_report(model, check=False)
+        folded, report = fold_with_report(model, check=False, fuse_batchnorm=True)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert len(report.bn_fused) + len(report.bn_kept) == n_bn and report.bn_fused
     if name not in PRE_ACTIVATION:  # there a BatchNorm after a sum or concat, before a ReLU, cannot fuse
@@ -133,14 +135,27 @@ def test_fold_bn_baseline_fuses_batchnorm(name: str) -> None:
 def test_fold_rule_follows_dataflow_not_names() -> None:
     """PreAct-ResNet: ``bn2`` (after ``conv1``) fuses; ``bn1`` (after a residual sum) cannot and stays."""
     with pytest.warns(FoldWarning, match="do not directly follow a conv"):
-        _, report = fold_with_report(trained("preact_resnet18_deconv", deconv=False), check=False)
+        _, report = fold_with_report(trained("preact_resnet18_deconv", deconv=False), check=False,
+                                     fuse_batchnorm=True)
     assert report.bn_fused["layer1.0.bn2"] == "layer1.0.conv1"
     assert "layer1.0.bn1" in report.bn_kept
 
 
 def test_efficientnet_nd_inner_batchnorms_fuse() -> None:
-    _, report = fold_with_report(trained("efficientnet_b0_deconv"), check=True)
+    _, report = fold_with_report(trained("efficientnet_b0_deconv"), check=True, fuse_batchnorm=True)
     assert len(report.bn_fused) == 50 and not report.bn_kept and report.check_rel <= 1e-5
+
+
+def test_batchnorm_fusion_is_opt_in() -> None:
+    """By default a fold replaces the deconvolution layers only: BatchNorms stay, unwarned, and say so."""
+    model = trained("efficientnet_b0_deconv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FoldWarning)  # kept BatchNorms were not asked to go: nothing to warn about
+        folded, report = fold_with_report(model, check=True)
+    assert not report.bn_fused and len(report.bn_kept) == 50 and report.check_rel <= 1e-5
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 50
+    assert "50 BatchNorm kept (BatchNorm fusion not asked for)" in report.summary()
+    assert len(fold_with_report(model, check=False, fuse_batchnorm=True)[1].bn_fused) == 50
 
 
 def test_channel_deconv_of_timm_features_stays_in_the_features() -> None:
@@ -172,13 +187,32 @@ class _ChannelDeconvHead(nn.Module):
         return self.fc(self.cd(self.conv(x)).mean((2, 3)))
 
 
-def test_channel_deconv_merges_into_a_plain_models_linear() -> None:
+def test_channel_deconv_becomes_its_own_layer_in_a_plain_model() -> None:
+    """Each layer folds by its own fuse(): a ChannelDeconv before pooling and a Linear becomes a 1x1 conv there,
+    in a plain module as in a timm-style one (no merging into its neighbours)."""
     torch.manual_seed(0)
     model = _ChannelDeconvHead().double()
     model.train()(torch.randn(8, 3, 8, 8, dtype=torch.float64) + torch.linspace(0, 1, 8, dtype=torch.float64))
     folded, report = fold_with_report(model.eval(), example_input=torch.randn(2, 3, 8, 8, dtype=torch.float64))
-    assert report.channel_deconv == {"cd": "merged into fc"} and isinstance(folded.cd, nn.Identity)
+    assert report.channel_deconv == {"cd": "1x1 Conv2d"} and type(folded.cd) is nn.Conv2d
+    assert torch.equal(folded.fc.weight, model.fc.weight)  # the Linear is left as it was
     assert report.check_rel <= 1e-10
+
+
+def test_channel_deconv_built_with_its_channels_folds_without_a_forward() -> None:
+    """The reference's constructor leaves the channel count to the input; given, fold needs no example input."""
+    torch.manual_seed(0)
+    model = _ChannelDeconvHead().double()
+    model.train()(torch.randn(8, 3, 8, 8, dtype=torch.float64) + torch.linspace(0, 1, 8, dtype=torch.float64))
+    sized = _ChannelDeconvHead().double()
+    sized.cd = ChannelDeconv(4, eps=1e-2, num_channels=8).double()
+    sized.load_state_dict(model.state_dict())  # the reference's state_dict layout, unchanged
+    assert sized.cd.last_input is None
+    folded = fold(sized.eval(), check=False)
+    assert sized.cd.last_input is None and type(folded.cd) is nn.Conv2d  # no forward ran
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert output_difference(model.eval()(x), folded(x))[1] <= 1e-12
 
 
 class _ChannelDeconvThenRelu(nn.Module):
@@ -268,27 +302,34 @@ def test_untraceable_model_still_folds_exactly() -> None:
     with torch.no_grad():
         model(correlated_batch(4, 3).double())
     with pytest.warns(FoldWarning, match="could not trace"):
-        folded, report = fold_with_report(model.eval(), example_input=correlated_batch(2, 3).double())
+        folded, report = fold_with_report(model.eval(), example_input=correlated_batch(2, 3).double(),
+                                          fuse_batchnorm=True)
     assert not report.traced and isinstance(folded.conv, nn.Conv2d) and report.check_rel <= 1e-10
+    assert isinstance(folded.bn, nn.BatchNorm2d)
 
 
 def test_timm_reparameterize_model_agrees() -> None:
+    """fold is timm's walk over each layer's fuse(): the same modules under the same names, the same numbers."""
     from timm.models import reparameterize_model
 
     model = trained("resnet18_deconv")
     x = correlated_batch(2, 3, seed=3)
+    plain, folded = reparameterize_model(model), fold(model, check=False)
+    assert {n: type(m) for n, m in plain.named_modules()} == {n: type(m) for n, m in folded.named_modules()}
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), folded.state_dict().values(),
+                                                 strict=True))
     with torch.no_grad():
-        a = reparameterize_model(model)(x)
-        b = fold(model, check=False)(x)
-    assert output_difference(a, b)[1] <= 1e-6
+        assert torch.equal(plain(x), folded(x))
 
 
-@pytest.mark.parametrize("name,deconv", [("resnet18_deconv", True), ("efficientnet_b0_deconv", True),
-                                         ("preact_resnet18_deconv", False)])
-def test_saved_folded_weights_load_as_plain_network(tmp_path, name: str, deconv: bool) -> None:
+@pytest.mark.parametrize("name,deconv,fuse_bn", [
+    ("resnet18_deconv", True, False), ("efficientnet_b0_deconv", True, True),
+    ("preact_resnet18_deconv", False, True), ("preact_resnet18_deconv", False, False),
+])
+def test_saved_folded_weights_load_as_plain_network(tmp_path, name: str, deconv: bool, fuse_bn: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FoldWarning)
-        folded, report = fold_with_report(trained(name, deconv=deconv), check=False)
+        folded, report = fold_with_report(trained(name, deconv=deconv), check=False, fuse_batchnorm=fuse_bn)
     weights, config = save_folded(folded, tmp_path / "model.safetensors", report, {"model": name})
     assert config.name == "config.json"
     loaded = load_folded(tmp_path)
@@ -334,7 +375,7 @@ def test_fold_keeps_the_activation_of_timms_norm_act_layers():
     x = torch.randn(2, 3, 64, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FoldWarning)
-        folded, report = fold_with_report(model, example_input=x)
+        folded, report = fold_with_report(model, example_input=x, fuse_batchnorm=True)
     assert report.bn_fused and report.check_rel < 1e-4
     with torch.no_grad():
         assert output_difference(model(x), folded(x))[1] < 1e-4
@@ -349,7 +390,7 @@ def test_inplace_fold_is_checked_against_the_model_before_folding(monkeypatch):
     monkeypatch.setattr(fold_module, "norm_remainder", lambda norm: nn.Identity())  # drops the activations
     with warnings.catch_warnings(), pytest.raises(NdeconvError, match="disagrees with the unfolded model"):
         warnings.simplefilter("ignore", FoldWarning)
-        fold(model, example_input=torch.randn(2, 3, 64, 64), inplace=True)
+        fold(model, example_input=torch.randn(2, 3, 64, 64), inplace=True, fuse_batchnorm=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -363,5 +404,6 @@ def test_batchnorm_network_folds_in_half_precision(dtype):
     model = model.eval().to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FoldWarning)
-        folded, report = fold_with_report(model, example_input=torch.randn(2, 1, 32, 32, dtype=dtype))
+        folded, report = fold_with_report(model, example_input=torch.randn(2, 1, 32, 32, dtype=dtype),
+                                          fuse_batchnorm=True)
     assert report.bn_fused and 0 < report.check_rel < 0.05

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,15 @@ from conftest import PROJECT_ROOT
 ALL_TEN = (
     "vgg16_deconv", "resnet18_deconv", "preact_resnet18_deconv", "densenet121_deconv", "resnext29_32x4d_deconv",
     "mobilenetv2_deconv", "dpn92_deconv", "pnasnet_a_deconv", "senet18_deconv", "efficientnet_b0_deconv",
+)
+# The authors' other main.py CIFAR models (tests/test_zoo_layout_extra.py loads them).
+MAIN_PY_EXTRA = ("vgg11_deconv", "vgg13_deconv", "vgg19_deconv", "resnet34_deconv", "resnet50_deconv",
+                 "pnasnet_b_deconv")
+# The authors' ImageNet and segmentation models (tests/test_zoo_imagenet.py, tests/test_segmentation.py load them).
+IMAGENET_AND_SEGMENTATION = (
+    "resnet18_imagenet_deconv", "resnet34_imagenet_deconv", "resnet50_imagenet_deconv", "resnet101_imagenet_deconv",
+    "vgg11_imagenet_deconv", "vgg16_imagenet_deconv", "densenet121_imagenet_deconv",
+    "fcn_resnet50_deconv", "fcn_resnet101_deconv", "deeplabv3_resnet50_deconv", "deeplabv3_resnet101_deconv",
 )
 
 
@@ -28,12 +39,12 @@ def test_entrypoints(hubconf):
     for dep in hubconf.dependencies:
         assert importlib.util.find_spec(dep) is not None, dep
     public = {n for n, f in vars(hubconf).items() if inspect.isfunction(f) and not n.startswith("_")}
-    assert public == set(ALL_TEN)  # one per zoo model, nothing else exported
+    assert public == {*ALL_TEN, *MAIN_PY_EXTRA, *IMAGENET_AND_SEGMENTATION}  # one per zoo model, nothing else exported
     # torch.hub.list()'s own filter (it has no local source to call it on): every public callable, so an
     # imported name (typing.Any) would show up as an entrypoint
     listed = {f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith("_")}
-    assert listed == set(ALL_TEN)
-    for name in ALL_TEN:
+    assert listed == {*ALL_TEN, *MAIN_PY_EXTRA, *IMAGENET_AND_SEGMENTATION}
+    for name in (*ALL_TEN, *MAIN_PY_EXTRA, *IMAGENET_AND_SEGMENTATION):
         fn = getattr(hubconf, name)
         assert fn.__doc__ and list(inspect.signature(fn).parameters) == ["pretrained", "kwargs"]
 
@@ -47,13 +58,16 @@ def test_torch_hub_load_local():
     assert type(bn.bn1).__name__ == "BatchNorm2d" and bn.num_classes == 4
 
 
-def test_torch_hub_load_pretrained_without_weights_is_clear():
+def test_torch_hub_load_pretrained_without_weights_is_clear(empty_weights_dir: Path) -> None:
     from conftest import zoo_model_without_weights
 
     from ndeconv.errors import NdeconvError
 
     name = zoo_model_without_weights()
-    with pytest.raises(NdeconvError, match=f"{name}.fashion_mnist: no pretrained weights"):
+    # The same one line as timm.create_model gives (tests/test_pretrained_loading.py): which weights, and where.
+    looked_at = empty_weights_dir / f"{name}.fashion_mnist"
+    with pytest.raises(NdeconvError, match=re.escape(f"{name}.fashion_mnist: no weights in this install ({looked_at} "
+                                                     "does not exist;")):
         torch.hub.load(str(PROJECT_ROOT), name, source="local", pretrained=True)
 
 

@@ -1,33 +1,13 @@
-"""The hand-written patch statistics (ndeconv.layers._patch_stats) against autograd through the plain formula:
-unfold the sampled patches, split them into the authors' blocks, centre, X^T X / n + eps I."""
+"""The hand-written patch statistics (ndeconv.layers._patch_stats) against autograd through the plain formula,
+``patch_statistics_reference``: unfold the sampled patches, split them into the authors' blocks, centre,
+X^T X / n + eps I."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ndeconv.layers._patch_stats import PatchSampler, patch_mean, patch_statistics
-
-
-def _plain(x: torch.Tensor, s: PatchSampler, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if s.kernel != (1, 1):
-        rows = F.unfold(x, s.kernel, s.dilation, s.padding, s.stride).transpose(1, 2)
-    else:
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[:: s.stride**2]
-    if groups == 1:
-        blocks = rows.shape[-1] // s.num_features
-        rows = rows.reshape(-1, s.num_features, blocks).transpose(1, 2).reshape(-1, s.num_features)
-    else:
-        rows = rows.reshape(-1, rows.shape[-1])
-    mean = rows.mean(0)
-    centered = rows - mean
-    eye = torch.eye(s.num_features, dtype=x.dtype)
-    if groups == 1:
-        return mean, centered.T @ centered / centered.shape[0] + eps * eye
-    per_group = centered.view(-1, groups, s.num_features).transpose(0, 1)
-    return mean, per_group.mT @ per_group / per_group.shape[1] + eps * eye
-
+from ndeconv.layers._patch_stats import PatchSampler, patch_mean, patch_statistics, patch_statistics_reference
 
 CASES = [  # kernel, dilation, padding, sampling stride, channels per block, groups, input shape
     ((3, 3), (1, 1), (1, 1), 3, 64, 1, (4, 64, 11, 10)),  # the default: disjoint patches, one block
@@ -52,7 +32,7 @@ def test_matches_autograd_through_the_plain_formula(kernel, dilation, padding, s
     torch.manual_seed(0)
     sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    want_mean, want_cov = _plain(x, sampler, 1e-5, groups)
+    want_mean, want_cov = patch_statistics_reference(x, sampler, 1e-5, groups)
     probe_mean, probe_cov = torch.randn_like(want_mean), torch.randn_like(want_cov)
     (want_grad,) = torch.autograd.grad((want_mean * probe_mean).sum() + (want_cov * probe_cov).sum(), x)
 
@@ -71,7 +51,7 @@ def test_mean_only_gradient() -> None:
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
     mean, _ = patch_statistics(x, sampler, 1e-5)
     (grad,) = torch.autograd.grad(mean.sum(), x)
-    want_mean, _ = _plain(x, sampler, 1e-5, 1)
+    want_mean, _ = patch_statistics_reference(x, sampler, 1e-5, 1)
     (want,) = torch.autograd.grad(want_mean.sum(), x)
     torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
 
@@ -80,7 +60,7 @@ def test_mean_only_gradient() -> None:
 def test_patch_mean_alone(kernel, dilation, padding, stride, block, groups, shape) -> None:
     sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    want, _ = _plain(x, sampler, 1e-5, groups)
+    want, _ = patch_statistics_reference(x, sampler, 1e-5, groups)
     probe = torch.randn_like(want)
     (want_grad,) = torch.autograd.grad((want * probe).sum(), x)
     mean = patch_mean(x, sampler)  # strided sums per kernel tap, no patch matrix: summation order differs
@@ -97,7 +77,7 @@ def test_gradient_keeps_the_input_layout(kernel, dilation, padding, stride, bloc
     torch.manual_seed(0)
     sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
     x = torch.randn(*shape, dtype=torch.float64)
-    want_mean, want_cov = _plain(x, sampler, 1e-5, groups)
+    want_mean, want_cov = patch_statistics_reference(x, sampler, 1e-5, groups)
     probe_mean, probe_cov = torch.randn_like(want_mean), torch.randn_like(want_cov)
     grads = []
     for fmt in (torch.contiguous_format, layout):

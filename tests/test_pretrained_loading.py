@@ -6,19 +6,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import timm
 import torch
-from conftest import zoo_model_without_weights
+from conftest import write_hf_cache, zoo_model_without_weights
 from timm.models import save_for_hf
 
 import ndeconv.zoo._pretrained as pretrained_mod
 from ndeconv import FastDeconv
 from ndeconv.errors import NdeconvError
-from ndeconv.zoo._pretrained import expand_deconv_stem, ship_weights
+from ndeconv.io import save_safetensors_atomic
+from ndeconv.zoo._shipping import ship_weights
+from ndeconv.zoo._stem import expand_deconv_stem
 
 
 def _trained(name: str = "resnet18_deconv", in_chans: int = 1, **kwargs) -> torch.nn.Module:
@@ -66,20 +69,35 @@ def test_ship_weights_layout(shipped, gray_model):
     assert config["model_args"]["deconv"] is True and "in_chans" not in config["model_args"]
 
 
-def test_no_shipped_weights_is_one_clear_error():
+def test_no_shipped_weights_is_one_clear_error(empty_weights_dir: Path) -> None:
     name = zoo_model_without_weights()
     with pytest.raises(NdeconvError) as err:
         timm.create_model(name, pretrained=True)
     msg = str(err.value)
-    assert f"{name}.fashion_mnist" in msg and f"zoo/weights/{name}.fashion_mnist" in msg
+    # Which weights, where they were looked for, and the two ways to get them (what a pip install, whose wheel
+    # carries no weights, sees), in one line.
+    looked_at = empty_weights_dir / f"{name}.fashion_mnist"
+    assert msg.startswith(f"{name}.fashion_mnist: no weights in this install ({looked_at} does not exist;"), msg
+    assert "NDECONV_WEIGHTS" in msg and f"hf download ndeconv/{name}.fashion_mnist" in msg
     assert "\n" not in msg
 
 
-def test_registered_cfg_points_at_shipped_folder():
+def test_registered_cfg_is_one_record_per_weight_set(monkeypatch, tmp_path):
+    # The registry holds the weight set's facts (its Hub repo, the data it was trained on), not a path: the
+    # shipped file is found when a model is built, in WEIGHTS_DIR (what NDECONV_WEIGHTS names).
     cfg = timm.models.get_pretrained_cfg("resnet18_deconv.fashion_mnist")
-    assert Path(cfg.file) == pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist" / "model.safetensors"
-    assert cfg.hf_hub_id == "ndeconv/resnet18_deconv.fashion_mnist"
+    assert cfg.file is None and cfg.hf_hub_id == "ndeconv/resnet18_deconv.fashion_mnist"
     assert cfg.input_size == (3, 32, 32) and len(cfg.mean) == len(cfg.std) == 3
+    assert cfg.label_names[0] == "t-shirt/top" and cfg.crop_pct == 32 / 28
+    model = timm.create_model("resnet18_deconv", pretrained=True)
+    assert Path(model.pretrained_cfg["file"]) == (pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist"
+                                                  / "model.safetensors")
+    # Another weights folder, named after import: the next build reads it.
+    copy = tmp_path / "resnet18_deconv.fashion_mnist"
+    shutil.copytree(pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist", copy)
+    monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", tmp_path.resolve())
+    model = timm.create_model("resnet18_deconv", pretrained=True)
+    assert Path(model.pretrained_cfg["file"]) == copy.resolve() / "model.safetensors"
 
 
 def test_shipped_file_is_sha256_checked(shipped, gray_model, monkeypatch, tmp_path):
@@ -116,7 +134,7 @@ def test_user_file_sets_channels_and_classes(shipped, gray_model):
 
 def test_rgb_copy_of_gray_gives_the_gray_output_exactly(gray_model, tmp_path):
     file = tmp_path / "m.safetensors"
-    pretrained_mod.save_safetensors_atomic(gray_model.state_dict(), file)
+    save_safetensors_atomic(gray_model.state_dict(), file)
     rgb = timm.create_model("resnet18_deconv", pretrained=True, in_chans=3,
                             pretrained_cfg_overlay=dict(file=str(file))).double().eval()
     model64 = copy.deepcopy(gray_model).double()
@@ -147,7 +165,7 @@ def test_expand_deconv_stem_block_diagonal_in_unfold_layout():
 def test_stem_adaptation_refuses_what_is_not_exact(tmp_path):
     rgb = _trained(in_chans=3)
     file = tmp_path / "rgb.safetensors"
-    pretrained_mod.save_safetensors_atomic(rgb.state_dict(), file)
+    save_safetensors_atomic(rgb.state_dict(), file)
     with pytest.raises(NdeconvError, match="from 3 to 1 input channels"):
         timm.create_model("resnet18_deconv", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(file)))
 
@@ -155,7 +173,7 @@ def test_stem_adaptation_refuses_what_is_not_exact(tmp_path):
 def test_batchnorm_form_gray_to_rgb_uses_timm_adaptation(tmp_path):
     bn = _trained(deconv=False)
     file = tmp_path / "bn.safetensors"
-    pretrained_mod.save_safetensors_atomic(bn.state_dict(), file)
+    save_safetensors_atomic(bn.state_dict(), file)
     rgb = timm.create_model("resnet18_deconv", deconv=False, pretrained=True, in_chans=3,
                             pretrained_cfg_overlay=dict(file=str(file))).eval()
     with torch.no_grad():
@@ -214,7 +232,7 @@ def test_head_of_another_width_is_clear_error(shipped):
 def test_overlay_naming_another_source_replaces_the_shipped_file(shipped, gray_model, tmp_path, monkeypatch):
     # timm tries `file` before `hf_hub_id`: without care the registered shipped file would silently win.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    _hf_cache(tmp_path, "someorg/mine", shipped)
+    write_hf_cache(tmp_path, "someorg/mine", shipped)
     model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1,
                               pretrained_cfg_overlay=dict(hf_hub_id="someorg/mine"))
     assert _same(model, gray_model) == 0.0
@@ -223,7 +241,7 @@ def test_overlay_naming_another_source_replaces_the_shipped_file(shipped, gray_m
 
 def test_user_file_takes_the_normalisation_recorded_beside_it(gray_model, tmp_path):
     file = tmp_path / "model.safetensors"
-    pretrained_mod.save_safetensors_atomic(gray_model.state_dict(), file)
+    save_safetensors_atomic(gray_model.state_dict(), file)
     model = timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
     assert model.pretrained_cfg["mean"] == (0.0,)  # nothing recorded: the default tag's
     # but not the default tag's identity: these are not the shipped Fashion-MNIST weights
@@ -282,29 +300,17 @@ def test_save_for_hf_round_trip(gray_model, tmp_path):
     assert _same(model, gray_model) == 0.0
 
 
-def _hf_cache(root: Path, repo: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"):
-    """The cache layout huggingface_hub reads offline: refs/main (no trailing newline) + snapshots/REV/*."""
-    org, name = repo.split("/")
-    base = root / f"models--{org}--{name}"
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(revision)
-    snap = base / "snapshots" / revision
-    snap.mkdir(parents=True)
-    for file in ("model.safetensors", "config.json"):
-        (snap / file).write_bytes((folder / file).read_bytes())
-
-
 def test_hf_hub_offline_cache(shipped, gray_model, tmp_path, monkeypatch):
     assert huggingface_hub.constants.HF_HUB_OFFLINE
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    _hf_cache(tmp_path, "someorg/resnet18_deconv.fashion_mnist", shipped)
+    write_hf_cache(tmp_path, "someorg/resnet18_deconv.fashion_mnist", shipped)
     model = timm.create_model("hf-hub:someorg/resnet18_deconv.fashion_mnist", pretrained=True)
     assert model.conv1.in_channels == 3 and model.pretrained_cfg["input_size"][0] == 3  # the default model
     model = timm.create_model("hf-hub:someorg/resnet18_deconv.fashion_mnist", pretrained=True, in_chans=1)
     assert model.conv1.in_channels == 1
     assert _same(model, gray_model) == 0.0
     # The registered hf_hub_id is the fallback when the shipped file is switched off (file='').
-    _hf_cache(tmp_path, "ndeconv/resnet18_deconv.fashion_mnist", shipped)
+    write_hf_cache(tmp_path, "ndeconv/resnet18_deconv.fashion_mnist", shipped)
     model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=""))
     assert _same(model, gray_model) == 0.0
 

@@ -292,3 +292,23 @@ def test_queue_skips_a_diverged_run(tmp_path: Path) -> None:
     done = subprocess.run(["bash", "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode != 0 and "resuming" in done.stdout
+
+
+def test_queue_trains_each_form_and_goes_on_after_a_failure(tmp_path: Path) -> None:
+    """reproduce/train_run.sh's train_queue (converged.sh, paper_claim.sh): ARCH-nd / ARCH-bn become the authors'
+    runs with the extra args, a finished run (at EPOCHS) is skipped, and a failed run does not stop the next."""
+    fake = tmp_path / "ndeconv"  # records its arguments; fails for vgg16
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/calls\ncase "$*" in *vgg16*) exit 3;; esac\n')
+    fake.chmod(0o755)
+    (tmp_path / "q" / "senet18-bn").mkdir(parents=True)
+    (tmp_path / "q" / "senet18-bn" / "metrics.jsonl").write_text('{"epoch": 20}\n')
+    script = (f"source reproduce/train_run.sh; NDECONV={fake} train_queue {tmp_path}/q 20 "
+              "'vgg16-bn senet18-bn\nresnet18-nd' --fast 8")
+    done = subprocess.run(["bash", "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and f"== {tmp_path}/q/senet18-bn: done" in done.stdout
+    common = "--dataset fashion_mnist --epochs 20 --seed 0 --fast 8 --checkpoint-every 25"
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"train --arch vgg16 --deconv false {common} --out {tmp_path}/q/vgg16-bn --force",
+        f"train --arch resnet18 --deconv true {common} --out {tmp_path}/q/resnet18-nd --force",
+    ]

@@ -14,7 +14,7 @@ import ndeconv  # noqa: F401
 from ndeconv import FastDeconv
 from ndeconv.cli import main
 from ndeconv.viz import effective_kernels, first_deconv, whiten_images, whitening_figure
-from ndeconv.zoo._pretrained import ship_weights
+from ndeconv.zoo._shipping import ship_weights
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

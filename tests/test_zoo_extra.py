@@ -18,10 +18,10 @@ from ndeconv import ChannelDeconv, Delinear, FastDeconv
 
 # name -> kwargs that keep the CPU smoke test small (fewer blocks per stage, never other layer kinds).
 MODELS = {
-    "densenet121_deconv": dict(num_blocks=(1, 1, 1, 1)),
+    "densenet121_deconv": dict(layers=(1, 1, 1, 1)),
     "resnext29_32x4d_deconv": {},
     "mobilenetv2_deconv": {},
-    "dpn92_deconv": dict(num_blocks=(1, 1, 1, 1)),
+    "dpn92_deconv": dict(layers=(1, 1, 1, 1)),
     "pnasnet_a_deconv": {},
 }
 NUM_FEATURES = {
@@ -30,14 +30,8 @@ NUM_FEATURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by several jobs: multi-threaded batched eigh/bmm on small matrices then spin-waits
-    # (measured 10x slower); one thread is the fast setting here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two cores shared by several jobs: torch on one thread is the fast setting (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("deconv", [True, False], ids=["nd", "bn"])

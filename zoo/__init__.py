@@ -1,7 +1,10 @@
-"""The ndeconv model zoo: the paper's ten CIFAR-topology architectures, registered with timm as ``*_deconv``.
+"""The ndeconv model zoo: the paper's ten CIFAR-topology architectures (``ZOO_MODELS``), the other CIFAR models of
+the authors' main.py (``EXTRA_MODELS``: VGG-11/13/19, ResNet-34/50, PNASNet-B, no weights) and the authors' seven
+ImageNet-topology ones (``IMAGENET_MODELS``, files ``deconv_*_imagenet.py``), registered with timm as ``*_deconv``;
+the segmentation models (``deconv_segmentation``) are torchvision-style builders, not timm models.
 
 Importing ``ndeconv.zoo`` (``import ndeconv`` does) imports every ``zoo/deconv_*.py`` file, each of which registers its
-models with timm, then completes their pretrained_cfgs (weight locations and data fields of each tag).
+models with timm through its ``default_cfgs`` (``zoo_default_cfgs``: one record per weight set).
 """
 
 from __future__ import annotations
@@ -14,24 +17,35 @@ from timm.models import list_models
 from ._builder import create_zoo_model, zoo_cfg
 from ._names import REFERENCE_ARCHS
 from ._names import resolve_model_name as _resolve
-from ._pretrained import complete_pretrained_cfgs
 
-__all__ = ["REFERENCE_ARCHS", "ZOO_MODELS", "create_zoo_model", "resolve_model_name", "zoo_cfg"]
+__all__ = [
+    "EXTRA_MODELS", "IMAGENET_MODELS", "REFERENCE_ARCHS", "ZOO_MODELS", "create_zoo_model", "resolve_model_name",
+    "zoo_cfg",
+]
 
 
-def _register_all() -> list[str]:
+def _register_all() -> tuple[list[str], list[str], list[str]]:
+    """(CIFAR models, ImageNet models, extra CIFAR models): kept apart because main.py's ten are what ``ndeconv
+    train`` trains and weights ship for; the ImageNet ones (224x224, up to 138M parameters) have none, nor do the
+    other CIFAR models of main.py (``--arch vgg11``, ``resnet50``, ``pnasnetB``, ...), which a family file names in
+    its module-level ``EXTRA_MODELS``."""
     names: list[str] = []
+    imagenet: list[str] = []
+    extra: list[str] = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("deconv_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-            names.extend(list_models(module=info.name))
-    complete_pretrained_cfgs(names)
-    return sorted(names)
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            module_extra = set(getattr(module, "EXTRA_MODELS", ()))
+            registered = list_models(module=info.name)
+            extra.extend(name for name in registered if name in module_extra)
+            registered = [name for name in registered if name not in module_extra]
+            (imagenet if info.name.endswith("_imagenet") else names).extend(registered)
+    return sorted(names), sorted(imagenet), sorted(extra)
 
 
-ZOO_MODELS: list[str] = _register_all()
+ZOO_MODELS, IMAGENET_MODELS, EXTRA_MODELS = _register_all()
 
 
 def resolve_model_name(name: str, what: str = "model") -> str:
     """A zoo model name from what a user typed: ``resnet18_deconv``, ``resnet18``, or the authors' ``resnet``."""
-    return _resolve(name, ZOO_MODELS, what)
+    return _resolve(name, ZOO_MODELS + EXTRA_MODELS + IMAGENET_MODELS, what)

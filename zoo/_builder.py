@@ -5,32 +5,49 @@ A zoo file reads::
     def _create_resnet(variant, pretrained=False, **kwargs):
         return create_zoo_model(ResNet, variant, pretrained, **kwargs)
 
-    default_cfgs = generate_default_cfgs({
+    default_cfgs = zoo_default_cfgs({
         'resnet18_deconv.fashion_mnist': zoo_cfg(first_conv='conv1', classifier='linear'),
     })
 
     @register_model
     def resnet18_deconv(pretrained=False, **kwargs):
-        return _create_resnet('resnet18_deconv', pretrained, **dict(block_counts=(2, 2, 2, 2)) | kwargs)
+        model_args = dict(block_fn=BasicBlock, layers=(2, 2, 2, 2))
+        return _create_resnet('resnet18_deconv', pretrained, **dict(model_args, **kwargs))
 
-The data fields of a tag (``input_size``, ``mean``, ``std``, labels) and where its weights live (``file`` in
-``zoo/weights/<name>.<tag>/``, ``hf_hub_id``) are filled in once every zoo file is registered
-(``ndeconv.zoo._pretrained.complete_pretrained_cfgs``), so a zoo file names only its first conv and classifier.
+(``block_fn``, not timm's ``block``: ``block`` is the deconvolution's whitening block size, a DeconvSettings field.)
+
+``zoo_default_cfgs`` is timm's ``generate_default_cfgs`` with each weight set's record added to its entry (the
+data it was trained on: ``input_size``, ``mean``, ``std``, crop, labels; its ``hf_hub_id``: one record per weight
+set, ``ndeconv.zoo._pretrained.tag_record``), before timm's ``register_model`` reads it: nothing writes into
+timm's registry afterwards. The shipped file (``zoo/weights/<name>.<tag>/``, or the folder ``NDECONV_WEIGHTS``
+names) is found when a model is built, so a zoo file names only its first conv and classifier.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg
+from timm.models import DefaultCfg, build_model_with_cfg, generate_default_cfgs
 from torch import nn
 
 from ndeconv.datasets import CIFAR10_MEAN, CIFAR10_STD
 
-from ._pretrained import prepare_pretrained, pretrained_errors, zoo_filter_fn
+from ._hub_errors import pretrained_errors
+from ._pretrained import prepare_pretrained, tag_record
+from ._stem import zoo_filter_fn
 
-__all__ = ["create_zoo_model", "zoo_cfg"]
+__all__ = ["create_zoo_model", "zoo_cfg", "zoo_default_cfgs"]
 
+
+def zoo_default_cfgs(cfgs: dict[str, dict[str, Any]]) -> dict[str, DefaultCfg]:
+    """timm's ``generate_default_cfgs`` for a zoo file's ``{'<model>.<tag>': zoo_cfg(...)}``, each entry completed
+    with its weight set's record (``tag_record``), which replaces the CIFAR defaults of ``zoo_cfg`` with the data
+    the weights were trained on."""
+    completed = {}
+    for key, cfg in cfgs.items():
+        name, _, tag = key.partition(".")
+        completed[key] = {**cfg, **tag_record(name, tag)} if tag else dict(cfg)
+    return generate_default_cfgs(completed)
 
 
 def zoo_cfg(**overrides: Any) -> dict[str, Any]:

@@ -1,6 +1,12 @@
 """What every zoo model is built from: one settings object that makes each conv, norm and head
 either the deconvolution form (FastDeconv, no norm, Delinear head) or the authors' BatchNorm
-baseline (bias-free Conv2d + BatchNorm2d, Linear head), so one definition builds both."""
+baseline (bias-free Conv2d + BatchNorm2d, Linear head), so one definition builds both.
+
+``folded=True`` builds either form as ``ndeconv.convert.fold`` leaves it, MobileOne's ``inference_mode``
+pattern: every FastDeconv a Conv2d with bias, the head a Linear, a ChannelDeconv its 1x1 Conv2d (a Linear
+on (N, C) features), norms as they are. ``timm.create_model(name, folded=True)`` then takes a folded
+state_dict with ``strict=True``, and no deconvolution layer is ever constructed.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,14 @@ from typing import Any
 
 from torch import nn
 
+from ndeconv.errors import UsageError
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
 
-__all__ = ["DeconvSettings", "pop_deconv_settings"]
+__all__ = ["ChannelCountUnknown", "DeconvSettings", "pop_deconv_settings"]
+
+
+class ChannelCountUnknown(UsageError):
+    """The folded form of a ChannelDeconv was asked for without its channel count (it sizes a C x C layer)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,8 @@ class DeconvSettings:
 
     ``block_fc=None`` means the reference's defaults for the chosen form: 512 for
     deconvolution (a Delinear head), 0 for the BatchNorm baseline (a plain Linear head).
+    ``folded`` builds the chosen form as folding leaves it (see the module docstring); the other fields
+    then only say what it was folded from.
     """
 
     deconv: bool = True
@@ -31,30 +44,38 @@ class DeconvSettings:
     bias: bool = True
     freeze: bool = False
     delinear: bool = True
+    folded: bool = False
 
     def __post_init__(self) -> None:
         if self.block_fc is None:
             object.__setattr__(self, "block_fc", 512 if self.deconv else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as model kwargs; ``folded`` only when set, so the config.json of every unfolded model
+        (shipped weights, runs, conversions) keeps the keys it always had."""
+        fields_ = asdict(self)
+        if not self.folded:
+            del fields_["folded"]
+        return fields_
 
     def conv(
         self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0,
-        groups: int = 1, **deconv_overrides: Any,
+        groups: int = 1, dilation: int = 1, **deconv_overrides: Any,
     ) -> nn.Module:
         """FastDeconv (with bias, as the reference) or a bias-free Conv2d for the BN form.
 
         ``deconv_overrides`` (e.g. ``n_iter=15, freeze=True`` for a stem) apply to the FastDeconv only.
         """
         if not self.deconv:
-            return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+            return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, bias=False)
+        if self.folded:  # what FastDeconv.fuse() gives: the whitening's mean shift needs the bias
+            return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, bias=True)
         kwargs: dict[str, Any] = dict(
             bias=self.bias, eps=self.eps, n_iter=self.deconv_iter, block=self.block,
             sampling_stride=self.sampling_stride, freeze=self.freeze,
         )
         kwargs.update(deconv_overrides)
-        return FastDeconv(in_chs, out_chs, kernel_size, stride, padding, groups=groups, **kwargs)
+        return FastDeconv(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, **kwargs)
 
     def norm(self, num_features: int) -> nn.Module:
         """BatchNorm2d for the BN form; nothing (Identity, no state_dict keys) for deconvolution."""
@@ -64,16 +85,28 @@ class DeconvSettings:
         """The classifier: Delinear(block=block_fc) when block_fc > 0 and delinear, else Linear."""
         if num_classes <= 0:
             return nn.Identity()
-        if self.block_fc and self.delinear:
+        if self.block_fc and self.delinear and not self.folded:
             return Delinear(in_features, num_classes, eps=self.eps, n_iter=self.deconv_iter, block=self.block_fc)
-        return nn.Linear(in_features, num_classes)
+        return nn.Linear(in_features, num_classes)  # folded: what Delinear.fuse() gives
 
-    def channel_deconv(self) -> nn.Module | None:
-        """The reference's optional ChannelDeconv before the pooling (``--delinear False --block-fc N``)."""
-        if self.block_fc and not self.delinear:
-            return ChannelDeconv(self.block_fc, eps=self.eps, n_iter=self.deconv_iter,
-                                 sampling_stride=self.sampling_stride)
-        return None
+    def channel_deconv(self, num_channels: int | None = None, input_dim: int = 4) -> nn.Module | None:
+        """The reference's optional ChannelDeconv (``--delinear False --block-fc N``) on ``num_channels``
+        channels of (N, C, H, W) input, or of (N, C) features with ``input_dim=2``; folded, the plain layer
+        its ``fuse()`` gives. Unfolded, a count left out builds the reference's layer, which takes any input
+        and folds for the last one it saw; folded, the count is required."""
+        if not (self.block_fc and not self.delinear):
+            return None
+        if self.folded:
+            if num_channels is None:
+                raise ChannelCountUnknown(
+                    "the folded form of a ChannelDeconv is a C x C layer: its model must build it with "
+                    "settings.channel_deconv(num_channels)")
+            if input_dim == 2:
+                return nn.Linear(num_channels, num_channels)
+            return nn.Conv2d(num_channels, num_channels, 1)
+        return ChannelDeconv(self.block_fc, eps=self.eps, n_iter=self.deconv_iter,
+                             sampling_stride=self.sampling_stride, num_channels=num_channels,
+                             input_dim=None if num_channels is None else input_dim)
 
 
 _SETTING_NAMES = tuple(f.name for f in fields(DeconvSettings))

@@ -16,6 +16,48 @@ REFERENCE_ARCHS: dict[str, str] = {
     "senet": "senet18_deconv",
     "pnasnetA": "pnasnet_a_deconv",
     "efficient": "efficientnet_b0_deconv",
+    # main.py's other CIFAR models (ndeconv.zoo.EXTRA_MODELS; --deconv False gives their BatchNorm form).
+    "vgg11": "vgg11_deconv",
+    "vgg13": "vgg13_deconv",
+    "vgg19": "vgg19_deconv",
+    "resnet34": "resnet34_deconv",
+    "resnet50": "resnet50_deconv",
+    "pnasnetB": "pnasnet_b_deconv",
+    # main_imagenet.py ``-a`` (deconvolution models; timm's resnet18d/resnet50d are ResNet-D, another network,
+    # hence our own names).
+    "resnet18d": "resnet18_imagenet_deconv",
+    "resnet34d": "resnet34_imagenet_deconv",
+    "resnet50d": "resnet50_imagenet_deconv",
+    "resnet101d": "resnet101_imagenet_deconv",
+    "vgg11d": "vgg11_imagenet_deconv",
+    "vgg16d": "vgg16_imagenet_deconv",
+    "densenet121d": "densenet121_imagenet_deconv",
+    # Segmentation/train.py ``--model`` (not timm models: ndeconv.zoo.deconv_segmentation builds them).
+    "fcn_resnet50d": "fcn_resnet50_deconv",
+    "fcn_resnet101d": "fcn_resnet101_deconv",
+    "deeplabv3_resnet50d": "deeplabv3_resnet50_deconv",
+    "deeplabv3_resnet101d": "deeplabv3_resnet101_deconv",
+}
+
+# main_imagenet.py's BatchNorm baselines are torchvision's models (``-a resnet18``, ``-a vgg11_bn``, ...): in one of
+# its checkpoints ``arch`` names the zoo model built with ``deconv=False``. (In main.py's, ``resnet18`` and
+# ``densenet121`` mean the CIFAR models: only a converter that knows the checkpoint's script uses this table.)
+IMAGENET_BASELINE_ARCHS: dict[str, str] = {
+    "resnet18": "resnet18_imagenet_deconv",
+    "resnet34": "resnet34_imagenet_deconv",
+    "resnet50": "resnet50_imagenet_deconv",
+    "resnet101": "resnet101_imagenet_deconv",
+    "vgg11_bn": "vgg11_imagenet_deconv",
+    "vgg16_bn": "vgg16_imagenet_deconv",
+    "densenet121": "densenet121_imagenet_deconv",
+}
+# Segmentation/train.py's ``--model`` names of its BatchNorm models (its copy of torchvision's): the same zoo models
+# with ``deconv=False``.
+SEGMENTATION_BASELINE_ARCHS: dict[str, str] = {
+    "fcn_resnet50": "fcn_resnet50_deconv",
+    "fcn_resnet101": "fcn_resnet101_deconv",
+    "deeplabv3_resnet50": "deeplabv3_resnet50_deconv",
+    "deeplabv3_resnet101": "deeplabv3_resnet101_deconv",
 }
 
 
@@ -28,6 +70,8 @@ def resolve_model_name(name: str, zoo_models: list[str], what: str = "model") ->
             return candidate
     if name in REFERENCE_ARCHS:
         return REFERENCE_ARCHS[name]
+    if name in SEGMENTATION_BASELINE_ARCHS.values():  # a segmentation model: its builder is not a timm model
+        return name
     bare = ", ".join(m.removesuffix("_deconv") for m in zoo_models)
     raise UsageError(f"unknown {what} {name!r}; choose one of: {bare} (the _deconv suffix is optional; the "
                      f"authors' --arch names {', '.join(REFERENCE_ARCHS)} work too)")

@@ -15,53 +15,48 @@ does not match is refused with one clear error. ``hf-hub:``, ``local-dir:`` and
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from timm.models import adapt_input_conv, resolve_pretrained_cfg
+from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
-from timm.models._registry import _model_default_cfgs, _model_has_pretrained, _model_pretrained_cfgs
-from torch import nn
 
-from ndeconv.datasets import FASHION_MNIST_LABELS, folder_name
-from ndeconv.errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
+from ndeconv.datasets import FASHION_MNIST_LABELS
+from ndeconv.errors import NdeconvError, UsageError
 from ndeconv.io import (
-    CHECKSUMS_FILE,
-    atomic_write,
-    check_loadable_weights,
-    file_sha256,
-    save_json_atomic,
-    save_safetensors_atomic,
     verify_checksums_beside,
 )
-from ndeconv.layers import FastDeconv
+
+from ._stem import _fit_in_chans, _names, _with_channels, default_in_chans
 
 __all__ = [
-    "CLASS_MAP_FILE",
-    "DEFAULT_IN_CHANS",
+    "HF_HUB_ORG",
     "TAG_DATA",
     "WEIGHTS_DIR",
-    "complete_pretrained_cfgs",
-    "default_in_chans",
-    "expand_deconv_stem",
+    "WEIGHTS_ENV",
+    "WEIGHTS_FILE",
+    "local_dir_weights",
+    "missing_weights_line",
+    "prepare_pretrained",
     "registered_tags",
-    "ship_weights",
+    "shipped_hub_id",
     "shipped_weights_path",
-    "verify_sha256",
+    "tag_record",
     "weights_in_chans",
-    "write_class_map",
-    "zoo_filter_fn",
 ]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Where the shipped weights are: a clone's (or an editable install's) zoo/weights, or the folder NDECONV_WEIGHTS
+# names. The wheel carries no weights (PyPI's file limit, and one copy of 300 MB per install): a pip user points
+# NDECONV_WEIGHTS at a clone's zoo/weights or any copy of its folders, or timm reads the tag's hf_hub_id from the
+# Hugging Face cache.
+WEIGHTS_ENV = "NDECONV_WEIGHTS"
+PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_WEIGHTS_FROM_ENV = os.environ.get(WEIGHTS_ENV)
+WEIGHTS_DIR = Path(_WEIGHTS_FROM_ENV).expanduser().resolve() if _WEIGHTS_FROM_ENV else PACKAGE_WEIGHTS_DIR
 WEIGHTS_FILE = "model.safetensors"
-CLASS_MAP_FILE = "class_map.txt"
 HF_HUB_ORG = "ndeconv"
 
 # What each pretrained tag was trained on: the data fields of its pretrained_cfg, with the channels of the
@@ -78,17 +73,6 @@ TAG_DATA: dict[str, dict[str, Any]] = {
     ),
 }
 
-# timm's convention: a model takes 3-channel images and its pretrained_cfg says so. Weights trained on gray
-# images (1 channel) load into that model through an exact stem adaptation (``zoo_filter_fn``); ``in_chans=1``
-# builds their own gray stem, and whatever the channels, a model's pretrained_cfg describes the model built.
-DEFAULT_IN_CHANS = 3
-
-
-def default_in_chans(weights_chans: int) -> int:
-    """The channels of the default model for weights of ``weights_chans`` input channels: 3 where the stem
-    adapts exactly (3 is a whole multiple of them), else the weights' own."""
-    return DEFAULT_IN_CHANS if DEFAULT_IN_CHANS % weights_chans == 0 else weights_chans
-
 
 def shipped_weights_path(model_name: str, tag: str) -> Path:
     return WEIGHTS_DIR / f"{model_name}.{tag}" / WEIGHTS_FILE
@@ -97,50 +81,42 @@ def shipped_weights_path(model_name: str, tag: str) -> Path:
 # -- registry --------------------------------------------------------------------------------------------------
 
 
-def complete_pretrained_cfgs(model_names: list[str]) -> None:
-    """Fill in, for each registered ``<model>.<tag>``, the tag's data fields and its weight sources.
+def tag_record(model_name: str, tag: str) -> dict[str, Any]:
+    """The facts of one weight set (``<model>.<tag>``) as timm's ``default_cfgs`` entry holds them: the data it
+    was trained on (input_size of the default model, mean/std, crop, label names) and its Hub repo. The shipped
+    file itself is found when a model is built (``prepare_pretrained``: ``WEIGHTS_DIR``, which
+    ``NDECONV_WEIGHTS`` may name), so a pip install without weights and a clone with them share one registry.
+    A tag this module has no data for (an architecture whose weights are not trained) gets nothing."""
+    if tag not in TAG_DATA:
+        return {}
+    record = dict(TAG_DATA[tag])
+    # The default model's input, not the weights' (DEFAULT_IN_CHANS; zoo_filter_fn adapts the gray stem).
+    record.update(_with_channels(record, default_in_chans(record["input_size"][0])))
+    record["hf_hub_id"] = shipped_hub_id(model_name, tag)
+    return record
 
-    Zoo files only name their first conv and classifier (``zoo_cfg``); what depends on the name and the tag
-    (``file`` of the shipped weights, ``hf_hub_id``, input_size/mean/std/labels of the tag's data) is set here,
-    once, right after registration, so timm's ``get_pretrained_cfg`` and ``list_pretrained`` see it.
-    """
-    for name in model_names:
-        default_cfg = _model_default_cfgs.get(name)
-        if default_cfg is None:
-            continue
-        for tag_idx, tag in enumerate(default_cfg.tags):
-            cfg = default_cfg.cfgs[tag]
-            updates: dict[str, Any] = dict(TAG_DATA.get(tag, {}))
-            if "input_size" in updates:  # the default model's input, not the weights' (DEFAULT_IN_CHANS)
-                updates.update(_with_channels(updates, default_in_chans(updates["input_size"][0])))
-            if tag and not (cfg.file or cfg.url or cfg.hf_hub_id):
-                updates["file"] = str(shipped_weights_path(name, tag))
-                updates["hf_hub_id"] = f"{HF_HUB_ORG}/{name}.{tag}"
-            cfg = dataclasses.replace(cfg, architecture=name, tag=tag or None, **updates)
-            default_cfg.cfgs[tag] = cfg
-            keys = ([name] if tag_idx == 0 else []) + ([f"{name}.{tag}"] if tag else [])
-            # timm's list_pretrained means "weights exist": a tag whose shipped file is not trained yet keeps its
-            # cfg (pretrained=True then says so clearly) but is not listed as pretrained.
-            available = cfg.has_weights and not ("file" in updates and not Path(updates["file"]).is_file())
-            for key in keys:
-                _model_pretrained_cfgs[key] = cfg
-                if available:
-                    _model_has_pretrained.add(key)
+
+def shipped_hub_id(model_name: str, tag: str) -> str:
+    return f"{HF_HUB_ORG}/{model_name}.{tag}"
 
 
 def registered_tags(model_name: str) -> list[str]:
-    """Every pretrained tag registered for a zoo model, with or without weights on disk yet."""
-    default_cfg = _model_default_cfgs.get(model_name)
-    return [tag for tag in default_cfg.tags if tag] if default_cfg is not None else []
+    """Every pretrained tag registered for a zoo model (through timm's public registry)."""
+    from timm.models import list_pretrained
+
+    return sorted(key.partition(".")[2] for key in list_pretrained(f"{model_name}.*") if "." in key)
+
+
+def _shipped_source(cfg: Any) -> Path | None:
+    """The shipped weights folder's file for a registry cfg that names a zoo weight set, else None."""
+    if not (cfg.architecture and cfg.tag and cfg.hf_hub_id == shipped_hub_id(cfg.architecture, cfg.tag)):
+        return None
+    if cfg.file is not None or cfg.url is not None or cfg.state_dict is not None:
+        return None  # an overlay named its own source (file='' too: it switches the shipped file off)
+    return shipped_weights_path(cfg.architecture, cfg.tag)
 
 
 # -- checks ----------------------------------------------------------------------------------------------------
-
-
-def verify_sha256(path: str | Path) -> None:
-    """Check a shipped weights file against the ``SHA256SUMS`` beside it; raise NdeconvError if it does not match
-    or none records it (a symlink is followed to the shipped folder first)."""
-    verify_checksums_beside(path, required=True)
 
 
 def local_dir_weights(folder: Path) -> Path | None:
@@ -195,24 +171,9 @@ def _peek_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
 # -- build-time preparation ------------------------------------------------------------------------------------
 
 
-def _names(value: Any) -> list[str]:
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
 def _label(variant: str, cfg: Any) -> str:
     tag = getattr(cfg, "tag", None)
     return f"{variant}.{tag}" if tag else variant
-
-
-def _describe_source(cfg: Any) -> str:
-    load_from, loc = _resolve_pretrained_source(cfg.to_dict())
-    if load_from == "state_dict":
-        return "an in-memory state_dict"
-    if not load_from:
-        return "nowhere (the pretrained_cfg names no file, url or hf_hub_id)"
-    return f"{load_from} {loc}"
 
 
 # Where timm may find weights. It tries a state_dict, then ``file``, then ``hf_hub_id``, then ``url``, so a
@@ -225,24 +186,6 @@ def _only_overlay_source(overlay: dict[str, Any]) -> dict[str, Any]:
     if any(overlay.get(key) for key in _SOURCES):
         overlay = {**{key: None for key in _SOURCES}, **overlay}
     return overlay
-
-
-def _with_channels(data: dict[str, Any], chans: int) -> dict[str, Any]:
-    """``input_size``/``mean``/``std`` for ``chans`` channels: statistics repeat for whole multiples (an RGB copy
-    of a gray image has the gray statistics in every channel) and come back whole from such a repetition,
-    else their average does."""
-
-    def fit(stats: tuple[float, ...]) -> tuple[float, ...]:
-        if len(stats) == chans:
-            return stats
-        if chans % len(stats) == 0:
-            return stats * (chans // len(stats))
-        if len(stats) % chans == 0 and stats == stats[:chans] * (len(stats) // chans):
-            return stats[:chans]
-        return (sum(stats) / len(stats),) * chans
-
-    return dict(input_size=(chans, *tuple(data["input_size"])[1:]), mean=fit(tuple(data["mean"])),
-                std=fit(tuple(data["std"])))
 
 
 def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> dict[str, Any]:
@@ -270,19 +213,6 @@ def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> di
     return data
 
 
-def _fit_in_chans(cfg: Any, kwargs: dict[str, Any], user_input_size: bool) -> dict[str, Any]:
-    """A model built for other input channels (``in_chans=``) than its pretrained_cfg says gets a pretrained_cfg
-    that describes its own input; the stem of weights loaded into it is adapted by ``zoo_filter_fn`` first, so
-    timm then neither warns nor adapts it again."""
-    in_chans = kwargs.get("in_chans")
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    source = {key: overlay.get(key, getattr(cfg, key)) for key in ("input_size", "mean", "std")}
-    if in_chans and not user_input_size and source["input_size"][0] != in_chans:
-        overlay.update(_with_channels(source, in_chans))
-        kwargs["pretrained_cfg_overlay"] = overlay
-    return kwargs
-
-
 def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Adjust ``build_model_with_cfg`` kwargs before building (see ``create_zoo_model``)."""
     registry_cfg = kwargs.get("pretrained_cfg") is None or isinstance(kwargs.get("pretrained_cfg"), str)
@@ -296,6 +226,23 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
         # No weights: the default model is timm's (in_chans from the default cfg, DEFAULT_IN_CHANS), and its
         # pretrained_cfg is the default tag's, as for any timm model; another in_chans gets a cfg describing it.
         return _fit_in_chans(cfg, kwargs, user_input_size)
+
+    shipped_file = _shipped_source(cfg)
+    if shipped_file is not None:
+        if shipped_file.is_file():
+            verify_checksums_beside(shipped_file, required=True)  # a shipped file always has its SHA256SUMS
+            overlay["file"] = str(shipped_file)
+            kwargs["pretrained_cfg_overlay"] = overlay
+            return _fit_in_chans(cfg, kwargs, user_input_size)
+        # This install lacks the tag's folder (a pip install: the wheel carries no weights): its Hub copy.
+        from huggingface_hub import constants
+
+        cached = _cached_hub_weights(cfg.hf_hub_id)
+        if cached is None and constants.HF_HUB_OFFLINE:
+            raise UsageError(missing_weights_line(_label(variant, cfg), shipped_file.parent, cfg.hf_hub_id))
+        if cached is not None:
+            verify_checksums_beside(cached)
+        return _fit_in_chans(cfg, kwargs, user_input_size)  # timm reads hf_hub_id: cached, or downloaded
 
     load_from, loc = _resolve_pretrained_source(cfg.to_dict())
     if load_from in ("local-dir", "hf-hub"):
@@ -314,7 +261,7 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
                 "them with pretrained_cfg_overlay=dict(file=...)" if shipped else "check the path")
         raise NdeconvError(f"{_label(variant, cfg)}: no pretrained weights: looked for {where} at {path}; {hint}")
     if shipped:
-        verify_sha256(path)
+        verify_checksums_beside(path, required=True)  # a shipped file always has its SHA256SUMS
     else:
         verify_checksums_beside(path)  # a user's copy of a shipped or Hub folder carries its SHA256SUMS along
         # A user's file: the model takes the channels and classes of the weights (unless asked for others), and
@@ -341,233 +288,18 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
     return _fit_in_chans(cfg, kwargs, user_input_size)
 
 
-@contextlib.contextmanager
-def pretrained_errors(variant: str, kwargs: dict[str, Any]) -> Iterator[None]:
-    """Turn a failure while loading weights (deep in timm, safetensors or huggingface_hub) into one clear line."""
-    try:
-        yield
-    except NdeconvError:
-        raise
-    except (RuntimeError, OSError, SafetensorError, ValueError, AssertionError, *UNPICKLE_ERRORS) as err:
-        try:
-            cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-            label, source = _label(variant, cfg), _describe_source(cfg)
-        except Exception:  # noqa: BLE001 - describing the source must never hide the real error
-            label, source = variant, "its pretrained_cfg"
-        missing = hub_lookup_failure(err)
-        reason = missing or error_summary(err)
-        # The Hub has no such repo or file, or cannot be reached: the name is the problem (exit status 2).
-        error = UsageError if missing else NdeconvError
-        raise error(f"{label}: cannot load pretrained weights from {source}: {reason}") from err
-
-
-def hub_lookup_failure(err: BaseException) -> str | None:
-    """Why a Hub repo or file cannot be found (not on the Hub, or not cached while offline), in one line, or None
-    for any other error."""
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            HFValidationError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError:
-        return None
-    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        return (f"not in the local Hugging Face cache and {why}; download it where there is a connection "
-                "(`hf download ORG/NAME`), or load a folder with local-dir:FOLDER")
-    if isinstance(err, RepositoryNotFoundError):
-        return "no such Hugging Face Hub repo (or it is private or gated: log in with `hf auth login`)"
-    if isinstance(err, RevisionNotFoundError):
-        return "the Hub repo has no such revision"
-    if isinstance(err, EntryNotFoundError):
-        return f"the Hub repo has no such file ({error_summary(err)})"
-    if isinstance(err, HFValidationError):
-        return f"not a Hugging Face Hub repo name ({error_summary(err)}); write hf-hub:ORG/NAME"
-    return None
+def missing_weights_line(label: str, folder: Path, hf_hub_id: str) -> str:
+    """The one line for a shipped tag this install has no weights for, saying the two ways to get them."""
+    return (f"{label}: no weights in this install ({folder} does not exist; the pip wheel carries none) and none in "
+            f"the Hugging Face cache ({hf_hub_id}); point {WEIGHTS_ENV} to a folder holding {folder.name}/ (a clone's "
+            f"zoo/weights: export {WEIGHTS_ENV}=CLONE/zoo/weights), or fetch the Hub copy where there is a connection "
+            f"(`hf download {hf_hub_id}`)")
 
 
 # -- state_dict filter -----------------------------------------------------------------------------------------
 
 
-def expand_deconv_stem(
-    state_dict: dict[str, torch.Tensor], prefix: str, module: FastDeconv
-) -> dict[str, torch.Tensor]:
-    """Adapt a FastDeconv stem's weight and whitening to ``module.in_channels`` (a whole multiple of the source).
-
-    For an input whose channels repeat the source's (an RGB copy of a gray image), the adapted layer's eval
-    output equals the source layer's on the source image: patches become ``[P, P, ...]`` (channel-major unfold
-    layout ``c*k*k + p``), so the whitening is ``block_diag(D, D, ...)``, the mean repeats, and the weight
-    repeats divided by the number of copies. Only a stem whitened as one block, both before and after
-    (in_channels <= block, which every zoo stem is), has that layout; anything else is refused.
-    """
-    weight = state_dict[prefix + "weight"]
-    src, dst = weight.shape[1], module.in_channels
-    kh, kw = module.kernel_size
-    name = prefix.rstrip(".")
-    if module.groups != 1 or dst % src or dst < src:
-        raise NdeconvError(
-            f"cannot adapt the deconvolution stem {name} from {src} to {dst} input channels: only whole "
-            f"multiples are exact; build the model with in_chans={src} and give it {src}-channel images"
-        )
-    mean, deconv = state_dict.get(prefix + "running_mean"), state_dict.get(prefix + "running_deconv")
-    src_features = src * kh * kw
-    if mean is None or deconv is None or mean.shape != (src_features,) or deconv.shape != (src_features,) * 2:
-        raise NdeconvError(
-            f"cannot adapt the deconvolution stem {name} from {src} to {dst} channels: its whitening is not one "
-            f"block over all {src} channels (running_deconv {tuple(deconv.shape) if deconv is not None else None})"
-        )
-    if module.block != dst:
-        raise NdeconvError(
-            f"cannot adapt the deconvolution stem {name} to {dst} channels: the model whitens them in blocks of "
-            f"{module.block}, not as one block; use in_chans <= the model's block"
-        )
-    copies = dst // src
-    out = dict(state_dict)
-    # Divide in float64: shipped weights may be stored in float16, where w / 3 alone would lose 5e-4.
-    out[prefix + "weight"] = weight.double().repeat(1, copies, 1, 1) / copies
-    out[prefix + "running_mean"] = mean.repeat(copies)
-    out[prefix + "running_deconv"] = torch.block_diag(*([deconv] * copies))
-    return out
-
-
-def _strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DataParallel checkpoints (the authors' main.py) prefix every key with ``module.``."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def zoo_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: adapt the stem to ``in_chans``, refuse a foreign state_dict.
-
-    A deconvolution stem is adapted exactly (``expand_deconv_stem``), a plain-conv stem by timm's own
-    ``adapt_input_conv``, both from the channels of the weights themselves (the model's pretrained_cfg describes
-    the model, not the source). The classifier is left to timm (resized when ``num_classes`` differs); any other
-    missing, unexpected or differently shaped key means the file is another architecture (or the other form,
-    ``deconv=True``/``False``).
-    """
-    state_dict = _strip_module_prefix(dict(state_dict))
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    stems = _names(cfg.get("first_conv"))
-    for stem in stems:
-        module = model.get_submodule(stem)
-        weight = state_dict.get(f"{stem}.weight")
-        if isinstance(module, FastDeconv) and weight is not None and weight.ndim == 4:
-            if weight.shape[1] != module.in_channels:
-                # The adaptation computes in float64, which would hide integer weights from load_state_dict's check.
-                check_loadable_weights(state_dict, module.state_dict(prefix=f"{stem}."))
-                state_dict = expand_deconv_stem(state_dict, f"{stem}.", module)
-        elif isinstance(module, nn.Conv2d) and weight is not None and weight.ndim == 4:
-            if weight.shape[1] != module.in_channels and module.groups == 1:
-                # A plain stem (the BatchNorm form): timm's own adaptation, done here from the weights' channels
-                # so the pretrained_cfg can describe the model being built rather than the source.
-                check_loadable_weights(state_dict, module.state_dict(prefix=f"{stem}."))
-                state_dict = dict(state_dict)
-                state_dict[f"{stem}.weight"] = adapt_input_conv(module.in_channels, weight, base_chans=weight.shape[1])
-    classifiers = _names(cfg.get("classifier"))
-    classifier_prefixes = tuple(f"{n}." for n in classifiers)
-    expected = model.state_dict()
-    # Another num_classes (0 for a feature extractor): timm drops the classifier's weight and bias itself; the
-    # rest of the head (a Delinear's whitening of the pooled features) is kept where it fits and dropped where
-    # the new head has none or another shape (num_classes=0, global_pool='catavgmax').
-    source_classes = next((state_dict[f"{n}.weight"].shape[0] for n in classifiers if f"{n}.weight" in state_dict),
-                          None)
-    new_head = source_classes is not None and getattr(model, "num_classes", source_classes) != source_classes
-    if new_head:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(classifier_prefixes)
-                      or (k in expected and v.shape == expected[k].shape)}
-    missing = [k for k in expected if k not in state_dict and not (new_head and k.startswith(classifier_prefixes))]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = []
-    for key, value in state_dict.items():
-        if key not in expected or value.shape == expected[key].shape:
-            continue
-        if key in {f"{s}.weight" for s in stems} and value.shape[0] == expected[key].shape[0]:
-            continue  # a plain stem conv with other input channels: timm adapts it
-        mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(expected[key].shape)}")
-    if missing or unexpected or mismatched:
-        arch = cfg.get("architecture") or type(model).__name__
-        form = "deconvolution" if getattr(getattr(model, "deconv_settings", None), "deconv", True) else "BatchNorm"
-        parts = []
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {what}: {', '.join(items[:3])}{more}")
-        raise NdeconvError(
-            f"the weights do not fit {arch} ({form} form): {'; '.join(parts)}; they belong to another "
-            "architecture or form (deconv=True/False, block, block_fc)"
-        )
-    return state_dict
-
-
 # -- writing ---------------------------------------------------------------------------------------------------
-
-
-def ship_weights(model: nn.Module, tag: str, root: str | Path = WEIGHTS_DIR, force: bool = False) -> Path:
-    """Write ``<root>/<model>.<tag>/`` (model.safetensors, config.json, SHA256SUMS); return the folder.
-
-    The config.json is the Hub layout timm reads for ``hf-hub:`` and ``local-dir:``, so the folder can be
-    uploaded unchanged.
-    """
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    name = cfg.get("architecture")
-    if not name:
-        raise UsageError("ship_weights: the model has no pretrained_cfg architecture; build it with timm.create_model")
-    folder = Path(root) / f"{name}.{tag}"
-    weights = folder / WEIGHTS_FILE
-    if weights.exists() and not force:
-        raise UsageError(f"{weights} already exists; pass force=True to replace it")
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in ("file", "hf_hub_id", "url", "source", "state_dict", "hf_hub_filename"):
-        cfg.pop(key, None)
-    cfg["tag"] = tag
-    cfg.update({k: v for k, v in TAG_DATA.get(tag, {}).items() if k not in ("input_size", "num_classes")})
-    # The config describes the default model of these weights (DEFAULT_IN_CHANS, as the registry does), so
-    # ``hf-hub:``/``local-dir:`` build what ``pretrained=True`` builds; the weights' own channels are their stem's,
-    # and model_args leave in_chans to the pretrained_cfg, as timm's Hub configs do.
-    chans = model.get_submodule(_names(cfg.get("first_conv"))[0]).in_channels
-    cfg.update(_with_channels(_with_channels(cfg, chans), default_in_chans(chans)))
-    cfg["num_classes"] = model.num_classes
-    settings = getattr(model, "deconv_settings", None)
-    model_args = dict(settings.to_dict() if settings is not None else {})
-    model_args.update(num_classes=model.num_classes)
-    config = dict(
-        architecture=name, num_classes=model.num_classes, num_features=model.num_features,
-        global_pool=getattr(model, "global_pool_type", "avg"), model_args=model_args,
-        pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if v is not None},
-    )
-    if cfg.get("label_names"):
-        config["label_names"] = list(cfg["label_names"])
-    save_safetensors_atomic(model.state_dict(), weights)
-    save_json_atomic(config, folder / "config.json")
-    if cfg.get("label_names"):
-        write_class_map(cfg["label_names"], folder / CLASS_MAP_FILE)
-    sums = f"{file_sha256(weights)}  {WEIGHTS_FILE}\n"
-    atomic_write(folder / CHECKSUMS_FILE, lambda tmp: tmp.write_text(sums))
-    return folder
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "config.json").read_text())
-
-
-def write_class_map(label_names: Sequence[str], path: str | Path) -> Path:
-    """timm's ``--class-map`` text file: one class folder name per line, line i for class index i.
-
-    An image folder sorted alphabetically (timm's and torchvision's default) does not have the dataset's class
-    order; ``--class-map`` with this file gives each folder its index, in timm's ``validate.py``/``train.py`` and
-    in ``ndeconv eval --dataset imagefolder``."""
-    names = [folder_name(label) for label in label_names]
-    if len(set(names)) != len(names):
-        raise UsageError(f"label names {list(label_names)} give the same folder name twice: rename them")
-    path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
-    return path
 
 
 def _hub_or_dir_config(weights: Path) -> dict[str, Any]:
@@ -599,8 +331,12 @@ def weights_in_chans(model_name: str) -> int | None:
         if cfg is None:
             return None
         first_conv = cfg.first_conv
+        shipped_file = _shipped_source(cfg)
         load_from, loc = _resolve_pretrained_source(cfg.to_dict())
-        weights = Path(loc) if load_from == "file" else _cached_hub_weights(loc) if load_from == "hf-hub" else None
+        if shipped_file is not None and shipped_file.is_file():
+            weights = shipped_file
+        else:
+            weights = Path(loc) if load_from == "file" else _cached_hub_weights(loc) if load_from == "hf-hub" else None
     if weights is None or not Path(weights).is_file():
         return None
     if first_conv is None:  # a Hub folder: its config.json names the stem, else the architecture's registry cfg

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import nn
 
-from ._builder import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg, zoo_default_cfgs
 from ._head import ZooClassifierMixin
 from ._layer_factory import DeconvSettings
 
@@ -58,9 +58,11 @@ class Transition(nn.Module):
 class DenseNet(ZooClassifierMixin, nn.Module):
     """DenseNet for 32x32 inputs: stem, dense stages with transitions between them, final norm + ReLU."""
 
+    tail_names = ("bn", "channel_deconv")
+
     def __init__(
         self,
-        num_blocks: tuple[int, ...] = (6, 12, 24, 16),
+        layers: tuple[int, ...] = (6, 12, 24, 16),
         growth_rate: int = 32,
         reduction: float = 0.5,
         num_classes: int = 10,
@@ -71,51 +73,49 @@ class DenseNet(ZooClassifierMixin, nn.Module):
     ) -> None:
         """``deconv_kwargs`` are the DeconvSettings fields (deconv, block, block_fc, deconv_iter, eps, ...)."""
         super().__init__()
-        settings = DeconvSettings(**deconv_kwargs)
-        self.deconv_settings = settings
+        settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
 
         num_chs = 2 * growth_rate
         # No norm after the stem: every bottleneck starts with its own (pre-activation).
         self.conv1 = settings.conv(in_chans, num_chs, 3, padding=1)
 
-        self.feature_info: list[dict[str, Any]] = []
-        self.num_stages = len(num_blocks)
-        for i, depth in enumerate(num_blocks):
+        # A feature map after each transition (reductions 2, 4, 8) and the last stage's, the deepest (as timm's).
+        self.feature_info = []
+        stage_names: list[str] = []
+        for i, depth in enumerate(layers):
             stage = nn.Sequential(*[Bottleneck(num_chs + j * growth_rate, growth_rate, settings) for j in range(depth)])
             self.add_module(f"dense{i + 1}", stage)
+            stage_names.append(f"dense{i + 1}")
             num_chs += depth * growth_rate
-            if i < self.num_stages - 1:
+            if i < len(layers) - 1:
                 out_chs = int(math.floor(num_chs * reduction))
                 self.add_module(f"trans{i + 1}", Transition(num_chs, out_chs, settings))
+                stage_names.append(f"trans{i + 1}")
                 self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** (i + 1), module=f"trans{i + 1}"))
                 num_chs = out_chs
+        self.feature_info.append(dict(num_chs=num_chs, reduction=2 ** (len(layers) - 1), module=stage_names[-1]))
+        self.stage_names = tuple(stage_names)
 
         # The final norm exists only in the BN form; the ND form may put a ChannelDeconv there instead
         # (the authors' DenseNet never combines the two).
         self.bn = settings.norm(num_chs)
-        self.channel_deconv = settings.channel_deconv() if settings.deconv else None
+        self.channel_deconv = settings.channel_deconv(num_chs) if settings.deconv else None
         self._init_head(num_chs, num_classes, global_pool, drop_rate)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        for i in range(self.num_stages):
-            x = self.run_stage(getattr(self, f"dense{i + 1}"), x)
-            if i < self.num_stages - 1:
-                x = self.run_stage(getattr(self, f"trans{i + 1}"), x)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(x))
-        if self.channel_deconv is not None:
-            x = self.channel_deconv(x)
-        return x
-
-
-_FEATURE_INDICES = tuple(range(3))  # every entry of feature_info
+        return x if self.channel_deconv is None else self.channel_deconv(x)
 
 
 def _create_densenet(variant: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    return create_zoo_model(DenseNet, variant, pretrained, feature_indices=_FEATURE_INDICES, **kwargs)
+    feature_indices = tuple(range(len(kwargs["layers"])))  # every entry of feature_info
+    return create_zoo_model(DenseNet, variant, pretrained, feature_indices=feature_indices, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_default_cfgs({
     "densenet121_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
 })
 
@@ -123,5 +123,5 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def densenet121_deconv(pretrained: bool = False, **kwargs: Any) -> DenseNet:
     """DenseNet-121 (CIFAR, growth rate 32) with network deconvolution; ``deconv=False`` for the BN baseline."""
-    model_args = dict(num_blocks=(6, 12, 24, 16), growth_rate=32)
-    return _create_densenet("densenet121_deconv", pretrained, **model_args | kwargs)
+    model_args = dict(layers=(6, 12, 24, 16), growth_rate=32)
+    return _create_densenet("densenet121_deconv", pretrained, **dict(model_args, **kwargs))

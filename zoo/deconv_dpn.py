@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import nn
 
-from ._builder import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg, zoo_default_cfgs
 from ._head import ZooClassifierMixin
 from ._layer_factory import DeconvSettings
 
@@ -69,7 +69,7 @@ class DPN(ZooClassifierMixin, nn.Module):
         self,
         mid_chs: tuple[int, ...] = (96, 192, 384, 768),
         out_chs: tuple[int, ...] = (256, 512, 1024, 2048),
-        num_blocks: tuple[int, ...] = (3, 4, 20, 3),
+        layers: tuple[int, ...] = (3, 4, 20, 3),
         dense_depth: tuple[int, ...] = (16, 32, 24, 128),
         num_classes: int = 10,
         in_chans: int = 3,
@@ -79,17 +79,13 @@ class DPN(ZooClassifierMixin, nn.Module):
     ) -> None:
         """``deconv_kwargs`` are the DeconvSettings fields (deconv, block, block_fc, deconv_iter, eps, ...)."""
         super().__init__()
-        settings = DeconvSettings(**deconv_kwargs)
-        self.deconv_settings = settings
+        settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
 
-        stem_chs = 64
-        # The stem's whitening is frozen after its first steps, with 10 iterations (the authors' choice).
-        self.conv1 = settings.conv(in_chans, stem_chs, 3, 1, 1, freeze=True, n_iter=10)
-        self.bn1 = settings.norm(stem_chs)
+        last_chs, reduction = 64, 1
+        self._init_stem(in_chans, last_chs, freeze=True, n_iter=10)
 
-        self.feature_info: list[dict[str, Any]] = []
-        last_chs, reduction = stem_chs, 1
-        for i, (mid, out, depth, dense) in enumerate(zip(mid_chs, out_chs, num_blocks, dense_depth, strict=True)):
+        self.feature_info = []
+        for i, (mid, out, depth, dense) in enumerate(zip(mid_chs, out_chs, layers, dense_depth, strict=True)):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = []
@@ -99,29 +95,17 @@ class DPN(ZooClassifierMixin, nn.Module):
                 last_chs = out + (j + 2) * dense
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=last_chs, reduction=reduction, module=f"layer{i + 1}"))
-        self.num_stages = len(num_blocks)
-
-        # The reference's optional ChannelDeconv on the last feature map (--delinear False --block-fc N).
-        self.deconv1 = settings.channel_deconv()
+        self.stage_names = tuple(info["module"] for info in self.feature_info)
+        self.deconv1 = settings.channel_deconv(last_chs)
         self._init_head(last_chs, num_classes, global_pool, drop_rate)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        for i in range(self.num_stages):
-            x = self.run_stage(getattr(self, f"layer{i + 1}"), x)
-        if self.deconv1 is not None:
-            x = self.deconv1(x)
-        return x
-
-
-_FEATURE_INDICES = tuple(range(4))  # every entry of feature_info
 
 
 def _create_dpn(variant: str, pretrained: bool = False, **kwargs: Any) -> DPN:
-    return create_zoo_model(DPN, variant, pretrained, feature_indices=_FEATURE_INDICES, **kwargs)
+    feature_indices = tuple(range(len(kwargs["layers"])))  # every stage's output
+    return create_zoo_model(DPN, variant, pretrained, feature_indices=feature_indices, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_default_cfgs({
     "dpn92_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
 })
 
@@ -129,8 +113,6 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def dpn92_deconv(pretrained: bool = False, **kwargs: Any) -> DPN:
     """DPN-92 (CIFAR) with network deconvolution; ``deconv=False`` for the BN baseline."""
-    model_args = dict(
-        mid_chs=(96, 192, 384, 768), out_chs=(256, 512, 1024, 2048), num_blocks=(3, 4, 20, 3),
-        dense_depth=(16, 32, 24, 128),
-    )
-    return _create_dpn("dpn92_deconv", pretrained, **model_args | kwargs)
+    model_args = dict(mid_chs=(96, 192, 384, 768), out_chs=(256, 512, 1024, 2048), layers=(3, 4, 20, 3),
+                      dense_depth=(16, 32, 24, 128))
+    return _create_dpn("dpn92_deconv", pretrained, **dict(model_args, **kwargs))

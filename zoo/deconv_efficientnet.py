@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.layers.adaptive_avgmax_pool import adaptive_pool_feat_mult
+from timm.models import register_model
 from torch import nn
 
-from ._builder import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg, zoo_default_cfgs
 from ._head import ZooClassifierMixin
 from ._layer_factory import DeconvSettings
 
@@ -57,7 +58,9 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNet(ZooClassifierMixin, nn.Module):
-    classifier_name = "linear"
+    stage_names = ("layers",)
+    # The reference's optional ChannelDeconv acts on the pooled features (in forward_head), not on the last map.
+    tail_names = ("deconv1",)
 
     def __init__(
         self,
@@ -70,11 +73,10 @@ class EfficientNet(ZooClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
-        self.conv1 = settings.conv(in_chans, 32, 3, 1, 1, freeze=True, n_iter=10)
-        self.bn1 = settings.norm(32)
+        self._init_stem(in_chans, 32, freeze=True, n_iter=10)
         block_settings = dataclasses.replace(settings, deconv=False)  # the blocks are BatchNorm in both forms
         blocks, in_chs, reduction = [], 32, 1
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []
         for expansion, out_chs, count, stride in stages:
             for block_idx in range(count):
                 blocks.append(MBConvBlock(in_chs, out_chs, expansion, stride if block_idx == 0 else 1, block_settings))
@@ -82,11 +84,12 @@ class EfficientNet(ZooClassifierMixin, nn.Module):
             reduction *= stride
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"layers.{len(blocks) - 1}"))
         self.layers = nn.Sequential(*blocks)
-        self.deconv1 = settings.channel_deconv()  # the authors apply it to the flattened features
+        # The authors apply it to the flattened pooled features (twice as many with catavgmax pooling).
+        self.deconv1 = settings.channel_deconv(in_chs * adaptive_pool_feat_mult(global_pool), input_dim=2)
         self._init_head(in_chs, num_classes, global_pool, drop_rate)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run_stage(self.layers, F.relu(self.bn1(self.conv1(x))))
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -102,7 +105,7 @@ def _create_efficientnet(variant: str, pretrained: bool = False, **kwargs: Any) 
     return create_zoo_model(EfficientNet, variant, pretrained, feature_indices=tuple(range(len(stages))), **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_default_cfgs({
     "efficientnet_b0_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear", pool_size=(1, 1)),
 })
 
@@ -110,4 +113,5 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def efficientnet_b0_deconv(pretrained: bool = False, **kwargs: Any) -> EfficientNet:
     """EfficientNet-B0 (deconvolved stem and head); ``deconv=False`` gives the BatchNorm baseline."""
-    return _create_efficientnet("efficientnet_b0_deconv", pretrained, **dict(dict(stages=B0_STAGES), **kwargs))
+    model_args = dict(stages=B0_STAGES)
+    return _create_efficientnet("efficientnet_b0_deconv", pretrained, **dict(model_args, **kwargs))

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import nn
 
-from ._builder import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg, zoo_default_cfgs
 from ._head import ZooClassifierMixin
 from ._layer_factory import DeconvSettings
 
@@ -66,6 +66,9 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(ZooClassifierMixin, nn.Module):
     """MobileNetV2 for 32x32 inputs (stride-1 stem and second stage), 1280 features."""
 
+    stage_names = ("layers",)
+    tail_names = ("conv2", "bn2", "deconv1")
+
     def __init__(
         self,
         stem_chs: int = 32,
@@ -78,15 +81,11 @@ class MobileNetV2(ZooClassifierMixin, nn.Module):
     ) -> None:
         """``deconv_kwargs`` are the DeconvSettings fields (deconv, block, block_fc, deconv_iter, eps, ...)."""
         super().__init__()
-        settings = DeconvSettings(**deconv_kwargs)
-        self.deconv_settings = settings
-
-        # The stem's whitening is frozen after its first steps, with 10 iterations (the authors' choice).
-        self.conv1 = settings.conv(in_chans, stem_chs, 3, 1, 1, freeze=True, n_iter=10)
-        self.bn1 = settings.norm(stem_chs)
+        settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
+        self._init_stem(in_chans, stem_chs, freeze=True, n_iter=10)
 
         blocks: list[nn.Module] = []
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []
         in_chs, reduction = stem_chs, 1
         for expansion, out_chs, num_blocks, stride in STAGES:
             reduction *= stride
@@ -96,30 +95,21 @@ class MobileNetV2(ZooClassifierMixin, nn.Module):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"layers.{len(blocks) - 1}"))
         self.layers = nn.Sequential(*blocks)
 
+        # The 1x1 conv to ``num_features`` after the last stage feeds only the head (as timm's conv_head).
         self.conv2 = settings.conv(in_chs, num_features, 1)
         self.bn2 = settings.norm(num_features)
-
-        # The reference's optional ChannelDeconv on the last feature map (--delinear False --block-fc N).
-        self.deconv1 = settings.channel_deconv()
+        self.deconv1 = settings.channel_deconv(num_features)
         self._init_head(num_features, num_classes, global_pool, drop_rate)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.run_stage(self.layers, x)
-        x = F.relu(self.bn2(self.conv2(x)))
-        if self.deconv1 is not None:
-            x = self.deconv1(x)
-        return x
-
-
-_FEATURE_INDICES = tuple(range(7))  # every entry of feature_info
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward_tail(F.relu(self.bn2(self.conv2(x))))
 
 
 def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileNetV2:
-    return create_zoo_model(MobileNetV2, variant, pretrained, feature_indices=_FEATURE_INDICES, **kwargs)
+    return create_zoo_model(MobileNetV2, variant, pretrained, feature_indices=tuple(range(len(STAGES))), **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_default_cfgs({
     "mobilenetv2_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
 })
 

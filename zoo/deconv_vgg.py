@@ -1,4 +1,7 @@
-"""VGG-16 for 32x32 inputs (Simonyan & Zisserman, arXiv:1409.1556) as the deconvolution paper trains it.
+"""VGG-11/13/16/19 for 32x32 inputs (Simonyan & Zisserman, arXiv:1409.1556) as the deconvolution paper trains it.
+
+VGG-16 is one of the paper's ten; VGG-11, -13 and -19 are the other layouts of the authors' ``models/vgg.py``
+(``main.py --arch vgg11``, ``vgg13``, ``vgg19``), no weights exist for them.
 
 One ``features`` Sequential, indexed as the authors': deconvolution form ``[FastDeconv, ReLU]`` per conv (the
 first frozen with 15 iterations), BatchNorm form ``[Conv2d (with bias), BatchNorm2d, ReLU]``; 2x2 max pools;
@@ -11,18 +14,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import nn
 
 from ndeconv.layers import FastDeconv
 
-from ._builder import create_zoo_model, zoo_cfg
+from ._builder import create_zoo_model, zoo_cfg, zoo_default_cfgs
 from ._head import ZooClassifierMixin
 from ._layer_factory import DeconvSettings
 
 __all__ = ["VGG"]
 
+VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+VGG13_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+# Models of the authors' main.py beyond the paper's ten (ndeconv.zoo.EXTRA_MODELS): no weights, no shipping.
+EXTRA_MODELS = ("vgg11_deconv", "vgg13_deconv", "vgg19_deconv")
 
 
 def _make_features(layout: Sequence[int | str], in_chans: int, settings: DeconvSettings) -> nn.Sequential:
@@ -45,6 +54,8 @@ def _make_features(layout: Sequence[int | str], in_chans: int, settings: DeconvS
 
 class VGG(ZooClassifierMixin, nn.Module):
     classifier_name = "classifier"
+    stage_names = ("features",)
+    tail_names = ("channel_deconv",)
 
     def __init__(
         self,
@@ -57,10 +68,10 @@ class VGG(ZooClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
-        self.channel_deconv = settings.channel_deconv()
+        self.channel_deconv = settings.channel_deconv(int([w for w in layout if w != "M"][-1]))
         self.features = _make_features(layout, in_chans, settings)
         # A feature map after every max-pool (reduction 2, 4, 8, ...), taken by a hook on the pool.
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []
         chs = in_chans
         for idx, module in enumerate(self.features):
             if isinstance(module, (FastDeconv, nn.Conv2d)):
@@ -71,11 +82,11 @@ class VGG(ZooClassifierMixin, nn.Module):
         widths = [item for item in layout if item != "M"]
         self._init_head(int(widths[-1]), num_classes, global_pool, drop_rate)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.run_stage(self.features, x)
-        if self.channel_deconv is not None:
-            x = self.channel_deconv(x)
-        return x
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the stem is ``features.0``
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.channel_deconv is None else self.channel_deconv(x)
 
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
@@ -83,12 +94,36 @@ def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
     return create_zoo_model(VGG, variant, pretrained, feature_indices=tuple(range(list(layout).count("M"))), **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_default_cfgs({
     "vgg16_deconv.fashion_mnist": zoo_cfg(first_conv="features.0", classifier="classifier", pool_size=(1, 1)),
+    # No tag: no weights exist for these, so their pretrained_cfg claims none.
+    **{name: zoo_cfg(first_conv="features.0", classifier="classifier", pool_size=(1, 1)) for name in EXTRA_MODELS},
 })
 
 
 @register_model
 def vgg16_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
     """VGG-16 with network deconvolution; ``deconv=False`` gives the BatchNorm baseline."""
-    return _create_vgg("vgg16_deconv", pretrained, **dict(dict(layout=VGG16_LAYOUT), **kwargs))
+    model_args = dict(layout=VGG16_LAYOUT)
+    return _create_vgg("vgg16_deconv", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vgg11_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
+    """VGG-11 (``main.py --arch vgg11``) with network deconvolution; ``deconv=False`` gives the BatchNorm form."""
+    model_args = dict(layout=VGG11_LAYOUT)
+    return _create_vgg("vgg11_deconv", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vgg13_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
+    """VGG-13 (``main.py --arch vgg13``) with network deconvolution; ``deconv=False`` gives the BatchNorm form."""
+    model_args = dict(layout=VGG13_LAYOUT)
+    return _create_vgg("vgg13_deconv", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vgg19_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
+    """VGG-19 (``main.py --arch vgg19``) with network deconvolution; ``deconv=False`` gives the BatchNorm form."""
+    model_args = dict(layout=VGG19_LAYOUT)
+    return _create_vgg("vgg19_deconv", pretrained, **dict(model_args, **kwargs))

@@ -16,9 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a model on a dataset's test split (top-1, top-5, loss)",
         description="Evaluate MODEL (a zoo name with its pretrained tag, e.g. resnet18_deconv.fashion_mnist, an "
         "hf-hub:/local-dir: name, or a run directory of `ndeconv train`) or --checkpoint FILE (safetensors, or a "
-        "torch checkpoint read weights-only) on the test split of --dataset.",
+        "torch checkpoint read weights-only) on the test split of --dataset. MODEL may also be an .onnx file (from "
+        "`ndeconv export`): it runs through onnxruntime, with the dataset, normalisation and label names its "
+        "metadata_props record.",
     )
-    p.add_argument("model", nargs="?", metavar="MODEL[.TAG]", help="zoo name with tag, timm name, or run directory")
+    p.add_argument("model", nargs="?", metavar="MODEL[.TAG]",
+                   help="zoo name with tag, timm name, run directory, or an .onnx file (run by onnxruntime)")
     p.add_argument("--checkpoint", metavar="FILE", help="weights file (a run's model.safetensors, the authors' .pth)")
     p.add_argument("--dataset", help="dataset (default: the one the weights were trained on, when recorded)")
     p.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files")
@@ -44,9 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..datasets import get_spec, read_class_map
     from ..errors import UsageError
+    from ..loading import load_eval_model
     from ..training.dist import _pick_device
-    from ..training.evaluate import evaluate_on_dataset, load_eval_model, recorded_img_size
+    from ..training.evaluate import evaluate_on_dataset, recorded_img_size
 
+    if args.model is not None and args.model.lower().endswith(".onnx"):
+        return _run_onnx(args)
     device = _pick_device(args.device, 0)
     model_args = {k: v for k, v in dict(
         deconv=args.deconv, block=args.block, block_fc=args.block_fc, deconv_iter=args.deconv_iter,
@@ -72,4 +78,39 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(f"{name} on {dataset} test ({result.count} images): top-1 {result.top1:.2f}%  "
               f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}")
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    """``ndeconv eval FILE.onnx``: the file through onnxruntime (``evaluate_onnx``)."""
+    from ..datasets import get_spec, read_class_map
+    from ..errors import UsageError
+    from ..training.evaluate import evaluate_onnx
+
+    torch_only = [flag for flag, value in (
+        ("--checkpoint", args.checkpoint), ("--arch", args.arch), ("--deconv", args.deconv), ("--block", args.block),
+        ("--block-fc", args.block_fc), ("--deconv-iter", args.deconv_iter), ("--num-classes", args.num_classes),
+        ("--img-size", args.img_size),
+    ) if value is not None]
+    if torch_only:
+        raise UsageError(f"{args.model} is an ONNX file, which fixes its own model and input size: drop "
+                         f"{', '.join(torch_only)}")
+    if args.device not in ("auto", "cpu"):
+        raise UsageError(f"--device {args.device}: an ONNX file runs on onnxruntime's CPU provider; drop --device")
+    if args.dataset is not None:
+        get_spec(args.dataset)  # an unknown dataset fails before the file is loaded
+    class_map = read_class_map(args.class_map) if args.class_map is not None else None
+    result, metadata = evaluate_onnx(args.model, args.dataset, args.data_dir, args.batch_size, args.test_subset,
+                                     class_map, args.num_workers)
+    dataset = args.dataset or metadata.get("dataset")
+    recorded = metadata.get("test_top1")
+    if args.json:
+        print(json.dumps({"model": args.model, "dataset": dataset, "runtime": "onnxruntime", **result.to_dict(),
+                          "recorded_top1": float(recorded) if recorded else None}))
+        return 0
+    print(f"{args.model} (onnxruntime) on {dataset} test ({result.count} images): top-1 {result.top1:.2f}%  "
+          f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}")
+    if recorded:
+        print(f"recorded top-1 of {metadata.get('model', 'the weights')} (its card, PyTorch, all test images): "
+              f"{float(recorded):.2f}%")
     return 0

@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export it with torch's dynamo exporter to one self-contained .onnx file, batch axis dynamic unless "
         "--static-batch. --verify (default) runs onnx.checker (full check), checks the graph holds only plain "
         "inference ops, and compares onnxruntime with PyTorch on random inputs (and on Fashion-MNIST test images "
-        f"for one-channel models when installed); it fails above {REL_TOLERANCE:g} relative difference.",
+        f"for one-channel models when installed); it fails above {REL_TOLERANCE:g} relative difference. The file's "
+        "metadata_props say how to feed it (input layout and size, resize, zero padding, scale, mean, std), its label "
+        "names and where it came from; onnxruntime reads them as get_modelmeta().custom_metadata_map, and `ndeconv "
+        "eval FILE.onnx` evaluates it with them.",
     )
     add_model_source_arguments(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="ONNX file to write (.onnx)")
@@ -50,9 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     with warnings_to_stderr("export", FoldWarning):
         # Verified before it replaces anything: a failed check leaves an existing file as it was.
         result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch, force=True,
-                             verify=args.verify)
+                             verify=args.verify, config=_source_config(source), source=source.description)
     batch = f"static batch {args.static_batch}" if args.static_batch else "dynamic batch"
     print(f"wrote {result.path} (opset {result.opset}, {batch}, input {'x'.join(map(str, result.input_size))})")
+    meta = result.metadata
+    print(f"metadata_props: {len(meta)} keys; preprocess: {meta['preprocess']}")
     verification = result.verification
     if verification is None:
         return 0
@@ -63,3 +68,17 @@ def _run(args: argparse.Namespace) -> int:
     print(f"verified: max abs diff {verification.max_abs:.3g}, max rel diff {verification.max_rel:.3g} "
           f"<= {REL_TOLERANCE:g}")
     return 0
+
+
+def _source_config(source) -> dict:  # noqa: ANN001 - a ModelSource
+    """The config.json that describes the source's weights: a run directory's, the one beside a weights file, or
+    the shipped folder's of a zoo name (none for an untrained model or weights from the Hub)."""
+    from ndeconv.convert.export import weights_config
+
+    described = source.description
+    if described.get("weights") == "random init":
+        return {}
+    where = described.get("run") or described.get("checkpoint")
+    if where is None:
+        where = (getattr(source.model, "pretrained_cfg", None) or {}).get("file")
+    return weights_config(where)

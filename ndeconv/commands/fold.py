@@ -15,8 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fold",
         help="fold the whitening into plain conv/linear weights for inference",
         description="Fold MODEL[.TAG] (or --checkpoint FILE --arch NAME) into a plain network: every FastDeconv "
-        "becomes a Conv2d, every Delinear a Linear, ChannelDeconvs and BatchNorms merge into neighbouring layers. "
-        "Writes the weights (safetensors) and a config.json beside them; load them with convert.load_folded. "
+        "becomes a Conv2d, every Delinear a Linear, every ChannelDeconv a 1x1 Conv2d (a Linear on pooled features), "
+        "and each BatchNorm directly after a conv is fused into it (unless --keep-batchnorm). Writes the weights "
+        "(safetensors) and a config.json beside them; load them with ndeconv.convert.load_folded, or without "
+        "fused BatchNorms with timm.create_model(NAME, folded=True, **model_args) and a strict load_state_dict. "
         "The folded outputs are checked against the unfolded model in eval mode.",
     )
     add_model_source_arguments(p)
@@ -25,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="overwrite FILE and the config.json `ndeconv fold` wrote beside it")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing the folded and unfolded outputs on a random batch")
+    p.add_argument("--keep-batchnorm", dest="fuse_batchnorm", action="store_false",
+                   help="leave BatchNorms as they are (the folded file then loads with timm.create_model(NAME, "
+                        "folded=True) alone)")
     p.set_defaults(func=_run)
 
 
@@ -42,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     if source.folded:
         raise UsageError(f"{args.checkpoint} is already folded; nothing to do")
     with warnings_to_stderr("fold", FoldWarning):
-        folded, report = fold_with_report(source.model, check=args.check)
+        # The command fuses BatchNorms by default, as it always has; the library's fold() asks for it explicitly.
+        folded, report = fold_with_report(source.model, check=args.check, fuse_batchnorm=args.fuse_batchnorm)
     weights, config = save_folded(folded, output, report, source.description, force=args.force)
     print(report.summary())
     print(f"wrote {weights} and {config}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-from pathlib import Path
 
 __all__ = ["register", "zoo_table"]
 
@@ -17,7 +16,7 @@ def zoo_table(pattern: str = "*", deconv: bool = True) -> list[dict]:
     from timm.models import get_pretrained_cfg
 
     import ndeconv.zoo as zoo
-    from ndeconv.zoo._pretrained import registered_tags
+    from ndeconv.zoo._pretrained import registered_tags, shipped_weights_path
 
     rows = []
     for name in zoo.ZOO_MODELS:
@@ -29,10 +28,8 @@ def zoo_table(pattern: str = "*", deconv: bool = True) -> list[dict]:
         tags = []
         for tag in registered_tags(name):  # every tag, also those whose weights are not trained yet
             cfg = get_pretrained_cfg(f"{name}.{tag}")
-            tags.append(dict(
-                tag=tag, file=cfg.file,
-                on_disk=bool(cfg.file) and Path(cfg.file).is_file(), hf_hub_id=cfg.hf_hub_id,
-            ))
+            file = shipped_weights_path(name, tag)  # where this install keeps them (NDECONV_WEIGHTS or the clone)
+            tags.append(dict(tag=tag, file=str(file), on_disk=file.is_file(), hf_hub_id=cfg.hf_hub_id))
         rows.append(dict(name=name, params=params, tags=tags))
     return rows
 

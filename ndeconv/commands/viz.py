@@ -27,8 +27,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..datasets import get_spec, load_split
     from ..errors import UsageError
     from ..io import atomic_write, check_output_path
+    from ..loading import load_eval_model
     from ..training.data import Preprocess
-    from ..training.evaluate import load_eval_model, recorded_img_size
+    from ..training.evaluate import recorded_img_size
     from ..viz import whitening_figure
 
     out = check_output_path(args.out, args.force)

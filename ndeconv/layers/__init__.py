@@ -9,6 +9,7 @@ from .channel_deconv import ChannelDeconv
 from .deconvolve import deconvolve
 from .delinear import Delinear
 from .fast_deconv import FastDeconv, set_fast_mode
+from .fast_deconv1d import FastDeconv1d
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 from .sync import sync_deconv
 
@@ -16,6 +17,7 @@ __all__ = [
     "ChannelDeconv",
     "Delinear",
     "FastDeconv",
+    "FastDeconv1d",
     "deconvolve",
     "isqrt_newton_schulz",
     "isqrt_newton_schulz_batch",

@@ -22,7 +22,8 @@ measured faster there.
 
 Autograd's backward also subtracts the column means of ``Xc (G + G^T) / n``; those are zero up to
 rounding (``Xc``'s columns sum to zero), so leaving them out changes gradients by rounding only
-(tests/test_patch_stats.py: 1e-12 in float64; the parity fixtures still pass at 1e-9).
+(tests/test_patch_stats.py, against autograd through ``patch_statistics_reference``, the plain formula: 1e-12 in
+float64; the parity fixtures still pass at 1e-9).
 """
 
 from __future__ import annotations
@@ -288,6 +289,37 @@ class _PatchStatistics(torch.autograd.Function):
             d_rows.add_((d_mean / n).view(groups, -1, 1) if group_major else d_mean / n)
         scatter = ctx.sampler.scatter_groups if group_major else ctx.sampler.scatter
         return scatter(d_rows, ctx.shape, ctx.layout), None, None, None
+
+
+def patch_statistics_reference(x: torch.Tensor, sampler: PatchSampler, eps: float,
+                               groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``patch_statistics`` computes, by the plain formula, for autograd to differentiate: the definition
+    the fast paths are tested against (tests/test_patch_stats.py), slow and memory-hungry by design.
+
+    The sampled patches are ``unfold(x, kernel, dilation, padding, stride)``, one row per patch (for a 1x1
+    kernel: every ``stride**2``-th pixel of the batch in (N, H, W) order, as the authors sample it). Ungrouped,
+    a row of ``C*kh*kw`` features is split into ``C*kh*kw // nf`` interleaved blocks (feature ``f`` of block
+    ``g`` is element ``f * blocks + g``), each block one more row of ``nf = sampler.num_features``. Then
+    ``mean`` is the mean row and ``cov = Xc^T Xc / n + eps I`` with ``Xc`` the centred rows; grouped, the mean
+    covers all ``C*kh*kw`` features and ``cov`` is one ``nf x nf`` matrix per group (``groups x nf x nf``).
+    """
+    if sampler.kernel != (1, 1):
+        rows = F.unfold(x, sampler.kernel, sampler.dilation, sampler.padding, sampler.stride).transpose(1, 2)
+    else:
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[:: sampler.stride**2]
+    nf = sampler.num_features
+    if groups == 1:
+        blocks = rows.shape[-1] // nf
+        rows = rows.reshape(-1, nf, blocks).transpose(1, 2).reshape(-1, nf)
+    else:
+        rows = rows.reshape(-1, rows.shape[-1])
+    mean = rows.mean(0)
+    centred = rows - mean
+    eye = torch.eye(nf, dtype=x.dtype, device=x.device)
+    if groups == 1:
+        return mean, centred.mT @ centred / centred.shape[0] + eps * eye
+    per_group = centred.view(-1, groups, nf).transpose(0, 1)
+    return mean, per_group.mT @ per_group / per_group.shape[1] + eps * eye
 
 
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:

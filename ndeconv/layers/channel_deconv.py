@@ -5,7 +5,13 @@ The first ``(C // block) * block`` channels are viewed, as the reference does, a
 over the whole batch, so the whitening mixes channels ``r, k+r, 2k+r, ...``. The
 remaining ``C mod block`` channels are standardised together with one mean and variance.
 Unlike FastDeconv this layer transforms activations, so in eval it is an affine map that
-folds into a 1x1 convolution (see :meth:`ChannelDeconv.fuse`).
+folds into a 1x1 convolution, or a Linear for (N, C) input (see :meth:`ChannelDeconv.fuse`).
+
+The block size alone does not say how many channels the layer sees (the remainder channels have no buffer
+of their own), so the layer takes its channel count and input rank as constructor arguments, kept as plain
+attributes: the reference's state_dict layout has no room for them and stays unchanged. A layer built
+without them (the reference's own constructor call) accepts any channel count, as the reference does, and
+folds for the last input it saw.
 """
 
 from __future__ import annotations
@@ -30,15 +36,25 @@ class ChannelDeconv(nn.Module):
         n_iter: int = 5,
         momentum: float = 0.1,
         sampling_stride: int = 3,
+        num_channels: int | None = None,
+        input_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """The reference's arguments, plus ``num_channels`` (C of the (N, C, H, W) or (N, C) input) and
+        ``input_dim`` (4 or 2: which of those inputs), which let :meth:`fuse` build the plain layer without
+        seeing an input; given, the forward refuses other inputs. None: any input, as in the reference."""
         super().__init__()
-        check_hyperparameters(f"ChannelDeconv(block={block})", eps=eps, n_iter=n_iter, momentum=momentum, block=block)
+        owner = f"ChannelDeconv(block={block})"
+        check_hyperparameters(owner, eps=eps, n_iter=n_iter, momentum=momentum, block=block)
         if not isinstance(sampling_stride, int) or sampling_stride < 1:
-            raise ValueError(
-                f"ChannelDeconv(block={block}): sampling_stride must be an int >= 1, got {sampling_stride!r}"
-            )
+            raise ValueError(f"{owner}: sampling_stride must be an int >= 1, got {sampling_stride!r}")
+        # Fewer channels than block builds, as the authors' layer does (their checkpoints have such layouts), and
+        # fails at the forward and at fuse() with what to change.
+        if num_channels is not None and (not isinstance(num_channels, int) or num_channels < 1):
+            raise ValueError(f"{owner}: num_channels must be an int >= 1, got {num_channels!r}")
+        if input_dim not in (None, 2, 4):
+            raise ValueError(f"{owner}: input_dim must be 4 (N, C, H, W), 2 (N, C) or None (either), got {input_dim!r}")
         factory = {"device": device, "dtype": dtype}
         self.block = block
         self.eps = eps
@@ -50,10 +66,11 @@ class ChannelDeconv(nn.Module):
         self.register_buffer("running_mean2", torch.zeros(1, 1, **factory))
         self.register_buffer("running_var", torch.ones(1, 1, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        # Channels of the last input: the block size alone does not say how many remainder channels follow,
-        # and fuse() needs the full count (a plain attribute, as the reference's state_dict has no room for it).
-        self.num_channels: int | None = None
-        self.input_dim: int | None = None  # 2 for (N, C) input, 4 for (N, C, H, W): what fuse() must accept
+        # What the layer was built for (plain attributes: the reference's state_dict has no room for them).
+        self.num_channels = num_channels
+        self.input_dim = input_dim
+        # (channels, rank) of the last input: what fuse() folds for when the layer was built without them.
+        self.last_input: tuple[int, int] | None = None
 
     def _owner(self) -> str:
         return f"ChannelDeconv(block={self.block})"
@@ -85,8 +102,15 @@ class ChannelDeconv(nn.Module):
         if self.training and n * height * width == 0:
             raise ValueError(f"{self._owner()}: a training batch of shape {tuple(in_shape)} has no samples to take "
                              "whitening statistics from; skip empty batches")
-        self.num_channels = channels
-        self.input_dim = len(in_shape)
+        # A layer built for C channels folds into a C x C map: another input would run here but not folded.
+        if self.num_channels is not None and channels != self.num_channels:
+            raise ValueError(f"{self._owner()}: input has {channels} channels but the layer was built for "
+                             f"num_channels={self.num_channels}; build it with num_channels={channels} or fix the "
+                             "input")
+        if self.input_dim is not None and len(in_shape) != self.input_dim:
+            raise ValueError(f"{self._owner()}: expected a {self.input_dim}-D input (the layer was built with "
+                             f"input_dim={self.input_dim}), got shape {tuple(in_shape)}")
+        self.last_input = (channels, len(in_shape))
         first = self.num_batches_tracked.item() == 0 if self.training else False
 
         with full_precision(x.device):
@@ -133,41 +157,60 @@ class ChannelDeconv(nn.Module):
         out = out.to(x.dtype)
         return out.reshape(in_shape) if len(in_shape) == 2 else out
 
-    def affine(self, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eval map as ``y = W x + b`` over channels: ``W`` (C, C), ``b`` (C,)."""
+    def affine(self, num_channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval map as ``y = W x + b`` over channels: ``W`` (C, C), ``b`` (C,), in the buffers' dtype;
+        ``num_channels`` defaults to the layer's own (see :meth:`fuse`)."""
+        num_channels = num_channels or self.num_channels or (self.last_input or (None,))[0]
+        if num_channels is None:
+            raise ValueError(f"{self._owner()}.affine: the channel count is unknown; pass num_channels")
+        return self._affine_of(num_channels, self.running_mean1, self.running_deconv, self.running_mean2,
+                               self.running_var)
+
+    def _affine_of(
+        self, num_channels: int, running_mean1: torch.Tensor, running_deconv: torch.Tensor,
+        running_mean2: torch.Tensor, running_var: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.block
         k = num_channels // b
         c = k * b
         if c == 0:
             raise ValueError(f"{self._owner()}: cannot fold for {num_channels} channels, fewer than block={b}")
-        deconv = self.running_deconv
+        deconv = running_deconv
         eye_k = torch.eye(k, dtype=deconv.dtype, device=deconv.device)
         weight = torch.zeros(num_channels, num_channels, dtype=deconv.dtype, device=deconv.device)
         # channel i*k + r takes sum_j D[i, j] * (x[j*k + r] - mu[j])
         weight[:c, :c] = torch.kron(deconv, eye_k)
         bias = torch.zeros(num_channels, dtype=deconv.dtype, device=deconv.device)
-        bias[:c] = -(deconv @ self.running_mean1).repeat_interleave(k)
+        bias[:c] = -(deconv @ running_mean1).repeat_interleave(k)
         if c != num_channels:
-            scale = 1.0 / (self.running_var + self.eps).sqrt().reshape(())
+            scale = 1.0 / (running_var + self.eps).sqrt().reshape(())
             weight[c:, c:] = torch.eye(num_channels - c, dtype=deconv.dtype, device=deconv.device) * scale
-            bias[c:] = -self.running_mean2.reshape(()) * scale
+            bias[c:] = -running_mean2.reshape(()) * scale
         return weight, bias
 
     def fuse(self, num_channels: int | None = None, input_dim: int | None = None) -> nn.Conv2d | nn.Linear:
         """The layer's eval map as a plain module: a 1x1 ``nn.Conv2d`` for (N, C, H, W) input, an ``nn.Linear``
-        for (N, C) input. Both default to what the last input had (the layer accepts either, and the block size
-        alone does not say the channel count), so ``timm.models.reparameterize_model`` can call it bare after
-        one forward pass."""
-        num_channels = num_channels or self.num_channels
-        input_dim = input_dim or self.input_dim or 4
+        for (N, C) input (used by ``timm``'s ``reparameterize_model``, which calls it bare).
+
+        The channel count and input rank are, in this order: the arguments, what the layer was built with, what
+        its last input had; the rank defaults to 4. The map is composed in float64 and rounded once to the
+        buffers' dtype."""
+        seen_channels, seen_dim = self.last_input or (None, None)
+        num_channels = num_channels or self.num_channels or seen_channels
+        input_dim = input_dim or self.input_dim or seen_dim or 4
         if num_channels is None:
-            raise ValueError(f"{self._owner()}.fuse: the channel count is unknown (it is not in the state_dict); "
-                             "pass num_channels or run one forward pass first")
+            raise ValueError(f"{self._owner()}.fuse: the channel count is unknown (the layer was built without "
+                             "num_channels and has seen no input); pass num_channels, or build the layer with it")
         if input_dim not in (2, 4):
             raise ValueError(f"{self._owner()}.fuse: input_dim must be 2 (N, C) or 4 (N, C, H, W), got {input_dim}")
+        dtype = self.running_deconv.dtype
+        # float64 where the device has it (MPS does not): the map's bias is a product, rounded once at the end.
+        work = torch.float32 if self.running_deconv.device.type == "mps" else torch.float64
         with torch.no_grad():
-            weight, bias = self.affine(num_channels)
-            factory = {"device": weight.device, "dtype": weight.dtype}
+            exact = (self.running_mean1, self.running_deconv, self.running_mean2, self.running_var)
+            weight, bias = self._affine_of(num_channels, *(t.to(work) for t in exact))
+            weight, bias = weight.to(dtype), bias.to(dtype)
+            factory = {"device": weight.device, "dtype": dtype}
             if input_dim == 2:
                 plain: nn.Conv2d | nn.Linear = nn.Linear(num_channels, num_channels, bias=True, **factory)
                 plain.weight.copy_(weight)
@@ -178,4 +221,9 @@ class ChannelDeconv(nn.Module):
         return plain
 
     def extra_repr(self) -> str:
-        return f"block={self.block}, eps={self.eps}, n_iter={self.n_iter}, sampling_stride={self.sampling_stride}"
+        s = f"block={self.block}, eps={self.eps}, n_iter={self.n_iter}, sampling_stride={self.sampling_stride}"
+        if self.num_channels is not None:
+            s += f", num_channels={self.num_channels}"
+        if self.input_dim is not None:
+            s += f", input_dim={self.input_dim}"
+        return s

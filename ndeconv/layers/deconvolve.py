@@ -1,13 +1,16 @@
-"""Put deconvolution into an existing network: Conv2d (+ the BatchNorm2d after it) -> FastDeconv."""
+"""Put deconvolution into an existing network: Conv2d (+ the BatchNorm2d after it) -> FastDeconv, Conv1d (+ the
+BatchNorm1d after it) -> FastDeconv1d."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .fast_deconv import FastDeconv
+from .fast_deconv1d import FastDeconv1d
 
 __all__ = ["deconvolve", "norm_remainder"]
 
@@ -18,8 +21,9 @@ def _check_convertible(name: str, conv: nn.Conv2d) -> None:
                          "padding given as ints only; nothing was changed")
 
 
-def _to_fast_deconv(conv: nn.Conv2d, bias: bool, deconv_kwargs: dict[str, Any]) -> FastDeconv:
-    layer = FastDeconv(
+def _to_fast_deconv(conv: nn.Conv2d | nn.Conv1d, bias: bool, deconv_kwargs: dict[str, Any]) -> FastDeconv:
+    layer_type = FastDeconv1d if type(conv) is nn.Conv1d else FastDeconv
+    layer = layer_type(
         conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=bias,
         device=conv.weight.device, dtype=conv.weight.dtype, **deconv_kwargs,
@@ -45,8 +49,13 @@ def norm_remainder(norm: nn.BatchNorm2d) -> nn.Module:
 
 
 def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None]]:
-    """(parent, conv name, name of the BatchNorm right after it or None) for each conv to convert, in order."""
+    """(parent, conv name, name of the BatchNorm right after it or None) for each conv to convert, in order.
+
+    The convolutions of the network's own dimensionality: its Conv2d layers, or its Conv1d layers when it has no
+    Conv2d (a 1-D network). A Conv1d inside an image network is not the image's convolution (timm's ECA gates
+    convolve the pooled channel descriptor) and stays as it is."""
     plan: list[tuple[nn.Module, str, str | None]] = []
+    conv_type = nn.Conv2d if any(type(m) is nn.Conv2d for m in model.modules()) else nn.Conv1d
 
     def visit(parent: nn.Module, prefix: str) -> bool:
         names = list(parent._modules.keys())
@@ -54,11 +63,12 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
             child = parent._modules[name]
             if child is None:
                 continue
-            if type(child) is nn.Conv2d:
+            if type(child) is conv_type:
                 _check_convertible(prefix + name, child)
                 nxt_name = names[i + 1] if i + 1 < len(names) else None
                 nxt = parent._modules.get(nxt_name) if nxt_name else None
-                is_norm = isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == child.out_channels
+                norm_type = nn.BatchNorm1d if type(child) is nn.Conv1d else nn.BatchNorm2d
+                is_norm = isinstance(nxt, norm_type) and nxt.num_features == child.out_channels
                 plan.append((parent, name, nxt_name if is_norm else None))
                 if which == "stem":
                     return True
@@ -70,8 +80,11 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
     return plan
 
 
-def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", **deconv_kwargs: Any) -> nn.Module:
-    """Replace ``nn.Conv2d`` layers of ``model`` (in place) with :class:`FastDeconv` carrying their weights.
+def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", calibrate: Iterable[Any] | None = None,
+               **deconv_kwargs: Any) -> nn.Module:
+    """Replace ``nn.Conv2d`` layers of ``model`` (in place) with :class:`FastDeconv` carrying their weights; in a
+    1-D network (no Conv2d), its ``nn.Conv1d`` layers with :class:`FastDeconv1d` (a ``BatchNorm1d`` right after one
+    is removed likewise).
 
     A ``BatchNorm2d`` registered directly after a converted conv in the same parent (the usual conv-bn pair of
     torchvision and timm) is removed: deconvolution replaces batch normalisation. A norm+act layer (timm's
@@ -81,13 +94,21 @@ def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", **deconv
     pixels are the most correlated). ``deconv_kwargs`` go to FastDeconv (``block``, ``n_iter``, ``eps``,
     ``sampling_stride``, ``bias``, ...). Every conv is checked before any is replaced, so an unsupported one
     raises with the model unchanged. Returns ``model``.
+
+    ``calibrate=batches`` (an iterable of input tensors, or of ``(input, ...)`` tuples as a DataLoader yields) makes
+    the conversion exact: each FastDeconv's running statistics are calibrated on the batches (what a training
+    run's running averages reach on them) and its weight and bias set so that its eval output is its conv's and
+    removed BatchNorm's, so the model computes the same function in eval (``ndeconv.layers.calibrate``). Every
+    converted conv then has a bias; the model is unchanged if any step fails.
     """
     if which not in ("all", "stem"):
         raise ValueError(f"deconvolve: which must be 'all' or 'stem', got {which!r}")
     bias = deconv_kwargs.pop("bias", None)
+    if calibrate is not None and bias is not False:
+        bias = True  # an exact conversion puts the patch mean's shift into the bias
     plan = _plan(model, which)
     if not plan:
-        raise ValueError("deconvolve: the model has no nn.Conv2d to convert")
+        raise ValueError("deconvolve: the model has no nn.Conv2d (or nn.Conv1d) to convert")
     # Every replacement is built before any is swapped in: FastDeconv's own checks (a non-square stride, a bad
     # keyword) then leave the model unchanged too.
     replacements = []
@@ -95,6 +116,10 @@ def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", **deconv
         conv = parent._modules[name]
         with_bias = bias if bias is not None else (conv.bias is not None or norm_name is not None)
         replacements.append((parent, name, norm_name, _to_fast_deconv(conv, with_bias, deconv_kwargs)))
+    if calibrate is not None:
+        from .calibrate import swap_in_calibrated
+
+        return swap_in_calibrated(model, replacements, calibrate, norm_remainder)
     for parent, name, norm_name, layer in replacements:
         setattr(parent, name, layer)
         if norm_name is not None:

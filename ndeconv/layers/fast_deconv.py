@@ -181,11 +181,15 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
         return _like(w.to(self.weight.dtype), self.weight), bias.to(self.weight.dtype)
 
-    def fuse(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` computing this layer's eval output (used by ``timm``'s ``reparameterize_model``)."""
+    # The plain convolution this layer folds into (FastDeconv1d: nn.Conv1d).
+    plain_conv_type: type[nn.Conv2d] | type[nn.Conv1d] = nn.Conv2d
+
+    def fuse(self) -> nn.Conv2d | nn.Conv1d:
+        """A plain ``nn.Conv2d`` (``plain_conv_type``) computing this layer's eval output (used by ``timm``'s
+        ``reparameterize_model``)."""
         with torch.no_grad(), full_precision(self.weight.device):
             w, b = self.folded_weight_bias(self.running_mean, self.running_deconv)
-        conv = nn.Conv2d(
+        conv = self.plain_conv_type(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, bias=True, device=w.device, dtype=w.dtype,
         )
@@ -199,18 +203,21 @@ class FastDeconv(CachedEvalFold, _ConvNd):
     def _owner(self) -> str:
         return f"FastDeconv({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(
-                f"{self._owner()}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
-                "add the missing batch/channel dimension"
-            )
+    def _check_channels(self, x: torch.Tensor) -> None:
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{self._owner()}: input has {x.shape[1]} channels but the layer was built for "
                 f"{self.in_channels}; build it with in_channels={x.shape[1]} or fix the input"
             )
         check_input_matches(self._owner(), x, self.weight)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(
+                f"{self._owner()}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
+                "add the missing batch/channel dimension"
+            )
+        self._check_channels(x)
         (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.padding
         span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
         height, width = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError, error_summary
-from ..io import atomic_write
+from ..errors import NdeconvError, UsageError, error_summary
+from ..io import atomic_write, load_torch_file
 from ..layers.fast_deconv import FastDeconv
 
 __all__ = ["CHECKPOINT_FILE", "TrainState", "load_checkpoint", "restore_checkpoint", "save_checkpoint"]
@@ -144,11 +144,10 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there; it is not a run directory of "
                          "`ndeconv train`, or the run was killed before its first checkpoint (start it again)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle/zip errors vary; all mean the same to the user
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"--resume {run_dir}: cannot read {path} ({first}); it is corrupt or not a "
-                         "checkpoint of `ndeconv train`") from err
+        payload = load_torch_file(path)  # weights-only, and checked against a SHA256SUMS beside it if any
+    except NdeconvError as err:
+        raise UsageError(f"--resume {run_dir}: cannot read it: {err}; it is corrupt or not a checkpoint of "
+                         "`ndeconv train`") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UsageError(f"--resume {run_dir}: {path} is not a checkpoint of `ndeconv train`")
     if payload.get("version") != VERSION:

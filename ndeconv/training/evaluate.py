@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..datasets import DATASETS, ImageSource
+from ..datasets import ImageSource
 from ..errors import UsageError
 from .data import Preprocess, batch_loader, eval_batches
 from .dist import DistContext
 from .metrics import topk_correct
 
-__all__ = ["EvalResult", "evaluate", "evaluate_on_dataset", "load_eval_model"]
+__all__ = ["EvalResult", "OnnxClassifier", "evaluate", "evaluate_on_dataset", "evaluate_onnx", "recorded_img_size"]
 
 
 @dataclass
@@ -73,45 +74,7 @@ def evaluate(
     return EvalResult(loss_sum / count, 100.0 * correct1 / count, 100.0 * correct5 / count, count)
 
 
-# -- models and data for ``ndeconv eval`` ------------------------------------------------------------------------
-
-
-def load_eval_model(
-    model: str | None = None,
-    checkpoint: str | Path | None = None,
-    arch: str | None = None,
-    model_args: dict[str, Any] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to evaluate and what is known of its training (``dataset``, when recorded).
-
-    ``model`` is a run directory, a zoo name with its pretrained tag (``resnet18_deconv.fashion_mnist``) or any
-    timm name with weights (``hf-hub:...``, ``local-dir:...``); ``checkpoint`` is a weights file, described by
-    the config.json beside it (a run directory's) or by ``arch`` and ``model_args``.
-    """
-    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
-
-    from ..loading import create_pretrained_model, load_checkpoint_model
-    from .loop import load_run_model, read_run_config
-
-    if (model is None) == (checkpoint is None):
-        raise UsageError("give either MODEL (a zoo name with a tag, or a run directory) or --checkpoint FILE")
-    if model is not None and Path(model).is_dir() and (Path(model) / "config.json").is_file():
-        config = read_run_config(Path(model))
-        return load_run_model(Path(model)), {"dataset": config["train"].get("dataset"), "config": config,
-                                             "label_names": config.get("label_names")}
-    if model is not None:
-        # A zoo name in any of the spellings the other commands take, or hf-hub:/local-dir:; any other name is
-        # one UsageError (``create_pretrained_model``).
-        net = create_pretrained_model(model, model_args, run_dirs=True)
-        # Zoo tags name the data the weights were trained on (fashion_mnist), also when the default tag was taken.
-        cfg = getattr(net, "pretrained_cfg", None) or {}
-        return net.eval(), {"dataset": cfg.get("tag") if cfg.get("tag") in DATASETS else None,
-                            "label_names": cfg.get("label_names")}
-
-    loaded = load_checkpoint_model(checkpoint, arch, model_args)
-    train = loaded.config.get("train") or {}
-    return loaded.model, {"dataset": train.get("dataset"), "config": loaded.config,
-                          "label_names": loaded.config.get("label_names")}
+# -- data for ``ndeconv eval`` ------------------------------------------------------------------------------------
 
 
 def recorded_img_size(info: dict[str, Any], given: int | None = None) -> int:
@@ -149,3 +112,117 @@ def evaluate_on_dataset(
                          "evaluate it on the dataset it was trained for")
     model = model.to(device)
     return evaluate(model, source, Preprocess(spec.mean, spec.std), batch_size, device, num_workers=num_workers)
+
+
+# -- ONNX files through onnxruntime (``ndeconv eval FILE.onnx``) --------------------------------------------------
+
+
+class OnnxClassifier(nn.Module):
+    """An exported classifier run by onnxruntime (CPU), callable like the PyTorch model: float32 NCHW batch in,
+    logits out. ``metadata`` is the file's metadata_props (what ``ndeconv export`` wrote: preprocessing, labels,
+    dataset). A static-batch file takes any batch: it is fed in chunks of its batch, the last one zero-filled."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UsageError(f"{path}: no such ONNX file; write one with `ndeconv export MODEL -o {self.path.name}`")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
+            raise UsageError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {err}); give an ONNX file "
+                             "written by `ndeconv export`") from err
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        inputs = self.session.get_inputs()
+        shape = inputs[0].shape
+        if len(inputs) != 1 or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+            raise UsageError(f"{path}: takes {len(inputs)} input(s), the first of shape {shape}; evaluation needs one "
+                             "image batch input N x C x H x W with fixed C, H, W (what `ndeconv export` writes)")
+        self.input_name = inputs[0].name
+        self.static_batch = shape[0] if isinstance(shape[0], int) else None
+        self.input_size: tuple[int, int, int] = tuple(shape[1:])
+        classes = self.session.get_outputs()[0].shape
+        self.num_classes = int(self.metadata.get("num_classes") or (classes[-1] if isinstance(classes[-1], int) else 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_size:
+            raise UsageError(f"{self.path} takes {'x'.join(map(str, self.input_size))} images, got "
+                             f"{'x'.join(map(str, x.shape[1:]))}")
+        x = x.detach().float().cpu().contiguous()
+        step = self.static_batch or x.shape[0]
+        outputs = []
+        for chunk in x.split(step):
+            count = chunk.shape[0]
+            if count < step:
+                chunk = torch.cat([chunk, chunk.new_zeros(step - count, *chunk.shape[1:])])
+            logits = self.session.run(None, {self.input_name: chunk.numpy()})[0]
+            outputs.append(torch.from_numpy(logits[:count]))
+        return torch.cat(outputs)
+
+
+def _metadata_list(metadata: dict[str, str], key: str, path: Path) -> list | None:
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except ValueError as err:
+        raise UsageError(f"{path}: metadata_props['{key}'] = {metadata[key]!r} is not JSON ({err}); re-export the "
+                         "file with `ndeconv export`") from err
+    return value if isinstance(value, list) else None
+
+
+def evaluate_onnx(
+    path: str | Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    subset: int | None = None,
+    class_names: Sequence[str] | None = None,
+    num_workers: int = 0,
+) -> tuple[EvalResult, dict[str, str]]:
+    """Top-1/top-5/loss of an ONNX file through onnxruntime on a dataset's test split, and its metadata_props.
+
+    The dataset (default: the one the metadata names), the normalisation (the metadata's ``mean``/``std``, else
+    the dataset's) and an image folder's size and label order (the metadata's ``input_size`` and
+    ``label_names``, unless ``class_names``) come from the file: an export of ``ndeconv export`` says all of it.
+    The images are the ones ``ndeconv eval`` feeds the PyTorch model (Fashion-MNIST zero-padded to 32x32), so
+    both give the same numbers for a faithful export."""
+    from ..datasets import get_spec, load_split
+
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    if subset is not None and subset < 1:
+        raise UsageError(f"test subset must be >= 1 image, got {subset}; leave it out to evaluate every test image")
+    model = OnnxClassifier(path)
+    metadata = model.metadata
+    dataset = dataset or metadata.get("dataset")
+    if not dataset:
+        raise UsageError(f"{path}: its metadata_props name no dataset (not written by `ndeconv export`?); pass "
+                         "--dataset (fashion_mnist, mnist, cifar10, cifar100, imagefolder)")
+    spec = get_spec(dataset)
+    if class_names is not None and spec.kind != "imagefolder":
+        raise UsageError(f"a class map orders an image folder's classes; {spec.name} has its own order: drop it or "
+                         "evaluate on an image folder (--dataset imagefolder)")
+    channels, height, width = model.input_size
+    if channels != spec.in_chans:
+        raise UsageError(f"{path} takes {channels}-channel images but {spec.name} has {spec.in_chans}; evaluate it on "
+                         "the dataset it was trained for")
+    mean = _metadata_list(metadata, "mean", model.path) or list(spec.mean)
+    std = _metadata_list(metadata, "std", model.path) or list(spec.std)
+    if len(mean) != channels or len(std) != channels:
+        raise UsageError(f"{path}: metadata_props mean {mean} / std {std} do not give {channels} values; re-export "
+                         "the file with `ndeconv export`")
+    labels = class_names or _metadata_list(metadata, "label_names", model.path)
+    source = load_split(dataset, "test", data_dir, height, model.num_classes or None, labels).subset(subset)
+    if len(source):
+        got = tuple(source.batch(torch.arange(1)).shape[-2:])
+        if got != (height, width):
+            raise UsageError(f"{path} takes {height}x{width} images but {spec.name}'s test images are "
+                             f"{got[0]}x{got[1]}; export the model at that size (ndeconv export) or evaluate it on "
+                             "its own dataset")
+    result = evaluate(model, source, Preprocess(mean, std), batch_size, "cpu", num_workers=num_workers)
+    return result, metadata

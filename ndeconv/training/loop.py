@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..datasets import get_spec, load_split
+from ..datasets import ImageSource, get_spec, load_split
 from ..errors import NdeconvError, UsageError, error_summary
 from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
 from ..layers.fast_deconv import set_fast_mode
@@ -198,7 +198,7 @@ def _versions() -> dict[str, str]:
     import numpy
     import timm
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"ndeconv": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}
@@ -325,235 +325,338 @@ def train(
 
 def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, force: bool,
          stream: TextIO | None, stops: StopRequests) -> TrainResult:
+    """The run under its lock: set up, start or resume the run directory, then train epoch by epoch."""
     progress = Progress(ctx.is_main, cfg.log_every, stream)
     if not resuming:  # again, under the lock: another run may have written it since the first check
         ctx.on_main(lambda: _check_new_run_dir(run_dir, force))
+    amp_dtype = _resolve_amp(cfg, ctx.device, resuming, progress)
+    data = _load_data(cfg)
+    parts = _build_training(cfg, ctx, data, amp_dtype)
+    if resuming:
+        state = _resume_from_checkpoint(run_dir, cfg, ctx, parts)
+        if state.finished:
+            stopped = " (stopped by --max-steps; train longer in a new run)" if (
+                state.history and state.history[-1].get("partial")) else ""
+            progress.log(f"{run_dir}: the run already finished ({state.global_step} steps){stopped}; nothing to do")
+            return TrainResult(run_dir, parts.model, state.history)
+        progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.global_step}")
+    else:
+        state = TrainState()
+        hub = _hub_config(cfg, parts.model, parts.name, data.num_classes, data.in_chans, data.class_names,
+                          time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        hub["run"]["world_size"] = ctx.world
+        hub["run"]["device"] = str(ctx.device)
+        ctx.on_main(_space_checked(run_dir, lambda: _create_run_dir(run_dir, hub)))
+    trainer = _Trainer(cfg, ctx, run_dir, data, parts, state, amp_dtype, progress, stops)
+    if not resuming:
+        trainer.save()  # a run killed before its first --checkpoint-every still resumes (from step 0)
+    return trainer.run()
+
+
+# -- setup -----------------------------------------------------------------------------------------------------
+
+
+def _resolve_amp(cfg: TrainConfig, device: torch.device, resuming: bool, progress: Progress) -> torch.dtype | None:
+    """The autocast dtype of the run (None: float32), with ``--amp auto`` resolved into ``cfg`` (and said why)."""
     if cfg.amp == "auto":  # recorded resolved: a resumed run must not pick again on another machine
-        native = native_amp_dtype(ctx.device)
+        native = native_amp_dtype(device)
         cfg.amp = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(native)
         if cfg.amp is None:
-            progress.log(f"--amp: {ctx.device} has no native reduced-precision arithmetic (bf16 on CPU needs "
+            progress.log(f"--amp: {device} has no native reduced-precision arithmetic (bf16 on CPU needs "
                          "AVX512-BF16 or AMX), where autocast is many times slower than float32: training in "
                          "float32 (pass --amp bf16 to force it)")
-    elif cfg.amp == "bf16" and not resuming and native_amp_dtype(ctx.device) is None:
-        progress.log(f"warning: --amp bf16 on {ctx.device}, which has no native bf16 arithmetic: expect steps "
+    elif cfg.amp == "bf16" and not resuming and native_amp_dtype(device) is None:
+        progress.log(f"warning: --amp bf16 on {device}, which has no native bf16 arithmetic: expect steps "
                      "many times slower than float32 (same results as a bf16 machine up to rounding order)")
-    amp_dtype = _amp_dtype(cfg.amp, ctx.device)
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return _amp_dtype(cfg.amp, device)
 
+
+@dataclass
+class _Data:
+    """The images of a run: what it trains and evaluates on (after --train-subset/--test-subset) and how."""
+
+    train: ImageSource
+    test: ImageSource
+    preprocess: Preprocess
+    num_classes: int
+    in_chans: int
+    class_names: tuple[str, ...] | None
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
     spec = get_spec(cfg.dataset)
     train_all = load_split(cfg.dataset, "train", cfg.data_dir, cfg.img_size, cfg.num_classes)
     num_classes = cfg.num_classes or spec.num_classes or len(train_all.class_names or ())
     test_all = load_split(cfg.dataset, "test", cfg.data_dir, cfg.img_size, num_classes)
-    train_src, test_src = train_all.subset(cfg.train_subset), test_all.subset(cfg.test_subset)
-    preprocess = Preprocess(spec.mean, spec.std, default_crop_padding(spec, cfg.img_size))
+    return _Data(train_all.subset(cfg.train_subset), test_all.subset(cfg.test_subset),
+                 Preprocess(spec.mean, spec.std, default_crop_padding(spec, cfg.img_size)), num_classes,
+                 spec.in_chans, train_all.class_names)
 
+
+@dataclass
+class _Parts:
+    """The model being trained and what steps it: built the same on every rank, before any checkpoint loads."""
+
+    model: nn.Module
+    name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    steps_per_epoch: int
+    layout: torch.memory_format
+
+
+def _build_training(cfg: TrainConfig, ctx: DistContext, data: _Data, amp_dtype: torch.dtype | None) -> _Parts:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time).
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     import numpy as np
 
     np.random.seed(cfg.seed % 2**32)
-    model = build_model(cfg, num_classes, spec.in_chans)
+    model = build_model(cfg, data.num_classes, data.in_chans)
     name = cfg.model_name()
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=layout)
     if cfg.sync_deconv:
         sync_deconv(model)
     if cfg.fast > 1:
         set_fast_mode(model, cfg.fast)
     optimizer = _optimizer(cfg, model)
-    steps_per_epoch = len(epoch_batches(len(train_src), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world))
+    steps_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world))
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return _Parts(model, name, optimizer, scheduler, scaler, steps_per_epoch, layout)
 
-    state = TrainState()
-    if resuming:
-        ctx.on_main(lambda: _remove_orphaned_temps(run_dir))
-        payload = load_checkpoint(run_dir)
-        # Through TrainConfig: a setting added after the run started takes its default on both sides.
-        recorded = TrainConfig.from_dict(payload.get("config", {})).to_dict()
-        saved = {k: v for k, v in recorded.items() if k not in RESUMABLE_OVERRIDES}
-        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_OVERRIDES}
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise UsageError(f"--resume {run_dir}: checkpoint.pt was written with other settings than config.json "
-                             f"({', '.join(diff)}); the run directory is mixed up")
-        # Each rank's share of an epoch, the steps per epoch and the schedule's length all follow the process
-        # count: a run continues only with the count it started with.
-        started_with = (read_run_config(run_dir).get("run") or {}).get("world_size")
-        if started_with is not None and int(started_with) != ctx.world:
-            raise UsageError(f"--resume {run_dir}: the run started with {started_with} process(es), this is "
-                             f"{ctx.world}; resume it with {started_with} (torchrun --nproc_per_node "
-                             f"{started_with}) so its batches and schedule stay the same")
-        state = restore_checkpoint(payload, model, optimizer, scheduler, scaler)
-        if state.finished:
-            stopped = " (stopped by --max-steps; train longer in a new run)" if (
-                state.history and state.history[-1].get("partial")) else ""
-            progress.log(f"{run_dir}: the run already finished ({state.global_step} steps){stopped}; nothing to do")
-            return TrainResult(run_dir, model, state.history)
-        progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.global_step}")
-    else:
-        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        hub = _hub_config(cfg, model, name, num_classes, spec.in_chans, train_all.class_names, started)
-        hub["run"]["world_size"] = ctx.world
-        hub["run"]["device"] = str(ctx.device)
 
-        def create() -> None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in _RUN_FILES:  # --force: nothing of an old run may mix into this one
-                (run_dir / stale).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-            _remove_orphaned_temps(run_dir)
-            save_json_atomic(hub, run_dir / CONFIG_FILE, finite=True)
+# -- run directory ---------------------------------------------------------------------------------------------
 
-        ctx.on_main(_space_checked(run_dir, create))
 
-    net: nn.Module = model
-    if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    board = TensorBoard(run_dir / "tensorboard", enabled=ctx.is_main)
-    if ctx.is_main:
-        params = sum(p.numel() for p in model.parameters())
-        form = "deconvolution" if cfg.deconv else "BatchNorm"
-        progress.log(f"{name} ({form}, {params / 1e6:.2f}M parameters) on {cfg.dataset}: {len(train_src)} train / "
-                     f"{len(test_src)} test images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                     f"{ctx.world} process(es) on {ctx.device} -> {run_dir}")
+def _create_run_dir(run_dir: Path, hub: dict[str, Any]) -> None:
+    """A new run's directory with its config.json (rank 0 only), nothing of an older run left in it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in _RUN_FILES:  # --force: nothing of an old run may mix into this one
+        (run_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    _remove_orphaned_temps(run_dir)
+    save_json_atomic(hub, run_dir / CONFIG_FILE, finite=True)
 
-    meter = _Meter(state.meter if ctx.is_main else None)
-    window = _Meter(state.window)  # the steps since the last steps.jsonl row (resumed with the checkpoint)
-    step_grid = max(1, steps_per_epoch // cfg.curve_rows)  # fixed by the data and config: kept on resume
-    autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps,
-                                                                                 steps_per_epoch * cfg.epochs)
 
-    def save(final_epoch: bool = False) -> None:
+def _resume_from_checkpoint(run_dir: Path, cfg: TrainConfig, ctx: DistContext, parts: _Parts) -> TrainState:
+    """The state of a run continued from its checkpoint, restored into ``parts``; refused when the checkpoint does
+    not belong to the run's config.json or the run started with another process count."""
+    ctx.on_main(lambda: _remove_orphaned_temps(run_dir))
+    payload = load_checkpoint(run_dir)
+    # Through TrainConfig: a setting added after the run started takes its default on both sides.
+    recorded = TrainConfig.from_dict(payload.get("config", {})).to_dict()
+    saved = {k: v for k, v in recorded.items() if k not in RESUMABLE_OVERRIDES}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_OVERRIDES}
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise UsageError(f"--resume {run_dir}: checkpoint.pt was written with other settings than config.json "
+                         f"({', '.join(diff)}); the run directory is mixed up")
+    # Each rank's share of an epoch, the steps per epoch and the schedule's length all follow the process
+    # count: a run continues only with the count it started with.
+    started_with = (read_run_config(run_dir).get("run") or {}).get("world_size")
+    if started_with is not None and int(started_with) != ctx.world:
+        raise UsageError(f"--resume {run_dir}: the run started with {started_with} process(es), this is "
+                         f"{ctx.world}; resume it with {started_with} (torchrun --nproc_per_node "
+                         f"{started_with}) so its batches and schedule stay the same")
+    return restore_checkpoint(payload, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
+
+
+def _write_run_state(run_dir: Path, parts: _Parts, cfg: TrainConfig, state: TrainState, final_epoch: bool) -> None:
+    """Write the checkpoint (rank 0 only), after an epoch's end its weights, metrics and curves first."""
+    if final_epoch:
+        # The epoch's results before the checkpoint that says it is done: killed in between, the run
+        # resumes from the previous checkpoint and writes them again, never "finished" without weights.
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resumed run that got past it after all
+        save_safetensors_atomic(parts.model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_metrics(state.history, run_dir / METRICS_FILE)
+        write_metrics(state.steps, run_dir / STEPS_FILE)
+        plot_curves(state.history, run_dir / CURVES_FILE, f"{parts.name} ({'ND' if cfg.deconv else 'BN'}) "
+                    f"on {cfg.dataset}", steps=state.steps)
+    save_checkpoint(run_dir, parts.model, parts.optimizer, parts.scheduler, parts.scaler, state, cfg.to_dict())
+    _remove_orphaned_temps(run_dir)  # e.g. of a run killed mid-write and resumed
+
+
+# -- training --------------------------------------------------------------------------------------------------
+
+
+class _Trainer:
+    """The epochs of one run: the training steps, checkpoints, and each epoch's evaluation and results."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, run_dir: Path, data: _Data, parts: _Parts,
+                 state: TrainState, amp_dtype: torch.dtype | None, progress: Progress, stops: StopRequests):
+        self.cfg, self.ctx, self.run_dir, self.data, self.parts, self.state = cfg, ctx, run_dir, data, parts, state
+        self.amp_dtype, self.progress, self.stops = amp_dtype, progress, stops
+        model = parts.model
+        self.net: nn.Module = model
+        if ctx.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.board = TensorBoard(run_dir / "tensorboard", enabled=ctx.is_main)
+        if ctx.is_main:
+            params = sum(p.numel() for p in model.parameters())
+            form = "deconvolution" if cfg.deconv else "BatchNorm"
+            progress.log(f"{parts.name} ({form}, {params / 1e6:.2f}M parameters) on {cfg.dataset}: "
+                         f"{len(data.train)} train / {len(data.test)} test images, {parts.steps_per_epoch} "
+                         f"steps/epoch x {cfg.epochs} epochs, {ctx.world} process(es) on {ctx.device} -> {run_dir}")
+        self.meter = _Meter(state.meter if ctx.is_main else None)
+        self.window = _Meter(state.window)  # the steps since the last steps.jsonl row (resumed with the checkpoint)
+        self.step_grid = max(1, parts.steps_per_epoch // cfg.curve_rows)  # fixed by the data and config: kept on resume
+        planned = parts.steps_per_epoch * cfg.epochs
+        self.total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
+        self.tick = time.perf_counter()  # when the training time counted in state.seconds last advanced
+
+    def run(self) -> TrainResult:
+        """The remaining epochs, each trained, evaluated and checkpointed; stopped by SIGINT/SIGTERM with a
+        checkpoint (``Interrupted``), by a diverged loss, or by --max-steps."""
+        state = self.state
+        while state.epoch < self.cfg.epochs and not state.finished:
+            epoch = state.epoch
+            batches = epoch_batches(len(self.data.train), self.cfg.batch_size, self.cfg.seed, epoch, self.ctx.rank,
+                                    self.ctx.world)
+            stopped = self.train_epoch(epoch, batches)
+            self.finish_epoch(epoch, stopped, len(batches))
+            # Asked to stop during the evaluation: the epoch's checkpoint is the one to continue from.
+            if not state.finished and self.stops.requested(self.ctx):
+                self.board.close()
+                raise self.stops.error(self.ctx, self.run_dir, state.global_step)
+        self.board.close()
+        self.progress.log(f"done: {self.run_dir / WEIGHTS_FILE}")
+        return TrainResult(self.run_dir, self.parts.model, state.history)
+
+    def save(self, final_epoch: bool = False) -> None:
+        """A checkpoint (and, at an epoch's end, the epoch's results) in the run directory."""
+        state, ctx = self.state, self.ctx
         # All ranks' sums go into rank 0's (the one that saves); the others start again from zero.
-        state.meter = meter.reduce(ctx) if not final_epoch else {}
-        state.window = dict(window.sums)
-        meter.sums = _Meter(state.meter if ctx.is_main else None).sums
+        state.meter = self.meter.reduce(ctx) if not final_epoch else {}
+        state.window = dict(self.window.sums)
+        self.meter.sums = _Meter(state.meter if ctx.is_main else None).sums
+        ctx.on_main(_space_checked(self.run_dir,
+                                   lambda: _write_run_state(self.run_dir, self.parts, self.cfg, state, final_epoch)))
 
-        def write() -> None:
-            if final_epoch:
-                # The epoch's results before the checkpoint that says it is done: killed in between, the run
-                # resumes from the previous checkpoint and writes them again, never "finished" without weights.
-                (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resumed run that got past it after all
-                save_safetensors_atomic(model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-                write_metrics(state.history, run_dir / METRICS_FILE)
-                write_metrics(state.steps, run_dir / STEPS_FILE)
-                plot_curves(state.history, run_dir / CURVES_FILE, f"{name} ({'ND' if cfg.deconv else 'BN'}) "
-                            f"on {cfg.dataset}", steps=state.steps)
-            save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, cfg.to_dict())
-            _remove_orphaned_temps(run_dir)  # e.g. of a run killed mid-write and resumed
-
-        ctx.on_main(_space_checked(run_dir, write))
-
-    if not resuming:
-        save()  # a run killed before its first --checkpoint-every still resumes (from step 0)
-
-    while state.epoch < cfg.epochs and not state.finished:
-        epoch = state.epoch
-        batches = epoch_batches(len(train_src), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world)
-        net.train()
-        tick = time.perf_counter()
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> bool:
+        """The epoch's remaining training steps; True when --max-steps stopped it."""
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        self.net.train()
+        self.tick = time.perf_counter()
         stop = False
         for step, (images, labels) in enumerate(
-            batch_loader(train_src, batches[state.step_in_epoch:], cfg.num_workers), start=state.step_in_epoch
+            batch_loader(self.data.train, batches[state.step_in_epoch:], cfg.num_workers), start=state.step_in_epoch
         ):
-            x = preprocess(images, Preprocess.generator(cfg.seed, epoch, step, ctx.rank)).to(ctx.device)
-            x = x.contiguous(memory_format=layout)
+            x = self.data.preprocess(images, Preprocess.generator(cfg.seed, epoch, step, ctx.rank)).to(ctx.device)
+            x = x.contiguous(memory_format=self.parts.layout)
             y = labels.to(ctx.device)
-            try:
-                with autocast():
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-            except FloatingPointError as err:
-                # A deconvolution layer refuses a non-finite covariance (the weights diverged at the step before):
-                # the same divergence, met before the loss.
-                raise _diverged(ctx, run_dir, cfg, state, epoch, optimizer, tick, "non-finite") from err
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if cfg.lr_scheduler == "cosine":
-                scheduler.step()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise _diverged(ctx, run_dir, cfg, state, epoch, optimizer, tick, str(loss_value))
-            c1, c5 = topk_correct(logits.detach().float(), y)
-            meter.update(loss_value, c1, c5, y.numel())
-            window.update(loss_value, c1, c5, y.numel())
-            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
-            now = time.perf_counter()
-            state.seconds += now - tick
-            tick = now
-            if ctx.is_main and state.global_step % step_grid == 0:
-                w_loss, w_top1, _ = _Meter.summary(window.sums)
-                state.steps.append({"step": state.global_step, "epoch": epoch + state.step_in_epoch / len(batches),
-                                    "lr": optimizer.param_groups[0]["lr"], "train_loss": w_loss, "train_top1": w_top1})
-                board.scalar("train/step_loss", w_loss, state.global_step)
-                window = _Meter()
-            if ctx.is_main:
-                done = max(state.global_step, 1)
-                rate = meter.sums["count"] * ctx.world / max(state.seconds, 1e-9)
-                _, top1, _ = _Meter.summary(meter.sums)
-                eta = (total_steps - done) * cfg.batch_size * ctx.world / max(rate, 1e-9)
-                eta += _eval_seconds_left(state.history, epoch, total_steps, steps_per_epoch, len(test_src), rate)
-                progress.step(epoch + 1, cfg.epochs, step + 1, len(batches), state.global_step, loss_value, top1,
-                              rate, eta)
+            loss, logits = self.train_step(x, y, epoch)
+            self.count_step(loss, logits, y, epoch, step, len(batches))
             stop = cfg.max_steps is not None and state.global_step >= cfg.max_steps
             # SIGINT/SIGTERM: a checkpoint now, at a step boundary (at an epoch's last step, the epoch's own).
-            interrupted = not stop and state.step_in_epoch < len(batches) and stops.requested(ctx)
+            interrupted = not stop and state.step_in_epoch < len(batches) and self.stops.requested(ctx)
             if (interrupted or cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0) and not stop \
                     and state.step_in_epoch < len(batches):
-                save()
+                self.save()
                 if interrupted:
-                    board.close()
-                    raise stops.error(ctx, run_dir, state.global_step)
-                progress.log(f"checkpoint at step {state.global_step}")
-                tick = time.perf_counter()
+                    self.board.close()
+                    raise self.stops.error(ctx, self.run_dir, state.global_step)
+                self.progress.log(f"checkpoint at step {state.global_step}")
+                self.tick = time.perf_counter()
             if stop:
                 break
+        return stop
 
-        # Epoch end (or --max-steps): every rank takes rank 0's whitening statistics, then all evaluate.
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor]:
+        """One optimizer (and cosine LR) step on a batch: its loss and logits; a non-finite loss ends the run."""
+        parts, optimizer = self.parts, self.parts.optimizer
+        try:
+            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+                logits = self.net(x)
+            loss = F.cross_entropy(logits.float(), y)
+        except FloatingPointError as err:
+            # A deconvolution layer refuses a non-finite covariance (the weights diverged at the step before):
+            # the same divergence, met before the loss.
+            raise self.diverged(epoch, "non-finite") from err
+        optimizer.zero_grad(set_to_none=True)
+        if parts.scaler is not None:
+            parts.scaler.scale(loss).backward()
+            parts.scaler.step(optimizer)
+            parts.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if self.cfg.lr_scheduler == "cosine":
+            parts.scheduler.step()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise self.diverged(epoch, str(loss_value))
+        return loss_value, logits
+
+    def diverged(self, epoch: int, loss: str) -> UsageError:
+        """The divergence recorded in the run directory (``_diverged``), as the error that ends the run."""
+        return _diverged(self.ctx, self.run_dir, self.cfg, self.state, epoch, self.parts.optimizer, self.tick, loss)
+
+    def count_step(self, loss: float, logits: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
+                   epoch_steps: int) -> None:
+        """A finished step in the sums, the step counters, the within-epoch curve and the progress line."""
+        state, ctx = self.state, self.ctx
+        c1, c5 = topk_correct(logits.detach().float(), y)
+        self.meter.update(loss, c1, c5, y.numel())
+        self.window.update(loss, c1, c5, y.numel())
+        state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+        now = time.perf_counter()
+        state.seconds += now - self.tick
+        self.tick = now
+        if ctx.is_main and state.global_step % self.step_grid == 0:
+            w_loss, w_top1, _ = _Meter.summary(self.window.sums)
+            state.steps.append({"step": state.global_step, "epoch": epoch + state.step_in_epoch / epoch_steps,
+                                "lr": self.parts.optimizer.param_groups[0]["lr"], "train_loss": w_loss,
+                                "train_top1": w_top1})
+            self.board.scalar("train/step_loss", w_loss, state.global_step)
+            self.window = _Meter()
+        if ctx.is_main:
+            cfg = self.cfg
+            done = max(state.global_step, 1)
+            rate = self.meter.sums["count"] * ctx.world / max(state.seconds, 1e-9)
+            _, top1, _ = _Meter.summary(self.meter.sums)
+            eta = (self.total_steps - done) * cfg.batch_size * ctx.world / max(rate, 1e-9)
+            eta += _eval_seconds_left(state.history, epoch, self.total_steps, self.parts.steps_per_epoch,
+                                      len(self.data.test), rate)
+            self.progress.step(epoch + 1, cfg.epochs, step + 1, epoch_steps, state.global_step, loss, top1, rate,
+                               eta)
+
+    def finish_epoch(self, epoch: int, stopped: bool, epoch_steps: int) -> None:
+        """Epoch end, or a --max-steps stop (``stopped``): evaluate, record the epoch's row, write its results and
+        checkpoint, and log it."""
+        cfg, ctx, state, model = self.cfg, self.ctx, self.state, self.parts.model
+        # Every rank takes rank 0's whitening statistics, then all evaluate.
         ctx.broadcast_buffers(model)
-        train_sums = meter.reduce(ctx)
+        train_sums = self.meter.reduce(ctx)
         train_loss, train_top1, train_top5 = _Meter.summary(train_sums)
-        progress.log(f"evaluating {len(test_src)} test images")
+        self.progress.log(f"evaluating {len(self.data.test)} test images")
         eval_start = time.perf_counter()
-        result = evaluate(model, test_src, preprocess, max(cfg.batch_size, 256), ctx.device, amp_dtype, ctx,
-                          cfg.num_workers, layout)
+        result = evaluate(model, self.data.test, self.data.preprocess, max(cfg.batch_size, 256), ctx.device,
+                          self.amp_dtype, ctx, cfg.num_workers, self.parts.layout)
         row = {
-            "epoch": epoch + 1, "step": state.global_step, "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch + 1, "step": state.global_step, "lr": self.parts.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss, "train_top1": train_top1, "train_top5": train_top5,
             "test_loss": result.loss, "test_top1": result.top1, "test_top5": result.top5,
             "seconds": state.seconds, "images_per_s": train_sums["count"] / max(state.seconds, 1e-9),
             "eval_seconds": time.perf_counter() - eval_start,
         }
-        if stop and state.step_in_epoch < len(batches):
+        if stopped and state.step_in_epoch < epoch_steps:
             row["partial"] = True  # stopped by --max-steps inside the epoch
         if cfg.lr_scheduler == "multistep":
-            scheduler.step()
+            self.parts.scheduler.step()
         state.history.append(row)
         state.epoch, state.step_in_epoch, state.seconds = epoch + 1, 0, 0.0
-        state.finished = stop or state.epoch >= cfg.epochs
-        save(final_epoch=True)
+        state.finished = stopped or state.epoch >= cfg.epochs
+        self.save(final_epoch=True)
         if ctx.is_main:
             for key in ("train_loss", "train_top1", "test_loss", "test_top1", "lr", "images_per_s"):
-                board.scalar(key.replace("_", "/", 1) if key != "lr" else key, row[key], epoch + 1)
-        progress.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} top1 {train_top1:.2f}% | "
-                     f"test loss {result.loss:.4f} top1 {result.top1:.2f}% top5 {result.top5:.2f}% | "
-                     f"{row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s")
-        if not state.finished and stops.requested(ctx):  # asked during the evaluation: the epoch's checkpoint
-            board.close()
-            raise stops.error(ctx, run_dir, state.global_step)
-    board.close()
-    progress.log(f"done: {run_dir / WEIGHTS_FILE}")
-    return TrainResult(run_dir, model, state.history)
+                self.board.scalar(key.replace("_", "/", 1) if key != "lr" else key, row[key], epoch + 1)
+        self.progress.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f} top1 {train_top1:.2f}% | "
+                          f"test loss {result.loss:.4f} top1 {result.top1:.2f}% top5 {result.top5:.2f}% | "
+                          f"{row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s")
 
 
 def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -1,0 +1,236 @@
+"""Folded files: safetensors + config.json naming the folded architecture, reloaded with a strict state_dict.
+
+A file records the architecture and its ``model_args`` (with ``folded=True``) and the BatchNorm pairs the opt-in
+pass fused; ``load_folded`` is ``timm.create_model(architecture, **model_args)``, those pairs fused, and
+``load_state_dict(strict=True)``. Files of format 1 (the per-layer spec, tests/fixtures/folded_v1) still load,
+to the numbers the ndeconv that wrote them gave, or say in one line how to fold the source again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+import ndeconv  # noqa: F401 - registers the zoo
+from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.convert import (
+    FoldWarning,
+    fold,
+    fold_with_report,
+    is_folded_file,
+    load_folded,
+    output_difference,
+    save_folded,
+)
+from ndeconv.convert.folded_io import METADATA_KEY
+from ndeconv.errors import NdeconvError, UsageError
+from ndeconv.io import save_safetensors_atomic
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FOLDED_V1 = Path(__file__).resolve().parent / "fixtures" / "folded_v1"
+V1_CASES = ["pnasnet_a_nd", "pnasnet_a_bn_channel_deconv"]
+
+
+def moved(model: nn.Module) -> nn.Module:
+    """One train-mode forward on offset data: running statistics off their initial values (cheap for PNASNet)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.train()(torch.randn(4, model.conv1.in_channels, 32, 32) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def quiet_fold(model: nn.Module, **kwargs) -> tuple[nn.Module, object]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FoldWarning)
+        return fold_with_report(model, check=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,fuse_bn", [
+    (dict(), False),
+    (dict(deconv=False), True),
+    (dict(deconv=False), False),
+    (dict(delinear=False, block_fc=16), False),
+], ids=["nd", "bn-fused", "bn-kept", "channel-deconv"])
+def test_folded_file_is_the_folded_architecture(tmp_path, kwargs, fuse_bn) -> None:
+    model = moved(timm.create_model("pnasnet_a_deconv", in_chans=1, num_classes=5, **kwargs))
+    folded, report = quiet_fold(model, fuse_batchnorm=fuse_bn)
+    weights, config_path = save_folded(folded, tmp_path / "model.safetensors", source={"model": "pnasnet_a_deconv"})
+    config = json.loads(config_path.read_text())
+    assert config["format_version"] == 2 and "layers" not in config  # no per-layer spec any more
+    assert config["model_args"] == {**folded.deconv_settings.to_dict(), "num_classes": 5, "in_chans": 1,
+                                    "global_pool": "avg"} and config["model_args"]["folded"] is True
+    assert config["fused_batchnorms"] == report.bn_fused and bool(report.bn_fused) == fuse_bn
+    assert config["fold"]["summary"] == report.summary()  # the report fold left on the model
+
+    x = torch.randn(2, 1, 32, 32)
+    loaded = load_folded(weights)
+    assert not {type(m) for m in loaded.modules()} & {FastDeconv, Delinear, ChannelDeconv}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), folded(x))
+    # A model file that does not pass its ChannelDeconv's channel count yet (settings.channel_deconv(C)) loads
+    # through load_folded alone, which sizes the plain layer from its weights.
+    sized = getattr(model, "deconv1", None) is None or model.deconv1.num_channels is not None
+    if not fuse_bn and sized:
+        # Nothing but timm: the recorded name and model_args, and a strict state_dict.
+        built = timm.create_model(config["architecture"], **config["model_args"])
+        built.load_state_dict(load_file(str(weights)), strict=True)
+        with torch.no_grad():
+            assert torch.equal(built.eval()(x), folded(x))
+
+
+def test_reparameterized_model_saves_as_folded(tmp_path) -> None:
+    """timm's reparameterize_model gives the same network as fold: it saves and loads the same way."""
+    from timm.models import reparameterize_model
+
+    model = moved(timm.create_model("pnasnet_a_deconv", in_chans=1))
+    plain = reparameterize_model(model)
+    assert not plain.deconv_settings.folded  # timm's walk leaves the settings: save_folded records the folded ones
+    path, config_path = save_folded(plain, tmp_path / "m.safetensors")
+    assert json.loads(config_path.read_text())["model_args"]["folded"] is True
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_folded(path)(x), fold(model, check=False)(x))
+
+
+@pytest.mark.parametrize("which", ["all", "stem"])
+def test_deconvolved_batchnorm_model_saves_as_folded(tmp_path, which) -> None:
+    """A BatchNorm zoo model with deconvolution put in by deconvolve() (what `ndeconv convert-bn` does) has its
+    BatchNorms removed the way the pass fuses them: the file records those pairs, whoever removed them."""
+    from ndeconv import deconvolve
+
+    model = timm.create_model("pnasnet_a_deconv", in_chans=1, deconv=False)
+    deconvolve(model, which=which)
+    folded = fold(moved(model), check=False)  # the default fold: no BatchNorm pass
+    path, config_path = save_folded(folded, tmp_path / "m.safetensors")
+    fused = json.loads(config_path.read_text())["fused_batchnorms"]
+    assert fused == ({"bn1": "conv1"} if which == "stem" else fused) and len(fused) == (1 if which == "stem" else 23)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_folded(path)(x), folded(x))
+
+
+def test_save_refuses_what_it_could_not_load(tmp_path) -> None:
+    """A folded model changed beyond what its architecture can rebuild (a BatchNorm dropped, its conv left
+    bias-free) is refused before any file is written, in one line naming the difference."""
+    folded = quiet_fold(moved(timm.create_model("pnasnet_a_deconv", in_chans=1, deconv=False)))[0]
+    folded.layer1[0].sep_conv1.bn1 = nn.Identity()
+    with pytest.raises(NdeconvError, match=r"cannot save folded weights: .*missing layer1\.0\.sep_conv1\.conv1"
+                                           r"\.bias"):
+        save_folded(folded, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_refuses_a_model_without_zoo_settings(tmp_path) -> None:
+    folded = fold(moved(timm.create_model("pnasnet_a_deconv", in_chans=1)), check=False)
+    del folded.deconv_settings
+    with pytest.raises(UsageError, match="only zoo models"):
+        save_folded(folded, tmp_path / "m.safetensors")
+
+
+# -- format version 1 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", V1_CASES)
+def test_version_1_file_loads_to_the_numbers_it_gave(case) -> None:
+    """Files written by ndeconv 9fe6000 (per-layer spec): that ndeconv's loader's logits, to float32 rounding (a
+    convolution's sum order follows the thread count, so not bit for bit across machines)."""
+    io = load_file(str(FOLDED_V1 / "io.safetensors"))
+    path = FOLDED_V1 / case / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY])["format_version"] == 1
+    assert is_folded_file(path)
+    model = load_folded(path)
+    with torch.no_grad():
+        logits = model(io["x"])
+    assert output_difference(io[f"{case}.logits"], logits)[1] <= 1e-6
+    assert output_difference(io[f"{case}.unfolded_logits"], logits)[1] <= 1e-5
+
+
+def _rewrite_v1(tmp_path: Path, case: str, edit) -> Path:
+    """A copy of a version-1 fixture whose config (embedded and beside it) ``edit`` changed."""
+    folder = tmp_path / case
+    shutil.copytree(FOLDED_V1 / case, folder)
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()[METADATA_KEY])
+    edit(config)
+    text = json.dumps(config)
+    save_safetensors_atomic(load_file(str(path)), path, metadata={METADATA_KEY: text, "format": "pt"})
+    (folder / "config.json").write_text(text)
+    return path
+
+
+def test_version_1_file_that_does_not_rebuild_says_how_to_refold(tmp_path) -> None:
+    def widen(config: dict) -> None:
+        config["layers"]["conv1"]["padding"] = [2, 2]  # a layer the folded architecture does not build
+
+    path = _rewrite_v1(tmp_path, "pnasnet_a_nd", widen)
+    with pytest.raises(NdeconvError) as caught:
+        load_folded(path)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and "folded format 1" in message and "layer conv1 differs" in message
+    assert message.endswith(f"fold the source again: ndeconv fold pnasnet_a_deconv -o {path} --force")
+
+
+def test_version_1_file_without_settings_says_how_to_refold(tmp_path) -> None:
+    def forget(config: dict) -> None:
+        config["folded_from"] = {"checkpoint": "runs/x/model.safetensors"}
+
+    path = _rewrite_v1(tmp_path, "pnasnet_a_bn_channel_deconv", forget)
+    with pytest.raises(NdeconvError, match="records no deconvolution settings.*ndeconv fold --checkpoint "
+                                           "runs/x/model.safetensors --arch pnasnet_a_deconv -o"):
+        load_folded(path)
+
+
+def test_version_1_file_saved_without_its_report_loads(tmp_path) -> None:
+    """save_folded(folded) without a report wrote no BatchNorm pairs: the pass finds them on the rebuilt
+    architecture again, and the layer spec confirms it."""
+    io = load_file(str(FOLDED_V1 / "io.safetensors"))
+    path = _rewrite_v1(tmp_path / "nd", "pnasnet_a_nd", lambda config: config.update(fold=None))
+    with torch.no_grad():
+        assert output_difference(io["pnasnet_a_nd.logits"], load_folded(path)(io["x"]))[1] <= 1e-6
+    path = _rewrite_v1(tmp_path, "pnasnet_a_bn_channel_deconv", lambda config: config.update(fold=None))
+    if timm.create_model("pnasnet_a_deconv", delinear=False, block_fc=16).deconv1.num_channels is None:
+        # A model file that does not size its ChannelDeconv cannot build the plain layer, and without the
+        # report nothing says which layer the ChannelDeconv was: one clear line.
+        with pytest.raises(NdeconvError, match="ChannelDeconv but the folded config does not name it"):
+            load_folded(path)
+    else:
+        key = "pnasnet_a_bn_channel_deconv.logits"
+        with torch.no_grad():
+            assert output_difference(io[key], load_folded(path)(io["x"]))[1] <= 1e-6
+
+
+def test_newer_format_is_refused(tmp_path) -> None:
+    folded = fold(moved(timm.create_model("pnasnet_a_deconv", in_chans=1)), check=False)
+    path, config_path = save_folded(folded, tmp_path / "m.safetensors")
+    config = json.loads(config_path.read_text())
+    config["format_version"] = 3
+    save_safetensors_atomic(load_file(str(path)), path, metadata={METADATA_KEY: json.dumps(config), "format": "pt"})
+    with pytest.raises(NdeconvError, match="folded format version 3 is newer than this ndeconv reads"):
+        load_folded(path)
+
+
+def test_folded_file_loads_on_its_dtype(tmp_path) -> None:
+    folded = fold(copy.deepcopy(moved(timm.create_model("pnasnet_a_deconv", in_chans=1))).double(), check=False)
+    path, _ = save_folded(folded, tmp_path / "m.safetensors")
+    loaded = load_folded(path)
+    assert next(loaded.parameters()).dtype == torch.float64
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), folded(x))
