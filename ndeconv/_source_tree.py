@@ -39,5 +39,7 @@ def mount(package_dir: Path) -> None:
         return
     if not all((root / name / "__init__.py").is_file() for name in SUBPACKAGES):
         return
-    if not any(isinstance(f, SiblingFinder) for f in sys.meta_path):
-        sys.meta_path.append(SiblingFinder(root))
+    # First in line: these two names must resolve beside *this* ndeconv, also when an editable install of another
+    # checkout maps them elsewhere (torch.hub loading a clone on a machine with a dev install).
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, SiblingFinder)]
+    sys.meta_path.insert(0, SiblingFinder(root))

@@ -2,7 +2,7 @@
 # Run ruff and the whole test suite in a virtual environment: .venv in the repository root, made with
 # `python3 -m venv` on first use and reused after. Everything the tests need goes into it (torch, the package
 # with its dev extra), never into whatever Python is active; a fresh Debian machine also gets the
-# dataset-fashion-mnist package. About 6 minutes in CI.
+# dataset-fashion-mnist package. The suite takes about 8 minutes on 2 cores.
 # Usage: scripts/test.sh [pytest args...]      e.g. scripts/test.sh -m "not slow" for the quick part
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -17,16 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    # Built from a copy of the sources (setuptools builds in the source tree and would leave build/ there, whose
-    # stale files a later wheel could pick up); the weights are linked in, so leaving them out is the project
-    # configuration's doing.
+def source(tmp_path_factory) -> Path:
+    """A copy of the sources, as a clone has them (the weights linked in)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "hubconf.py"):
         shutil.copy2(ROOT / name, source / name)
     for folder in ("ndeconv", "zoo", "convert"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "weights"))
     (source / "zoo" / "weights").symlink_to(ROOT / "zoo" / "weights", target_is_directory=True)
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory) -> Path:
+    # Built from a copy of the sources (setuptools builds in the source tree and would leave build/ there, whose
+    # stale files a later wheel could pick up); the weights are linked in, so leaving them out is the project
+    # configuration's doing.
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(out)],
@@ -84,3 +90,18 @@ def test_pip_install_reads_weights_named_by_the_environment(installed, tmp_path)
     run = _run_installed(installed, tmp_path, LOAD.format(site=str(installed)), NDECONV_WEIGHTS=str(weights))
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"FILE {weights / 'resnet18_deconv.fashion_mnist' / 'model.safetensors'}" in run.stdout
+
+
+def test_a_clone_resolves_its_own_zoo_and_converter(source, tmp_path):
+    # torch.hub's source='local' on a clone: ndeconv.zoo and ndeconv.convert are the clone's folders beside its
+    # ndeconv/, also when an editable install of another checkout (this one, in the test run) maps those names.
+    code = f"""
+import torch
+model = torch.hub.load({str(source)!r}, 'resnet18_deconv', source='local', pretrained=False)
+import ndeconv, ndeconv.zoo, ndeconv.convert
+for module in (ndeconv, ndeconv.zoo, ndeconv.convert):
+    assert module.__file__.startswith({str(source)!r}), module.__file__
+print('OK')
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-2000:]
