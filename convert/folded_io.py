@@ -76,6 +76,8 @@ def folded_config(folded: nn.Module, report: FoldReport | None = None, source: d
     # A model folded by timm's reparameterize_model keeps its unfolded settings: the architecture is the folded one.
     model_args = {**dataclasses.replace(settings, folded=True).to_dict(), "num_classes": num_classes,
                   "in_chans": in_chans, "global_pool": global_pool}
+    if hasattr(folded, "aux_classifier"):  # a segmentation model (torchvision's FCN/DeepLabV3): its builder's aux head
+        model_args["aux_loss"] = folded.aux_classifier is not None
     source_settings = getattr(folded, "folded_from_settings", settings)
     return {
         "format": FOLDED_FORMAT,
@@ -213,7 +215,15 @@ def _create(architecture: str, model_args: dict[str, Any], path: Path) -> nn.Mod
     import timm
 
     import ndeconv.zoo  # noqa: F401 - registers the architectures with timm
+    from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
+    if architecture in SEGMENTATION_MODELS:  # a torchvision-style builder (not timm's): no global pool to pass
+        model_args = {k: v for k, v in model_args.items() if k != "global_pool"}
+        try:
+            return SEGMENTATION_MODELS[architecture](**model_args)
+        except TypeError as err:
+            raise NdeconvError(f"{path}: {architecture} does not build with the recorded model_args ({err}); fold "
+                               "the source again with this ndeconv's `ndeconv fold`") from err
     if not timm.is_model(architecture):
         raise UsageError(f"{path}: unknown architecture {architecture!r}")
     try:

@@ -3,7 +3,9 @@
 SOURCE is a zoo name with or without its pretrained tag (``resnet18_deconv.fashion_mnist``, the authors' names
 too), timm's ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER``, a run directory of ``ndeconv train``, or a weights
 file: safetensors, a torch checkpoint of tensors (the authors' ``main.py`` checkpoints, timm's ``train.py``
-``model_best.pth.tar``), or folded weights written by ``ndeconv fold``.
+``model_best.pth.tar``), or folded weights written by ``ndeconv fold``. A segmentation model's name
+(``fcn_resnet50_deconv``, the authors' ``fcn_resnet50d``) builds its torchvision-style builder, not a timm model:
+untrained with ``random_init`` (no weights exist for them), or from a checkpoint of it.
 
 A checkpoint is a state_dict of a zoo model: safetensors (what ``ndeconv train`` and ``convert-reference``
 write), or a torch file read with ``weights_only=True`` (never unpickling code; the authors' checkpoints keep
@@ -133,6 +135,8 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
     import ndeconv.zoo as zoo
 
     name = zoo.resolve_model_name(str(name))
+    if name in _segmentation_models():
+        return _load_segmentation_checkpoint(path, name, state, config, arch, model_args)
     args = infer_model_args(state, name)
     describes = arch is None or config.get("architecture") in (name, name.removesuffix("_deconv"))
     if describes:
@@ -158,9 +162,47 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
     return LoadedCheckpoint(model.eval(), name, args, config)
 
 
+def _segmentation_models() -> dict[str, Any]:
+    """The segmentation builders by zoo name (torchvision-style, not timm models: timm cannot create them)."""
+    from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
+
+    return SEGMENTATION_MODELS
+
+
+def _load_segmentation_checkpoint(path: Path, name: str, state: dict[str, torch.Tensor], config: dict[str, Any],
+                                  arch: str | None, model_args: dict[str, Any] | None) -> LoadedCheckpoint:
+    """A segmentation state_dict (what ``ndeconv convert-reference`` writes for ``fcn_resnet50d`` ...) in its builder:
+    the shape from the state_dict (form, classes, aux head, block), then the config.json beside it, then the caller."""
+    from ndeconv.convert.reference import _segmentation_args
+
+    try:
+        args = _segmentation_args(name, state)
+    except NdeconvError as err:
+        raise UsageError(f"{path}: {err}; check --arch") from err
+    if arch is None or config.get("architecture") == name:
+        recorded = dict(config.get("model_args") or {})
+        recorded.update({k: config[k] for k in ("num_classes", "in_chans") if k in config})
+        args.update({k: v for k, v in recorded.items() if v is not None})
+    args.update(model_args or {})
+    try:
+        model = _segmentation_models()[name](**args)
+        model.pretrained_cfg = {"architecture": name}  # what `ndeconv fold` records, as for a timm model
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"cannot build {name} with {args}: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UsageError(f"{path} does not fit {name} ({detail}); check --arch") from err
+    return LoadedCheckpoint(model.eval(), name, args, config)
+
+
 # -- models named by MODEL[.TAG], hf-hub:ORG/NAME or local-dir:FOLDER ------------------------------------------
 
 HUB_PREFIX, LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
+# The one line for a segmentation model named without --random-init (the authors released no segmentation weights).
+_NO_SEGMENTATION_WEIGHTS = ("no pretrained weights exist for the segmentation models; build it untrained with "
+                            "--random-init, or load your own with --checkpoint FILE --arch NAME")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -211,6 +253,10 @@ def pretrained_model_name(spec: str, run_dirs: bool = False) -> str:
                          "name (MODEL[.TAG] holds no '/', e.g. resnet18_deconv.fashion_mnist; see `ndeconv list`)")
     arch, _, tag = spec.partition(".")
     arch = zoo.resolve_model_name(arch)
+    if arch in _segmentation_models():
+        if tag:
+            raise UsageError(f"{arch} has no pretrained tag {tag!r}: {_NO_SEGMENTATION_WEIGHTS}")
+        return arch
     tags = registered_tags(arch)
     if tag and tag not in tags:
         raise UsageError(f"{arch} has no pretrained tag {tag!r}; known: {', '.join(tags) or 'none'}")
@@ -312,6 +358,12 @@ def load_model(
     if arch is not None:
         raise UsageError("--arch describes a weights file (--checkpoint); with a model name, drop it")
     name = pretrained_model_name(text, run_dirs=True)  # a name that names nothing fails here, before anything else
+    if name in _segmentation_models():  # a torchvision-style builder, not a timm model
+        if not random_init:
+            raise UsageError(f"{source}: {_NO_SEGMENTATION_WEIGHTS}")
+        model = _segmentation_models()[name](**(model_args or {}))
+        model.pretrained_cfg = {"architecture": name}  # what `ndeconv fold` records, as for a timm model
+        return LoadedModel(model.eval(), "random-init", {"model": name, "weights": "random init"})
     if random_init:
         import timm
 

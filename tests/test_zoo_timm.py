@@ -143,6 +143,32 @@ def test_list_command(capsys):
     assert '"params": 14728266' in capsys.readouterr().out
 
 
+def test_list_shows_every_group_with_the_authors_names(capsys):
+    import json
+
+    from ndeconv.cli import main
+    from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
+
+    assert main(["list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # The paper's ten first, as the JSON always had them; then every other zoo model, each in its group.
+    assert [r["name"] for r in rows[:10]] == list(zoo.ZOO_MODELS)
+    assert all({"name", "params", "tags"} <= set(r) and r["group"] == "paper" for r in rows[:10])
+    by_group = {g: [r["name"] for r in rows if r["group"] == g] for g in ("extra", "imagenet", "segmentation")}
+    assert by_group == {"extra": zoo.EXTRA_MODELS, "imagenet": zoo.IMAGENET_MODELS,
+                        "segmentation": sorted(SEGMENTATION_MODELS)}
+    named = {r["name"]: r["authors_names"] for r in rows}
+    assert named["resnet18_deconv"] == ["resnet"] and named["fcn_resnet50_deconv"] == ["fcn_resnet50d"]
+    # Every name of REFERENCE_ARCHS is shown beside the model it resolves to.
+    assert sorted(n for names in named.values() for n in names) == sorted(zoo.REFERENCE_ARCHS)
+    assert all(r["tags"] == [] for r in rows[10:])
+    assert main(["list", "--group", "segmentation", "fcn*"]) == 0
+    out = capsys.readouterr().out
+    assert "# the segmentation builders" in out and "fcn_resnet101d" in out and "resnet18_deconv" not in out
+    assert main(["list", "no_such_model*"]) == 0
+    assert "no zoo model matches" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", sorted(zoo.ZOO_MODELS))
 def test_features_only_matches_feature_info(name):
     model = timm.create_model(name, features_only=True).eval()

@@ -58,8 +58,9 @@ class ZooClassifierMixin:
         their whitening frozen after its first steps.
         """
         settings = self.deconv_settings
-        self.conv1 = settings.conv(in_chans, out_chs, kernel_size, 1, kernel_size // 2, **deconv_overrides)
-        self.bn1 = settings.norm(out_chs)
+        # stem_*: the hybrid (deconv="stem") whitens here, with these overrides, and norms only past the stem.
+        self.conv1 = settings.stem_conv(in_chans, out_chs, kernel_size, 1, kernel_size // 2, **deconv_overrides)
+        self.bn1 = settings.stem_norm(out_chs)
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         self.num_classes = num_classes

@@ -56,5 +56,5 @@ def imagenet_kwargs(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> d
             "shipped); build it with pretrained=False, or load your own with pretrained_cfg_overlay=dict(file=...)")
     kwargs = dict(kwargs)
     if kwargs.get("block_fc") is None:
-        kwargs["block_fc"] = IMAGENET_BLOCK_FC if kwargs.get("deconv", True) else 0
+        kwargs["block_fc"] = IMAGENET_BLOCK_FC if kwargs.get("deconv", True) is True else 0  # "stem": the BN head
     return kwargs

@@ -6,12 +6,17 @@ baseline (bias-free Conv2d + BatchNorm2d, Linear head), so one definition builds
 pattern: every FastDeconv a Conv2d with bias, the head a Linear, a ChannelDeconv its 1x1 Conv2d (a Linear
 on (N, C) features), norms as they are. ``timm.create_model(name, folded=True)`` then takes a folded
 state_dict with ``strict=True``, and no deconvolution layer is ever constructed.
+
+``deconv="stem"`` is the hybrid (the fastai port's): the stem conv a FastDeconv with the stem's own settings and no
+norm after it, as the deconvolution form's; every other conv, norm and the head as the BatchNorm form's. Models
+build their stem with ``stem_conv``/``stem_norm`` and ask ``body_deconv`` (never ``deconv``'s truthiness, which
+"stem" has) for the form of the rest.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -32,10 +37,11 @@ class DeconvSettings:
     ``block_fc=None`` means the reference's defaults for the chosen form: 512 for
     deconvolution (a Delinear head), 0 for the BatchNorm baseline (a plain Linear head).
     ``folded`` builds the chosen form as folding leaves it (see the module docstring); the other fields
-    then only say what it was folded from.
+    then only say what it was folded from. ``deconv="stem"``: the hybrid (module docstring); ``block_fc`` then
+    defaults to the BatchNorm form's 0.
     """
 
-    deconv: bool = True
+    deconv: bool | Literal["stem"] = True
     block: int = 64
     block_fc: int | None = None
     deconv_iter: int = 5
@@ -47,8 +53,24 @@ class DeconvSettings:
     folded: bool = False
 
     def __post_init__(self) -> None:
+        # A typo ("Stem", "true" from a config) would otherwise pass as a truthy deconvolution flag; 0 and 1 (an
+        # int where a bool was meant) become the bool, since body_deconv asks `is True`.
+        if type(self.deconv) is int and self.deconv in (0, 1):
+            object.__setattr__(self, "deconv", bool(self.deconv))
+        if not (isinstance(self.deconv, bool) or self.deconv == "stem"):
+            raise UsageError(f"deconv must be True, False or 'stem', got {self.deconv!r}")
         if self.block_fc is None:
-            object.__setattr__(self, "block_fc", 512 if self.deconv else 0)
+            object.__setattr__(self, "block_fc", 512 if self.body_deconv else 0)
+
+    @property
+    def body_deconv(self) -> bool:
+        """Whether the convs, norms and head past the stem are the deconvolution form's (False for the hybrid)."""
+        return self.deconv is True
+
+    @property
+    def stem_deconv(self) -> bool:
+        """Whether the stem conv is a FastDeconv with no norm after it (the deconvolution form and the hybrid)."""
+        return self.deconv is True or self.deconv == "stem"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as model kwargs; ``folded`` only when set, so the config.json of every unfolded model
@@ -62,12 +84,32 @@ class DeconvSettings:
         self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0,
         groups: int = 1, dilation: int = 1, **deconv_overrides: Any,
     ) -> nn.Module:
-        """FastDeconv (with bias, as the reference) or a bias-free Conv2d for the BN form.
+        """FastDeconv (with bias, as the reference) or a bias-free Conv2d for the BN form (and the hybrid's body).
 
         ``deconv_overrides`` (e.g. ``n_iter=15, freeze=True`` for a stem) apply to the FastDeconv only.
         """
-        if not self.deconv:
+        if not self.body_deconv:
             return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, bias=False)
+        return self._deconv_conv(in_chs, out_chs, kernel_size, stride, padding, groups, dilation, **deconv_overrides)
+
+    def stem_conv(
+        self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, padding: int = 0,
+        groups: int = 1, dilation: int = 1, **deconv_overrides: Any,
+    ) -> nn.Module:
+        """The model's first conv: ``conv`` for the two plain forms, a FastDeconv (``deconv_overrides`` being the
+        stem's own settings, as the deconvolution form's stem) for the hybrid."""
+        if not self.stem_deconv:
+            return self.conv(in_chs, out_chs, kernel_size, stride, padding, groups, dilation, **deconv_overrides)
+        return self._deconv_conv(in_chs, out_chs, kernel_size, stride, padding, groups, dilation, **deconv_overrides)
+
+    def stem_norm(self, num_features: int) -> nn.Module:
+        """The norm after the stem conv: none where that conv whitens (deconvolution form, hybrid)."""
+        return nn.Identity() if self.stem_deconv else nn.BatchNorm2d(num_features)
+
+    def _deconv_conv(
+        self, in_chs: int, out_chs: int, kernel_size: int, stride: int, padding: int, groups: int, dilation: int,
+        **deconv_overrides: Any,
+    ) -> nn.Module:
         if self.folded:  # what FastDeconv.fuse() gives: the whitening's mean shift needs the bias
             return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, bias=True)
         kwargs: dict[str, Any] = dict(
@@ -79,7 +121,7 @@ class DeconvSettings:
 
     def norm(self, num_features: int) -> nn.Module:
         """BatchNorm2d for the BN form; nothing (Identity, no state_dict keys) for deconvolution."""
-        return nn.Identity() if self.deconv else nn.BatchNorm2d(num_features)
+        return nn.Identity() if self.body_deconv else nn.BatchNorm2d(num_features)
 
     def head(self, in_features: int, num_classes: int) -> nn.Module:
         """The classifier: Delinear(block=block_fc) when block_fc > 0 and delinear, else Linear."""

@@ -164,7 +164,8 @@ def zoo_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict
         mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(expected[key].shape)}")
     if missing or unexpected or mismatched:
         arch = cfg.get("architecture") or type(model).__name__
-        form = "deconvolution" if getattr(getattr(model, "deconv_settings", None), "deconv", True) else "BatchNorm"
+        deconv = getattr(getattr(model, "deconv_settings", None), "deconv", True)
+        form = "hybrid (deconv='stem')" if deconv == "stem" else "deconvolution" if deconv else "BatchNorm"
         parts = []
         for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if items:
@@ -172,6 +173,6 @@ def zoo_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict
                 parts.append(f"{len(items)} {what}: {', '.join(items[:3])}{more}")
         raise NdeconvError(
             f"the weights do not fit {arch} ({form} form): {'; '.join(parts)}; they belong to another "
-            "architecture or form (deconv=True/False, block, block_fc)"
+            "architecture or form (deconv=True/False/'stem', block, block_fc)"
         )
     return state_dict

@@ -77,7 +77,7 @@ class DenseNet(ZooClassifierMixin, nn.Module):
 
         num_chs = 2 * growth_rate
         # No norm after the stem: every bottleneck starts with its own (pre-activation).
-        self.conv1 = settings.conv(in_chans, num_chs, 3, padding=1)
+        self.conv1 = settings.stem_conv(in_chans, num_chs, 3, padding=1)
 
         # A feature map after each transition (reductions 2, 4, 8) and the last stage's, the deepest (as timm's).
         self.feature_info = []
@@ -99,7 +99,7 @@ class DenseNet(ZooClassifierMixin, nn.Module):
         # The final norm exists only in the BN form; the ND form may put a ChannelDeconv there instead
         # (the authors' DenseNet never combines the two).
         self.bn = settings.norm(num_chs)
-        self.channel_deconv = settings.channel_deconv(num_chs) if settings.deconv else None
+        self.channel_deconv = settings.channel_deconv(num_chs) if settings.body_deconv else None
         self._init_head(num_chs, num_classes, global_pool, drop_rate)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class Transition(nn.Sequential):
 
     def __init__(self, in_chs: int, out_chs: int, settings: DeconvSettings) -> None:
         super().__init__()
-        if not settings.deconv:
+        if not settings.body_deconv:
             self.add_module("norm", settings.norm(in_chs))
         self.add_module("relu", nn.ReLU(inplace=True))
         self.add_module("conv", settings.conv(in_chs, out_chs, 1))
@@ -90,9 +90,9 @@ class DenseNet(ZooClassifierMixin, nn.Module):
         super().__init__()
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
         stem: list[tuple[str, nn.Module]] = [
-            ("conv0", settings.conv(in_chans, num_init_features, 7, 2, 3, freeze=True, n_iter=15))]
-        if not settings.deconv:
-            stem.append(("norm0", settings.norm(num_init_features)))
+            ("conv0", settings.stem_conv(in_chans, num_init_features, 7, 2, 3, freeze=True, n_iter=15))]
+        if not settings.stem_deconv:
+            stem.append(("norm0", settings.stem_norm(num_init_features)))
         stem += [("relu0", nn.ReLU(inplace=True)), ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]
         self.features = nn.Sequential(OrderedDict(stem))
 
@@ -111,7 +111,7 @@ class DenseNet(ZooClassifierMixin, nn.Module):
                 num_chs //= 2
         # The final norm: BatchNorm2d in the BN form; in the deconvolution form nothing, or the ChannelDeconv of
         # --delinear False --block-fc N, under the same name (as the authors').
-        norm5 = settings.norm(num_chs) if not settings.deconv else settings.channel_deconv(num_chs)
+        norm5 = settings.norm(num_chs) if not settings.body_deconv else settings.channel_deconv(num_chs)
         if norm5 is not None:
             self.features.add_module("norm5", norm5)
         self._init_head(num_chs, num_classes, global_pool, drop_rate)

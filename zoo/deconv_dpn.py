@@ -43,7 +43,7 @@ class Bottleneck(nn.Module):
         self.bn3 = settings.norm(out_chs + dense_depth)
         if not first:
             self.shortcut = nn.Identity()
-        elif settings.deconv:
+        elif settings.body_deconv:
             # The authors' deconvolution form projects with a bare FastDeconv (keys ``shortcut.weight``, ...)...
             self.shortcut = settings.conv(last_chs, out_chs + dense_depth, 1, stride)
         else:

@@ -63,7 +63,7 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_chs != planes * self.expansion:
             # Deconvolution form: Sequential(FastDeconv 1x1); BatchNorm form: Sequential(Conv2d 1x1, BatchNorm2d).
             self.shortcut = nn.Sequential(settings.conv(in_chs, planes * self.expansion, 1, stride))
-            if not settings.deconv:
+            if not settings.body_deconv:
                 self.shortcut.append(settings.norm(planes * self.expansion))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or in_chs != out_chs:
             self.shortcut = nn.Sequential(settings.conv(in_chs, out_chs, 1, stride))
-            if not settings.deconv:
+            if not settings.body_deconv:
                 self.shortcut.append(settings.norm(out_chs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class PreActBlock(nn.Module):
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_chs != planes * self.expansion:
             conv = settings.conv(in_chs, planes * self.expansion, 1, stride)
-            self.shortcut = conv if settings.deconv else nn.Sequential(conv)
+            self.shortcut = conv if settings.body_deconv else nn.Sequential(conv)
 
     def excite(self, out: torch.Tensor) -> torch.Tensor:
         """The residual branch's output as it is added (SEPreActBlock gates it)."""
@@ -145,7 +145,7 @@ class SEPreActBlock(PreActBlock):
     ) -> None:
         super().__init__(in_chs, planes, stride, settings, cardinality)
         # The authors' BatchNorm form keeps the gate convs' bias (settings.conv would drop it there).
-        gate_conv = settings.conv if settings.deconv else nn.Conv2d
+        gate_conv = settings.conv if settings.body_deconv else nn.Conv2d
         self.fc1 = gate_conv(planes, planes // 16, 1)
         self.fc2 = gate_conv(planes // 16, planes, 1)
 

@@ -127,8 +127,8 @@ class ResNet(ZooClassifierMixin, nn.Module):
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
         in_chs = 64
         # The authors' stem: frozen after 100 iterations, 15 Newton-Schulz steps, sampling stride 3 whatever --stride.
-        self.conv1 = settings.conv(in_chans, in_chs, 7, 2, 3, freeze=True, n_iter=15, sampling_stride=3)
-        self.bn1 = settings.norm(in_chs)
+        self.conv1 = settings.stem_conv(in_chans, in_chs, 7, 2, 3, freeze=True, n_iter=15, sampling_stride=3)
+        self.bn1 = settings.stem_norm(in_chs)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 

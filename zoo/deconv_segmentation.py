@@ -48,7 +48,7 @@ ASPP_CHANNELS = 256
 
 
 def _fcn_head(in_chs: int, num_classes: int, settings: DeconvSettings) -> nn.Sequential:
-    if not settings.deconv:
+    if not settings.body_deconv:
         return FCNHead(in_chs, num_classes)
     inter = in_chs // 4
     # The authors' FCNHead_deconv: bias=True whatever --bias; the last conv whitens all its inputs as one block.
@@ -92,7 +92,7 @@ class DeconvASPP(nn.Module):
 
 
 def _deeplab_head(in_chs: int, num_classes: int, settings: DeconvSettings) -> nn.Sequential:
-    if not settings.deconv:
+    if not settings.body_deconv:
         return DeepLabHead(in_chs, num_classes)
     return nn.Sequential(
         DeconvASPP(in_chs, ATROUS_RATES, settings),

@@ -40,9 +40,14 @@ def _make_features(layout: Sequence[int | str], in_chans: int, settings: DeconvS
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
         out_chs = int(item)
-        if settings.deconv:
+        if settings.body_deconv:
             stem = dict(freeze=True, n_iter=15, sampling_stride=3) if not layers else {}
             layers += [settings.conv(in_chs, out_chs, 3, 1, 1, **stem), nn.ReLU(inplace=True)]
+        elif settings.stem_deconv and not layers:
+            # The hybrid's stem: its FastDeconv, and an Identity where the BN form's first BatchNorm sits, so every
+            # later module keeps the BN form's index (features.N) and state_dict key.
+            layers += [settings.stem_conv(in_chs, out_chs, 3, 1, 1, freeze=True, n_iter=15, sampling_stride=3),
+                       settings.stem_norm(out_chs), nn.ReLU(inplace=True)]
         else:  # torchvision's vgg*_bn keeps the conv bias in front of its BatchNorm
             layers += [nn.Conv2d(in_chs, out_chs, 3, padding=1), settings.norm(out_chs), nn.ReLU(inplace=True)]
         in_chs = out_chs

@@ -9,7 +9,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .train import str2bool
+    from .train import deconv_form
 
     p = subparsers.add_parser(
         "eval",
@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     arch = p.add_argument_group("describing a --checkpoint without a config.json beside it")
     arch.add_argument("--arch", help="zoo architecture (resnet18 or resnet18_deconv, ...)")
-    arch.add_argument("--deconv", type=str2bool, metavar="BOOL", help="deconvolution (true) or BatchNorm (false)")
+    arch.add_argument("--deconv", type=deconv_form, metavar="BOOL|stem",
+                      help="deconvolution (true), BatchNorm (false) or the hybrid (stem)")
     arch.add_argument("--block", type=int, help="deconvolution block size")
     arch.add_argument("--block-fc", type=int, help="Delinear block (0: Linear head)")
     arch.add_argument("--deconv-iter", type=int, help="Newton-Schulz iterations")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from typing import Literal
 
 from ..errors import UsageError
 
@@ -18,6 +19,17 @@ def str2bool(value: str) -> bool:
     if lowered in ("0", "false", "f", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def deconv_form(value: str) -> bool | Literal["stem"]:
+    """``--deconv``: a boolean as ``str2bool``, or ``stem`` for the hybrid (a deconvolution stem, BatchNorm
+    elsewhere: DeconvSettings(deconv="stem"))."""
+    if str(value).strip().lower() == "stem":
+        return "stem"
+    try:
+        return str2bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or stem, got {value!r}") from None
 
 
 def _add(group: argparse._ArgumentGroup, flag: str, dest: str, default: object, help: str, **kwargs) -> None:
@@ -40,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     model = p.add_argument_group("model")
     _add(model, "--arch", "arch", d.arch, "zoo architecture: resnet18 or resnet18_deconv, vgg16, ...", metavar="NAME")
-    _add(model, "--deconv", "deconv", d.deconv, "true: network deconvolution; false: the BatchNorm baseline",
-         type=str2bool, metavar="BOOL")
+    _add(model, "--deconv", "deconv", d.deconv, "true: network deconvolution; false: the BatchNorm baseline; "
+         "stem: the hybrid (a deconvolution stem, BatchNorm elsewhere)", type=deconv_form, metavar="BOOL|stem")
     _add(model, "--block", "block", d.block, "deconvolution block size (channels whitened together)", type=int)
     _add(model, "--block-fc", "block_fc", "512 with --deconv true, 0 with false",
          "block of the Delinear head (0: a plain Linear)", type=int)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -25,7 +25,7 @@ class TrainConfig:
     data_dir: str | None = None
     img_size: int = 32  # imagefolder only; IDX data is padded to 32x32, CIFAR is 32x32
     num_classes: int | None = None  # the dataset's by default
-    deconv: bool = True
+    deconv: bool | Literal["stem"] = True  # "stem": the hybrid (DeconvSettings)
     block: int = 64
     block_fc: int | None = None  # 512 for deconvolution, 0 (a Linear head) for BatchNorm
     deconv_iter: int = 5
@@ -73,7 +73,7 @@ class TrainConfig:
         return resolve_model_name(self.arch, "--arch")
 
     def default_run_dir(self) -> str:
-        form = "nd" if self.deconv else "bn"
+        form = "stem" if self.deconv == "stem" else "nd" if self.deconv else "bn"
         arch = self.model_name().removesuffix("_deconv")
         return f"runs/{arch}-{form}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -95,6 +95,8 @@ class TrainConfig:
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.block >= 1, f"--block must be a positive channel count (e.g. 64), got {self.block}"),
             (self.block_fc is None or self.block_fc >= 0, "--block-fc must be >= 0 (0: a plain Linear head)"),
+            (isinstance(self.deconv, bool) or self.deconv == "stem",
+             f"--deconv must be true, false or stem, got {self.deconv!r}"),
             (self.deconv_iter >= 1, "--deconv-iter must be >= 1"),
             (self.eps > 0, "--eps must be > 0"),
             (self.stride >= 1, "--stride must be >= 1"),

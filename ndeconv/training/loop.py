@@ -473,8 +473,8 @@ def _write_run_state(run_dir: Path, parts: _Parts, cfg: TrainConfig, state: Trai
         save_safetensors_atomic(parts.model.state_dict(), run_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         write_metrics(state.history, run_dir / METRICS_FILE)
         write_metrics(state.steps, run_dir / STEPS_FILE)
-        plot_curves(state.history, run_dir / CURVES_FILE, f"{parts.name} ({'ND' if cfg.deconv else 'BN'}) "
-                    f"on {cfg.dataset}", steps=state.steps)
+        form = "ND stem, BN" if cfg.deconv == "stem" else "ND" if cfg.deconv else "BN"
+        plot_curves(state.history, run_dir / CURVES_FILE, f"{parts.name} ({form}) on {cfg.dataset}", steps=state.steps)
     save_checkpoint(run_dir, parts.model, parts.optimizer, parts.scheduler, parts.scaler, state, cfg.to_dict())
     _remove_orphaned_temps(run_dir)  # e.g. of a run killed mid-write and resumed
 
@@ -497,7 +497,8 @@ class _Trainer:
         self.board = TensorBoard(run_dir / "tensorboard", enabled=ctx.is_main)
         if ctx.is_main:
             params = sum(p.numel() for p in model.parameters())
-            form = "deconvolution" if cfg.deconv else "BatchNorm"
+            form = ("deconvolution stem + BatchNorm" if cfg.deconv == "stem"
+                    else "deconvolution" if cfg.deconv else "BatchNorm")
             progress.log(f"{parts.name} ({form}, {params / 1e6:.2f}M parameters) on {cfg.dataset}: "
                          f"{len(data.train)} train / {len(data.test)} test images, {parts.steps_per_epoch} "
                          f"steps/epoch x {cfg.epochs} epochs, {ctx.world} process(es) on {ctx.device} -> {run_dir}")
