@@ -240,7 +240,8 @@ class FastDeconv(CachedEvalFold, _ConvNd):
             (frozen, kept), replaying = record_or_replay(self, lambda: self._step_plan(x))
         with full_precision(x.device):
             if self.training and not frozen:
-                mean, deconv = self._batch_statistics(x) if kept is None else self._reused_statistics(x, kept)
+                view = self._statistics_input(x)
+                mean, deconv = self._batch_statistics(view) if kept is None else self._reused_statistics(view, kept)
                 if self.refresh_every > 1 and not replaying:
                     if kept is None:
                         self._fast_deconv = deconv.detach()
@@ -257,6 +258,13 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         # Counted only once the batch was accepted (a rejected NaN batch leaves the layer's state alone).
         if self.training and self.track_running_stats and self.freeze and not replaying:
             self.counter = (self.counter + 1) % (self.freeze_iter * 10)
+        return self._conv(x, weight, bias)
+
+    def _statistics_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the patch statistics are taken from (FastDeconv1d: its signal viewed as an image)."""
+        return x
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _single
 
-from ._common import check_hyperparameters, full_precision, update_running
+from ._common import check_hyperparameters
 from ._patch_stats import PatchSampler
 from .fast_deconv import FastDeconv
-from .grad_checkpoint import record_or_replay
 
 __all__ = ["FastDeconv1d"]
 
@@ -130,30 +129,5 @@ class FastDeconv1d(FastDeconv):
             raise ValueError(f"{self._owner()}: a training batch of 0 signals has no patches to take whitening "
                              "statistics from; skip empty batches")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # FastDeconv.forward's steps (decisions, statistics, running averages, fold), with the statistics taken
-        # from the height-1 view and the convolution a 1-D one.
-        self._check_input(x)
-        frozen, kept, replaying = False, None, False
-        if self.training:
-            (frozen, kept), replaying = record_or_replay(self, lambda: self._step_plan(x))
-        with full_precision(x.device):
-            if self.training and not frozen:
-                view = self._statistics_input(x)
-                mean, deconv = self._batch_statistics(view) if kept is None else self._reused_statistics(view, kept)
-                if self.refresh_every > 1 and not replaying:
-                    if kept is None:
-                        self._fast_deconv = deconv.detach()
-                    self._fast_step += 1
-                if self.track_running_stats and not replaying:
-                    with torch.no_grad():
-                        update_running(self.running_mean, mean, self.momentum)
-                        update_running(self.running_deconv, deconv, self.momentum)
-                weight, bias = self.folded_weight_bias(mean, deconv)
-            elif self.training:
-                weight, bias = self.folded_weight_bias(self.running_mean, self.running_deconv)
-            else:
-                weight, bias = self._eval_weight_bias()
-        if self.training and self.track_running_stats and self.freeze and not replaying:
-            self.counter = (self.counter + 1) % (self.freeze_iter * 10)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
