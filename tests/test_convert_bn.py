@@ -349,11 +349,12 @@ def _fake_fashion_mnist(folder: Path, n: int = 24) -> None:
         _write_idx(folder / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
-def test_convert_bn_command_writes_weights_that_reload_as_the_same_function(tmp_path: Path, capsys) -> None:
+def write_bn_source(tmp_path: Path) -> tuple[Path, Path, torch.nn.Module]:
+    """A fake Fashion-MNIST folder and a BatchNorm ResNet-18 (gray stem, running statistics set) saved as a
+    weights file with its config.json: what `ndeconv convert-bn` reads. Returns (data folder, weights file,
+    the model)."""
     import timm
     from safetensors.torch import save_file
-
-    from ndeconv.loading import load_model
 
     data = tmp_path / "fashion"
     _fake_fashion_mnist(data)
@@ -364,6 +365,14 @@ def test_convert_bn_command_writes_weights_that_reload_as_the_same_function(tmp_
     save_file(bn.state_dict(), str(source))
     (source.parent / "config.json").write_text(json.dumps(
         {"architecture": "resnet18_deconv", "model_args": {"deconv": False, "in_chans": 1, "num_classes": 10}}))
+    return data, source, bn
+
+
+def test_convert_bn_command_writes_weights_that_reload_as_the_same_function(tmp_path: Path, capsys) -> None:
+
+    from ndeconv.loading import load_model
+
+    data, source, bn = write_bn_source(tmp_path)
     out = tmp_path / "out" / "converted.safetensors"
     argv = ["convert-bn", str(source), "--calibrate-data", "fashion_mnist", "--data-dir", str(data),
             "--calibrate-images", "16", "--batch-size", "8", "--check-images", "8", "--block", str(SWEEP_BLOCK),

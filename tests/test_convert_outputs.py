@@ -186,25 +186,15 @@ def test_fcn_builder_with_a_small_backbone_exports_out_and_aux(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_fold_cli_of_a_convert_bn_file_reloads_as_the_same_function(tmp_path: Path, capsys) -> None:
-    import timm
-    from safetensors.torch import save_file
 
     from ndeconv.cli import main
     from ndeconv.convert import load_folded
     from ndeconv.loading import load_model
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_convert_bn import SWEEP_BLOCK, _fake_fashion_mnist, trained_bn
+    from test_convert_bn import SWEEP_BLOCK, write_bn_source
 
-    data = tmp_path / "fashion"
-    _fake_fashion_mnist(data)
-    torch.manual_seed(0)
-    bn = trained_bn(timm.create_model("resnet18_deconv", deconv=False, in_chans=1), channels=1)
-    source = tmp_path / "bn" / "model.safetensors"
-    source.parent.mkdir()
-    save_file(bn.state_dict(), str(source))
-    (source.parent / "config.json").write_text(json.dumps(
-        {"architecture": "resnet18_deconv", "model_args": {"deconv": False, "in_chans": 1, "num_classes": 10}}))
+    data, source, bn = write_bn_source(tmp_path)
     converted = tmp_path / "out" / "converted.safetensors"
     assert main(["convert-bn", str(source), "--calibrate-data", "fashion_mnist", "--data-dir", str(data),
                  "--calibrate-images", "16", "--batch-size", "8", "--check-images", "8", "--block",
