@@ -107,6 +107,27 @@ def pnasnet_b_deconv(pretrained: bool = False, **kwargs: Any):
     return _create("pnasnet_b_deconv", pretrained, **kwargs)
 
 
+# -- the authors' MNIST-sized models (``main.py --arch mlp simple_v1 simple_v2``): 28x28 gray input, no weights --
+
+
+def mlp_deconv(pretrained: bool = False, **kwargs: Any):
+    """The authors' MLP (``main.py --arch mlp``: 784-128-128-classes, sigmoids) with ChannelDeconv whitening;
+    ``deconv=False`` for its BatchNorm1d form."""
+    return _create("mlp_deconv", pretrained, **kwargs)
+
+
+def simple_v1_deconv(pretrained: bool = False, **kwargs: Any):
+    """The authors' one-conv ``SimpleCNN_v1`` (``main.py --arch simple_v1``) as a FastDeconv; ``deconv=False``: a
+    plain Conv2d."""
+    return _create("simple_v1_deconv", pretrained, **kwargs)
+
+
+def simple_v2_deconv(pretrained: bool = False, **kwargs: Any):
+    """The authors' twelve-conv ``SimpleCNN_v2`` (``main.py --arch simple_v2``) with FastDeconv; ``deconv=False``:
+    Conv2d + BatchNorm2d."""
+    return _create("simple_v2_deconv", pretrained, **kwargs)
+
+
 # -- the authors' ImageNet models (main_imagenet.py, the paper's Table 2): 224x224, 1000 classes, no weights --------
 
 

@@ -406,7 +406,8 @@ def export_onnx(
         raise NdeconvError(f"opset {opset}: the installed torch ONNX exporter writes opsets {MIN_OPSET} to "
                            f"{MAX_OPSET}; choose {MIN_OPSET} or higher, up to {MAX_OPSET} (e.g. {DEFAULT_OPSET})")
     input_size = tuple(input_size or model_input_size(model))
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, *DECONV_TYPES))), None)
+    # The first layer with input channels (a conv; FastDeconv subclasses torch's _ConvNd): none in an MLP.
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     one_d = first is not None and is_1d_conv(first)
     if len(input_size) != (2 if one_d else 3) or (first is not None and input_size[0] != first.in_channels):
         channels = first.in_channels if first is not None else "C"

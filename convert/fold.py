@@ -125,11 +125,15 @@ def is_1d_conv(module: nn.Module) -> bool:
 def model_input_size(model: nn.Module) -> tuple[int, ...]:
     """The input of one example: (C, H, W) for an image model, (C, L) for a 1-D one (the first conv is a Conv1d or
     FastDeconv1d). Channels from the first conv, size from the pretrained_cfg (else the CIFAR topology's 32x32,
-    or a length of :data:`DEFAULT_SIGNAL_LENGTH`)."""
+    or a length of :data:`DEFAULT_SIGNAL_LENGTH`); a model without convs (the MLP) takes its pretrained_cfg's
+    whole input_size."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, FastDeconv))), None)
-    if first is None:
-        raise NdeconvError(f"{type(model).__name__} has no conv to read the input channels from; pass the input")
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if first is None:
+        if cfg.get("input_size"):
+            return tuple(int(v) for v in cfg["input_size"])
+        raise NdeconvError(f"{type(model).__name__} has no conv to read the input channels from and no "
+                           "pretrained_cfg input_size; pass the input")
     if is_1d_conv(first):
         size = tuple(cfg.get("input_size", ()))
         return first.in_channels, int(size[-1]) if len(size) == 2 else DEFAULT_SIGNAL_LENGTH

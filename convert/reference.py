@@ -18,6 +18,7 @@ tensors and plain containers to unpickle is refused.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,10 @@ def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> di
     ``delinear``) are the first candidates (reference defaults first) whose buffer shapes are the checkpoint's.
     Equal shapes everywhere mean equal whitening blocks everywhere, so the choice is exact, not a guess.
     Settings no tensor records (``deconv_iter``, ``eps``, ``sampling_stride``) keep the reference defaults.
+    The MLP (``main.py --arch mlp``), which has no conv, is read by ``_mlp_args``.
     """
+    if model_name == "mlp_deconv":
+        return _mlp_args(state_dict)
     stem, head = _stem_and_head(model_name)
     for key in (f"{stem}.weight", f"{head}.weight"):
         if key not in state_dict:
@@ -176,6 +180,25 @@ def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> di
             return {k: v for k, v in candidate.items() if k != "pretrained"}
     # Nothing fits exactly: the reference defaults for this form, so that the caller names what differs.
     return {k: v for k, v in dict(args, **heads[0]).items() if k != "pretrained"}
+
+
+def _mlp_args(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The MLP's kwargs from its Linear layers: the form (a ChannelDeconv before the first Linear), the input size
+    (784 = 1 x 28 x 28 values, or 3 x H x W), the hidden width and depth, the classes."""
+    deconv = "layers.0.0.running_deconv" in state_dict
+    first = "layers.0.1.weight" if deconv else "layers.0.0.weight"
+    if first not in state_dict or "linear.2.weight" not in state_dict:
+        raise NdeconvError(f"the checkpoint has no {first} and linear.2.weight, so it is not an mlp_deconv state_dict")
+    hidden, in_features = state_dict[first].shape
+    for in_chans in (1, 3):
+        side = math.isqrt(in_features // in_chans)
+        if in_features % in_chans == 0 and side * side * in_chans == in_features:
+            break
+    else:
+        raise NdeconvError(f"the MLP's first Linear takes {in_features} values, not C x H x H images (C 1 or 3)")
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("layers.")}) + 1
+    return dict(deconv=deconv, in_chans=in_chans, img_size=side, hidden_nodes=hidden, hidden_layers=depth,
+                num_classes=state_dict["linear.2.weight"].shape[0])
 
 
 # -- converting ------------------------------------------------------------------------------------------------
@@ -241,16 +264,19 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
     model = timm.create_model(model_name, pretrained=False, **model_args)
     problems = _layout_errors(model, state_dict)
     if problems:
-        form = f"deconvolution form, block {model_args['block']}" if model_args["deconv"] else "BatchNorm form"
+        form = f"deconvolution form, block {model_args.get('block', 'n/a')}" if model_args["deconv"] else \
+            "BatchNorm form"
         own = checkpoint.get("arch")
         hint = (f"; the checkpoint's own arch is {own!r}, drop --arch to use it"
                 if isinstance(own, str) and own != arch and own in {*REFERENCE_ARCHS, *REFERENCE_ARCHS.values()}
                 else "; check --arch")
-        raise NdeconvError(f"{path}: does not fit {model_name} ({form}, block_fc {model_args['block_fc']}): "
+        raise NdeconvError(f"{path}: does not fit {model_name} ({form}, block_fc {model_args.get('block_fc', 0)}): "
                            f"{'; '.join(problems)}{hint}")
     model.load_state_dict(state_dict)
     full_args = dict(model.deconv_settings.to_dict(), in_chans=model_args["in_chans"],
                      num_classes=model_args["num_classes"])
+    # The MLP's own shape arguments (the other models' are all in their settings).
+    full_args.update({k: model_args[k] for k in ("img_size", "hidden_nodes", "hidden_layers") if k in model_args})
     config = _config(model_name, model, full_args, checkpoint, path)
     return ConvertedCheckpoint(model_name=model_name, model=model, model_args=full_args, config=config)
 

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from .errors import Interrupted, NdeconvError
 
 # Subcommand modules under ndeconv.commands, in the order --help lists them.
-COMMANDS: tuple[str, ...] = ("list", "convert_reference", "convert_bn", "train", "eval", "fold", "export", "viz")
+COMMANDS: tuple[str, ...] = (
+    "list", "convert_reference", "convert_bn", "train", "train_seg", "eval", "fold", "export", "viz",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +32,15 @@ __all__ = [
     "CIFAR10_STD",
     "DATASETS",
     "FASHION_MNIST_LABELS",
+    "IDX_IMAGE_SIZE",
+    "IMAGENET_CROP_PCT",
     "DatasetSpec",
     "ImageSource",
+    "eval_crop_pct",
     "folder_name",
     "get_spec",
     "load_split",
+    "random_resized_crop_box",
     "read_class_map",
     "read_idx",
 ]
@@ -63,10 +69,6 @@ class DatasetSpec:
     default_dir: str | None = None
     install_hint: str = ""
     label_names: tuple[str, ...] | None = None
-    # timm's crop_pct for a run's pretrained_cfg: its eval transform Resize(32 / crop_pct) + CenterCrop(32) then
-    # feeds the model what ``load_split`` does (28x28 IDX images: Resize(28) + CenterCrop(32) is the same
-    # 2-pixel zero border ``_load_idx`` adds; crop_pct 1.0 would resize them up to 32x32 instead).
-    crop_pct: float = 1.0
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -74,10 +76,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
         "fashion_mnist", "idx", 10, 1, (0.0,), (1.0,), default_dir=FASHION_MNIST_DIR,
         install_hint="install it with `apt-get install dataset-fashion-mnist`", label_names=FASHION_MNIST_LABELS,
-        crop_pct=32 / 28,
     ),
     "mnist": DatasetSpec(
-        "mnist", "idx", 10, 1, (0.1307,), (0.3081,), label_names=tuple(str(i) for i in range(10)), crop_pct=32 / 28,
+        "mnist", "idx", 10, 1, (0.1307,), (0.3081,), label_names=tuple(str(i) for i in range(10)),
     ),
     "cifar10": DatasetSpec(
         "cifar10", "cifar", 10, 3, CIFAR10_MEAN, CIFAR10_STD, crop_padding=4,
@@ -93,6 +94,23 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+IDX_IMAGE_SIZE = 28  # MNIST's and Fashion-MNIST's images
+# main_imagenet.py's evaluation: Resize(256) + CenterCrop(224), timm's crop_pct 0.875.
+IMAGENET_CROP_PCT = 224 / 256
+
+
+def eval_crop_pct(spec: DatasetSpec, img_size: int, imagenet_topology: bool = False) -> float:
+    """timm's crop_pct for a run's pretrained_cfg: its eval transform Resize(img_size / crop_pct) +
+    CenterCrop(img_size) then feeds the model what ``load_split`` does. 28x28 IDX images: Resize(28) +
+    CenterCrop(32) is the 2-pixel zero border ``_load_idx`` adds (crop_pct 32/28; 1.0 would resize them up); an
+    image folder for an ImageNet topology: main_imagenet.py's 0.875; otherwise 1.0."""
+    if spec.kind == "idx":
+        return img_size / IDX_IMAGE_SIZE
+    if spec.kind == "imagefolder" and imagenet_topology:
+        return IMAGENET_CROP_PCT
+    return 1.0
+
+
 def get_spec(name: str) -> DatasetSpec:
     key = name.lower().replace("-", "_")
     key = {"fashion": "fashion_mnist", "fashionmnist": "fashion_mnist"}.get(key, key)
@@ -102,7 +120,10 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 class ImageSource(Dataset):
-    """A split of a dataset: ``labels`` (int64, N) and ``batch(indices)`` -> uint8 images (B, C, H, W)."""
+    """A split of a dataset: ``labels`` (int64, N) and ``batch(indices)`` -> uint8 images (B, C, H, W).
+
+    ``batch(indices, seed)``: a source whose random augmentation happens as it decodes (an image folder's
+    RandomResizedCrop) draws it from ``seed``; the others ignore it."""
 
     labels: torch.Tensor
     class_names: tuple[str, ...] | None = None
@@ -110,7 +131,7 @@ class ImageSource(Dataset):
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+    def batch(self, indices: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def subset(self, count: int | None) -> ImageSource:
@@ -129,7 +150,7 @@ class TensorSource(ImageSource):
         self.images, self.labels = images, labels
         self.class_names = tuple(class_names) if class_names else None
 
-    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+    def batch(self, indices: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         return self.images[indices]
 
 
@@ -137,8 +158,8 @@ class _Subset(ImageSource):
     def __init__(self, source: ImageSource, count: int):
         self.source, self.labels, self.class_names = source, source.labels[:count], source.class_names
 
-    def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.source.batch(indices)
+    def batch(self, indices: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        return self.source.batch(indices, seed)
 
 
 # -- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------------------------
@@ -180,7 +201,7 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
-def _load_idx(spec: DatasetSpec, folder: Path, split: str) -> TensorSource:
+def _load_idx(spec: DatasetSpec, folder: Path, split: str, size: int = 32) -> TensorSource:
     image_stem, label_stem = _IDX_FILES[split]
     # Some mirrors use dots ("train-images.idx3-ubyte").
     image_path = _find(folder, (image_stem, image_stem.replace("-idx", ".idx")))
@@ -191,8 +212,12 @@ def _load_idx(spec: DatasetSpec, folder: Path, split: str) -> TensorSource:
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise UsageError(f"{image_path}, {label_path}: expected N images of HxW and N labels, got "
                          f"{tuple(images.shape)} and {tuple(labels.shape)}")
-    # 28x28 -> 32x32 with a zero (background) border: the zoo's CIFAR topology pools a 4x4 final map.
-    pad_h, pad_w = max(32 - images.shape[1], 0), max(32 - images.shape[2], 0)
+    # 28x28 -> 32x32 with a zero (background) border: the zoo's CIFAR topology pools a 4x4 final map; the MNIST
+    # models (mlp, simple_*) take the 28x28 images as they are (size 28), as the authors' main.py feeds them.
+    if size < images.shape[1] or size < images.shape[2]:
+        raise UsageError(f"{spec.name}: its images are {images.shape[1]}x{images.shape[2]}, larger than the image "
+                         f"size {size}; pass --img-size {max(images.shape[1:])} or more (they are zero-padded)")
+    pad_h, pad_w = size - images.shape[1], size - images.shape[2]
     images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     return TensorSource(images.unsqueeze(1).contiguous(), labels.long(), spec.label_names)
 
@@ -259,33 +284,92 @@ def _load_cifar(spec: DatasetSpec, folder: Path, split: str) -> TensorSource:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-class FolderSource(ImageSource):
-    """``root/<class>/<image>`` decoded per batch, resized (shorter side) and centre-cropped to ``size``."""
+def random_resized_crop_box(
+    width: int, height: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` drawn from ``generator`` (the same draws, in the same order,
+    so a generator seeded as torch's global one gives the same crop): (left, top, right, bottom)."""
+    area = width * height
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return left, top, left + w, top + h
+    # Fallback: the whole image, cut to the nearest aspect ratio of the range, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
 
-    def __init__(self, files: list[Path], labels: list[int], class_names: Sequence[str], size: int, in_chans: int):
+
+class FolderSource(ImageSource):
+    """``root/<class>/<image>`` decoded per batch to ``size`` x ``size``.
+
+    ``crop_pct`` (evaluation, timm's meaning): the shorter side resized to ``size / crop_pct``, then the centre
+    ``size`` x ``size`` (1.0: resize and centre-crop, the CIFAR-style folders; 0.875: main_imagenet.py's
+    Resize(256) + CenterCrop(224)). ``random_resized_crop`` (training an ImageNet topology, as main_imagenet.py):
+    torchvision's RandomResizedCrop(size) (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, drawn from the
+    batch's seed."""
+
+    def __init__(self, files: list[Path], labels: list[int], class_names: Sequence[str], size: int, in_chans: int,
+                 crop_pct: float = 1.0, random_resized_crop: bool = False):
         self.files, self.size, self.in_chans = files, size, in_chans
+        self.crop_pct, self.random_resized_crop = crop_pct, random_resized_crop
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.class_names = tuple(class_names)
 
-    def _decode(self, path: Path) -> torch.Tensor:
-        from PIL import Image, ImageOps
+    def _decode(self, path: Path, generator: torch.Generator | None) -> torch.Tensor:
+        from PIL import Image
 
         try:
             with Image.open(path) as img:
                 img = img.convert("L" if self.in_chans == 1 else "RGB")
-                img = ImageOps.fit(img, (self.size, self.size), method=Image.Resampling.BILINEAR)
+                img = self._random_crop(img, generator) if generator is not None else self._centre_crop(img)
                 data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         except OSError as err:
             raise UsageError(f"{path}: cannot decode the image ({err}); remove or replace it") from err
         return data.reshape(self.size, self.size, self.in_chans).permute(2, 0, 1)
 
-    def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._decode(self.files[i]) for i in indices.tolist()])
+    def _centre_crop(self, img: Any) -> Any:
+        from PIL import Image, ImageOps
+
+        if self.crop_pct == 1.0:
+            return ImageOps.fit(img, (self.size, self.size), method=Image.Resampling.BILINEAR)
+        short = int(self.size / self.crop_pct)  # timm's eval transform: Resize(int(size / crop_pct)), CenterCrop
+        w, h = img.size
+        # torchvision's Resize(int) of a PIL image: the shorter side to ``short``, the longer truncated in scale.
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        left, top = int(round((size[0] - self.size) / 2.0)), int(round((size[1] - self.size) / 2.0))
+        return img.crop((left, top, left + self.size, top + self.size))  # zero fill where it overhangs
+
+    def _random_crop(self, img: Any, generator: torch.Generator) -> Any:
+        from PIL import Image
+
+        left, top, right, bottom = random_resized_crop_box(img.size[0], img.size[1], generator)
+        img = img.crop((left, top, right, bottom)).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        if bool(torch.rand(1, generator=generator) < 0.5):  # RandomHorizontalFlip's draw, after the crop's
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+
+    def batch(self, indices: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed) if self.random_resized_crop and seed is not None else None
+        return torch.stack([self._decode(self.files[i], generator) for i in indices.tolist()])
 
 
 def _load_imagefolder(
     spec: DatasetSpec, folder: Path, split: str, img_size: int, num_classes: int | None,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None, crop_pct: float = 1.0, random_resized_crop: bool = False,
 ) -> FolderSource:
     names = ("train",) if split == "train" else ("val", "test", "validation")
     root = next((folder / n for n in names if (folder / n).is_dir()), None)
@@ -328,7 +412,7 @@ def _load_imagefolder(
         raise UsageError(f"imagefolder: {train_root} has {len(classes)} class folders but --num-classes is "
                          f"{num_classes}, so labels {num_classes}..{len(classes) - 1} are out of range; "
                          "raise --num-classes or remove folders")
-    return FolderSource(files, labels, classes, img_size, spec.in_chans)
+    return FolderSource(files, labels, classes, img_size, spec.in_chans, crop_pct, random_resized_crop)
 
 
 def read_class_map(path: str | Path) -> tuple[str, ...]:
@@ -377,20 +461,22 @@ def resolve_data_dir(spec: DatasetSpec, data_dir: str | None) -> Path:
 
 def load_split(
     name: str, split: str, data_dir: str | None = None, img_size: int = 32, num_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None, crop_pct: float = 1.0, random_resized_crop: bool = False,
 ) -> ImageSource:
     """Load the ``train`` or ``test`` split of a dataset and check its labels against ``num_classes``.
 
-    ``class_names`` (a model's recorded ``label_names``) fixes an image folder's label order; the fixed datasets
-    (IDX, CIFAR) have their own."""
+    ``img_size``: an image folder's decoded size, the size IDX images are zero-padded to. ``class_names`` (a
+    model's recorded ``label_names``) fixes an image folder's label order; the fixed datasets (IDX, CIFAR) have
+    their own. ``crop_pct`` and ``random_resized_crop``: an image folder's decoding (``FolderSource``)."""
     spec = get_spec(name)
     folder = resolve_data_dir(spec, data_dir)
     if spec.kind == "idx":
-        source: ImageSource = _load_idx(spec, folder, split)
+        source: ImageSource = _load_idx(spec, folder, split, img_size)
     elif spec.kind == "cifar":
         source = _load_cifar(spec, folder, split)
     else:
-        source = _load_imagefolder(spec, folder, split, img_size, num_classes, class_names)
+        source = _load_imagefolder(spec, folder, split, img_size, num_classes, class_names, crop_pct,
+                                   random_resized_crop)
     classes = num_classes or spec.num_classes or len(source.class_names or ())
     if len(source) and (int(source.labels.min()) < 0 or int(source.labels.max()) >= classes):
         raise UsageError(f"{spec.name} {split}: labels span {int(source.labels.min())}..{int(source.labels.max())} "

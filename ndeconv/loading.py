@@ -5,7 +5,9 @@ too), timm's ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER``, a run directory of ``n
 file: safetensors, a torch checkpoint of tensors (the authors' ``main.py`` checkpoints, timm's ``train.py``
 ``model_best.pth.tar``), or folded weights written by ``ndeconv fold``. A segmentation model's name
 (``fcn_resnet50_deconv``, the authors' ``fcn_resnet50d``) builds its torchvision-style builder, not a timm model:
-untrained with ``random_init`` (no weights exist for them), or from a checkpoint of it.
+untrained with ``random_init`` (no weights exist for them), or from a checkpoint of it. The authors' BatchNorm
+names (``fcn_resnet50``, ``deeplabv3_resnet101``, ...) name the same builders with ``deconv=False`` (unless the
+caller's ``model_args`` say otherwise).
 
 A checkpoint is a state_dict of a zoo model: safetensors (what ``ndeconv train`` and ``convert-reference``
 write), or a torch file read with ``weights_only=True`` (never unpickling code; the authors' checkpoints keep
@@ -134,7 +136,7 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
         raise UsageError(f"{path}: no config.json beside it names the architecture; pass --arch NAME")
     import ndeconv.zoo as zoo
 
-    name = zoo.resolve_model_name(str(name))
+    name = zoo.resolve_model_name(_segmentation_baseline(str(name)) or str(name))
     if name in _segmentation_models():
         return _load_segmentation_checkpoint(path, name, state, config, arch, model_args)
     args = infer_model_args(state, name)
@@ -167,6 +169,15 @@ def _segmentation_models() -> dict[str, Any]:
     from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
     return SEGMENTATION_MODELS
+
+
+def _segmentation_baseline(name: str) -> str | None:
+    """The zoo builder of an authors' BatchNorm segmentation name (``fcn_resnet50`` -> ``fcn_resnet50_deconv``, built
+    with ``deconv=False``); None for any other name. (``zoo.resolve_model_name`` does not take these names: plain
+    ``resnet50`` there means the CIFAR deconvolution model.)"""
+    from ndeconv.zoo._names import SEGMENTATION_BASELINE_ARCHS
+
+    return SEGMENTATION_BASELINE_ARCHS.get(name)
 
 
 def _load_segmentation_checkpoint(path: Path, name: str, state: dict[str, torch.Tensor], config: dict[str, Any],
@@ -252,7 +263,7 @@ def pretrained_model_name(spec: str, run_dirs: bool = False) -> str:
         raise UsageError(f"{spec}: no such {'run directory' if run_dirs else 'file or folder'}, and not a zoo model "
                          "name (MODEL[.TAG] holds no '/', e.g. resnet18_deconv.fashion_mnist; see `ndeconv list`)")
     arch, _, tag = spec.partition(".")
-    arch = zoo.resolve_model_name(arch)
+    arch = _segmentation_baseline(arch) or zoo.resolve_model_name(arch)
     if arch in _segmentation_models():
         if tag:
             raise UsageError(f"{arch} has no pretrained tag {tag!r}: {_NO_SEGMENTATION_WEIGHTS}")
@@ -340,8 +351,13 @@ def load_model(
         if arch is not None or random_init:
             raise UsageError(f"{source} is a run directory: its config.json names the model; drop "
                              f"{'--arch' if arch is not None else '--random-init'}")
-        from .training.loop import load_run_model, read_run_config
+        from .training.run_files import load_run_model, read_run_config
+        from .training.segmentation import is_seg_run_dir, load_seg_run_model
 
+        if is_seg_run_dir(path):  # `ndeconv train-seg`'s: a segmentation builder, not a timm model
+            config = json.loads((path / "config.json").read_text())
+            return LoadedModel(load_seg_run_model(path), "run", {"run": text}, config, config.get("dataset"),
+                               config.get("label_names"))
         config = read_run_config(path)
         return LoadedModel(load_run_model(path), "run", {"run": text}, config,
                            config["train"].get("dataset"), config.get("label_names"))
@@ -361,7 +377,10 @@ def load_model(
     if name in _segmentation_models():  # a torchvision-style builder, not a timm model
         if not random_init:
             raise UsageError(f"{source}: {_NO_SEGMENTATION_WEIGHTS}")
-        model = _segmentation_models()[name](**(model_args or {}))
+        args = dict(model_args or {})
+        if _segmentation_baseline(text.partition(".")[0]) is not None:
+            args.setdefault("deconv", False)  # the authors' BatchNorm name (fcn_resnet50), unless deconv is given
+        model = _segmentation_models()[name](**args)
         model.pretrained_cfg = {"architecture": name}  # what `ndeconv fold` records, as for a timm model
         return LoadedModel(model.eval(), "random-init", {"model": name, "weights": "random init"})
     if random_init:
@@ -395,4 +414,5 @@ def load_eval_model(
         raise UsageError(f"{model} is a file, not a model name; pass weights files as --checkpoint {model}")
     loaded = load_model(model if model is not None else checkpoint, arch=arch, model_args=model_args,
                         weights_file=checkpoint is not None)
-    return loaded.model, {"dataset": loaded.dataset, "config": loaded.config, "label_names": loaded.label_names}
+    return loaded.model, {"dataset": loaded.dataset, "config": loaded.config, "label_names": loaded.label_names,
+                          "architecture": (getattr(loaded.model, "pretrained_cfg", None) or {}).get("architecture")}

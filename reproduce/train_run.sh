@@ -16,7 +16,8 @@ train_run() {
 }
 
 # `train_queue OUT EPOCHS "RUNS" [ndeconv train args...]`: the reproduce/*.sh queues of the paper's protocol. Each
-# run of the whitespace-separated RUNS is ARCH-nd (network deconvolution) or ARCH-bn (BatchNorm), trained by
+# run of the whitespace-separated RUNS is ARCH-nd (network deconvolution), ARCH-bn (BatchNorm) or ARCH-stem (the
+# hybrid: a deconvolution stem, BatchNorm elsewhere), trained by
 # train_run into OUT/RUN for EPOCHS epochs on Fashion-MNIST, seed 0, the authors' settings (ndeconv train's
 # defaults) and the extra args. A run that fails (a diverged loss is recorded in its diverged.json) does not stop
 # the runs after it; the status is 1 when any failed.
@@ -28,7 +29,8 @@ train_queue() {
   mkdir -p "$out"
   for run in $runs; do
     arch=${run%-*}; form=${run##*-}
-    deconv=$([ "$form" = nd ] && echo true || echo false)
+    case $form in nd) deconv=true ;; bn) deconv=false ;; stem) deconv=stem ;;
+      *) echo "== $run: unknown form '$form' (ARCH-nd, ARCH-bn or ARCH-stem)"; failed=1; continue ;; esac
     train_run "$out/$run" --arch "$arch" --deconv "$deconv" --dataset fashion_mnist --epochs "$epochs" --seed 0 \
       "$@" || failed=1
   done

@@ -110,12 +110,13 @@ def test_training_run_config_has_the_eval_crop() -> None:
     from ndeconv.training.config import TrainConfig
     from ndeconv.training.loop import _hub_config
 
-    cfg = TrainConfig(arch="pnasnet_a", deconv=False)
+    cfg = TrainConfig(arch="pnasnet_a", deconv=False).resolved()
     model = timm.create_model("pnasnet_a_deconv", deconv=False, in_chans=1)
     hub = _hub_config(cfg, model, "pnasnet_a_deconv", 10, 1, FASHION_MNIST_LABELS, "now")
     assert hub["pretrained_cfg"]["crop_pct"] == pytest.approx(32 / 28)
     assert hub["pretrained_cfg"]["input_size"] == [1, 32, 32]
-    cifar = _hub_config(TrainConfig(arch="pnasnet_a", dataset="cifar10"), model, "pnasnet_a_deconv", 10, 3, None, "now")
+    cifar_cfg = TrainConfig(arch="pnasnet_a", dataset="cifar10").resolved()
+    cifar = _hub_config(cifar_cfg, model, "pnasnet_a_deconv", 10, 3, None, "now")
     assert cifar["pretrained_cfg"]["crop_pct"] == 1.0  # CIFAR images are 32x32 already
 
 

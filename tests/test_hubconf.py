@@ -17,7 +17,7 @@ ALL_TEN = (
 )
 # The authors' other main.py CIFAR models (tests/test_zoo_layout_extra.py loads them).
 MAIN_PY_EXTRA = ("vgg11_deconv", "vgg13_deconv", "vgg19_deconv", "resnet34_deconv", "resnet50_deconv",
-                 "pnasnet_b_deconv")
+                 "pnasnet_b_deconv", "mlp_deconv", "simple_v1_deconv", "simple_v2_deconv")
 # The authors' ImageNet and segmentation models (tests/test_zoo_imagenet.py, tests/test_segmentation.py load them).
 IMAGENET_AND_SEGMENTATION = (
     "resnet18_imagenet_deconv", "resnet34_imagenet_deconv", "resnet50_imagenet_deconv", "resnet101_imagenet_deconv",

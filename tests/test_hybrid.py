@@ -23,8 +23,11 @@ from ndeconv.zoo._layer_factory import DeconvSettings
 TEN = ("vgg16", "resnet18", "preact_resnet18", "senet18", "resnext29_32x4d", "densenet121", "mobilenetv2",
        "dpn92", "pnasnet_a", "efficientnet_b0")
 # The extra CIFAR ones and the ImageNet ones build their stems through the same DeconvSettings.stem_* methods.
+# (The MNIST models have no conv stem of that kind, the MLP no conv at all: tests/test_zoo_mnist.py checks their
+# hybrids fold.)
+MNIST = {"mlp_deconv", "simple_v1_deconv", "simple_v2_deconv"}
 OTHERS = tuple(sorted(
-    n.removesuffix("_deconv") for n in set(timm.list_models("*_deconv")) - {f"{n}_deconv" for n in TEN}))
+    n.removesuffix("_deconv") for n in set(timm.list_models("*_deconv")) - {f"{n}_deconv" for n in TEN} - MNIST))
 
 
 def _meta(name: str, **kwargs: object) -> nn.Module:

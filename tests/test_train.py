@@ -169,8 +169,8 @@ def test_run_directory(runs: dict[str, Path]) -> None:
 def test_default_invocation_is_the_papers_run() -> None:
     args = build_parser().parse_args(["train"])
     given = {k: getattr(args, k) for k in args._train_fields if getattr(args, k) is not None}
-    cfg = TrainConfig.from_dict(given)
-    assert cfg == TrainConfig()
+    assert TrainConfig.from_dict(given) == TrainConfig()
+    cfg = TrainConfig.from_dict(given).resolved()  # the defaults of main.py, the script that trains ResNet-18
     assert (cfg.model_name(), cfg.dataset, cfg.deconv, cfg.epochs, cfg.batch_size) == (
         "resnet18_deconv", "fashion_mnist", True, 20, 128)
     assert (cfg.lr, cfg.momentum, cfg.wd, cfg.lr_scheduler, cfg.block, cfg.deconv_iter) == (

@@ -23,6 +23,10 @@ REFERENCE_ARCHS: dict[str, str] = {
     "resnet34": "resnet34_deconv",
     "resnet50": "resnet50_deconv",
     "pnasnetB": "pnasnet_b_deconv",
+    # main.py's MNIST models (models/simple.py; 28x28 gray input).
+    "mlp": "mlp_deconv",
+    "simple_v1": "simple_v1_deconv",
+    "simple_v2": "simple_v2_deconv",
     # main_imagenet.py ``-a`` (deconvolution models; timm's resnet18d/resnet50d are ResNet-D, another network,
     # hence our own names).
     "resnet18d": "resnet18_imagenet_deconv",

@@ -7,7 +7,7 @@ import argparse
 from ._model_source import add_model_source_arguments, load_model_source
 from ._warnings import warnings_to_stderr
 
-__all__ = ["register"]
+__all__ = ["add_input_size_argument", "input_size_for", "register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--static-batch", type=int, metavar="N", help="fix the batch size to N (default: dynamic)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check the file with onnx.checker and onnxruntime (default: on)")
+    add_input_size_argument(p, "traced and verified with")
     p.set_defaults(func=_run)
+
+
+def add_input_size_argument(parser: argparse.ArgumentParser, use: str) -> None:
+    parser.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                        help=f"the example input (C H W, or C L for a 1-D model) it is {use} (default: the model's "
+                        "pretrained_cfg input size, else 32x32 or the signal length the topology takes)")
+
+
+def input_size_for(model, values: list[int] | None,  # noqa: ANN001 - an nn.Module
+                   square: bool = False) -> tuple[int, ...] | None:
+    """``--input-size`` checked against ``model``: as many values as its input has axes (C H W, or C L for a 1-D
+    model), C its input channels, all positive, H = W with ``square`` (what the export's metadata can describe);
+    None when not given (the library's default)."""
+    from ndeconv.convert.fold import model_input_size
+    from ndeconv.errors import NdeconvError, UsageError
+
+    if values is None:
+        return None
+    given = " ".join(map(str, values))
+    try:
+        default = tuple(model_input_size(model))
+    except NdeconvError:  # no conv and no recorded size: the values say it all
+        default = tuple(values)
+    layout = "C L" if len(default) == 2 else "C H W" if len(default) == 3 else f"{len(default)} values"
+    example = " ".join(map(str, default))
+    if len(values) != len(default):
+        raise UsageError(f"--input-size {given}: {type(model).__name__} takes {layout} ({len(default)} values), e.g. "
+                         f"--input-size {example}")
+    if any(v < 1 for v in values):
+        raise UsageError(f"--input-size {given}: every size must be >= 1, e.g. --input-size {example}")
+    if values[0] != default[0]:
+        raise UsageError(f"--input-size {given}: {type(model).__name__} takes {default[0]} input channel(s), not "
+                         f"{values[0]}; e.g. --input-size {example}")
+    if square and len(values) == 3 and values[1] != values[2]:
+        # export_onnx's metadata describes timm's centre crop of a square input only (a segmentation export's
+        # spatial axes are dynamic, so the traced size is not a limit on what the file takes).
+        raise UsageError(f"--input-size {given}: the export traces a square image (its metadata describes timm's "
+                         f"centre crop of H x H); pass --input-size {values[0]} {values[1]} {values[1]} (a "
+                         "segmentation model's file takes any H x W: its spatial axes stay dynamic)")
+    return tuple(values)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -50,10 +91,12 @@ def _run(args: argparse.Namespace) -> int:
                          "installed torch exporter writes), such as 18 or 20")
     output = check_output_path(args.output, args.force)  # fail before any work
     source = load_model_source(args)
+    input_size = input_size_for(source.model, args.input_size, square=True)
     with warnings_to_stderr("export", FoldWarning):
         # Verified before it replaces anything: a failed check leaves an existing file as it was.
-        result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch, force=True,
-                             verify=args.verify, config=_source_config(source), source=source.description)
+        result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch,
+                             input_size=input_size, force=True, verify=args.verify, config=_source_config(source),
+                             source=source.description)
     batch = f"static batch {args.static_batch}" if args.static_batch else "dynamic batch"
     print(f"wrote {result.path} (opset {result.opset}, {batch}, input {'x'.join(map(str, result.input_size))})")
     meta = result.metadata

@@ -6,6 +6,7 @@ import argparse
 
 from ._model_source import add_model_source_arguments, load_model_source
 from ._warnings import warnings_to_stderr
+from .export import add_input_size_argument, input_size_for
 
 __all__ = ["register"]
 
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-batchnorm", dest="fuse_batchnorm", action="store_false",
                    help="leave BatchNorms as they are (the folded file then loads with timm.create_model(NAME, "
                         "folded=True) alone)")
+    add_input_size_argument(p, "checked with")
     p.set_defaults(func=_run)
 
 
@@ -46,10 +48,24 @@ def _run(args: argparse.Namespace) -> int:
     source = load_model_source(args)
     if source.folded:
         raise UsageError(f"{args.checkpoint} is already folded; nothing to do")
+    example = _example_input(source.model, input_size_for(source.model, args.input_size))
     with warnings_to_stderr("fold", FoldWarning):
         # The command fuses BatchNorms by default, as it always has; the library's fold() asks for it explicitly.
-        folded, report = fold_with_report(source.model, check=args.check, fuse_batchnorm=args.fuse_batchnorm)
+        folded, report = fold_with_report(source.model, example_input=example, check=args.check,
+                                          fuse_batchnorm=args.fuse_batchnorm)
     weights, config = save_folded(folded, output, report, source.description, force=args.force)
     print(report.summary())
     print(f"wrote {weights} and {config}")
     return 0
+
+
+def _example_input(model, input_size: tuple[int, ...] | None):  # noqa: ANN001, ANN202 - nn.Module -> Tensor | None
+    """A seeded random batch of 2 of ``input_size`` (as the library's default_example_input draws its own), or
+    None for the library's default."""
+    import torch
+
+    if input_size is None:
+        return None
+    param = next(model.parameters())
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x.to(device=param.device, dtype=param.dtype)

@@ -14,7 +14,7 @@ __all__ = ["GROUPS", "authors_names", "register", "zoo_table"]
 # The zoo's groups, in the order `ndeconv list` prints them: (key, heading, classes the parameters are counted for).
 GROUPS: tuple[tuple[str, str, int], ...] = (
     ("paper", "the paper's ten CIFAR models (main.py; ndeconv train trains them, weights ship for them)", 10),
-    ("extra", "main.py's other CIFAR models (no weights)", 10),
+    ("extra", "main.py's other CIFAR and MNIST models (no weights)", 10),
     ("imagenet", "the ImageNet topologies (main_imagenet.py; no weights)", 1000),
     ("segmentation", "the segmentation builders (Segmentation/train.py; not timm models, no weights)", 21),
 )
@@ -61,7 +61,9 @@ def zoo_table(pattern: str = "*", deconv: bool = True, groups: tuple[str, ...] |
                 if group == "segmentation":
                     model = SEGMENTATION_MODELS[name](deconv=deconv, num_classes=num_classes, in_chans=3)
                 else:
-                    model = timm.create_model(name, deconv=deconv, num_classes=num_classes, in_chans=3)
+                    # The default model's channels (its registered cfg's): 3, or 1 for the MNIST models.
+                    in_chans = int(get_pretrained_cfg(name).input_size[0])
+                    model = timm.create_model(name, deconv=deconv, num_classes=num_classes, in_chans=in_chans)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             tags = []
             # Every tag, also those whose weights are not trained yet (the segmentation builders are not in timm's

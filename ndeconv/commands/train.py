@@ -66,12 +66,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add(model, "--delinear", "delinear", d.delinear, "Delinear head (false: ChannelDeconv + Linear)",
          type=str2bool, metavar="BOOL")
     _add(model, "--drop-rate", "drop_rate", d.drop_rate, "dropout before the classifier", type=float)
+    _add(model, "--initial-checkpoint", "initial_checkpoint", "none", "start from these weights (timm's train.py "
+         "flag): a run directory or a weights file with its config.json, e.g. `ndeconv convert-bn`'s output, of the "
+         "same --arch and form", metavar="PATH")
 
     data = p.add_argument_group("data")
     _add(data, "--dataset", "dataset", d.dataset, f"one of {', '.join(DATASETS)}")
     _add(data, "--data-dir", "data_dir", "/usr/share/datasets/fashion-mnist for fashion_mnist",
          "folder with the dataset's files", metavar="DIR")
-    _add(data, "--img-size", "img_size", d.img_size, "image size for imagefolder", type=int)
+    _add(data, "--img-size", "img_size", "the model's input size: 32, 28 for mlp/simple_*, 224 for ImageNet topologies",
+         "image size (imagefolder; IDX images are zero-padded to it)", type=int)
     _add(data, "--num-classes", "num_classes", "the dataset's", "number of classes", type=int)
     _add(data, "--train-subset", "train_subset", "all", "train on the first N images only", type=int, metavar="N")
     _add(data, "--test-subset", "test_subset", "all", "evaluate on the first N test images only", type=int,
@@ -82,14 +86,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add(optim, "--optimizer", "optimizer", d.optimizer, "SGD, Adam or AdamW", choices=("SGD", "Adam", "AdamW"))
     _add(optim, "--lr", "lr", d.lr, "learning rate", type=float)
     _add(optim, "--momentum", "momentum", d.momentum, "SGD momentum", type=float)
-    _add(optim, "--wd", "wd", d.wd, "weight decay", type=float)
+    _add(optim, "--wd", "wd", "1e-3, 1e-4 for ImageNet topologies (main_imagenet.py)", "weight decay", type=float)
     _add(optim, "--lr-scheduler", "lr_scheduler", d.lr_scheduler,
-         "cosine (stepped every iteration) or multistep", choices=("cosine", "multistep"))
+         "cosine (stepped every iteration), multistep or step (main_imagenet.py's StepLR)",
+         choices=("cosine", "multistep", "step"))
+    _add(optim, "--scheduler-step-size", "scheduler_step_size", d.scheduler_step_size,
+         "step: epochs between LR drops (by --multistep-gamma)", type=int)
     _add(optim, "--milestone", "milestone", d.milestone, "multistep: first milestone as a fraction of the epochs",
          type=float)
     _add(optim, "--multistep-gamma", "multistep_gamma", d.multistep_gamma, "multistep: LR factor", type=float)
-    _add(optim, "--batch-size", "batch_size", d.batch_size, "batch size per process", type=int)
-    _add(optim, "--epochs", "epochs", d.epochs, "training epochs", type=int)
+    _add(optim, "--batch-size", "batch_size", "128, 256 for ImageNet topologies", "batch size per process", type=int)
+    _add(optim, "--epochs", "epochs", "20, 90 for ImageNet topologies", "training epochs", type=int)
     _add(optim, "--max-steps", "max_steps", "none", "stop after N optimizer steps (quick runs)", type=int,
          metavar="N")
     _add(optim, "--seed", "seed", d.seed, "random seed", type=int)
@@ -122,7 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue a killed run from its last checkpoint, with its own settings")
     run.add_argument("--force", action="store_true", help="start over in an existing --out directory")
-    p.set_defaults(func=_run, _train_fields=tuple(f.name for f in fields(TrainConfig)))
+    # ``deconvolve`` is no flag: the run takes it from its --initial-checkpoint.
+    p.set_defaults(func=_run, _train_fields=tuple(f.name for f in fields(TrainConfig) if f.name != "deconvolve"))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,12 +18,16 @@ __all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "build_model"]
 @dataclass
 class TrainConfig:
     """The settings of ``ndeconv train``. Defaults are the authors' ``main.py``/``arg_parser.py`` ones, on the
-    paper's smallest real task: ResNet-18 with network deconvolution on Fashion-MNIST."""
+    paper's smallest real task: ResNet-18 with network deconvolution on Fashion-MNIST.
+
+    ``None`` for ``img_size``, ``wd``, ``batch_size`` and ``epochs``: the default of the authors' script that trains
+    the model's topology (``recipe_defaults``): ``main.py`` for the CIFAR/MNIST topologies, ``main_imagenet.py``
+    for the ImageNet ones. ``resolved()`` fills them in; a run records the resolved values."""
 
     arch: str = "resnet18"
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
-    img_size: int = 32  # imagefolder only; IDX data is padded to 32x32, CIFAR is 32x32
+    img_size: int | None = None  # the model's input size; IDX data is zero-padded to it, CIFAR is 32x32
     num_classes: int | None = None  # the dataset's by default
     deconv: bool | Literal["stem"] = True  # "stem": the hybrid (DeconvSettings)
     block: int = 64
@@ -38,12 +42,13 @@ class TrainConfig:
     optimizer: str = "SGD"
     lr: float = 0.1
     momentum: float = 0.9
-    wd: float = 1e-3
-    lr_scheduler: str = "cosine"
+    wd: float | None = None  # main.py: 1e-3, main_imagenet.py: 1e-4
+    lr_scheduler: str = "cosine"  # both scripts' default; "step" is main_imagenet.py's StepLR
+    scheduler_step_size: int = 30  # step: epochs between LR drops (main_imagenet.py's --scheduler-step-size)
     milestone: float = 0.4
     multistep_gamma: float = 0.1
-    batch_size: int = 128
-    epochs: int = 20
+    batch_size: int | None = None  # main.py: 128, main_imagenet.py: 256
+    epochs: int | None = None  # main.py: 20, main_imagenet.py: 90
     seed: int = 0
     num_workers: int = 0  # in-memory datasets need none; an image folder decodes in workers
     train_subset: int | None = None
@@ -58,6 +63,11 @@ class TrainConfig:
     log_every: int = 50
     keep_freed_memory: bool = True  # glibc malloc reuses freed memory (ndeconv.keep_freed_memory): speed only
     curve_rows: int = 50  # steps.jsonl rows per epoch (fixed for a run: a resumed run keeps its grid)
+    # Weights to start from (timm's train.py --initial-checkpoint): a run directory or a weights file loadable by
+    # ndeconv.loading.load_model, of the same architecture. ``deconvolve``: the ndeconv.deconvolve() call that
+    # turns the built model into that checkpoint's layout (ndeconv convert-bn's output), taken from its config.json.
+    initial_checkpoint: str | None = None
+    deconvolve: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,6 +76,11 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` recipe default filled in from ``recipe_defaults(model)``."""
+        recipe = recipe_defaults(self.model_name())
+        return dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
 
     def model_name(self) -> str:
         from ndeconv.zoo import resolve_model_name
@@ -78,7 +93,10 @@ class TrainConfig:
         return f"runs/{arch}-{form}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def validate(self) -> None:
-        """Reject settings that cannot train, each with the flag to fix."""
+        """Reject settings that cannot train, each with the flag to fix (on a ``resolved()`` config)."""
+        unresolved = [f.name for f in fields(self) if f.name in RECIPE_FIELDS and getattr(self, f.name) is None]
+        if unresolved:
+            raise ValueError(f"TrainConfig.validate: {', '.join(unresolved)} unset; call resolved() first")
         # NaN passes no comparison but inf passes `> 0`: --lr inf would train NaN weights and report success.
         for name in ("lr", "momentum", "wd", "eps", "milestone", "multistep_gamma", "drop_rate"):
             value = getattr(self, name)
@@ -109,12 +127,40 @@ class TrainConfig:
             (self.num_workers >= 0, "--num-workers must be >= 0"),
             (self.img_size >= 8, "--img-size must be >= 8"),
             (self.optimizer in ("SGD", "Adam", "AdamW"), "--optimizer must be SGD, Adam or AdamW"),
-            (self.lr_scheduler in ("cosine", "multistep"), "--lr-scheduler must be cosine or multistep"),
+            (self.lr_scheduler in ("cosine", "multistep", "step"), "--lr-scheduler must be cosine, multistep or step"),
+            (self.scheduler_step_size >= 1, "--scheduler-step-size must be >= 1 epoch"),
             (self.amp in (None, "auto", "bf16", "fp16"), "--amp must be bf16 or fp16"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+
+# The fields whose default depends on the model's topology (None in TrainConfig until resolved()).
+RECIPE_FIELDS = ("img_size", "wd", "batch_size", "epochs")
+MAIN_PY_RECIPE = {"wd": 1e-3, "batch_size": 128, "epochs": 20}
+MAIN_IMAGENET_RECIPE = {"wd": 1e-4, "batch_size": 256, "epochs": 90}
+
+
+def recipe_defaults(model_name: str) -> dict[str, Any]:
+    """The defaults of the authors' script that trains ``model_name``: ``main_imagenet.py``'s for the ImageNet
+    topologies (``ndeconv.zoo.IMAGENET_MODELS``; they also train with its RandomResizedCrop, see
+    ``ndeconv.training.data``), ``main.py``'s for the rest; ``img_size`` is the model's own input size (its
+    registered pretrained_cfg: 32 for CIFAR topologies, 28 for the MNIST ones, 224 for ImageNet)."""
+    from timm.models import get_pretrained_cfg
+
+    from ndeconv.zoo import IMAGENET_MODELS
+
+    recipe = MAIN_IMAGENET_RECIPE if model_name in IMAGENET_MODELS else MAIN_PY_RECIPE
+    cfg = get_pretrained_cfg(model_name)
+    return {**recipe, "img_size": int(cfg.input_size[-1]) if cfg is not None else 32}
+
+
+def is_imagenet_topology(model_name: str) -> bool:
+    """Whether the model trains with ``main_imagenet.py``'s recipe (RandomResizedCrop, Resize + CenterCrop eval)."""
+    from ndeconv.zoo import IMAGENET_MODELS
+
+    return model_name in IMAGENET_MODELS
 
 
 # Flags that may differ when resuming: they change how the run is carried out, not what it computes.

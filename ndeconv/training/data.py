@@ -31,9 +31,15 @@ class Preprocess:
         self.crop_padding = crop_padding
 
     @staticmethod
+    def seed(seed: int, epoch: int, step: int, rank: int, stream: str = "") -> int:
+        """The seed of one batch's random choices; ``stream`` names another use of the same batch (``decode``:
+        an image folder's RandomResizedCrop) so that it draws apart from this one's crops and flips."""
+        digest = hashlib.sha256(f"{seed}:{epoch}:{step}:{rank}{stream}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
+
+    @staticmethod
     def generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
-        digest = hashlib.sha256(f"{seed}:{epoch}:{step}:{rank}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.Generator().manual_seed(Preprocess.seed(seed, epoch, step, rank))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float().div_(255.0)
@@ -76,8 +82,8 @@ def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list
 
 
 class _Batches(Dataset):
-    def __init__(self, source: ImageSource, batches: list[torch.Tensor]):
-        self.source, self.batches = source, batches
+    def __init__(self, source: ImageSource, batches: list[torch.Tensor], seeds: Sequence[int] | None):
+        self.source, self.batches, self.seeds = source, batches, seeds
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -85,7 +91,7 @@ class _Batches(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | str, torch.Tensor | None]:
         idx = self.batches[i]
         try:
-            return self.source.batch(idx), self.source.labels[idx]
+            return self.source.batch(idx, None if self.seeds is None else self.seeds[i]), self.source.labels[idx]
         except UsageError as err:
             # DataLoader re-raises a worker's exception with the worker's traceback in its text; carry the one-line
             # message back as data and raise it in the main process instead.
@@ -93,14 +99,15 @@ class _Batches(Dataset):
 
 
 def batch_loader(
-    source: ImageSource, batches: list[torch.Tensor], num_workers: int = 0
+    source: ImageSource, batches: list[torch.Tensor], num_workers: int = 0, seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, labels) for the given index batches, in order; workers only fetch and decode."""
+    """Yield (uint8 images, labels) for the given index batches, in order; workers only fetch and decode.
+    ``seeds`` (one per batch) seed the augmentation a source applies as it decodes (``ImageSource.batch``)."""
     if num_workers <= 0 or isinstance(source, TensorSource):
-        for idx in batches:
-            yield source.batch(idx), source.labels[idx]
+        for i, idx in enumerate(batches):
+            yield source.batch(idx, None if seeds is None else seeds[i]), source.labels[idx]
         return
-    for images, labels in DataLoader(_Batches(source, batches), batch_size=None, num_workers=num_workers,
+    for images, labels in DataLoader(_Batches(source, batches, seeds), batch_size=None, num_workers=num_workers,
                                      persistent_workers=False):
         if labels is None:
             raise UsageError(images)

@@ -19,7 +19,8 @@ from .data import Preprocess, batch_loader, eval_batches
 from .dist import DistContext
 from .metrics import topk_correct
 
-__all__ = ["EvalResult", "OnnxClassifier", "evaluate", "evaluate_on_dataset", "evaluate_onnx", "recorded_img_size"]
+__all__ = ["EvalResult", "OnnxClassifier", "evaluate", "evaluate_on_dataset", "evaluate_onnx", "recorded_crop_pct",
+           "recorded_img_size"]
 
 
 @dataclass
@@ -78,9 +79,19 @@ def evaluate(
 
 
 def recorded_img_size(info: dict[str, Any], given: int | None = None) -> int:
-    """The image size to evaluate at: ``given``, else the one the run trained at (imagefolder), else 32."""
+    """The image size to evaluate at: ``given``, else the one the run trained at, else 32."""
     train = (info.get("config") or {}).get("train") or {}
     return int(given or train.get("img_size") or 32)
+
+
+def recorded_crop_pct(info: dict[str, Any]) -> float:
+    """The eval crop of an image folder for the model: main_imagenet.py's Resize + CenterCrop (0.875) for an
+    ImageNet topology, else 1.0 (resize and centre-crop)."""
+    from ..datasets import IMAGENET_CROP_PCT
+    from .config import is_imagenet_topology
+
+    name = info.get("architecture") or (info.get("config") or {}).get("architecture") or ""
+    return IMAGENET_CROP_PCT if is_imagenet_topology(str(name)) else 1.0
 
 
 def evaluate_on_dataset(
@@ -93,10 +104,12 @@ def evaluate_on_dataset(
     num_workers: int = 0,
     img_size: int = 32,
     class_names: Sequence[str] | None = None,
+    crop_pct: float = 1.0,
 ) -> EvalResult:
     """Top-1/top-5/loss of ``model`` on a dataset's test split, with that dataset's reference normalisation.
 
-    ``class_names``: the label order the model was trained with (an image folder's classes by name)."""
+    ``class_names``: the label order the model was trained with (an image folder's classes by name);
+    ``crop_pct``: an image folder's eval crop (``recorded_crop_pct``)."""
     from ..datasets import get_spec, load_split
 
     if batch_size < 1:
@@ -105,7 +118,7 @@ def evaluate_on_dataset(
         raise UsageError(f"test subset must be >= 1 image, got {subset}; leave it out to evaluate every test image")
     spec = get_spec(dataset)
     num_classes = int(getattr(model, "num_classes", 0)) or None
-    source = load_split(dataset, "test", data_dir, img_size, num_classes, class_names).subset(subset)
+    source = load_split(dataset, "test", data_dir, img_size, num_classes, class_names, crop_pct).subset(subset)
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if first is not None and first.in_channels != spec.in_chans:
         raise UsageError(f"the model takes {first.in_channels}-channel images but {spec.name} has {spec.in_chans}; "

@@ -10,6 +10,7 @@ tensorboard is installed. Under torchrun only rank 0 touches the directory. One 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -29,25 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..datasets import ImageSource, get_spec, load_split
+from ..datasets import ImageSource, eval_crop_pct, get_spec, load_split
 from ..errors import NdeconvError, UsageError, error_summary
-from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
+from ..io import save_json_atomic, save_safetensors_atomic
+from ..layers.deconvolve import deconvolve
 from ..layers.fast_deconv import set_fast_mode
 from ..layers.sync import sync_deconv
 from ..runtime import keep_freed_memory, native_amp_dtype
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
-from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, model_kwargs
+from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, is_imagenet_topology, model_kwargs
 from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches
 from .dist import DistContext, setup
 from .evaluate import evaluate
 from .interrupt import StopRequests
 from .lock import LOCK_FILE, RunDirLock
 from .metrics import Progress, TensorBoard, plot_curves, topk_correct, write_metrics
+from .run_files import CONFIG_FILE, WEIGHTS_FILE, load_run_model, read_run_config
 
 __all__ = ["TrainResult", "load_run_model", "read_run_config", "train"]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 STEPS_FILE = "steps.jsonl"
@@ -65,19 +66,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise UsageError(f"{run_dir}: no {CONFIG_FILE}; it is not a run directory of `ndeconv train`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path}: not readable JSON ({err}); the run directory is damaged") from err
-    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
-        raise UsageError(f"{path}: has no 'train' settings; it is not a run directory of `ndeconv train`")
-    return data
-
-
 def _resume_config(run_dir: Path, cfg: TrainConfig, given: frozenset[str]) -> TrainConfig:
     """The run's own settings; a flag given now that would change what the run computes is refused."""
     saved = TrainConfig.from_dict(read_run_config(run_dir)["train"])
@@ -88,6 +76,40 @@ def _resume_config(run_dir: Path, cfg: TrainConfig, given: frozenset[str]) -> Tr
         raise UsageError(f"--resume {run_dir}: {'; '.join(clashes)}; a resumed run keeps its settings "
                          "(start a new run with --out to change them)")
     return TrainConfig.from_dict({**before, **{k: current[k] for k in given if k in RESUMABLE_OVERRIDES}})
+
+
+def _with_initial_layout(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the ``deconvolve`` record of its --initial-checkpoint (the layout the weights need), read from
+    the checkpoint's config.json; the checkpoint must be of the run's architecture."""
+    if cfg.initial_checkpoint is None:
+        return cfg
+    from ..loading import load_model
+
+    loaded = load_model(cfg.initial_checkpoint)
+    arch = (getattr(loaded.model, "pretrained_cfg", None) or {}).get("architecture")
+    if arch != cfg.model_name():
+        raise UsageError(f"--initial-checkpoint {cfg.initial_checkpoint} holds a {arch} but --arch is "
+                         f"{cfg.model_name()}; pass --arch {str(arch).removesuffix('_deconv')}")
+    settings = getattr(loaded.model, "deconv_settings", None)
+    if settings is not None and settings.deconv != cfg.deconv:
+        form = str(settings.deconv).lower()
+        raise UsageError(f"--initial-checkpoint {cfg.initial_checkpoint} is {cfg.model_name()} built with --deconv "
+                         f"{form} (then converted, if its config.json says so) but this run has --deconv "
+                         f"{str(cfg.deconv).lower()}; pass --deconv {form}")
+    recipe = loaded.config.get("deconvolve")
+    return dataclasses.replace(cfg, deconvolve=dict(recipe) if isinstance(recipe, dict) else None)
+
+
+def _initial_weights(cfg: TrainConfig, model: nn.Module) -> None:
+    """Load --initial-checkpoint into the freshly built model (strict: every tensor, same shapes)."""
+    from ..loading import load_model
+
+    state = load_model(cfg.initial_checkpoint).model.state_dict()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UsageError(f"--initial-checkpoint {cfg.initial_checkpoint} does not fit the model these settings build "
+                         f"({error_summary(err)}); pass the --deconv, --block and --block-fc it was made with") from err
 
 
 def _check_new_run_dir(run_dir: Path, force: bool) -> None:
@@ -225,12 +247,16 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epo
     if cfg.lr_scheduler == "cosine":
         # Stepped after every iteration over the whole run, as the authors' train_net does.
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs, eta_min=0)
-    # The reference's milestones (every milestone * epochs epochs). It steps the scheduler at the start of each
-    # epoch, so its LR drops one epoch early; stepping at epoch ends with milestones - 1 gives the same LRs.
-    first = max(int(cfg.milestone * cfg.epochs), 1)
-    milestones = [first]
-    while milestones[-1] + first < cfg.epochs:
-        milestones.append(milestones[-1] + first)
+    # The reference's milestones (every milestone * epochs epochs; main_imagenet.py's StepLR: every
+    # scheduler_step_size epochs, without end). It steps the scheduler at the start of each epoch, so its LR drops
+    # one epoch early; stepping at epoch ends with milestones - 1 gives the same LRs.
+    if cfg.lr_scheduler == "step":
+        milestones = list(range(cfg.scheduler_step_size, cfg.epochs + 1, cfg.scheduler_step_size))
+    else:
+        first = max(int(cfg.milestone * cfg.epochs), 1)
+        milestones = [first]
+        while milestones[-1] + first < cfg.epochs:
+            milestones.append(milestones[-1] + first)
     return torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=[max(m - 1, 0) for m in milestones], gamma=cfg.multistep_gamma)
 
@@ -239,12 +265,13 @@ def _hub_config(cfg: TrainConfig, model: nn.Module, name: str, num_classes: int,
                 labels: tuple[str, ...] | None, started: str) -> dict[str, Any]:
     """timm's Hub config.json fields plus the run's settings: ``timm.create_model('local-dir:RUN_DIR')`` works."""
     spec = get_spec(cfg.dataset)
-    size = 32 if spec.kind != "imagefolder" else cfg.img_size
+    size = 32 if spec.kind == "cifar" else cfg.img_size
+    crop_pct = eval_crop_pct(spec, size, is_imagenet_topology(name))
     pretrained_cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
                       if v is not None and k not in ("file", "hf_hub_id", "url", "source", "state_dict")}
     pretrained_cfg.update(
         tag=cfg.dataset, num_classes=num_classes, input_size=[in_chans, size, size],
-        mean=list(spec.mean), std=list(spec.std), crop_pct=spec.crop_pct,
+        mean=list(spec.mean), std=list(spec.std), crop_pct=crop_pct,
     )
     pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()}
     args = model_kwargs(cfg, num_classes, in_chans)
@@ -306,6 +333,7 @@ def train(
             raise UsageError(f"--resume {run_dir}: no such directory")
         cfg = _resume_config(run_dir, cfg, given)
     else:
+        cfg = _with_initial_layout(cfg.resolved())
         run_dir = Path(out) if out is not None else Path(cfg.default_run_dir())
     cfg.validate()
     if cfg.keep_freed_memory:
@@ -331,7 +359,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resuming: bool, forc
         ctx.on_main(lambda: _check_new_run_dir(run_dir, force))
     amp_dtype = _resolve_amp(cfg, ctx.device, resuming, progress)
     data = _load_data(cfg)
-    parts = _build_training(cfg, ctx, data, amp_dtype)
+    parts = _build_training(cfg, ctx, data, amp_dtype, resuming)
     if resuming:
         state = _resume_from_checkpoint(run_dir, cfg, ctx, parts)
         if state.finished:
@@ -385,12 +413,17 @@ class _Data:
 
 def _load_data(cfg: TrainConfig) -> _Data:
     spec = get_spec(cfg.dataset)
-    train_all = load_split(cfg.dataset, "train", cfg.data_dir, cfg.img_size, cfg.num_classes)
+    # main_imagenet.py's augmentation for its topologies: RandomResizedCrop + flip as images decode (no padded
+    # crop after), Resize + CenterCrop for evaluation; main.py's padded crop + flip for the rest.
+    imagenet = is_imagenet_topology(cfg.model_name()) and spec.kind == "imagefolder"
+    train_all = load_split(cfg.dataset, "train", cfg.data_dir, cfg.img_size, cfg.num_classes,
+                           random_resized_crop=imagenet)
     num_classes = cfg.num_classes or spec.num_classes or len(train_all.class_names or ())
-    test_all = load_split(cfg.dataset, "test", cfg.data_dir, cfg.img_size, num_classes)
+    test_all = load_split(cfg.dataset, "test", cfg.data_dir, cfg.img_size, num_classes,
+                          crop_pct=eval_crop_pct(spec, cfg.img_size, imagenet))
+    crop_padding = 0 if imagenet else default_crop_padding(spec, cfg.img_size)
     return _Data(train_all.subset(cfg.train_subset), test_all.subset(cfg.test_subset),
-                 Preprocess(spec.mean, spec.std, default_crop_padding(spec, cfg.img_size)), num_classes,
-                 spec.in_chans, train_all.class_names)
+                 Preprocess(spec.mean, spec.std, crop_padding), num_classes, spec.in_chans, train_all.class_names)
 
 
 @dataclass
@@ -406,7 +439,8 @@ class _Parts:
     layout: torch.memory_format
 
 
-def _build_training(cfg: TrainConfig, ctx: DistContext, data: _Data, amp_dtype: torch.dtype | None) -> _Parts:
+def _build_training(cfg: TrainConfig, ctx: DistContext, data: _Data, amp_dtype: torch.dtype | None,
+                    resuming: bool = False) -> _Parts:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time).
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -414,6 +448,10 @@ def _build_training(cfg: TrainConfig, ctx: DistContext, data: _Data, amp_dtype: 
 
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg, data.num_classes, data.in_chans)
+    if cfg.deconvolve is not None:  # the layout of an --initial-checkpoint converted by ndeconv convert-bn
+        model = deconvolve(model, **cfg.deconvolve)
+    if cfg.initial_checkpoint is not None and not resuming:  # a resumed run has its own checkpoint
+        _initial_weights(cfg, model)
     name = cfg.model_name()
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=layout)
@@ -543,8 +581,10 @@ class _Trainer:
         self.net.train()
         self.tick = time.perf_counter()
         stop = False
+        first = state.step_in_epoch
+        seeds = [Preprocess.seed(cfg.seed, epoch, step, ctx.rank, "decode") for step in range(first, len(batches))]
         for step, (images, labels) in enumerate(
-            batch_loader(self.data.train, batches[state.step_in_epoch:], cfg.num_workers), start=state.step_in_epoch
+            batch_loader(self.data.train, batches[first:], cfg.num_workers, seeds), start=first
         ):
             x = self.data.preprocess(images, Preprocess.generator(cfg.seed, epoch, step, ctx.rank)).to(ctx.device)
             x = x.contiguous(memory_format=self.parts.layout)
@@ -646,7 +686,7 @@ class _Trainer:
         }
         if stopped and state.step_in_epoch < epoch_steps:
             row["partial"] = True  # stopped by --max-steps inside the epoch
-        if cfg.lr_scheduler == "multistep":
+        if cfg.lr_scheduler in ("multistep", "step"):
             self.parts.scheduler.step()
         state.history.append(row)
         state.epoch, state.step_in_epoch, state.seconds = epoch + 1, 0, 0.0
@@ -660,26 +700,3 @@ class _Trainer:
                           f"{row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s")
 
 
-def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of a run directory, built from its config.json and loaded from its model.safetensors."""
-    import timm
-
-    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
-
-    config = read_run_config(run_dir)
-    args = dict(config.get("model_args", {}))
-    args["num_classes"] = config.get("num_classes", args.get("num_classes"))
-    weights = Path(run_dir) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UsageError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch yet "
-                         f"(continue it with `ndeconv train --resume {run_dir}`)")
-    try:
-        model = timm.create_model(config["architecture"], pretrained=False, **args)
-    except (RuntimeError, TypeError, ValueError, KeyError) as err:
-        raise UsageError(f"{run_dir}: its config.json does not build a model ({error_summary(err)})") from err
-    try:
-        model.load_state_dict(load_safetensors(weights), strict=True)
-    except RuntimeError as err:
-        raise UsageError(f"{weights} does not fit the model its config.json describes ({error_summary(err)}); "
-                         "the run directory is mixed up") from err
-    return model.to(device).eval()

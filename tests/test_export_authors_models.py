@@ -1,0 +1,54 @@
+"""Fold and verified ONNX export of the authors' classifiers beyond the paper's ten: main.py's other CIFAR models
+and the main_imagenet.py topologies (the MNIST ones: tests/test_zoo_mnist.py; segmentation:
+tests/test_segmentation_cli.py), in both forms, after train-mode steps so the whitening is far from the identity.
+
+The ImageNet topologies are traced at 64x64 (their global pooling takes any size; 224x224 only costs time), with
+10 classes; the heaviest builds run in the full suite only."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from test_fold import correlated_batch
+
+import ndeconv.zoo
+from ndeconv.convert import export_onnx, fold, verify_onnx_for_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# One case per family and block type, both forms where the family's BatchNorm form differs in kind (VGG, ResNet,
+# PNASNet): the other depths of a family are the same modules in another number (VGG-13/19, ResNet-34d/101d,
+# VGG-16d). VGG-11d's 102M-parameter classifier makes a 0.5 GB ONNX file: the full suite only.
+CASES = [
+    ("vgg11_deconv", True), ("vgg11_deconv", False), ("resnet34_deconv", True), ("resnet50_deconv", True),
+    ("pnasnet_b_deconv", True), ("pnasnet_b_deconv", False),
+    ("resnet18_imagenet_deconv", True), ("resnet18_imagenet_deconv", False), ("resnet50_imagenet_deconv", True),
+    ("densenet121_imagenet_deconv", True), ("vgg11_imagenet_deconv", True),
+]
+SLOW = {"resnet50_deconv", "resnet50_imagenet_deconv", "densenet121_imagenet_deconv", "vgg11_imagenet_deconv"}
+
+
+def _trained(name: str, deconv: bool) -> tuple[torch.nn.Module, int]:
+    size = 64 if name in ndeconv.zoo.IMAGENET_MODELS else 32
+    torch.manual_seed(0)
+    model = timm.create_model(name, deconv=deconv, num_classes=10)
+    model.train()
+    with torch.no_grad():
+        for seed in range(2):
+            model(correlated_batch(8, 3, size, seed=seed))
+    return model.eval(), size
+
+
+@pytest.mark.parametrize("name, deconv", [c if c[0] not in SLOW else pytest.param(*c, marks=pytest.mark.slow)
+                                          for c in CASES])
+def test_folds_and_exports_verified_onnx(name: str, deconv: bool, tmp_path) -> None:
+    model, size = _trained(name, deconv)
+    x = correlated_batch(3, 3, size, seed=7)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold(model)
+        assert float((folded(x) - ref).abs().max() / ref.abs().max()) <= 1e-4
+    result = export_onnx(model, tmp_path / "model.onnx", input_size=(3, size, size))
+    verification = verify_onnx_for_model(result, batches=(1, 3))
+    assert verification.max_rel <= 1e-4
+    assert not {"Einsum", "ReduceSum", "Sqrt"} & set(verification.ops)
