@@ -370,6 +370,37 @@ class VerifyResult:
                 for name, batch, a, r in self.comparisons]
 
 
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+@contextlib.contextmanager
+def _uneven_adaptive_pools_refused(model: nn.Module, input_size: Sequence[int]):
+    """Within the block, a forward through an adaptive pool whose input is not a whole multiple of its output
+    raises. torch writes such a pool (VGG's 7x7 pool on the 2x2 map of a 64x64 input) as index arithmetic
+    (GatherND, Where) rather than an AveragePool/MaxPool, which the op check would refuse after a long export;
+    refused here, the error names the input size that makes the pool even."""
+    def check(module: nn.Module, args: tuple, output: torch.Tensor, name: str) -> None:
+        in_sizes, out_sizes = tuple(args[0].shape[2:]), tuple(output.shape[2:])
+        if all(i % o == 0 for i, o in zip(in_sizes, out_sizes, strict=True)):
+            return
+        # The input sizes that reach this pool as a whole multiple of its output, at the same reduction.
+        fit = [o * max(1, round(s / i)) for s, i, o in zip(input_size[1:], in_sizes, out_sizes, strict=True)]
+        raise NdeconvError(
+            f"{name} ({type(module).__name__}) pools a {'x'.join(map(str, in_sizes))} map to "
+            f"{'x'.join(map(str, out_sizes))} at input size {tuple(input_size)}: ONNX has no pooling op for an "
+            f"uneven adaptive pool; export at an input size whose map there is a whole multiple of its output, "
+            f"e.g. --input-size {' '.join(map(str, (input_size[0], *fit)))}")
+
+    handles = [m.register_forward_hook(lambda mod, a, out, name=n: check(mod, a, out, name))
+               for n, m in model.named_modules() if isinstance(m, _ADAPTIVE_POOLS)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
@@ -418,7 +449,7 @@ def export_onnx(
     onnx_metadata(model, input_size, opset=opset, static_batch=static_batch, folded=fold_model, config=config,
                   source=source)
     reference = copy.deepcopy(model).float().eval()
-    with torch.no_grad():
+    with torch.no_grad(), _uneven_adaptive_pools_refused(reference, input_size):
         probe = flatten_outputs(reference(random_batch(2, input_size)))
     output_names = [OUTPUT_NAME] if probe == [] or probe[0][0] == "" else [n.replace(".", "_") for n, _ in probe]
     # Fully convolutional: every output keeps the input's spatial axes (a dense prediction), so those axes can be

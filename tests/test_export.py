@@ -119,6 +119,18 @@ def test_failed_verification_keeps_the_existing_file(tmp_path) -> None:
     assert not (tmp_path / "new.onnx").exists()
 
 
+def test_uneven_adaptive_pool_is_refused_with_the_size_that_fits(tmp_path) -> None:
+    # A stride-8 stem leaves a 2x2 map at 16x16 that a 7x7 adaptive pool (VGG's) cannot pool evenly: torch would
+    # write index arithmetic (GatherND, Where) for it. The export stops before tracing and names the fitting size.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(7),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 49, 2)).eval()
+    with pytest.raises(NdeconvError, match=r"^1 \(AdaptiveAvgPool2d\) pools a 2x2 map to 7x7 .*--input-size 3 56 56$"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 16, 16))
+    assert list(tmp_path.iterdir()) == []
+    result = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 56, 56), verify=True)
+    assert "GatherND" not in result.verification.ops
+
+
 def test_verify_fails_on_a_different_model(tmp_path) -> None:
     model = trained("pnasnet_a_deconv")
     result = export_onnx(model, tmp_path / "m.onnx")

@@ -2,8 +2,9 @@
 and the main_imagenet.py topologies (the MNIST ones: tests/test_zoo_mnist.py; segmentation:
 tests/test_segmentation_cli.py), in both forms, after train-mode steps so the whitening is far from the identity.
 
-The ImageNet topologies are traced at 64x64 (their global pooling takes any size; 224x224 only costs time), with
-10 classes; the heaviest builds run in the full suite only."""
+The ImageNet topologies are traced at 64x64 (their global pooling takes any size; 224x224 only costs time), but
+VGG at 224x224 (its 7x7 adaptive pool must pool evenly), with 10 classes; the heaviest builds run in the full
+suite only."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from test_fold import correlated_batch
 
 import ndeconv.zoo
-from ndeconv.convert import export_onnx, fold, verify_onnx_for_model
+from ndeconv.convert import export_onnx, fold, fold_with_report, verify_onnx_for_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # One case per family and block type, both forms where the family's BatchNorm form differs in kind (VGG, ResNet,
@@ -30,6 +31,8 @@ SLOW = {"resnet50_deconv", "resnet50_imagenet_deconv", "densenet121_imagenet_dec
 
 def _trained(name: str, deconv: bool) -> tuple[torch.nn.Module, int]:
     size = 64 if name in ndeconv.zoo.IMAGENET_MODELS else 32
+    if name.startswith("vgg") and name in ndeconv.zoo.IMAGENET_MODELS:
+        size = 224  # VGG's 7x7 adaptive pool is only an ONNX pooling op where the map is a multiple of 7x7
     torch.manual_seed(0)
     model = timm.create_model(name, deconv=deconv, num_classes=10)
     model.train()
@@ -52,3 +55,14 @@ def test_folds_and_exports_verified_onnx(name: str, deconv: bool, tmp_path) -> N
     verification = verify_onnx_for_model(result, batches=(1, 3))
     assert verification.max_rel <= 1e-4
     assert not {"Einsum", "ReduceSum", "Sqrt"} & set(verification.ops)
+
+
+def test_imagenet_vgg_traces_so_its_batchnorms_fuse() -> None:
+    # The classifier runs layer by layer: a slice of it would be a Sequential torch.fx cannot find in the model,
+    # the trace would fail and the BN form's BatchNorms would stay in the folded network.
+    torch.manual_seed(0)
+    model = timm.create_model("vgg11_imagenet_deconv", deconv=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain, report = fold_with_report(model, example_input=x, fuse_batchnorm=True)
+    assert report.traced and len(report.bn_fused) == 8 and not report.bn_kept
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())

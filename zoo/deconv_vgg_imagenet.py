@@ -161,7 +161,10 @@ class VGG(ZooClassifierMixin, nn.Module):
         if len(self.classifier) == 0:  # pruned for features: nothing of the head is left
             return x
         x = torch.flatten(self.avgpool(x), 1)
-        x = self.classifier[: self._last_index](x)
+        # Layer by layer, not ``self.classifier[:-1](x)``: a slice is a new Sequential that torch.fx cannot find
+        # among the model's submodules, so the fold could not trace (nor fuse) the network.
+        for layer in list(self.classifier)[: self._last_index]:
+            x = layer(x)
         return x if pre_logits else self.get_classifier()(x)
 
 
