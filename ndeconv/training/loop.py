@@ -43,9 +43,16 @@ from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches
 from .dist import DistContext, setup
 from .evaluate import evaluate
 from .interrupt import StopRequests
-from .lock import LOCK_FILE, RunDirLock
+from .lock import RunDirLock
 from .metrics import Progress, TensorBoard, plot_curves, topk_correct, write_metrics
-from .run_files import CONFIG_FILE, WEIGHTS_FILE, load_run_model, read_run_config
+from .run_files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_new_run_dir,
+    load_run_model,
+    read_run_config,
+    refuse_resume_clashes,
+)
 
 __all__ = ["TrainResult", "load_run_model", "read_run_config", "train"]
 
@@ -68,14 +75,8 @@ class TrainResult:
 
 def _resume_config(run_dir: Path, cfg: TrainConfig, given: frozenset[str]) -> TrainConfig:
     """The run's own settings; a flag given now that would change what the run computes is refused."""
-    saved = TrainConfig.from_dict(read_run_config(run_dir)["train"])
-    current, before = cfg.to_dict(), saved.to_dict()
-    clashes = [f"--{k.replace('_', '-')} {current[k]} (the run has {before[k]})"
-               for k in sorted(given) if k in before and k not in RESUMABLE_OVERRIDES and current[k] != before[k]]
-    if clashes:
-        raise UsageError(f"--resume {run_dir}: {'; '.join(clashes)}; a resumed run keeps its settings "
-                         "(start a new run with --out to change them)")
-    return TrainConfig.from_dict({**before, **{k: current[k] for k in given if k in RESUMABLE_OVERRIDES}})
+    saved = TrainConfig.from_dict(read_run_config(run_dir)["train"]).to_dict()
+    return TrainConfig.from_dict(refuse_resume_clashes(run_dir, saved, cfg.to_dict(), given, RESUMABLE_OVERRIDES))
 
 
 def _with_initial_layout(cfg: TrainConfig) -> TrainConfig:
@@ -113,17 +114,7 @@ def _initial_weights(cfg: TrainConfig, model: nn.Module) -> None:
 
 
 def _check_new_run_dir(run_dir: Path, force: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file; choose a folder path")
-    # The lock file alone is no run's (it is there while a run starts, and after one killed before writing).
-    has_files = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
-    if has_files and not force:
-        raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
-                         "--force to start over in it, or another --out")
-    if force and has_files and not _is_run_dir(run_dir):
-        # --force deletes a run's files: only where they are a run's, never in any folder the user named.
-        raise UsageError(f"--force starts over only in a run directory of `ndeconv train`; {run_dir} is not one "
-                         "(no config.json of a run), so nothing in it is touched: choose another --out")
+    check_new_run_dir(run_dir, force, _is_run_dir, "ndeconv train")
 
 
 def _diverged(ctx: DistContext, run_dir: Path, cfg: TrainConfig, state: TrainState, epoch: int,

@@ -5,6 +5,7 @@ while the trainer loads initial weights through it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,41 @@ from torch import nn
 from ..errors import UsageError, error_summary
 from ..io import load_safetensors
 from ..layers.deconvolve import deconvolve
+from .lock import LOCK_FILE
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_run_model", "read_run_config"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "check_new_run_dir", "load_run_model", "read_run_config",
+           "refuse_resume_clashes"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def check_new_run_dir(run_dir: Path, force: bool, is_run: Callable[[Path], bool], command: str) -> None:
+    """Refuse to start a new run of ``command`` (``ndeconv train``, ``ndeconv train-seg``) in ``run_dir`` where it
+    would mix with or delete files: a file there, a folder with files (without --force), or --force on a folder
+    that is not one of ``command``'s run directories (``is_run``): --force deletes only a run's own files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; choose a folder path")
+    # The lock file alone is no run's (it is there while a run starts, and after one killed before writing).
+    has_files = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if has_files and not force:
+        raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
+                         "--force to start over in it, or another --out")
+    if has_files and force and not is_run(run_dir):
+        raise UsageError(f"--force starts over only in a run directory of `{command}`; {run_dir} is not one "
+                         "(no config.json of such a run), so nothing in it is touched: choose another --out")
+
+
+def refuse_resume_clashes(run_dir: Path, saved: Mapping[str, Any], current: Mapping[str, Any],
+                          given: Collection[str], resumable: Collection[str]) -> dict[str, Any]:
+    """The settings a resumed run continues with: its ``saved`` ones, with the ``given`` flags that do not change
+    what it computes (``resumable``) taken from ``current``; any other given flag that differs is refused."""
+    clashes = [f"--{k.replace('_', '-')} {current[k]} (the run has {saved[k]})" for k in sorted(given)
+               if k in saved and k not in resumable and current[k] != saved[k]]
+    if clashes:
+        raise UsageError(f"--resume {run_dir}: {'; '.join(clashes)}; a resumed run keeps its settings (start a new "
+                         "run with --out to change them)")
+    return {**saved, **{k: current[k] for k in given if k in resumable}}
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:

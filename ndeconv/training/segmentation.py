@@ -38,8 +38,9 @@ from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
 from .checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .dist import setup
 from .interrupt import StopRequests
-from .lock import LOCK_FILE, RunDirLock
+from .lock import RunDirLock
 from .metrics import write_metrics
+from .run_files import check_new_run_dir, refuse_resume_clashes
 from .seg_data import IGNORE_INDEX, SEG_DATASETS, ConfusionMatrix, SegmentationFolder, collate
 
 __all__ = [
@@ -226,27 +227,13 @@ def load_seg_run_model(run_dir: str | Path, device: str | torch.device = "cpu") 
 
 
 def _check_new_run_dir(run_dir: Path, force: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file; choose a folder path")
-    has_files = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
-    if has_files and not force:
-        raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
-                         "--force to start over in it, or another --out")
-    if has_files and force and not is_seg_run_dir(run_dir):
-        raise UsageError(f"--force starts over only in a run directory of `ndeconv train-seg`; {run_dir} is not one "
-                         "(no config.json of such a run), so nothing in it is touched: choose another --out")
+    check_new_run_dir(run_dir, force, is_seg_run_dir, "ndeconv train-seg")
 
 
 def _resume_config(run_dir: Path, cfg: SegTrainConfig, given: frozenset[str]) -> SegTrainConfig:
     """The run's own settings, with the given flags that do not change what it computes; others are refused."""
     saved = SegTrainConfig.from_dict(read_seg_run_config(run_dir)[CONFIG_KEY]).to_dict()
-    current = cfg.to_dict()
-    clashes = [f"--{k.replace('_', '-')} {current[k]} (the run has {saved[k]})" for k in sorted(given)
-               if k in saved and k not in RESUMABLE_OVERRIDES and current[k] != saved[k]]
-    if clashes:
-        raise UsageError(f"--resume {run_dir}: {'; '.join(clashes)}; a resumed run keeps its settings (start a new "
-                         "run with --out to change them)")
-    return SegTrainConfig.from_dict({**saved, **{k: current[k] for k in given if k in RESUMABLE_OVERRIDES}})
+    return SegTrainConfig.from_dict(refuse_resume_clashes(run_dir, saved, cfg.to_dict(), given, RESUMABLE_OVERRIDES))
 
 
 def _run_record() -> dict[str, Any]:
