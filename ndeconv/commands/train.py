@@ -32,10 +32,16 @@ def deconv_form(value: str) -> bool | Literal["stem"]:
         raise argparse.ArgumentTypeError(f"expected true, false or stem, got {value!r}") from None
 
 
-def _add(group: argparse._ArgumentGroup, flag: str, dest: str, default: object, help: str, **kwargs) -> None:
-    # Every default is None in argparse, so the settings the user typed are known (a resumed run refuses
-    # those that would change it); the real defaults live in TrainConfig and are shown in the help.
-    group.add_argument(flag, dest=dest, default=None, help=f"{help} (default: {default})", **kwargs)
+def add_setting(group: argparse._ArgumentGroup, *flags: str, dest: str, default: object, help: str,
+                **kwargs: object) -> None:
+    """A training setting's flag (``ndeconv train`` and ``train-seg``). Every default is None in argparse, so the
+    settings the user typed are known (a resumed run refuses those that would change it); the real defaults live
+    in the config dataclass and are shown in the help."""
+    group.add_argument(*flags, dest=dest, default=None, help=f"{help} (default: {default})", **kwargs)
+
+
+def _add(group: argparse._ArgumentGroup, flag: str, dest: str, default: object, help: str, **kwargs: object) -> None:
+    add_setting(group, flag, dest=dest, default=default, help=help, **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

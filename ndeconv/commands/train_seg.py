@@ -6,15 +6,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from .train import add_setting as _add
 from .train import str2bool
 
 __all__ = ["register"]
-
-
-def _add(group: argparse._ArgumentGroup, *flags: str, dest: str, default: object, help: str, **kwargs) -> None:
-    # Every default is None in argparse, so the settings the user typed are known (a resumed run refuses those
-    # that would change it); the real defaults live in SegTrainConfig and are shown in the help.
-    group.add_argument(*flags, dest=dest, default=None, help=f"{help} (default: {default})", **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
