@@ -17,7 +17,7 @@ from ..io import load_safetensors
 from ..layers.deconvolve import deconvolve
 from .lock import LOCK_FILE
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "check_new_run_dir", "load_run_model", "read_run_config",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "check_new_run_dir", "load_run_model", "load_run_weights", "read_run_config",
            "refuse_resume_clashes"]
 
 CONFIG_FILE = "config.json"
@@ -86,9 +86,15 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Modu
             model = deconvolve(model, **recipe)
     except (RuntimeError, TypeError, ValueError, KeyError) as err:
         raise UsageError(f"{run_dir}: its config.json does not build a model ({error_summary(err)})") from err
+    return load_run_weights(model, weights).to(device).eval()
+
+
+def load_run_weights(model: nn.Module, weights: Path) -> nn.Module:
+    """A run directory's model.safetensors into the model its config.json built (strict); a file that does not
+    fit is one clear error."""
     try:
         model.load_state_dict(load_safetensors(weights), strict=True)
     except RuntimeError as err:
         raise UsageError(f"{weights} does not fit the model its config.json describes ({error_summary(err)}); "
                          "the run directory is mixed up") from err
-    return model.to(device).eval()
+    return model

@@ -34,13 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import Interrupted, UsageError, error_summary
-from ..io import load_safetensors, save_json_atomic, save_safetensors_atomic
+from ..io import save_json_atomic, save_safetensors_atomic
 from .checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .dist import setup
 from .interrupt import StopRequests
 from .lock import RunDirLock
 from .metrics import write_metrics
-from .run_files import check_new_run_dir, refuse_resume_clashes
+from .run_files import check_new_run_dir, load_run_weights, refuse_resume_clashes
 from .seg_data import IGNORE_INDEX, SEG_DATASETS, ConfusionMatrix, SegmentationFolder, collate
 
 __all__ = [
@@ -217,11 +217,7 @@ def load_seg_run_model(run_dir: str | Path, device: str | torch.device = "cpu") 
         model = SEGMENTATION_MODELS[name](**args)
     except (TypeError, ValueError) as err:
         raise UsageError(f"{run_dir}: its config.json does not build {name} ({error_summary(err)})") from err
-    try:
-        model.load_state_dict(load_safetensors(weights), strict=True)
-    except RuntimeError as err:
-        raise UsageError(f"{weights} does not fit the model its config.json describes ({error_summary(err)}); "
-                         "the run directory is mixed up") from err
+    load_run_weights(model, weights)
     model.pretrained_cfg = {"architecture": name}  # what `ndeconv fold` records, as for a zoo model
     return model.to(device).eval()
 
