@@ -14,7 +14,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "reproduce"))
-from readme_block import write_readme_block  # noqa: E402
+from readme_block import write_results  # noqa: E402
 
 ARCHS = ("resnet18", "vgg16", "efficientnet_b0")
 
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     table = collect(args.runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "convert_bn.json").write_text(json.dumps(table, indent=1) + "\n")
-    write_readme_block("convert-bn", markdown(table), args.readme)
-    print(markdown(table))
+    write_results("convert-bn", {"rows": table}, markdown(table), args.out, args.readme, argv)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "reproduce"))
 
-from readme_block import write_readme_block  # noqa: E402
+from readme_block import write_results  # noqa: E402
 
 ARCHS = (
     "vgg16", "resnet18", "preact_resnet18", "densenet121", "resnext29_32x4d",
@@ -162,12 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     table = collect(args.runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = "python reproduce/paper_claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (args.out / "paper_claim.json").write_text(json.dumps({"command": command.strip(), "rows": table}, indent=2) + "\n")
+    write_results("paper-claim", {"rows": table}, markdown(table), args.out, args.readme, argv)
     bar_chart(table, args.out / "paper_claim.png")
-    write_readme_block("paper-claim", markdown(table), args.readme)
-    print(markdown(table))
     return 0
 
 
