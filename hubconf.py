@@ -3,7 +3,9 @@
 One documented entrypoint per zoo model (not a re-export of timm's registry). Each takes timm's keywords
 (``num_classes``, ``in_chans``, ``drop_rate``, ``global_pool``) and the deconvolution switches (``deconv=False``
 for the authors' BatchNorm baseline, ``block``, ``block_fc``, ``deconv_iter``, ...). ``pretrained=True`` loads the
-default tag's weights (Fashion-MNIST) through timm, or fails with a message naming where it looked.
+default tag's weights (Fashion-MNIST) through timm, or fails with a message naming where it looked; ``tag=`` picks
+another tag (``tag='fashion_mnist_stem'``: the hybrid's weights, which builds the hybrid), as timm's
+``name.tag``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ if TYPE_CHECKING:  # torch.hub.list() takes every public callable here as an ent
 dependencies = ["torch", "timm", "safetensors", "huggingface_hub"]
 
 
-def _create(name: str, pretrained: bool, **kwargs: Any):
+def _create(name: str, pretrained: bool, tag: str | None = None, **kwargs: Any):
     import timm
 
     import ndeconv  # noqa: F401  (registers the zoo with timm)
 
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return timm.create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained, **kwargs)
 
 
 def vgg16_deconv(pretrained: bool = False, **kwargs: Any):

@@ -232,9 +232,9 @@ def onnx_metadata(
     labels = [str(n) for n in labels] if labels and len(labels) == num_classes else None
     dataset = (config.get("train") or {}).get("dataset")
     if dataset is None:
-        from ndeconv.datasets import DATASETS
+        from ndeconv.zoo._pretrained import tag_dataset
 
-        dataset = cfg.get("tag") if cfg.get("tag") in DATASETS else None
+        dataset = tag_dataset(cfg.get("tag"))
     top1 = (config.get("weights") or {}).get("test_top1")
     if (source or {}).get("weights") == "random init":  # the cfg describes the data, but nothing was trained
         dataset = top1 = None

@@ -343,7 +343,7 @@ def load_model(
     ``random_init`` builds a zoo name untrained, to try the tooling; ``weights_file`` says ``source`` was given as
     a weights file (``--checkpoint``), so anything else there is named as what it is. Every failure is one UsageError or
     NdeconvError that names the source and the fix."""
-    from ndeconv.datasets import DATASETS
+    from ndeconv.zoo._pretrained import tag_dataset
 
     path = Path(source)
     text = str(source)
@@ -396,7 +396,7 @@ def load_model(
     net = create_pretrained_model(name, model_args, run_dirs=True)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     # Zoo tags name the data the weights were trained on (fashion_mnist), also when the default tag was taken.
-    dataset = cfg.get("tag") if cfg.get("tag") in DATASETS else None
+    dataset = tag_dataset(cfg.get("tag"))
     return LoadedModel(net.eval(), "pretrained", {"model": name}, {}, dataset, cfg.get("label_names"))
 
 

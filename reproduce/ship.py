@@ -30,7 +30,15 @@ from ndeconv.zoo._pretrained import WEIGHTS_DIR
 from ndeconv.zoo._shipping import ship_weights
 
 MAX_TOP1_CHANGE = 0.05  # points of test top-1 a half-precision copy may lose or gain
+QUICK_CHECK_IMAGES = 1000  # the card's second number: `ndeconv eval NAME.TAG --test-subset 1000`, a tenth of the time
 TAGS = {"fashion_mnist": "fashion_mnist"}
+FORM_SUFFIX = {"stem": "_stem"}  # the hybrid's weights get a tag of their own, which builds the hybrid
+FORMS = {True: "network-deconvolution", False: "BatchNorm", "stem": "hybrid"}
+
+
+def run_tag(train: dict) -> str:
+    """The tag a run's weights ship as: its dataset's, with the form's suffix for the hybrid."""
+    return TAGS[train["dataset"]] + FORM_SUFFIX.get(train["deconv"], "")
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST"}
 
 
@@ -49,7 +57,7 @@ def train_command(train: dict) -> str:
         ("--epochs", train["epochs"]), ("--seed", train["seed"]), ("--optimizer", train["optimizer"]),
         ("--lr", train["lr"]), ("--momentum", train["momentum"]), ("--lr-scheduler", train["lr_scheduler"]),
         ("--wd", train["wd"]), ("--batch-size", train["batch_size"]), ("--block", train["block"]),
-        ("--block-fc", train["block_fc"] if train["block_fc"] is not None else (512 if train["deconv"] else 0)),
+        ("--block-fc", train["block_fc"] if train["block_fc"] is not None else (512 if train["deconv"] is True else 0)),
         ("--deconv-iter", train["deconv_iter"]), ("--eps", train["eps"]), ("--stride", train["stride"]),
     ]
     if train.get("amp"):
@@ -69,6 +77,7 @@ def model_card(name: str, tag: str, config: dict, metrics: list[dict], storage: 
     top1 = storage["test_top1"]
     seconds = sum(r["seconds"] for r in metrics)
     params = storage["params"]
+    quick = storage["quick_check"]
     data = ModelCardData(
         model_name=f"{name}.{tag}", license="mit", library_name="timm", pipeline_tag="image-classification",
         tags=["image-classification", "timm", "network-deconvolution", "ndeconv"], datasets=[train["dataset"]],
@@ -91,6 +100,7 @@ ndeconv on the {len(metrics)}-epoch protocol of
 | | |
 |---|---|
 | test top-1 ({dataset}, 10,000 images) | **{top1:.2f}%** (top-5 {storage['test_top5']:.2f}%) |
+| quick check (first {quick['images']:,} test images) | {quick['test_top1']:.2f}% (`{quick['command']}`) |
 | epochs | {len(metrics)} ({metrics[-1]['step']} steps of {train['batch_size']}) |
 | weights | {storage['dtype']} ({storage['note']}) |
 | training time | {seconds / 60:.1f} min wall on {storage['machine']}{storage['time_note']} |
@@ -100,8 +110,8 @@ ndeconv on the {len(metrics)}-epoch protocol of
 
 ```python
 import timm, ndeconv  # importing ndeconv registers the zoo with timm
-model = timm.create_model("{name}", pretrained=True).eval()  # 3x32x32 input in [0, 1], 10 classes
-gray = timm.create_model("{name}", pretrained=True, in_chans=1).eval()  # the weights' own 1x32x32 stem
+model = timm.create_model("{name}.{tag}", pretrained=True).eval()  # 3x32x32 input in [0, 1], 10 classes
+gray = timm.create_model("{name}.{tag}", pretrained=True, in_chans=1).eval()  # the weights' own 1x32x32 stem
 ```
 
 As timm's convention has it, the default model takes 3 channels (the gray stem adapted exactly: an RGB copy
@@ -109,7 +119,7 @@ of a gray image gives the gray image's output, in eval) and its pretrained_cfg s
 stem the weights were trained with. timm's data config gives the training input: `crop_pct` 32/28 makes its
 eval transform Resize(28) + CenterCrop(32), the same 2-pixel zero border. `class_map.txt` is timm's
 `--class-map` for an image folder of the test set (folder-safe names in class-index order):
-`validate.py DATA --model {name} --pretrained --class-map class_map.txt`.
+`validate.py DATA --model {name}.{tag} --pretrained --class-map class_map.txt`.
 
 **Fine-tuning: pass `in_chans=1` and gray inputs.** The 3-channel adaptation is exact in eval only: in
 training the copies' batch covariance is not the gray one (the adapted stem's output is 1/√3 of the gray
@@ -160,7 +170,7 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_
     if not metrics or metrics[-1].get("partial") or metrics[-1]["epoch"] < config["train"]["epochs"]:
         raise SystemExit(f"{run_dir}: the run has not finished all its epochs; resume it first")
     dataset = config["train"]["dataset"]
-    tag = TAGS[dataset]
+    tag = run_tag(config["train"])
     model = load_run_model(run_dir)
     reference = evaluate_on_dataset(model, dataset)
     chosen, result, note = torch.float32, reference, "half precision changed test top-1 by more than 0.05 points"
@@ -172,6 +182,7 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_
             chosen, result = dtype, trial
             note = f"float32 top-1 {reference.top1:.2f}%, {str(dtype).removeprefix('torch.')} {trial.top1:.2f}%"
             break
+    quick = evaluate_on_dataset(_stored_as(model, chosen), dataset, subset=QUICK_CHECK_IMAGES)
     stored = model.to(chosen) if chosen != torch.float32 else model
     folder = ship_weights(stored, tag, root=root, force=force)
     hub_config = json.loads((folder / "config.json").read_text())
@@ -180,8 +191,10 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_
         "test_top5": result.top5, "test_loss": result.loss, "test_top1_float32": reference.top1,
         "test_top1_by_dtype": trials, "max_top1_change": MAX_TOP1_CHANGE, "machine": machine(),
         "params": sum(p.numel() for p in model.parameters()),
-        "form": "network-deconvolution" if config["train"]["deconv"] else "BatchNorm",
+        "form": FORMS[config["train"]["deconv"]],
         "time_note": f" ({time_note})" if time_note else "",
+        "quick_check": {"images": quick.count, "test_top1": quick.top1,
+                        "command": f"ndeconv eval {config['architecture']}.{tag} --test-subset {quick.count}"},
     }
     hub_config.update(train=config["train"], run=config["run"], weights=storage)
     save_json_atomic(hub_config, folder / "config.json")

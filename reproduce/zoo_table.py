@@ -21,6 +21,14 @@ from ndeconv.zoo._pretrained import WEIGHTS_DIR  # noqa: E402
 from reproduce.readme_block import write_readme_block  # noqa: E402
 
 
+def _row(label: str, folder: Path, load_name: str) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    weights = config["weights"]
+    size_mb = (folder / "model.safetensors").stat().st_size / 1e6
+    return (f"| {label} | {weights['params'] / 1e6:.2f}M | {weights['test_top1']:.2f}% | {config['train']['epochs']} | "
+            f"{size_mb:.1f} MB {weights['dtype']} | `timm.create_model('{load_name}', pretrained=True)` |")
+
+
 def rows() -> list[str]:
     import timm
 
@@ -30,19 +38,14 @@ def rows() -> list[str]:
     ]
     for name in sorted(ZOO_MODELS):
         folder = WEIGHTS_DIR / f"{name}.fashion_mnist"
-        config_path = folder / "config.json"
-        if config_path.is_file():
-            config = json.loads(config_path.read_text())
-            weights = config["weights"]
-            size_mb = (folder / "model.safetensors").stat().st_size / 1e6
-            epochs = config["train"]["epochs"]
-            lines.append(
-                f"| {name} | {weights['params'] / 1e6:.2f}M | {weights['test_top1']:.2f}% | {epochs} | "
-                f"{size_mb:.1f} MB {weights['dtype']} | `timm.create_model('{name}', pretrained=True)` |"
-            )
-        else:
+        if not (folder / "config.json").is_file():
             params = sum(p.numel() for p in timm.create_model(name, in_chans=1, pretrained=False).parameters())
             lines.append(f"| {name} | {params / 1e6:.2f}M | not yet shipped | – | – | `pretrained=False` |")
+            continue
+        lines.append(_row(name, folder, name))
+        hybrid = WEIGHTS_DIR / f"{name}.fashion_mnist_stem"  # the hybrid's weights, where shipped: a row of their own
+        if (hybrid / "config.json").is_file():
+            lines.append(_row(f"{name}.fashion_mnist_stem (hybrid)", hybrid, f"{name}.fashion_mnist_stem"))
     return lines
 
 

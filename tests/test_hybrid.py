@@ -17,6 +17,7 @@ from torch import nn
 import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
 from ndeconv import deconvolve
 from ndeconv.convert import fold
+from ndeconv.errors import UsageError
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
 from ndeconv.zoo._layer_factory import DeconvSettings
 
@@ -144,3 +145,30 @@ def test_train_cli_accepts_deconv_stem(tmp_path: Path) -> None:
     assert config["train"]["deconv"] == "stem"
     model = load_run_model(out)
     assert len(_fast_deconvs(model)) == 1 and model.deconv_settings.deconv == "stem"
+
+
+# -- the hybrid's tag: it names the model as well as the weights -------------------------------------------------
+
+
+def test_the_hybrid_tag_builds_the_hybrid_with_or_without_weights() -> None:
+    # timm's pretrained_cfg has no field for model arguments: the tag alone must give the form its weights fit.
+    for model in (timm.create_model("resnet18_deconv.fashion_mnist_stem"),
+                  timm.create_model("resnet18_deconv", pretrained_cfg="fashion_mnist_stem"),
+                  timm.create_model("resnet18_deconv.fashion_mnist_stem", deconv="stem")):
+        assert model.deconv_settings.deconv == "stem" and model.pretrained_cfg["tag"] == "fashion_mnist_stem"
+        assert isinstance(model.conv1, FastDeconv) and isinstance(model.layer1[0].bn1, nn.BatchNorm2d)
+    assert timm.create_model("resnet18_deconv").deconv_settings.deconv is True  # the default tag: ND
+
+
+def test_the_hybrid_tag_refuses_another_form() -> None:
+    with pytest.raises(UsageError, match=r"^resnet18_deconv\.fashion_mnist_stem: these weights are the model with "
+                                         r"deconv='stem', not deconv=False; leave deconv out .*fashion_mnist, "
+                                         r"fashion_mnist_stem\)$"):
+        timm.create_model("resnet18_deconv.fashion_mnist_stem", deconv=False)
+
+
+def test_torch_hub_takes_the_tag() -> None:
+    from conftest import PROJECT_ROOT
+
+    model = torch.hub.load(str(PROJECT_ROOT), "resnet18_deconv", source="local", tag="fashion_mnist_stem")
+    assert model.deconv_settings.deconv == "stem" and model.pretrained_cfg["tag"] == "fashion_mnist_stem"

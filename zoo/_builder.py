@@ -33,7 +33,7 @@ from torch import nn
 from ndeconv.datasets import CIFAR10_MEAN, CIFAR10_STD
 
 from ._hub_errors import pretrained_errors
-from ._pretrained import prepare_pretrained, tag_record
+from ._pretrained import apply_tag_model_args, prepare_pretrained, tag_record
 from ._stem import zoo_filter_fn
 
 __all__ = ["create_zoo_model", "zoo_cfg", "zoo_default_cfgs"]
@@ -85,12 +85,15 @@ def create_zoo_model(
       (``zoo_filter_fn``: an RGB copy of a gray image gives the gray image's output, in eval); a user's file
       gives the model its own channels and classes unless asked for others; a shipped file's sha256 is checked
       first, and any failure is one clear error naming the model, the tag and the source.
+    - A tag whose weights are another form than the architecture's default (``fashion_mnist_stem``: the hybrid)
+      builds that form, with or without weights (``TAG_MODEL_ARGS``).
     """
     if feature_indices is not None:
         # features_only by forward hooks on the unmodified model (every zoo forward has functional ops between
         # its children); ``feature_indices`` index the model's ``feature_info``.
         kwargs.setdefault("feature_cfg", dict(feature_cls="hook", no_rewrite=True, out_indices=feature_indices))
     kwargs.setdefault("pretrained_filter_fn", zoo_filter_fn)
+    apply_tag_model_args(variant, kwargs)
     kwargs = prepare_pretrained(variant, pretrained, kwargs)
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)

@@ -35,6 +35,7 @@ from ._stem import _fit_in_chans, _names, _with_channels, default_in_chans
 __all__ = [
     "HF_HUB_ORG",
     "TAG_DATA",
+    "TAG_MODEL_ARGS",
     "WEIGHTS_DIR",
     "WEIGHTS_ENV",
     "WEIGHTS_FILE",
@@ -44,6 +45,7 @@ __all__ = [
     "registered_tags",
     "shipped_hub_id",
     "shipped_weights_path",
+    "tag_dataset",
     "tag_record",
     "weights_in_chans",
 ]
@@ -72,6 +74,28 @@ TAG_DATA: dict[str, dict[str, Any]] = {
         description="Trained on Fashion-MNIST (28x28 grayscale, zero-padded to 32x32).",
     ),
 }
+# The hybrid's weights (deconvolution stem, BatchNorm elsewhere: ``deconv="stem"``) on the same data.
+TAG_DATA["fashion_mnist_stem"] = dict(
+    TAG_DATA["fashion_mnist"],
+    description="Hybrid (deconvolution stem, BatchNorm elsewhere), trained on Fashion-MNIST (28x28 grayscale, "
+                "zero-padded to 32x32).",
+)
+# The model arguments a tag's weights were trained with, beyond the architecture's defaults: the tag names the
+# model as well as its weights, so ``timm.create_model('resnet18_deconv.fashion_mnist_stem')`` builds the hybrid
+# those weights fit (timm's pretrained_cfg has no field for model arguments; a tag is timm's only handle).
+TAG_MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "fashion_mnist_stem": dict(deconv="stem"),
+}
+# The dataset of a tag that is more than a dataset's name (the hybrid's: the dataset's with the form's suffix).
+_TAG_DATASETS = {"fashion_mnist_stem": "fashion_mnist"}
+
+
+def tag_dataset(tag: str | None) -> str | None:
+    """The dataset (an ``ndeconv.datasets`` name) a tag's weights were trained on, None when the tag says none."""
+    from ndeconv.datasets import DATASETS
+
+    dataset = _TAG_DATASETS.get(tag or "", tag)
+    return dataset if dataset in DATASETS else None
 
 
 def shipped_weights_path(model_name: str, tag: str) -> Path:
@@ -211,6 +235,20 @@ def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> di
             return {}  # per-channel statistics of other images, not copies of the weights' channels
         data.update(fitted)
     return data
+
+
+def apply_tag_model_args(variant: str, kwargs: dict[str, Any]) -> None:
+    """Give the model the arguments its tag's weights were trained with (``TAG_MODEL_ARGS``): a tag naming the
+    hybrid builds the hybrid. An argument given otherwise than the tag's weights need is one clear error."""
+    cfg = kwargs.get("pretrained_cfg")  # timm passes a tag, or a Hub folder's config dict
+    tag = cfg if isinstance(cfg, str) else cfg.get("tag") if isinstance(cfg, dict) else getattr(cfg, "tag", None)
+    for key, value in TAG_MODEL_ARGS.get(tag or "", {}).items():
+        if key in kwargs and kwargs[key] != value:
+            raise UsageError(
+                f"{variant}.{tag}: these weights are the model with {key}={value!r}, not {key}={kwargs[key]!r}; "
+                f"leave {key} out (the tag sets it), or pick a tag of the form you want "
+                f"({', '.join(registered_tags(variant))})")
+        kwargs[key] = value
 
 
 def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -243,6 +243,7 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Res
 
 default_cfgs = zoo_default_cfgs({
     "resnet18_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
+    "resnet18_deconv.fashion_mnist_stem": zoo_cfg(first_conv="conv1", classifier="linear"),
     "preact_resnet18_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
     "senet18_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
     "resnext29_32x4d_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear", pool_size=(8, 8)),
