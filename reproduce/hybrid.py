@@ -4,8 +4,8 @@ elsewhere, beside the paper-claim table's BatchNorm (BN) and deconvolution (ND) 
 Reads the ``ARCH-stem`` run directories of reproduce/hybrid.sh (``--runs``) and the committed
 reproduce/results/paper_claim.json (BN and ND); a BN rerun of the hybrid queue (``ARCH-bn`` in ``--runs``: the
 same code and machine as the hybrid) takes the place of the paper-claim BN number, and the table says which BN
-each row has. Regenerates reproduce/results/hybrid.json and the README block ``hybrid``; a run not yet made is
-"pending".
+each row has. Regenerates reproduce/results/hybrid.json and the README block ``hybrid``; a run not in ``--runs``
+keeps its row of the existing hybrid.json, and one never made is "pending".
 
     python reproduce/hybrid.py --runs runs/hybrid
 """
@@ -25,18 +25,30 @@ from paper_claim import ARCHS, read_run  # noqa: E402
 from readme_block import write_results  # noqa: E402
 
 PAPER_CLAIM = ROOT / "reproduce" / "results" / "paper_claim.json"
+RESULTS = ROOT / "reproduce" / "results" / "hybrid.json"
 
 
 def _top1(run: dict[str, Any] | None) -> float | None:
     return run.get("test_top1") if run else None
 
 
-def collect(runs: Path, paper_claim: Path = PAPER_CLAIM) -> list[dict[str, Any]]:
+def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return {row["arch"]: row for row in json.loads(path.read_text())["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def collect(runs: Path, paper_claim: Path = PAPER_CLAIM, previous: Path = RESULTS) -> list[dict[str, Any]]:
+    """The table's rows. A run directory absent from ``runs`` keeps the row ``previous`` (the committed results)
+    has for it, so a machine holding some of the runs updates those and loses none of the others."""
     recorded = {row["arch"]: row for row in json.loads(paper_claim.read_text())["rows"]}
+    before = _previous_rows(previous)
     table = []
     for arch in ARCHS:
-        claim = recorded.get(arch, {})
-        stem, rerun = read_run(runs / f"{arch}-stem"), read_run(runs / f"{arch}-bn")
+        claim, old = recorded.get(arch, {}), before.get(arch, {})
+        stem = read_run(runs / f"{arch}-stem") or old.get("hybrid")
+        rerun = read_run(runs / f"{arch}-bn") or (old.get("bn") if old.get("bn_source") == "rerun" else None)
         bn, bn_source = (rerun, "rerun") if rerun else (claim.get("bn"), "paper_claim")
         hybrid, bn_top1, nd_top1 = _top1(stem), _top1(bn), _top1(claim.get("nd"))
         table.append(dict(
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reproduce" / "results")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
-    table = collect(args.runs)
+    table = collect(args.runs, previous=args.out / "hybrid.json")
     write_results("hybrid", {"rows": table}, markdown(table), args.out, args.readme, argv)
     return 0
 

@@ -33,7 +33,8 @@ def test_hybrid_table_takes_bn_and_nd_from_the_paper_claim_and_a_rerun_first(tmp
     _run(runs / "resnet18-stem", 89.10)
     _run(runs / "vgg16-stem", 61.34)
     _run(runs / "vgg16-bn", 36.12)  # a BN rerun in the hybrid's queue: the same code and machine
-    table = {row["arch"]: row for row in hybrid.collect(runs, _paper_claim(tmp_path / "paper_claim.json"))}
+    table = {row["arch"]: row for row in hybrid.collect(runs, _paper_claim(tmp_path / "paper_claim.json"),
+                                                        previous=tmp_path / "none.json")}
     assert table["resnet18"]["bn_source"] == "paper_claim"
     resnet18 = table["resnet18"]
     assert round(resnet18["hybrid_minus_bn"], 2) == 1.42 and round(resnet18["hybrid_minus_nd"], 2) == -3.49
@@ -44,6 +45,20 @@ def test_hybrid_table_takes_bn_and_nd_from_the_paper_claim_and_a_rerun_first(tmp
     assert "| vgg16 | 36.12\\* | 61.34 | 92.22 | +25.22 | -30.88 | 10 min |" in text
     assert "| densenet121 | pending | pending | pending | – | – | – |" in text
     assert "Measured hybrids: 2 of 10." in text and "\\* BN rerun in the hybrid queue" in text
+
+
+def test_hybrid_table_keeps_the_recorded_rows_of_runs_not_on_this_machine(tmp_path: Path) -> None:
+    claim = _paper_claim(tmp_path / "paper_claim.json")
+    first = tmp_path / "first"
+    _run(first / "resnet18-stem", 89.10)
+    _run(first / "vgg16-bn", 36.12)
+    results = tmp_path / "hybrid.json"
+    results.write_text(json.dumps({"rows": hybrid.collect(first, claim, previous=results)}))
+    later = tmp_path / "later"  # another machine: only a new run, none of the first ones
+    _run(later / "vgg16-stem", 61.34)
+    table = {row["arch"]: row for row in hybrid.collect(later, claim, previous=results)}
+    assert table["resnet18"]["hybrid"]["test_top1"] == 89.10 and table["vgg16"]["hybrid"]["test_top1"] == 61.34
+    assert table["vgg16"]["bn_source"] == "rerun" and table["vgg16"]["bn"]["test_top1"] == 36.12
 
 
 def test_hybrid_runs_ship_under_a_tag_of_their_own() -> None:
