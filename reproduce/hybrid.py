@@ -80,7 +80,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
                      f"{diff(row['hybrid_minus_bn'])} | {diff(row['hybrid_minus_nd'])} | "
                      f"{'–' if seconds is None else f'{seconds / 60:.0f} min'} |")
     measured = [r for r in table if r["hybrid_minus_bn"] is not None]
-    summary = [f"Measured hybrids: {sum(1 for r in table if r['hybrid'])} of {len(table)}."]
+    summary = [f"Measured hybrids: {sum(1 for r in table if r['hybrid'])} of {len(table)}. Times are each run's "
+               "wall clock on the shared 2-core machine, other work included."]
     if measured:
         above_bn = [r["arch"] for r in measured if r["hybrid_minus_bn"] > 0]
         above_nd = [r["arch"] for r in table if r["hybrid_minus_nd"] is not None and r["hybrid_minus_nd"] > 0]

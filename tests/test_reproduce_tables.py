@@ -44,7 +44,8 @@ def test_hybrid_table_takes_bn_and_nd_from_the_paper_claim_and_a_rerun_first(tmp
     assert "| resnet18 | 87.68 | 89.10 | 92.59 | +1.42 | -3.49 | 10 min |" in text
     assert "| vgg16 | 36.12\\* | 61.34 | 92.22 | +25.22 | -30.88 | 10 min |" in text
     assert "| densenet121 | pending | pending | pending | – | – | – |" in text
-    assert "Measured hybrids: 2 of 10." in text and "\\* BN rerun in the hybrid queue" in text
+    assert "Measured hybrids: 2 of 10. Times are each run's wall clock" in text
+    assert "\\* BN rerun in the hybrid queue" in text
 
 
 def test_hybrid_table_keeps_the_recorded_rows_of_runs_not_on_this_machine(tmp_path: Path) -> None:
