@@ -111,6 +111,7 @@ def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs: Any) -
 
 default_cfgs = zoo_default_cfgs({
     "mobilenetv2_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
+    "mobilenetv2_deconv.fashion_mnist_stem": zoo_cfg(first_conv="conv1", classifier="linear"),
 })
 
 
