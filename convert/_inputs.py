@@ -9,8 +9,8 @@ __all__ = ["fashion_mnist_batch", "random_batch"]
 
 
 def random_batch(batch: int, input_size: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """A standard-normal float32 batch (normalised inputs are roughly that); ``input_size`` is (C, H, W), or (C, L)
-    for a 1-D model."""
+    """A standard-normal float32 batch (normalised inputs are roughly that); ``input_size`` is (C, H, W), (C, L)
+    for a 1-D model or (C, D, H, W) for a 3-D one."""
     return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
 
 

@@ -38,9 +38,9 @@ from ._inputs import fashion_mnist_batch, random_batch
 from .fold import (
     DECONV_TYPES,
     FoldReport,
+    conv_dims,
     flatten_outputs,
     fold_with_report,
-    is_1d_conv,
     model_input_size,
     output_difference,
 )
@@ -108,12 +108,14 @@ METADATA_KEYS: dict[str, str] = {
     "dataset": "the data the weights were trained on (when known)",
     "description": "the pretrained_cfg's description (when known)",
     "input_name": f"the graph's input: {INPUT_NAME}",
-    "input_layout": "NCHW (NCL for a 1-D model)",
+    "input_layout": "NCHW (NCL for a 1-D model, NCDHW for a 3-D one)",
     "input_dtype": "float32",
-    "input_size": "[C, H, W] of one image ([C, L] of one signal for a 1-D model), JSON",
+    "input_size": "[C, H, W] of one image ([C, L] of one signal for a 1-D model, [C, D, H, W] of one volume for a "
+                  "3-D one), JSON",
     "fixed_input_size": "true: the graph takes H x W only (convolutions are traced at that size); bring other "
                         "images there as `preprocess` says. false for a fully convolutional model (segmentation): "
-                        "height and width (length) are dynamic axes too, input_size is the traced size",
+                        "height and width (length; depth, height and width) are dynamic axes too, input_size is "
+                        "the traced size",
     "batch": "dynamic, or the fixed batch size",
     "resize": "the shorter side an image is resized to first (timm's eval transform: floor(H / crop_pct)); an "
               "image of that size is used as it is",
@@ -140,8 +142,12 @@ METADATA_KEYS: dict[str, str] = {
     "license": "the weights' license (when known)",
     "source": "what the exporting command recorded of its source, JSON (when given)",
 }
-# The keys that describe image preprocessing: a 1-D model's export has none of them (its signal is fed as it is).
+# The keys that describe image preprocessing: a 1-D or 3-D model's export has none of them (its signal or volume is
+# fed as it is).
 _IMAGE_KEYS = ("resize", "interpolation", "crop_pct", "crop_mode", "pad", "padding", "scale", "mean", "std")
+# By spatial dimensions: the axes' letters as error messages and layouts write them, and the dynamic axes' names.
+_SPATIAL_LETTERS = {1: "L", 2: "H, W", 3: "D, H, W"}
+_SPATIAL_AXES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 _CFG_OVERLAY = ("tag", "description", "mean", "std", "crop_pct", "crop_mode", "interpolation", "label_names",
                 "license")
 
@@ -206,9 +212,10 @@ def onnx_metadata(
     """The ``metadata_props`` of an export of ``model`` (see :data:`METADATA_KEYS`), from its timm
     ``pretrained_cfg`` and, where given, the ``config.json`` of its run or weights (``weights_config``): that
     one's pretrained_cfg, label names, dataset and recorded accuracy describe the weights, where a model built
-    from a weights file carries only its architecture's default cfg. ``input_size`` (C, L) is a 1-D model: layout
-    NCL and no image preprocessing keys. ``output_names`` are the graph's outputs (a segmentation model's out and
-    aux); ``dynamic_spatial`` says its spatial axes are dynamic (fully convolutional)."""
+    from a weights file carries only its architecture's default cfg. ``input_size`` (C, L) is a 1-D model
+    (layout NCL), (C, D, H, W) a 3-D one (NCDHW): neither has image preprocessing keys. ``output_names`` are the
+    graph's outputs (a segmentation model's out and aux); ``dynamic_spatial`` says its spatial axes are dynamic
+    (fully convolutional)."""
     from importlib.metadata import PackageNotFoundError, version
 
     config = dict(config or {})
@@ -218,15 +225,17 @@ def onnx_metadata(
         cfg.update({k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in _CFG_OVERLAY})
     else:
         config = {}  # another architecture's config.json: it does not describe these weights
-    one_d = len(input_size) == 2
-    # A 1-D signal has no image preprocessing; its (C, L) stands in for (C, 1, L) only to share the code below.
-    channels, height, width = (input_size[0], 1, input_size[1]) if one_d else input_size
+    dims = len(input_size) - 1
+    image = dims == 2
+    # A signal or a volume has no image preprocessing; its (C, L) or (C, D, H, W) stands in for an image's
+    # (C, 1, L) or (C, H, W) only to share the code below.
+    channels, height, width = (input_size[0], 1, input_size[1]) if dims == 1 else input_size[-3:]
     mean = _channels(cfg.get("mean") or (0.0,), channels, "mean")
     std = _channels(cfg.get("std") or (1.0,), channels, "std")
     crop_pct = float(cfg.get("crop_pct") or 1.0)
     crop_mode = cfg.get("crop_mode") or "center"
     interpolation = str(cfg.get("interpolation") or "bilinear")
-    resize, pad, rule = (width, [0, 0, 0, 0], "") if one_d else _padding((height, width), crop_pct, crop_mode)
+    resize, pad, rule = _padding((height, width), crop_pct, crop_mode) if image else (width, [0, 0, 0, 0], "")
     num_classes = int(getattr(model, "num_classes", 0) or cfg.get("num_classes") or 0)
     labels = config.get("label_names") or cfg.get("label_names")
     labels = [str(n) for n in labels] if labels and len(labels) == num_classes else None
@@ -249,17 +258,21 @@ def onnx_metadata(
         steps.append(rule)
     steps += ["x * scale (x / 255, to [0, 1])", "(x - mean) / std per channel",
               f"float32 {channels}x{height}x{width}, NCHW, batched as input '{INPUT_NAME}'"]
-    if dynamic_spatial and not one_d:
+    if dynamic_spatial and image:
         steps[-1] += f" (any H x W: {height}x{width} is the traced size)"
-    if one_d:
+    if dims == 1:
         steps = [f"float32 {channels}x{width} signal ({channels} channels, length {width}"
                  f"{', any length' if dynamic_spatial else ''}), NCL, batched as input '{INPUT_NAME}'"]
+    if dims == 3:
+        volume = "x".join(str(v) for v in input_size[1:])
+        steps = [f"float32 {channels}x{volume} volume ({channels} channels, D x H x W {volume}"
+                 f"{', any size' if dynamic_spatial else ''}), NCDHW, batched as input '{INPUT_NAME}'"]
     preprocess = " -> ".join(steps)
     if not dynamic_spatial:  # pooled logits; a dense (fully convolutional) output keeps the spatial axes
         output = (f"float32 N x {num_classes} logits (unnormalised; softmax gives probabilities), column i is "
                   "class i of label_names")
     else:
-        shape = "N x K x L" if one_d else "N x K x H x W"
+        shape = "N x K x " + " x ".join(_SPATIAL_LETTERS[dims].split(", "))
         output = (f"float32 {shape} per-position logits (K = {num_classes} classes, at the input's size) in each of "
                   f"{', '.join(output_names)}")
 
@@ -276,7 +289,7 @@ def onnx_metadata(
         "dataset": dataset,
         "description": cfg.get("description"),
         "input_name": INPUT_NAME,
-        "input_layout": "NCL" if one_d else "NCHW",
+        "input_layout": "NC" + _SPATIAL_LETTERS[dims].replace(", ", ""),
         "input_dtype": "float32",
         "input_size": json.dumps(list(input_size)),
         "fixed_input_size": "false" if dynamic_spatial else "true",
@@ -303,7 +316,7 @@ def onnx_metadata(
         "license": cfg.get("license"),
         "source": json.dumps(dict(source), sort_keys=True, default=str) if source else None,
     }
-    if one_d:
+    if not image:
         for key in _IMAGE_KEYS:
             del meta[key]
     return {k: str(v) for k, v in meta.items() if v is not None}
@@ -420,11 +433,12 @@ def export_onnx(
 ) -> ExportResult:
     """Fold ``model`` (unless ``fold_model=False`` and it is already plain) and write it to ``path`` as ONNX.
 
-    The batch axis is dynamic (named ``batch``) unless ``static_batch`` fixes it. Input ``input``
-    (float32, N x C x H x W; N x C x L for a 1-D model, ``input_size`` (C, L)), output ``logits``. A model whose
-    outputs keep the input's spatial axes (fully convolutional: segmentation) gets dynamic ``height``/``width``
-    (``length``) axes too, and a dict or tuple output (``{'out', 'aux'}``) one graph output per tensor, named by
-    its keys; a classifier keeps its traced spatial size. One file unless the weights exceed protobuf's 2 GiB.
+    The batch axis is dynamic (named ``batch``) unless ``static_batch`` fixes it. Input ``input`` (float32, N x C
+    x H x W; N x C x L for a 1-D model, ``input_size`` (C, L); N x C x D x H x W for a 3-D one, ``input_size``
+    (C, D, H, W)), output ``logits``. A model whose outputs keep the input's spatial axes (fully convolutional:
+    segmentation) gets dynamic ``height``/``width`` (``length``; ``depth``, ``height``, ``width``) axes too, and a
+    dict or tuple output (``{'out', 'aux'}``) one graph output per tensor, named by its keys; a classifier keeps
+    its traced spatial size. One file unless the weights exceed protobuf's 2 GiB.
     The file's metadata_props say how to feed it (``onnx_metadata``: from the model's pretrained_cfg and
     ``config``, the config.json of its run or weights; ``source``, what the caller records of where the model
     came from, names it). With ``verify``, the export is checked (``verify_onnx_for_model``) before it takes
@@ -439,10 +453,10 @@ def export_onnx(
     input_size = tuple(input_size or model_input_size(model))
     # The first layer with input channels (a conv; FastDeconv subclasses torch's _ConvNd): none in an MLP.
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    one_d = first is not None and is_1d_conv(first)
-    if len(input_size) != (2 if one_d else 3) or (first is not None and input_size[0] != first.in_channels):
+    dims = conv_dims(first) if first is not None else 2
+    if len(input_size) != dims + 1 or (first is not None and input_size[0] != first.in_channels):
         channels = first.in_channels if first is not None else "C"
-        want = f"({channels}, L)" if one_d else f"({channels}, H, W)"
+        want = f"({channels}, {_SPATIAL_LETTERS[dims]})"
         raise NdeconvError(f"input_size {input_size} does not fit {type(model).__name__}: it takes {want}")
     # A cfg it cannot describe fails before any work: the metadata is built once here, and once more below with
     # the output names and axes, which need a forward of the model.
@@ -477,7 +491,7 @@ def export_onnx(
     )
     axes: dict[int, str] = {} if static_batch is not None else {0: "batch"}
     if dynamic_spatial:
-        axes.update(dict(zip(spatial, ("length",) if one_d else ("height", "width"), strict=True)))
+        axes.update(dict(zip(spatial, _SPATIAL_AXES[dims], strict=True)))
     if axes:
         kwargs["dynamic_shapes"] = (axes,)
 

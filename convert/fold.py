@@ -38,6 +38,7 @@ from ndeconv.errors import NdeconvError
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
 from ndeconv.layers.deconvolve import norm_remainder
 from ndeconv.layers.fast_deconv1d import FastDeconv1d
+from ndeconv.layers.fast_deconv3d import FastDeconv3d
 
 from ._graph import ModelGraph, trace_model
 
@@ -54,6 +55,7 @@ __all__ = [
     "fuse_deconv_layers",
     "flatten_outputs",
     "has_identity_whitening",
+    "conv_dims",
     "is_1d_conv",
     "model_input_size",
     "output_difference",
@@ -115,30 +117,44 @@ def has_identity_whitening(module: nn.Module) -> bool:
 # Signal length of a 1-D model that does not say (no pretrained_cfg input_size): long enough for the kernels and
 # strides of a small sequence net, short enough for a fast check.
 DEFAULT_SIGNAL_LENGTH = 64
+# (D, H, W) of a 3-D (volume or video) model that does not say: small, for a fast check.
+DEFAULT_VOLUME_SIZE = (16, 16, 16)
+
+
+def conv_dims(module: nn.Module) -> int:
+    """The spatial dimensions (1, 2 or 3) of a convolution: ``nn.Conv1d``/``FastDeconv1d`` 1, ``nn.Conv3d``/
+    ``FastDeconv3d`` 3, any other (``nn.Conv2d``, ``FastDeconv``) 2. The deconvolution layers subclass the 2-D
+    FastDeconv, so their own type decides, not their base."""
+    if isinstance(module, (nn.Conv1d, FastDeconv1d)):
+        return 1
+    if isinstance(module, (nn.Conv3d, FastDeconv3d)):
+        return 3
+    return 2
 
 
 def is_1d_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a 1-D convolution (``nn.Conv1d`` or ``FastDeconv1d``, which subclasses FastDeconv)."""
-    return isinstance(module, (nn.Conv1d, FastDeconv1d))
+    return conv_dims(module) == 1
 
 
 def model_input_size(model: nn.Module) -> tuple[int, ...]:
-    """The input of one example: (C, H, W) for an image model, (C, L) for a 1-D one (the first conv is a Conv1d or
-    FastDeconv1d). Channels from the first conv, size from the pretrained_cfg (else the CIFAR topology's 32x32,
-    or a length of :data:`DEFAULT_SIGNAL_LENGTH`); a model without convs (the MLP) takes its pretrained_cfg's
-    whole input_size."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, FastDeconv))), None)
+    """The input of one example: (C, H, W) for an image model, (C, L) for a 1-D one and (C, D, H, W) for a 3-D one
+    (by the first conv's type). Channels from the first conv, size from the pretrained_cfg (else the CIFAR
+    topology's 32x32, a length of :data:`DEFAULT_SIGNAL_LENGTH` or a volume of :data:`DEFAULT_VOLUME_SIZE`); a
+    model without convs (the MLP) takes its pretrained_cfg's whole input_size."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if first is None:
         if cfg.get("input_size"):
             return tuple(int(v) for v in cfg["input_size"])
         raise NdeconvError(f"{type(model).__name__} has no conv to read the input channels from and no "
                            "pretrained_cfg input_size; pass the input")
-    if is_1d_conv(first):
-        size = tuple(cfg.get("input_size", ()))
-        return first.in_channels, int(size[-1]) if len(size) == 2 else DEFAULT_SIGNAL_LENGTH
-    height, width = tuple(cfg.get("input_size", (0, 32, 32)))[1:]
-    return first.in_channels, int(height), int(width)
+    dims = conv_dims(first)
+    size = tuple(int(v) for v in cfg.get("input_size", ()))
+    if len(size) == dims + 1:
+        return (first.in_channels, *size[1:])
+    default = {1: (DEFAULT_SIGNAL_LENGTH,), 2: (32, 32), 3: DEFAULT_VOLUME_SIZE}[dims]
+    return (first.in_channels, *default)
 
 
 def default_example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:

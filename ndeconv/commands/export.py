@@ -38,15 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_input_size_argument(parser: argparse.ArgumentParser, use: str) -> None:
     parser.add_argument("--input-size", type=int, nargs="+", metavar="N",
-                        help=f"the example input (C H W, or C L for a 1-D model) it is {use} (default: the model's "
-                        "pretrained_cfg input size, else 32x32 or the signal length the topology takes)")
+                        help=f"the example input (C H W; C L for a 1-D model, C D H W for a 3-D one) it is {use} "
+                        "(default: the model's pretrained_cfg input size, else 32x32, the signal length or the "
+                        "volume the topology takes)")
 
 
 def input_size_for(model, values: list[int] | None,  # noqa: ANN001 - an nn.Module
                    square: bool = False) -> tuple[int, ...] | None:
-    """``--input-size`` checked against ``model``: as many values as its input has axes (C H W, or C L for a 1-D
-    model), C its input channels, all positive, H = W with ``square`` (what the export's metadata can describe);
-    None when not given (the library's default)."""
+    """``--input-size`` checked against ``model``: as many values as its input has axes (C H W; C L for a 1-D
+    model, C D H W for a 3-D one), C its input channels, all positive, H = W with ``square`` (what the export's
+    metadata can describe); None when not given (the library's default)."""
     from ndeconv.convert.fold import model_input_size
     from ndeconv.errors import NdeconvError, UsageError
 
@@ -57,7 +58,7 @@ def input_size_for(model, values: list[int] | None,  # noqa: ANN001 - an nn.Modu
         default = tuple(model_input_size(model))
     except NdeconvError:  # no conv and no recorded size: the values say it all
         default = tuple(values)
-    layout = "C L" if len(default) == 2 else "C H W" if len(default) == 3 else f"{len(default)} values"
+    layout = {2: "C L", 3: "C H W", 4: "C D H W"}.get(len(default), f"{len(default)} values")
     example = " ".join(map(str, default))
     if len(values) != len(default):
         raise UsageError(f"--input-size {given}: {type(model).__name__} takes {layout} ({len(default)} values), e.g. "

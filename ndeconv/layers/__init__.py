@@ -10,6 +10,7 @@ from .deconvolve import deconvolve
 from .delinear import Delinear
 from .fast_deconv import FastDeconv, set_fast_mode
 from .fast_deconv1d import FastDeconv1d
+from .fast_deconv3d import FastDeconv3d
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 from .sync import sync_deconv
 
@@ -18,6 +19,7 @@ __all__ = [
     "Delinear",
     "FastDeconv",
     "FastDeconv1d",
+    "FastDeconv3d",
     "deconvolve",
     "isqrt_newton_schulz",
     "isqrt_newton_schulz_batch",

@@ -1,5 +1,5 @@
 """Put deconvolution into an existing network: Conv2d (+ the BatchNorm2d after it) -> FastDeconv, Conv1d (+ the
-BatchNorm1d after it) -> FastDeconv1d."""
+BatchNorm1d after it) -> FastDeconv1d, Conv3d (+ the BatchNorm3d after it) -> FastDeconv3d."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from .fast_deconv import FastDeconv
 from .fast_deconv1d import FastDeconv1d
+from .fast_deconv3d import FastDeconv3d
 
 __all__ = ["deconvolve", "norm_remainder"]
 
@@ -21,8 +22,16 @@ def _check_convertible(name: str, conv: nn.Conv2d) -> None:
                          "padding given as ints only; nothing was changed")
 
 
-def _to_fast_deconv(conv: nn.Conv2d | nn.Conv1d, bias: bool, deconv_kwargs: dict[str, Any]) -> FastDeconv:
-    layer_type = FastDeconv1d if type(conv) is nn.Conv1d else FastDeconv
+# Each plain conv type, the deconvolution layer that replaces it and the BatchNorm that goes with it.
+_REPLACEMENTS: dict[type[nn.Module], tuple[type[FastDeconv], type[nn.Module]]] = {
+    nn.Conv1d: (FastDeconv1d, nn.BatchNorm1d),
+    nn.Conv2d: (FastDeconv, nn.BatchNorm2d),
+    nn.Conv3d: (FastDeconv3d, nn.BatchNorm3d),
+}
+
+
+def _to_fast_deconv(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bias: bool, deconv_kwargs: dict[str, Any]) -> FastDeconv:
+    layer_type = _REPLACEMENTS[type(conv)][0]
     layer = layer_type(
         conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=bias,
@@ -51,11 +60,13 @@ def norm_remainder(norm: nn.BatchNorm2d) -> nn.Module:
 def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None]]:
     """(parent, conv name, name of the BatchNorm right after it or None) for each conv to convert, in order.
 
-    The convolutions of the network's own dimensionality: its Conv2d layers, or its Conv1d layers when it has no
-    Conv2d (a 1-D network). A Conv1d inside an image network is not the image's convolution (timm's ECA gates
-    convolve the pooled channel descriptor) and stays as it is."""
+    The convolutions of the network's own dimensionality, the highest it has: its Conv3d layers (a volume or video
+    network), else its Conv2d layers, else its Conv1d layers (a 1-D network). A Conv1d inside an image network is
+    not the image's convolution (timm's ECA gates convolve the pooled channel descriptor) and stays as it is."""
     plan: list[tuple[nn.Module, str, str | None]] = []
-    conv_type = nn.Conv2d if any(type(m) is nn.Conv2d for m in model.modules()) else nn.Conv1d
+    present = {type(m) for m in model.modules()}
+    conv_type = next((t for t in (nn.Conv3d, nn.Conv2d) if t in present), nn.Conv1d)
+    norm_type = _REPLACEMENTS[conv_type][1]
 
     def visit(parent: nn.Module, prefix: str) -> bool:
         names = list(parent._modules.keys())
@@ -67,7 +78,6 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
                 _check_convertible(prefix + name, child)
                 nxt_name = names[i + 1] if i + 1 < len(names) else None
                 nxt = parent._modules.get(nxt_name) if nxt_name else None
-                norm_type = nn.BatchNorm1d if type(child) is nn.Conv1d else nn.BatchNorm2d
                 is_norm = isinstance(nxt, norm_type) and nxt.num_features == child.out_channels
                 plan.append((parent, name, nxt_name if is_norm else None))
                 if which == "stem":
@@ -83,8 +93,9 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
 def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", calibrate: Iterable[Any] | None = None,
                **deconv_kwargs: Any) -> nn.Module:
     """Replace ``nn.Conv2d`` layers of ``model`` (in place) with :class:`FastDeconv` carrying their weights; in a
-    1-D network (no Conv2d), its ``nn.Conv1d`` layers with :class:`FastDeconv1d` (a ``BatchNorm1d`` right after one
-    is removed likewise).
+    1-D network (no Conv2d), its ``nn.Conv1d`` layers with :class:`FastDeconv1d`, and in a volume or video network
+    (one with a Conv3d) its ``nn.Conv3d`` layers with :class:`FastDeconv3d` (a ``BatchNorm1d``/``BatchNorm3d``
+    right after one is removed likewise).
 
     A ``BatchNorm2d`` registered directly after a converted conv in the same parent (the usual conv-bn pair of
     torchvision and timm) is removed: deconvolution replaces batch normalisation. A norm+act layer (timm's
@@ -108,7 +119,7 @@ def deconvolve(model: nn.Module, which: Literal["all", "stem"] = "all", calibrat
         bias = True  # an exact conversion puts the patch mean's shift into the bias
     plan = _plan(model, which)
     if not plan:
-        raise ValueError("deconvolve: the model has no nn.Conv2d (or nn.Conv1d) to convert")
+        raise ValueError("deconvolve: the model has no nn.Conv2d (or nn.Conv1d, nn.Conv3d) to convert")
     # Every replacement is built before any is swapped in: FastDeconv's own checks (a non-square stride, a bad
     # keyword) then leave the model unchanged too.
     replacements = []
