@@ -273,8 +273,12 @@ def test_checkpointed_step_equals_plain_step() -> None:
     plain step's."""
     torch.manual_seed(0)
     plain = nn.Sequential(FastDeconv1d(4, 6, 3, padding=1, block=2), nn.ReLU(), FastDeconv1d(6, 4, 1)).double()
+    assert_checkpointed_step_is_plain(plain, _signal(3, 4, 15))
+
+
+def assert_checkpointed_step_is_plain(plain: nn.Module, x: torch.Tensor) -> None:
+    """A checkpointed training step of a copy of ``plain`` leaves the state and gradients of a plain step."""
     ckpt = copy.deepcopy(plain)
-    x = _signal(3, 4, 15)
     plain(x).square().sum().backward()
     checkpoint(ckpt, x).square().sum().backward()
     for a, b in zip(plain.state_dict().values(), ckpt.state_dict().values(), strict=True):
@@ -333,18 +337,12 @@ def _rows_batch(count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return signal + 0.3 * torch.randn(count, 28, 28, generator=g), labels
 
 
-def test_resnet1d_trains_folds_and_exports_verified_onnx(tmp_path: Path) -> None:
-    from timm.utils.model import reparameterize_model
-
-    from ndeconv.convert import fold
-    from ndeconv.convert.export import verify_onnx
-
-    x, y = _rows_batch(96)
-    torch.manual_seed(0)
-    model = ResNet1d()
+def train_lowers_the_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """``steps`` SGD steps over three batches of 32 of ``(x, y)``: everything stays finite and the loss on all of
+    ``x`` ends below the first step's. Leaves the model in eval mode."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
-    for step in range(6):
+    for step in range(steps):
         batch = slice(32 * (step % 3), 32 * (step % 3 + 1))
         opt.zero_grad()
         loss = F.cross_entropy(model(x[batch]), y[batch])
@@ -355,23 +353,40 @@ def test_resnet1d_trains_folds_and_exports_verified_onnx(tmp_path: Path) -> None
     assert torch.isfinite(torch.tensor(losses)).all()
     with torch.no_grad():
         trained = F.cross_entropy(model(x), y).item()
-    assert trained < losses[0], f"six SGD steps did not lower the training loss: {losses}, then {trained}"
+    assert trained < losses[0], f"{steps} SGD steps did not lower the training loss: {losses}, then {trained}"
     model.eval()
 
-    # Folding: timm's walk and ndeconv.convert.fold give the same plain network (Conv1d, Linear), in float64 to
-    # rounding of the fold.
-    wide = copy.deepcopy(model).double()
-    probe = x[:8].double()
+
+def assert_folds_alike(model: nn.Module, probe: torch.Tensor, conv_type: type[nn.Module]) -> nn.Module:
+    """timm's walk and ndeconv.convert.fold give the same plain network (``conv_type``, Linear), equal to the
+    unfolded eval model in float64 to rounding of the fold; returns ndeconv's."""
+    from timm.utils.model import reparameterize_model
+
+    from ndeconv.convert import fold
+
+    wide, probe = copy.deepcopy(model).double(), probe.double()
     with torch.no_grad():
         expected = wide(probe)
     by_timm = reparameterize_model(copy.deepcopy(wide))
     by_ndeconv = fold(wide, example_input=probe)
     for plain in (by_timm, by_ndeconv):
         kinds = {type(m) for m in plain.modules()}
-        assert nn.Conv1d in kinds and not kinds & {FastDeconv1d, Delinear}
+        assert conv_type in kinds and not any(issubclass(k, (FastDeconv, Delinear)) for k in kinds)
         with torch.no_grad():
             assert (plain(probe) - expected).abs().max() <= 1e-9 * expected.abs().max()
     assert dict(by_timm.state_dict().items()).keys() == dict(by_ndeconv.state_dict().items()).keys()
+    return by_ndeconv
+
+
+def test_resnet1d_trains_folds_and_exports_verified_onnx(tmp_path: Path) -> None:
+    from ndeconv.convert import fold
+    from ndeconv.convert.export import verify_onnx
+
+    x, y = _rows_batch(96)
+    torch.manual_seed(0)
+    model = ResNet1d()
+    train_lowers_the_loss(model, x, y, steps=6)
+    assert_folds_alike(model, x[:8], nn.Conv1d)
 
     # ONNX: the folded float32 network, dynamic batch, verified by onnxruntime (onnx.checker, plain ops with stored
     # weights only, outputs to 1e-4 relative) against the unfolded PyTorch model.

@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fast_deconv1d import _eigh_isqrt, _newton_schulz
+from test_fast_deconv1d import (
+    _eigh_isqrt,
+    _newton_schulz,
+    assert_checkpointed_step_is_plain,
+    assert_folds_alike,
+    train_lowers_the_loss,
+)
 from torch import nn
 
+from ndeconv.errors import NdeconvError
 from ndeconv.layers import Delinear, FastDeconv, FastDeconv3d, deconvolve
-from ndeconv.layers.grad_checkpoint import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -235,14 +241,7 @@ def test_deconvolve_replaces_conv3d_and_batchnorm3d_exactly_with_calibration() -
 def test_checkpointed_step_equals_plain_step() -> None:
     torch.manual_seed(0)
     plain = nn.Sequential(FastDeconv3d(3, 4, 3, padding=1, block=3), nn.ReLU(), FastDeconv3d(4, 3, 1)).double()
-    ckpt = copy.deepcopy(plain)
-    x = _volume(2, 3, (5, 6, 6))
-    plain(x).square().sum().backward()
-    checkpoint(ckpt, x).square().sum().backward()
-    for a, b in zip(plain.state_dict().values(), ckpt.state_dict().values(), strict=True):
-        assert (a - b).abs().max() <= 1e-12
-    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
-        assert (a.grad - b.grad).abs().max() <= 1e-12
+    assert_checkpointed_step_is_plain(plain, _volume(2, 3, (5, 6, 6)))
 
 
 # -- a small 3-D network: trained, folded, exported ----------------------------------------------------------------
@@ -282,42 +281,15 @@ def _clips(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_volume_net_trains_folds_and_exports_verified_onnx(tmp_path: Path) -> None:
     import onnx
-    from timm.utils.model import reparameterize_model
 
-    from ndeconv.convert import export_onnx, fold, model_input_size
+    from ndeconv.convert import export_onnx, model_input_size
 
     x, y = _clips(96)
     torch.manual_seed(0)
     model = VolumeNet()
     assert model_input_size(model) == (1, 16, 16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(8):
-        batch = slice(32 * (step % 3), 32 * (step % 3 + 1))
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()))
-    with torch.no_grad():
-        trained = F.cross_entropy(model(x), y).item()
-    assert trained < losses[0], f"eight SGD steps did not lower the training loss: {losses}, then {trained}"
-    model.eval()
-
-    # Folding: timm's walk and ndeconv.convert.fold give the same plain network (Conv3d, Linear), in float64 to
-    # rounding of the fold.
-    wide = copy.deepcopy(model).double()
-    probe = x[:8].double()
-    with torch.no_grad():
-        expected = wide(probe)
-    by_timm = reparameterize_model(copy.deepcopy(wide))
-    by_ndeconv = fold(wide, example_input=probe)
-    for plain in (by_timm, by_ndeconv):
-        kinds = {type(m) for m in plain.modules()}
-        assert nn.Conv3d in kinds and not kinds & {FastDeconv3d, Delinear}
-        with torch.no_grad():
-            assert (plain(probe) - expected).abs().max() <= 1e-9 * expected.abs().max()
+    train_lowers_the_loss(model, x, y, steps=8)
+    by_ndeconv = assert_folds_alike(model, x[:8], nn.Conv3d)
     assert by_ndeconv.fold_report.summary().startswith("folded: 4 FastDeconv3d -> Conv3d")
 
     # ONNX through the library's export: folded, dynamic batch, verified by onnxruntime against the unfolded model;
@@ -327,5 +299,5 @@ def test_volume_net_trains_folds_and_exports_verified_onnx(tmp_path: Path) -> No
     meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
     assert meta["input_layout"] == "NCDHW" and meta["input_size"] == "[1, 8, 12, 12]"
     assert "mean" not in meta and "resize" not in meta and "volume" in meta["preprocess"]
-    with pytest.raises(Exception, match=r"does not fit VolumeNet: it takes \(1, D, H, W\)"):
+    with pytest.raises(NdeconvError, match=r"does not fit VolumeNet: it takes \(1, D, H, W\)"):
         export_onnx(model, tmp_path / "bad.onnx", input_size=(1, 12, 12))
