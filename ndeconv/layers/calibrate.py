@@ -172,7 +172,7 @@ class _Modes:
 
 def _hook(p: _Pending) -> tuple[Callable[..., None], Callable[..., None], Callable[..., None]]:
     # What the layer's training forward does with its input: FastDeconv1d takes its statistics from an (N, C, 1, L)
-    # view of the signal.
+    # view of the signal, FastDeconv3d from its sampled depth windows viewed as images.
     view = getattr(p.layer, "_statistics_input", None)
 
     def pre_hook(_conv: nn.Module, args: tuple) -> None:
