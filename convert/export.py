@@ -229,7 +229,7 @@ def onnx_metadata(
     image = dims == 2
     # A signal or a volume has no image preprocessing; its (C, L) or (C, D, H, W) stands in for an image's
     # (C, 1, L) or (C, H, W) only to share the code below.
-    channels, height, width = (input_size[0], 1, input_size[1]) if dims == 1 else input_size[-3:]
+    channels, (height, width) = input_size[0], ((1, input_size[1]) if dims == 1 else input_size[-2:])
     mean = _channels(cfg.get("mean") or (0.0,), channels, "mean")
     std = _channels(cfg.get("std") or (1.0,), channels, "std")
     crop_pct = float(cfg.get("crop_pct") or 1.0)

@@ -301,3 +301,16 @@ def test_volume_net_trains_folds_and_exports_verified_onnx(tmp_path: Path) -> No
     assert "mean" not in meta and "resize" not in meta and "volume" in meta["preprocess"]
     with pytest.raises(NdeconvError, match=r"does not fit VolumeNet: it takes \(1, D, H, W\)"):
         export_onnx(model, tmp_path / "bad.onnx", input_size=(1, 12, 12))
+
+
+def test_export_metadata_of_a_multichannel_volume_model() -> None:
+    """A 3-D model's metadata reads its channels from C of (C, D, H, W), not from D, and drops the image keys
+    its cfg's per-channel mean/std would fill."""
+    from ndeconv.convert.export import onnx_metadata
+
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3))
+    model.pretrained_cfg = {"mean": (0.5, 0.4), "std": (0.2, 0.3), "num_classes": 3}
+    meta = onnx_metadata(model, (2, 8, 12, 12), opset=18)
+    assert meta["input_layout"] == "NCDHW" and meta["num_classes"] == "3"
+    assert meta["preprocess"].startswith("float32 2x8x12x12 volume (2 channels")
+    assert "mean" not in meta and "std" not in meta
