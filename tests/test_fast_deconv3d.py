@@ -26,12 +26,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (in, out, kernel, stride, padding, dilation, groups, block, sampling_stride): the sampler's paths on the depth
 # windows' stacks (disjoint and overlapping samples, several blocks, grouped and depthwise convs), depth dilation and
-# padding, a strided conv (its stride multiplies the sampling stride along every axis), the (kd, 1, 1) temporal conv
-# and the 1x1x1 projection (both take the 2-D layer's 1x1 rule in-plane).
+# padding, strided convs (a stride multiplies the sampling stride along its axis: cubic, video's (1, 2, 2) and a
+# temporal (2, 1, 1)), the (kd, 1, 1) temporal conv and the 1x1x1 projection (both take the 2-D layer's 1x1 rule
+# in-plane).
 CONFIGS = {
     "k3-blocks": (6, 5, 3, 1, 1, 1, 1, 3, 3),
     "k3-overlap": (6, 5, 3, 1, 1, 1, 1, 3, 1),
     "k3-s2-d2": (4, 5, (3, 3, 3), 2, (2, 1, 1), (2, 1, 1), 1, 2, 1),
+    "k3-s122": (4, 5, 3, (1, 2, 2), 1, 1, 1, 2, 2),
+    "k311-s211": (4, 5, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, 1, 2, 1),
     "k3-grouped": (6, 4, 3, 1, 1, 1, 2, 3, 1),
     "k3-depthwise": (4, 4, 3, 1, 1, 1, 4, 64, 2),
     "k311-temporal": (6, 5, (3, 1, 1), 1, (1, 0, 0), 1, 1, 3, 2),
@@ -80,26 +83,30 @@ def test_equals_2d_layer_on_depth_one(name: str) -> None:
         assert (three(x)[:, :, 0] - two(x[:, :, 0])).abs().max() <= 1e-12 * two(x[:, :, 0]).abs().max()
 
 
-def _unfold3d(x: torch.Tensor, kernel, step: int, padding, dilation) -> torch.Tensor:
+def _unfold3d(x: torch.Tensor, kernel, steps, padding, dilation) -> torch.Tensor:
     """im2col of a volume: one row per window at positions ``0, step, 2 step, ...`` of the zero-padded volume along
-    each axis, element ``((c * kd + a) * kh + b) * kw + e`` (nn.Conv3d's weight order); (windows, C * kd*kh*kw)."""
+    each axis (``steps`` per axis), element ``((c * kd + a) * kh + b) * kw + e`` (nn.Conv3d's weight order);
+    (windows, C * kd*kh*kw)."""
     (pd, ph, pw) = padding
     cols = F.pad(x, (pw, pw, ph, ph, pd, pd))
-    for axis, (k, d) in enumerate(zip(kernel, dilation, strict=True)):
+    for axis, (k, d, step) in enumerate(zip(kernel, dilation, steps, strict=True)):
         cols = cols.unfold(2 + axis, d * (k - 1) + 1, step)[..., ::d]  # appends the tap axis
     # (N, C, Z, Y, X, kd, kh, kw) -> (N, Z, Y, X, C, kd, kh, kw)
     return cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, x.shape[1] * kernel[0] * kernel[1] * kernel[2])
 
 
 def _sampled_patches(x: torch.Tensor, layer: FastDeconv3d) -> torch.Tensor:
-    """The patches the module docstring says are sampled: a 3-D unfold every ``sampling_stride`` voxels, except an
-    in-plane 1x1 kernel: depth windows every ``sampling_stride`` slices, then every ``sampling_stride**2``-th pixel of
-    their (window, H, W)-ordered batch."""
-    kernel, step, padding, dilation = layer.kernel_size, layer.sampling_stride, layer.padding, layer.dilation
+    """The patches the module docstring says are sampled: the sampling stride times the conv stride per axis (the
+    layer's ``depth_sampling_stride``, ``sampling_stride``), a 3-D unfold with those steps, except an in-plane 1x1
+    kernel: depth windows every depth step, then every ``step**2``-th pixel of their (window, H, W)-ordered
+    batch."""
+    kernel, padding, dilation = layer.kernel_size, layer.padding, layer.dilation
+    sampling = layer.sampling_stride // layer.stride[1]  # the argument the layer was built with
+    depth_step, step = sampling * layer.stride[0], sampling * layer.stride[1]
     if kernel[1:] != (1, 1):
-        return _unfold3d(x, kernel, step, padding, dilation)
+        return _unfold3d(x, kernel, (depth_step, step, step), padding, dilation)
     kd, dd, pd = kernel[0], dilation[0], padding[0]
-    windows = F.pad(x, (0, 0, 0, 0, pd, pd)).unfold(2, dd * (kd - 1) + 1, step)[..., ::dd]  # (N, C, Z, H, W, kd)
+    windows = F.pad(x, (0, 0, 0, 0, pd, pd)).unfold(2, dd * (kd - 1) + 1, depth_step)[..., ::dd]  # (N, C, Z, H, W, kd)
     return windows.permute(0, 2, 3, 4, 1, 5).reshape(-1, x.shape[1] * kd)[:: step**2]
 
 
@@ -110,7 +117,7 @@ def _formula(x: torch.Tensor, layer: FastDeconv3d, isqrt) -> tuple[torch.Tensor,
     n, c = x.shape[:2]
     nf, g, out_channels = layer.num_features, layer.groups, layer.out_channels
     sampled = _sampled_patches(x, layer)
-    windows = _unfold3d(x, layer.kernel_size, layer.stride[0], layer.padding, layer.dilation)
+    windows = _unfold3d(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     eye = torch.eye(nf, dtype=x.dtype)
     if g == 1:
         blocks = windows.shape[1] // nf
@@ -130,8 +137,8 @@ def _formula(x: torch.Tensor, layer: FastDeconv3d, isqrt) -> tuple[torch.Tensor,
         weight = layer.weight.reshape(g, out_channels // g, nf)
         out = torch.einsum("goj,wgj->wgo", weight, white).reshape(windows.shape[0], -1)
     out = out + layer.bias
-    spatial = [(size + 2 * p - d * (k - 1) - 1) // layer.stride[0] + 1 for size, p, d, k in
-               zip(x.shape[2:], layer.padding, layer.dilation, layer.kernel_size, strict=True)]
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+               zip(x.shape[2:], layer.padding, layer.dilation, layer.kernel_size, layer.stride, strict=True)]
     return out.view(n, *spatial, out_channels).permute(0, 4, 1, 2, 3), mean.reshape(-1), deconv
 
 
@@ -194,8 +201,9 @@ def test_rejects_what_conv3d_would_not_take() -> None:
         layer(torch.randn(2, 4, 2, 9, 9))
     with pytest.raises(ValueError, match="input has 3 channels but the layer was built for 4"):
         layer(torch.randn(2, 3, 4, 9, 9))
-    with pytest.raises(ValueError, match="FastDeconv3d.*only cubic strides"):
-        FastDeconv3d(4, 4, 3, stride=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"FastDeconv3d.*in-plane stride must be square, \(sd, s, s\)"):
+        FastDeconv3d(4, 4, 3, stride=(1, 2, 1))
+    assert "depth_sampling_stride=3" in repr(FastDeconv3d(4, 4, 3, stride=(1, 2, 2)))
     with pytest.raises(ValueError, match="FastDeconv3d.*kernel_size must be an int or a 3-tuple"):
         FastDeconv3d(4, 4, (3, 3))
     with pytest.raises(ValueError, match="FastDeconv3d.*padding must be an int or a 3-tuple"):
@@ -248,15 +256,16 @@ def test_checkpointed_step_equals_plain_step() -> None:
 
 
 class VolumeNet(nn.Module):
-    """A (2+1)-D-style clip classifier: a 3x3x3 stem, a (1, 3, 3) spatial and a (3, 1, 1) temporal conv with a
-    strided 1x1x1 projection shortcut, global average pool, Delinear head."""
+    """A (2+1)-D-style clip classifier: a 3x3x3 stem, a (1, 3, 3) spatial conv downsampling space only (stride
+    (1, 2, 2)) and a (3, 1, 1) temporal conv, with a 1x1x1 projection shortcut, global average pool, Delinear
+    head."""
 
     def __init__(self, channels: int = 1, width: int = 8, num_classes: int = 4) -> None:
         super().__init__()
         self.stem = FastDeconv3d(channels, width, 3, padding=1)
-        self.spatial = FastDeconv3d(width, 2 * width, (1, 3, 3), stride=2, padding=(0, 1, 1))
+        self.spatial = FastDeconv3d(width, 2 * width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         self.temporal = FastDeconv3d(2 * width, 2 * width, (3, 1, 1), padding=(1, 0, 0))
-        self.shortcut = FastDeconv3d(width, 2 * width, 1, stride=2)
+        self.shortcut = FastDeconv3d(width, 2 * width, 1, stride=(1, 2, 2))
         self.head = Delinear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,15 @@ interleaved blocks of ``kd*kh*kw*block`` features), grouped whitening (a group's
 stack), statistics code, fast mode, freezing and the eval fold are the 2-D layer's, and nothing new computes a
 covariance.
 
-Sampling: depth windows every ``sampling_stride`` slices of the zero-padded volume (``sampling_stride`` is
-multiplied by the conv stride, as in the 2-D layer), then the 2-D layer's sample of each window's stack: patches
-every ``sampling_stride`` pixels in height and width for a kernel wider than 1x1 in-plane (the sampled patches are
-those a 3-D unfold with stride ``sampling_stride`` takes), and the authors' 1x1 rule, every
-``sampling_stride**2``-th pixel of the batch of stacks, for an in-plane 1x1 kernel (``(kd, 1, 1)`` temporal convs
-and ``1x1x1`` projections). Strides are cubic, as the 2-D layer's are square.
+Sampling: depth windows every ``depth_sampling_stride`` slices of the zero-padded volume, then the 2-D layer's
+sample of each window's stack: patches every ``sampling_stride`` pixels in height and width for a kernel wider
+than 1x1 in-plane (the sampled patches are those a 3-D unfold with strides ``(depth_sampling_stride,
+sampling_stride, sampling_stride)`` takes), and the authors' 1x1 rule, every ``sampling_stride**2``-th pixel of
+the batch of stacks, for an in-plane 1x1 kernel (``(kd, 1, 1)`` temporal convs and ``1x1x1`` projections). As in
+the 2-D layer, the ``sampling_stride`` argument is multiplied by the conv stride, per axis: ``sampling_stride``
+stores it times the in-plane stride, ``depth_sampling_stride`` times the depth stride. The in-plane stride is
+square, as the 2-D layer's is; the depth stride is free (video networks downsample space before time: ``(1, 2,
+2)``).
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ class FastDeconv3d(FastDeconv):
 
     Same keywords and defaults as FastDeconv (``block``, ``eps``, ``n_iter``, ``momentum``, ``sampling_stride``,
     ``freeze``, ``freeze_iter``) with ``nn.Conv3d``'s geometry (int or 3-tuple ``kernel_size``, ``padding``,
-    ``dilation``; a cubic ``stride``; zero padding only). Buffers: ``running_mean`` of ``kd*kh*kw*block`` features
-    (``kd*kh*kw*in_channels`` grouped) and ``running_deconv``; the weight is ``nn.Conv3d``'s ``(out, in/groups,
-    kd, kh, kw)`` and ``fuse()`` returns the equivalent ``nn.Conv3d``. Being a FastDeconv, the layer is folded by
-    ``ndeconv.convert.fold`` and timm's ``reparameterize_model``, and ``set_fast_mode``, ``sync_deconv`` and
-    ``ndeconv.layers.grad_checkpoint`` apply to it.
+    ``dilation``; a ``stride`` square in-plane, ``(sd, s, s)``; zero padding only). Buffers: ``running_mean`` of
+    ``kd*kh*kw*block`` features (``kd*kh*kw*in_channels`` grouped) and ``running_deconv``; the weight is
+    ``nn.Conv3d``'s ``(out, in/groups, kd, kh, kw)`` and ``fuse()`` returns the equivalent ``nn.Conv3d``. Being a
+    FastDeconv, the layer is folded by ``ndeconv.convert.fold`` and timm's ``reparameterize_model``, and
+    ``set_fast_mode``, ``sync_deconv`` and ``ndeconv.layers.grad_checkpoint`` apply to it.
     """
 
     plain_conv_type = nn.Conv3d  # what fuse() returns
@@ -81,13 +84,13 @@ class FastDeconv3d(FastDeconv):
                              "(compute 'same' padding yourself)")
         kernel, strides = _three(owner, "kernel_size", kernel_size), _three(owner, "stride", stride)
         pads, dilations = _three(owner, "padding", padding), _three(owner, "dilation", dilation)
-        if len(set(strides)) != 1:
-            raise ValueError(f"{owner}: only cubic strides are supported, got stride={stride!r}")
+        if strides[1] != strides[2]:
+            raise ValueError(f"{owner}: the in-plane stride must be square, (sd, s, s), got stride={stride!r}")
         kd, kh, kw = kernel
         # Built as the 2-D layer of a (kd*kh, kw) kernel: its buffers (kd*kh*kw*block features), block rule and
         # weight init (fan-in in/groups * kd*kh*kw, nn.Conv3d's) are then the 3-D layer's; the geometry is reset below.
         super().__init__(
-            in_channels, out_channels, (kd * kh, kw), strides[0], 0, 1, groups, bias, eps=eps, n_iter=n_iter,
+            in_channels, out_channels, (kd * kh, kw), strides[1], 0, 1, groups, bias, eps=eps, n_iter=n_iter,
             momentum=momentum, block=block, sampling_stride=sampling_stride, freeze=freeze,
             freeze_iter=freeze_iter, device=device, dtype=dtype,
         )
@@ -95,6 +98,8 @@ class FastDeconv3d(FastDeconv):
         self.kernel_size, self.stride, self.padding, self.dilation = kernel, strides, pads, dilations
         self.output_padding = (0, 0, 0)
         self._reversed_padding_repeated_twice = [p for p in reversed(pads) for _ in range(2)]
+        # The 2-D init multiplied sampling_stride by the in-plane stride; depth windows step by the depth stride's.
+        self.depth_sampling_stride = sampling_stride * strides[0]
         self.weight = nn.Parameter(self.weight.detach().reshape(out_channels, in_channels // groups, kd, kh, kw))
 
     # -- statistics ---------------------------------------------------------------------------
@@ -107,12 +112,12 @@ class FastDeconv3d(FastDeconv):
 
     def _statistics_input(self, x: torch.Tensor) -> torch.Tensor:
         """The sampled depth windows as images ``(N * windows, C * kd, H, W)``: window ``z`` of image ``n`` is
-        row ``n * windows + z``, its channel ``c * kd + a`` channel ``c`` at depth ``z * sampling_stride + a *
+        row ``n * windows + z``, its channel ``c * kd + a`` channel ``c`` at depth ``z * depth_sampling_stride + a *
         dilation`` of the padded volume (differentiable: autograd takes the gradient back to ``x``)."""
         kd, dd, pd = self.kernel_size[0], self.dilation[0], self.padding[0]
         if pd:
             x = F.pad(x, (0, 0, 0, 0, pd, pd))
-        windows = x.unfold(2, dd * (kd - 1) + 1, self.sampling_stride)[..., ::dd]  # (N, C, windows, H, W, kd)
+        windows = x.unfold(2, dd * (kd - 1) + 1, self.depth_sampling_stride)[..., ::dd]  # (N, C, windows, H, W, kd)
         n, c, count, h, w, _ = windows.shape
         return windows.permute(0, 2, 1, 5, 3, 4).reshape(n * count, c * kd, h, w)
 
@@ -143,3 +148,7 @@ class FastDeconv3d(FastDeconv):
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + f", depth_sampling_stride={self.depth_sampling_stride}" if self.stride[0] != self.stride[1] else s
