@@ -8,8 +8,9 @@ equivalent itself: ``FastDeconv.fuse()`` an ``nn.Conv2d`` (weight ``w D``, bias 
 
 - a report of what became what, and warnings about untrained whitening and train mode;
 - the check: the folded outputs against the unfolded eval outputs on a batch, raising beyond rounding;
-- opt-in (``fuse_batchnorm=True``), a BatchNorm pass: a BatchNorm is fused into a Conv2d
-  (``torch.nn.utils.fusion.fuse_conv_bn_eval``) when *its input is the output of a Conv2d that nothing else
+- opt-in (``fuse_batchnorm=True``), a BatchNorm pass: a BatchNorm is fused into a conv of its dimensionality
+  (BatchNorm2d into Conv2d; BatchNorm1d into Conv1d, BatchNorm3d into Conv3d)
+  (``torch.nn.utils.fusion.fuse_conv_bn_eval``) when *its input is the output of that conv, which nothing else
   reads, and each runs once per forward*. The dataflow comes from a torch.fx trace, not from module names. A
   BatchNorm that does not follow a conv (e.g. the pre-activation BN of PreAct-ResNet, after a residual sum)
   stays as it is.
@@ -316,8 +317,9 @@ def fuse_deconv_layers(model: nn.Module, report: FoldReport | None = None) -> nn
 def find_conv_batchnorm_pairs(model: nn.Module) -> dict[str, str]:
     """``{batchnorm name: conv name}`` for every BatchNorm of ``model`` that may be fused into the conv before it.
 
-    The rule: the BatchNorm's input is the output of a plain ``nn.Conv2d`` that nothing else reads, and each
-    runs once per forward, read from a torch.fx trace (raises whatever torch.fx raises on untraceable code).
+    The rule: the BatchNorm's input is the output of a plain conv of its dimensionality (``nn.Conv2d`` for a
+    BatchNorm2d, ``nn.Conv1d``/``nn.Conv3d`` for a BatchNorm1d/3d) that nothing else reads, and each runs once per
+    forward, read from a torch.fx trace (raises whatever torch.fx raises on untraceable code).
     """
     graph = trace_model(model)
     return _fusable_pairs(model, graph)
@@ -356,17 +358,24 @@ def _batchnorm_pass(folded: nn.Module, model_name: str, report: FoldReport) -> N
     report.bn_fused.update(pairs)
 
 
+# The BatchNorm types the pass fuses and the conv each must follow (another subclass may compute something else).
+_FUSABLE_NORMS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: nn.Conv1d, nn.BatchNorm2d: nn.Conv2d, BatchNormAct2d: nn.Conv2d, nn.BatchNorm3d: nn.Conv3d,
+}
+
+
 def _fusable_pairs(model: nn.Module, graph: ModelGraph) -> dict[str, str]:
     pairs: dict[str, str] = {}
-    for bn_node in graph.module_nodes(nn.BatchNorm2d):
+    for bn_node in graph.module_nodes(tuple(_FUSABLE_NORMS)):
         bn = model.get_submodule(bn_node.target)
-        if type(bn) not in (nn.BatchNorm2d, BatchNormAct2d):
+        conv_type = _FUSABLE_NORMS.get(type(bn))
+        if conv_type is None:
             continue  # another subclass may compute something else: it stays as it is
         source = bn_node.args[0] if bn_node.args else None
         if not (isinstance(source, fx.Node) and source.op == "call_module" and graph.calls[source.target] == 1):
             continue
         conv = model.get_submodule(source.target)
-        if type(conv) is not nn.Conv2d or conv.out_channels != bn.num_features:
+        if type(conv) is not conv_type or conv.out_channels != bn.num_features:
             continue
         if graph.sole_reader(source) is not bn_node or len(bn_node.args) != 1 or bn_node.kwargs:
             continue

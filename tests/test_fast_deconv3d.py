@@ -5,6 +5,7 @@ small 3-D network trained, folded and exported to verified ONNX."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,30 @@ def test_export_metadata_of_a_multichannel_volume_model() -> None:
     assert meta["input_layout"] == "NCDHW" and meta["num_classes"] == "3"
     assert meta["preprocess"].startswith("float32 2x8x12x12 volume (2 channels")
     assert "mean" not in meta and "std" not in meta
+
+
+def test_batchnorm_pass_fuses_1d_and_3d_pairs() -> None:
+    """fold(fuse_batchnorm=True) fuses a BatchNorm3d into the Conv3d before it (a 3-D hybrid: deconvolution stem,
+    BatchNorm elsewhere) and a BatchNorm1d into its Conv1d, not one after a Linear; outputs unchanged."""
+    from ndeconv.convert import fold_with_report
+    from ndeconv.convert.fold import FoldWarning
+
+    torch.manual_seed(0)
+    hybrid = deconvolve(_bn_net(), which="stem", block=2).train()
+    one_d = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                          nn.Linear(4, 3), nn.BatchNorm1d(3)).double().train()
+    for model, x, fused, kept in ((hybrid, _volume(4, 2, (6, 10, 10)), {"4": "3", "7": "6"}, []),
+                                  (one_d, _volume(4, 2, (1, 1, 12)).flatten(2), {"1": "0"}, ["6"])):
+        with torch.no_grad():  # trained-looking running statistics
+            for _ in range(3):
+                model(x)
+        model.eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, report = fold_with_report(model, example_input=x, fuse_batchnorm=True)
+        assert report.bn_fused == fused and report.bn_kept == kept
+        # The BatchNorm after the Linear is named as kept.
+        assert [str(w.message) for w in caught if issubclass(w.category, FoldWarning)] == (
+            [] if not kept else ["1 BatchNorm(s) do not directly follow a conv and stay as per-channel affine layers "
+                                 "(e.g. 6)"])
+        assert report.check_rel is not None and report.check_rel <= 1e-9
