@@ -86,6 +86,10 @@ def markdown(table: list[dict[str, Any]]) -> str:
         above_bn = [r["arch"] for r in measured if r["hybrid_minus_bn"] > 0]
         above_nd = [r["arch"] for r in table if r["hybrid_minus_nd"] is not None and r["hybrid_minus_nd"] > 0]
         summary.append(f"Hybrid above BN: {', '.join(above_bn) or 'none'}; above ND: {', '.join(above_nd) or 'none'}.")
+    rescued = [r["arch"] for r in table if r["hybrid"] and "test_top1" in r["hybrid"]
+               and r["bn"] and "diverged_at_step" in r["bn"]]
+    if rescued:
+        summary.append(f"The hybrid trains where BN diverged: {', '.join(rescued)}.")
     if any(r["bn_source"] == "rerun" for r in table):
         summary.append("\\* BN rerun in the hybrid queue (same code and machine as the hybrid); the others are the "
                        "paper-claim table's runs.")

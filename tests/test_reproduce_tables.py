@@ -23,7 +23,9 @@ def _run(folder: Path, top1: float, seconds: float = 600.0) -> Path:
 
 def _paper_claim(path: Path) -> Path:
     rows = [{"arch": "resnet18", "bn": {"test_top1": 87.68, "seconds": 1800.0}, "nd": {"test_top1": 92.59}},
-            {"arch": "vgg16", "bn": {"test_top1": 36.23}, "nd": {"test_top1": 92.22}}]
+            {"arch": "vgg16", "bn": {"test_top1": 36.23}, "nd": {"test_top1": 92.22}},
+            {"arch": "preact_resnet18", "bn": {"diverged_at_step": 47, "diverged_loss": "nan"},
+             "nd": {"test_top1": 92.81}}]
     path.write_text(json.dumps({"command": "python reproduce/paper_claim.py", "rows": rows}))
     return path
 
@@ -33,6 +35,7 @@ def test_hybrid_table_takes_bn_and_nd_from_the_paper_claim_and_a_rerun_first(tmp
     _run(runs / "resnet18-stem", 89.10)
     _run(runs / "vgg16-stem", 61.34)
     _run(runs / "vgg16-bn", 36.12)  # a BN rerun in the hybrid's queue: the same code and machine
+    _run(runs / "preact_resnet18-stem", 68.07)
     table = {row["arch"]: row for row in hybrid.collect(runs, _paper_claim(tmp_path / "paper_claim.json"),
                                                         previous=tmp_path / "none.json")}
     assert table["resnet18"]["bn_source"] == "paper_claim"
@@ -44,7 +47,9 @@ def test_hybrid_table_takes_bn_and_nd_from_the_paper_claim_and_a_rerun_first(tmp
     assert "| resnet18 | 87.68 | 89.10 | 92.59 | +1.42 | -3.49 | 10 min |" in text
     assert "| vgg16 | 36.12\\* | 61.34 | 92.22 | +25.22 | -30.88 | 10 min |" in text
     assert "| densenet121 | pending | pending | pending | – | – | – |" in text
-    assert "Measured hybrids: 2 of 10. Times are each run's wall clock" in text
+    assert "| preact_resnet18 | diverged (step 47) | 68.07 | 92.81 | – | -24.74 | 10 min |" in text
+    assert "Measured hybrids: 3 of 10. Times are each run's wall clock" in text
+    assert "The hybrid trains where BN diverged: preact_resnet18." in text
     assert "\\* BN rerun in the hybrid queue" in text
 
 
