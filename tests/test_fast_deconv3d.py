@@ -26,15 +26,16 @@ from ndeconv.layers import Delinear, FastDeconv, FastDeconv3d, deconvolve
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (in, out, kernel, stride, padding, dilation, groups, block, sampling_stride): the sampler's paths on the depth
-# windows' stacks (disjoint and overlapping samples, several blocks, grouped and depthwise convs), depth dilation and
-# padding, strided convs (a stride multiplies the sampling stride along its axis: cubic, video's (1, 2, 2) and a
-# temporal (2, 1, 1)), the (kd, 1, 1) temporal conv and the 1x1x1 projection (both take the 2-D layer's 1x1 rule
-# in-plane).
+# windows' stacks (disjoint and overlapping samples, several blocks, grouped and depthwise convs), depth dilation
+# and padding, an uneven kernel with in-plane dilation, strided convs (a stride multiplies the sampling stride along
+# its axis: cubic, video's (1, 2, 2) and a temporal (2, 1, 1)), the (kd, 1, 1) temporal conv and the 1x1x1
+# projection (both take the 2-D layer's 1x1 rule in-plane).
 CONFIGS = {
     "k3-blocks": (6, 5, 3, 1, 1, 1, 1, 3, 3),
     "k3-overlap": (6, 5, 3, 1, 1, 1, 1, 3, 1),
     "k3-s2-d2": (4, 5, (3, 3, 3), 2, (2, 1, 1), (2, 1, 1), 1, 2, 1),
     "k3-s122": (4, 5, 3, (1, 2, 2), 1, 1, 1, 2, 2),
+    "k235-uneven": (4, 5, (2, 3, 5), 1, (0, 1, 2), (1, 2, 1), 1, 4, 2),
     "k311-s211": (4, 5, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, 1, 2, 1),
     "k3-grouped": (6, 4, 3, 1, 1, 1, 2, 3, 1),
     "k3-depthwise": (4, 4, 3, 1, 1, 1, 4, 64, 2),
