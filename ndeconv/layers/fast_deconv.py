@@ -181,10 +181,10 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
         return _like(w.to(self.weight.dtype), self.weight), bias.to(self.weight.dtype)
 
-    # The plain convolution this layer folds into (FastDeconv1d: nn.Conv1d).
-    plain_conv_type: type[nn.Conv2d] | type[nn.Conv1d] = nn.Conv2d
+    # The plain convolution this layer folds into (FastDeconv1d: nn.Conv1d, FastDeconv3d: nn.Conv3d).
+    plain_conv_type: type[nn.Conv2d] | type[nn.Conv1d] | type[nn.Conv3d] = nn.Conv2d
 
-    def fuse(self) -> nn.Conv2d | nn.Conv1d:
+    def fuse(self) -> nn.Conv2d | nn.Conv1d | nn.Conv3d:
         """A plain ``nn.Conv2d`` (``plain_conv_type``) computing this layer's eval output (used by ``timm``'s
         ``reparameterize_model``)."""
         with torch.no_grad(), full_precision(self.weight.device):
