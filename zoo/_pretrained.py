@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # Where the shipped weights are: a clone's (or an editable install's) zoo/weights, or the folder NDECONV_WEIGHTS
-# names. The wheel carries no weights (PyPI's file limit, and one copy of 345 MB per install): a pip user points
+# names. The wheel carries no weights (PyPI's file limit, and one copy of 356 MB per install): a pip user points
 # NDECONV_WEIGHTS at a clone's zoo/weights or any copy of its folders, or timm reads the tag's hf_hub_id from the
 # Hugging Face cache.
 WEIGHTS_ENV = "NDECONV_WEIGHTS"

@@ -117,6 +117,7 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs: Any) -> D
 
 default_cfgs = zoo_default_cfgs({
     "densenet121_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
+    "densenet121_deconv.fashion_mnist_stem": zoo_cfg(first_conv="conv1", classifier="linear"),
 })
 
 
