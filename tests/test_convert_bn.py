@@ -321,6 +321,7 @@ def test_a_batchnorm_the_forward_never_calls_is_not_folded() -> None:
 # -- folding, export, the command ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a converted ResNet-18 folded and exported: about 7 s
 def test_converted_model_folds_and_exports_like_any_other(tmp_path: Path) -> None:
     model = trained_bn(zoo_bn("resnet18_deconv")())
     converted = ndeconv.deconvolve(copy.deepcopy(model), calibrate=[correlated(8, seed=1)], block=SWEEP_BLOCK)

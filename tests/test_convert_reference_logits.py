@@ -23,7 +23,7 @@ from ndeconv.convert.reference import convert_reference_checkpoint
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "reference_extra"
 CASES = json.loads((FIXTURES / "reference_logits.json").read_text())["cases"]
 # The heavier conversions (ResNet-50 and DenseNet-121 backbones in float64) run in the full suite only.
-QUICK = {"resnet18d/nd", "resnet18d/bn", "fcn_resnet50d/nd_aux"}
+QUICK = {"resnet18d/nd", "resnet18d/bn"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,14 +21,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # One case per family and block type, both forms where the family's BatchNorm form differs in kind (VGG, ResNet,
 # PNASNet): the other depths of a family are the same modules in another number (VGG-13/19, ResNet-34/34d/101d,
 # VGG-16d; ResNet-34's BasicBlock is ResNet-18's, exported in tests/test_export.py). VGG-11d is traced at 224x224
-# with a narrow classifier: the full suite only.
+# with a narrow classifier: the full suite only, as the ResNet-50s, DenseNet-121 and PNASNet-B (7 s per form).
 CASES = [
     ("vgg11_deconv", True), ("vgg11_deconv", False), ("resnet50_deconv", True),
     ("pnasnet_b_deconv", True), ("pnasnet_b_deconv", False),
     ("resnet18_imagenet_deconv", True), ("resnet18_imagenet_deconv", False), ("resnet50_imagenet_deconv", True),
     ("densenet121_imagenet_deconv", True), ("vgg11_imagenet_deconv", True),
 ]
-SLOW = {"resnet50_deconv", "resnet50_imagenet_deconv", "densenet121_imagenet_deconv", "vgg11_imagenet_deconv"}
+SLOW = {"resnet50_deconv", "resnet50_imagenet_deconv", "densenet121_imagenet_deconv", "vgg11_imagenet_deconv",
+        "pnasnet_b_deconv"}
 
 
 def _trained(name: str, deconv: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, int]:

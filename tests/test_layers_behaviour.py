@@ -146,8 +146,8 @@ def test_channels_last_input_gives_the_same_result(kwargs):
 @pytest.mark.parametrize(
     "backend",
     [
-        # dynamo capture + AOT autograd (where graph breaks and functionalisation would bite), quick;
-        "aot_eager",
+        # dynamo capture + AOT autograd (where graph breaks and functionalisation would bite): about 70 s here;
+        pytest.param("aot_eager", marks=pytest.mark.slow),
         # the default backend generates and compiles C++: a minute or more on 2 cores
         pytest.param("inductor", marks=pytest.mark.slow),
     ],

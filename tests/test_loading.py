@@ -63,6 +63,7 @@ def test_other_pickled_globals_are_still_refused(tmp_path):
         load_torch_file(path)
 
 
+@pytest.mark.slow  # an ndeconv eval subprocess: about 8 s
 def test_cli_evaluates_a_timm_checkpoint(trained, tmp_path):
     _, folder = trained
     out = tmp_path / "onnx"

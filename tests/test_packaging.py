@@ -78,6 +78,7 @@ print('FILE', model.pretrained_cfg['file'])
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch from the unpacked wheel: about 7 s
 def test_pip_install_without_weights_says_how_to_get_them(installed, tmp_path):
     run = _run_installed(installed, tmp_path, LOAD.format(site=str(installed)))
     assert run.returncode != 0
@@ -85,6 +86,7 @@ def test_pip_install_without_weights_says_how_to_get_them(installed, tmp_path):
     assert "no weights in this install" in last and "NDECONV_WEIGHTS" in last and "hf download" in last, last
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch from the unpacked wheel: about 7 s
 def test_pip_install_reads_weights_named_by_the_environment(installed, tmp_path):
     weights = ROOT / "zoo" / "weights"
     run = _run_installed(installed, tmp_path, LOAD.format(site=str(installed)), NDECONV_WEIGHTS=str(weights))

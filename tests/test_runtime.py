@@ -28,6 +28,7 @@ def _probe(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # two subprocesses, each allocating 200 MB again and again: about 16 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_reused_without_new_page_faults() -> None:
     pages = 50_000_000 * 4 // 4096

@@ -54,6 +54,7 @@ def test_random_init_builds_the_torchvision_style_model(small_fcn: None) -> None
     assert set(out) == {"out"} and out["out"].shape == (1, 5, 40, 48)
 
 
+@pytest.mark.slow  # an FCN export verified with onnxruntime: about 8 s
 def test_export_by_name_is_verified_with_onnxruntime(small_fcn: None, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "fcn.onnx"

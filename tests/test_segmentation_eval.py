@@ -138,6 +138,7 @@ def test_eval_refuses_a_task_and_dataset_mismatch(tmp_path: Path, small_models: 
 # -- --input-size ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two FCN exports: about 8 s
 def test_export_and_fold_take_the_input_size(tmp_path: Path, small_models: None,  # noqa: F811
                                              capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     import ndeconv.convert

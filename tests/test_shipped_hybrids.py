@@ -19,6 +19,8 @@ from ndeconv.zoo._pretrained import WEIGHTS_DIR
 
 TAG = "fashion_mnist_stem"
 HYBRIDS = shipped_zoo_models(TAG)
+# DenseNet-121's 1,000-image check takes about 23 s on 2 cores: the full suite only.
+SLOW_EVAL = {"densenet121_deconv"}
 
 
 def _folder(name: str) -> Path:
@@ -64,7 +66,7 @@ def test_folder_is_a_hub_repo_with_a_card(name: str) -> None:
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
-@pytest.mark.parametrize("name", HYBRIDS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EVAL else n for n in HYBRIDS])
 def test_ndeconv_eval_reproduces_the_cards_quick_check(name: str, capsys: pytest.CaptureFixture) -> None:
     # The card's quick check (its first 1,000 test images) through the command it names: the full 10,000-image
     # number's path is the same, and is run in full for the flagship ND weights (tests/test_shipped_weights.py).

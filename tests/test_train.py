@@ -85,6 +85,7 @@ def _full_and_resumed(root: Path, extra: list[str], older_setting: str | None = 
     return {"full": full_dir, "killed": killed_dir}
 
 
+@pytest.mark.slow  # two training subprocesses, one killed and resumed: about 30 s
 def test_resume_after_sigkill_is_bit_exact(runs: dict[str, Path]) -> None:
     full = load_file(str(runs["full"] / "model.safetensors"))
     resumed = load_file(str(runs["killed"] / "model.safetensors"))
@@ -107,6 +108,7 @@ def test_resume_after_sigkill_is_bit_exact(runs: dict[str, Path]) -> None:
             assert a[key] == b[key], key
 
 
+@pytest.mark.slow  # two bf16 training subprocesses: about 30 s
 def test_resume_is_bit_exact_under_bf16_autocast_and_channels_last(amp_runs: dict[str, Path]) -> None:
     full = load_file(str(amp_runs["full"] / "model.safetensors"))
     resumed = load_file(str(amp_runs["killed"] / "model.safetensors"))
@@ -137,6 +139,7 @@ def test_bare_amp_trains_in_float32_where_bf16_is_not_native(tmp_path: Path, cap
     assert json.loads((out / "config.json").read_text())["train"]["amp"] == "bf16"
 
 
+@pytest.mark.slow  # the runs fixture: two training subprocesses, about 30 s
 def test_run_directory(runs: dict[str, Path]) -> None:
     import timm
 
@@ -201,8 +204,7 @@ def _fails(capsys: pytest.CaptureFixture, argv: list[str], pattern: str) -> None
     assert len(err.splitlines()) == 1 and re.search(pattern, err), err
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                          runs: dict[str, Path]) -> None:
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "new"
     _fails(capsys, ["train", "--arch", "lenet5", "--out", str(out)], r"unknown --arch 'lenet5'; choose one of")
     _fails(capsys, ["train", "--dataset", "svhn", "--out", str(out)], r"unknown dataset 'svhn'")
@@ -224,6 +226,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert (existing / "notes.txt").read_text() == "keep me"  # --force deletes nothing in a folder not a run's
     _fails(capsys, ["train", "--resume", str(existing)], r"no config\.json.*not a run directory")
     _fails(capsys, ["train", "--resume", str(tmp_path / "nope")], r"no such directory")
+
+
+@pytest.mark.slow  # the runs fixture: two training subprocesses, about 30 s
+def test_a_resume_that_does_not_fit_the_run_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   runs: dict[str, Path]) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in runs["full"].iterdir()}
     _fails(capsys, ["train", "--resume", str(runs["full"]), "--lr", "0.5"],
            r"--lr 0\.5 \(the run has 0\.1\).*keeps its settings")
@@ -257,7 +264,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     _fails(capsys, ["eval", str(damaged), "--test-subset", "4"], r"model\.safetensors does not fit the model its")
 
 
-@pytest.mark.parametrize("deconv", ["false", "true"])
+# The deconvolution case trains a FastDeconv network in a subprocess (about 10 s): the full suite only.
+@pytest.mark.parametrize("deconv", ["false", pytest.param("true", marks=pytest.mark.slow)])
 def test_divergence_is_recorded_and_the_checkpoint_kept(tmp_path: Path, deconv: str) -> None:
     """A loss that stops being finite ends the run with a one-line error and a diverged.json the paper-claim
     table reads (a diverged run is a result, not an interrupted one); the last checkpoint stays. With

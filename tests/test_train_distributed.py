@@ -38,6 +38,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two gloo ranks training PNASNet-A: about 20 s
 def test_two_cpu_ranks_agree_and_only_rank0_writes(tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -90,6 +91,7 @@ ON_MAIN_FAILS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two gloo ranks: about 14 s
 def test_a_plain_error_on_rank0_stops_every_rank(tmp_path: Path) -> None:
     # Rank 0 alone writes files; a full disk there must end the other ranks too, not leave them waiting.
     driver = tmp_path / "on_main.py"

@@ -110,6 +110,7 @@ def _image_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:
     return root
 
 
+@pytest.mark.slow  # trains and evaluates an ImageNet ResNet-18: about 8 s
 def test_an_imagenet_topology_trains_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``ndeconv train --arch resnet18d`` on a folder: main_imagenet.py's recipe is what the run records (its
     defaults, the eval crop 0.875 in the pretrained_cfg), and ``ndeconv eval`` of the run evaluates it."""

@@ -142,6 +142,7 @@ def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1] if stderr.strip() else ""
 
 
+@pytest.mark.slow  # the stopped fixture: two training subprocesses, about 30 s
 def test_sigterm_and_sigint_checkpoint_and_the_resumed_run_is_bit_exact(stopped: dict) -> None:
     run = stopped["run"]
     code, err = stopped["sigterm"]
@@ -170,6 +171,7 @@ def test_sigterm_and_sigint_checkpoint_and_the_resumed_run_is_bit_exact(stopped:
     assert (stopped["full"] / "steps.jsonl").read_text() == (run / "steps.jsonl").read_text()
 
 
+@pytest.mark.slow  # the stopped fixture
 def test_a_busy_run_directory_is_refused_naming_the_holder(stopped: dict) -> None:
     """While a training runs (here frozen mid-run), --resume or --force into its directory is refused in one
     line naming its pid, and nothing in the directory changes."""
@@ -181,6 +183,7 @@ def test_a_busy_run_directory_is_refused_naming_the_holder(stopped: dict) -> Non
     assert not (stopped["run"] / ".lock").exists()  # the run gave its lock back when it ended
 
 
+@pytest.mark.slow  # the stopped fixture
 def test_orphaned_temp_files_are_removed_on_resume_and_on_the_next_write(stopped: dict) -> None:
     run = stopped["run"]
     assert stopped["orphans_at_first_step"] == []  # removed as the resumed run started
@@ -189,6 +192,7 @@ def test_orphaned_temp_files_are_removed_on_resume_and_on_the_next_write(stopped
         assert (run / name).read_bytes() == b"keep", name
 
 
+@pytest.mark.slow  # the stopped fixture
 def test_first_steps_and_the_evaluation_are_logged_without_a_terminal(stopped: dict) -> None:
     code, err = stopped["full_log"]
     assert code == 0, err
@@ -235,6 +239,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # a training subprocess held mid-run: about 13 s
 def test_a_new_run_into_a_folder_another_process_holds_is_refused(tmp_path: Path) -> None:
     """Two trainings started into the same new --out both pass the empty-folder check: the lock tells them
     apart. The holder is another process taking the lock with the library's own function."""
@@ -326,6 +331,7 @@ def _mount_tmpfs(folder: Path, size: str) -> None:
     # The first checkpoint fits, the first epoch's weights beside it do not: the run resumes from the checkpoint.
     ("1m", "continue with `ndeconv train --resume {out}` (the last checkpoint is intact)"),
 ])
+@pytest.mark.slow  # a training subprocess on a tiny tmpfs per case: about 10 s each
 def test_a_full_disk_is_one_line(tmp_path: Path, size: str, then: str) -> None:
     """One line naming the folder instead of torch's double traceback; no temporary file left behind."""
     disk = tmp_path / "disk"
