@@ -18,6 +18,11 @@ class UsageError(NdeconvError):
     exit_code = 2
 
 
+class ChecksumError(NdeconvError):
+    """A weights file that its recorded sha256 does not vouch for: a mismatch, or a file that the SHA256SUMS of
+    its folder does not list (exit status 1). Never retried or explained as a format problem."""
+
+
 class Interrupted(NdeconvError):
     """A run stopped on request (SIGINT/SIGTERM) after saving what it needs to continue; the shell's exit status
     convention for the signal, 128 + its number (130 for SIGINT, 143 for SIGTERM)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
-from .errors import NdeconvError, UsageError, error_summary
+from .errors import ChecksumError, NdeconvError, UsageError, error_summary
 
 __all__ = [
     "CHECKSUMS_FILE",
@@ -30,6 +32,8 @@ __all__ = [
     "finite_json",
     "folder_not_file",
     "load_safetensors",
+    "load_torch_file",
+    "read_verified",
     "save_json_atomic",
     "save_safetensors_atomic",
     "verify_checksums_beside",
@@ -148,44 +152,126 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+# What a ``SHA256SUMS`` line holds (sha256sum's format): the hex digest, a space, a mode character (' ' text,
+# '*' binary) and the file name, which may hold spaces.
+_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(.+)")
+# A Hugging Face cache blob of a file stored with Git LFS (every weights file) is named by its own sha256
+# (``models--ORG--NAME/blobs/<sha256>``): the cache itself records what the file must hash to.
+_HF_LFS_BLOB = re.compile(r"[0-9a-f]{64}")
+
+
 def _recorded_sha256(sums: Path, name: str) -> str | None:
+    """The sha256 ``sums`` records for ``name`` (the last line that names it), or None when it has no line for it.
+    A SHA256SUMS that cannot be read as text is one ChecksumError naming it."""
+    try:
+        text = sums.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ChecksumError(f"{sums}: not a sha256sum file (not UTF-8 text), so the weights beside it cannot be "
+                            f"verified; re-create it (sha256sum FILE > {sums.name})") from err
+    except OSError as err:
+        raise ChecksumError(f"{sums}: cannot read it ({err.strerror or err}), so the weights beside it cannot be "
+                            "verified; make it readable") from err
     expected = None
-    for line in sums.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("*") == name:
-            expected = parts[0].lower()
+    for line in text.splitlines():
+        found = _SUMS_LINE.fullmatch(line.strip())
+        if found and found.group(2).rstrip().removeprefix("./") == name:
+            expected = found.group(1).lower()
     return expected
 
 
-def verify_checksums_beside(path: str | os.PathLike, required: bool = False) -> bool:
-    """Check ``path`` against every ``SHA256SUMS`` beside it, beside the file a symlink points to first (a
-    shipped folder), then beside the link itself (a Hugging Face cache snapshot, whose files link to blobs).
+def _hf_cache_repo(resolved: Path) -> tuple[Path, str] | None:
+    """The repo folder and ``ORG/NAME`` of a Hugging Face cache blob stored with Git LFS, or None for any other
+    file."""
+    repo_dir = resolved.parent.parent
+    if resolved.parent.name != "blobs" or not _HF_LFS_BLOB.fullmatch(resolved.name):
+        return None
+    kind, _, repo = repo_dir.name.partition("--")
+    if kind not in ("models", "datasets", "spaces") or "--" not in repo:
+        return None
+    return repo_dir, repo.replace("--", "/", 1)
 
-    Returns whether a checksum was checked. A mismatch raises NdeconvError naming the file and both hashes; so
-    does ``required`` (a shipped file) when no SHA256SUMS records the file.
-    """
-    path = Path(path)
+
+def _checksum_records(path: Path, required: bool) -> list[tuple[str, str]]:
+    """Every record of the sha256 the file at ``path`` must have, as ``(where it is recorded, sha256)``.
+
+    The records are those of the path the bytes are read from: a ``SHA256SUMS`` beside the file a symlink points
+    to (a shipped folder), one beside the link itself (a user's folder, a Hugging Face snapshot, whose files link
+    to blobs), and the name of a Hugging Face cache blob (its LFS sha256). A folder that carries a SHA256SUMS
+    loads only the files it lists: one that does not list the file is a ChecksumError, as is ``required`` (a
+    shipped file) with no record at all."""
     resolved = path.resolve()
-    checked, seen = False, set()
+    records: list[tuple[str, str]] = []
+    seen: set[tuple[Path, str]] = set()
     for sums, name in ((resolved.parent / CHECKSUMS_FILE, resolved.name), (path.parent / CHECKSUMS_FILE, path.name)):
-        if (sums.resolve(), name) in seen or not sums.is_file():
+        if not sums.is_file() or (sums.resolve(), name) in seen:
             continue
         seen.add((sums.resolve(), name))
         expected = _recorded_sha256(sums, name)
         if expected is None:
-            if required:
-                raise NdeconvError(f"{sums}: has no entry for {name}; re-create the folder with "
-                                   "ndeconv.zoo._pretrained.ship_weights")
+            raise ChecksumError(
+                f"{path}: not listed in {sums}, and a folder with a {CHECKSUMS_FILE} loads only the files it "
+                f"lists and that match; load a file it lists, or add this file's line to it (cd {sums.parent} && "
+                f"sha256sum {name} >> {sums.name}) if you trust the file")
+        records.append((str(sums), expected))
+    blob = _hf_cache_repo(resolved)
+    if blob is not None:
+        records.append((f"its Hugging Face cache blob name ({resolved})", resolved.name))
+    if required and not records:
+        raise ChecksumError(f"{path}: no {CHECKSUMS_FILE} beside it, so the file cannot be verified; "
+                            "re-create the folder with zoo._pretrained.ship_weights")
+    return records
+
+
+def _check_sha256(path: Path, actual: str, records: list[tuple[str, str]]) -> None:
+    for where, expected in records:
+        if actual == expected:
             continue
-        actual = file_sha256(resolved)
-        if actual != expected:
-            raise NdeconvError(f"{path}: sha256 {actual} does not match {expected} recorded in {sums}; the file "
-                               "is corrupt or was replaced: restore it (e.g. git checkout) or re-download it")
-        checked = True
-    if required and not checked:
-        raise NdeconvError(f"{path}: no {CHECKSUMS_FILE} beside it, so the file cannot be verified; "
-                           "re-create the folder with zoo._pretrained.ship_weights")
-    return checked
+        blob = _hf_cache_repo(path.resolve())
+        if blob is not None:
+            fix = (f"the cached copy is corrupt or was replaced: delete {blob[0]} and download it again "
+                   f"(`hf download {blob[1]}`)")
+        else:
+            fix = "the file is corrupt or was replaced: restore it (e.g. git checkout) or re-download it"
+        raise ChecksumError(f"{path}: sha256 {actual} does not match {expected} recorded in {where}; {fix}")
+
+
+def verify_checksums_beside(path: str | os.PathLike, required: bool = False) -> bool:
+    """Check the file at ``path`` against every record of its sha256 (see ``_checksum_records``: a SHA256SUMS
+    beside it or beside the file a symlink points to, a Hugging Face blob's name) without loading it.
+
+    Returns whether a checksum was checked. A mismatch raises NdeconvError naming the file and both hashes; so
+    do a SHA256SUMS that does not list the file and ``required`` (a shipped file) with no record of it. A loader
+    uses ``read_verified`` instead, which checks the very bytes it returns.
+    """
+    path = Path(path)
+    records = _checksum_records(path, required)
+    if records:
+        _check_sha256(path, file_sha256(path), records)
+    return bool(records)
+
+
+def read_verified(path: str | os.PathLike, required: bool = False) -> bytes:
+    """The bytes of the weights file at ``path``, read once and checked against every record of their sha256
+    (``verify_checksums_beside``'s): the bytes hashed are the bytes returned, so a file swapped or rewritten
+    between the check and the load cannot get through. Every weights loader reads through this function.
+
+    Raises UsageError for a folder or a missing file and NdeconvError for a mismatch, a SHA256SUMS beside it that
+    does not list it, or ``required`` (a shipped file) without a record."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(folder_not_file(path))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as err:
+        raise UsageError(f"{path}: no such file") from err
+    except OSError as err:
+        raise NdeconvError(f"{path}: cannot read it ({err.strerror or err}); check the file and its "
+                           "permissions") from err
+    records = _checksum_records(path, required)
+    if records:
+        _check_sha256(path, hashlib.sha256(data).hexdigest(), records)
+    return data
 
 
 # -- reading weights -------------------------------------------------------------------------------------------
@@ -216,22 +302,21 @@ def check_loadable_weights(state_dict: dict[str, Any], expected: dict[str, torch
                                "retrain")
 
 
-def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+def load_safetensors(path: str | os.PathLike, device: str = "cpu", required: bool = False) -> dict[str, torch.Tensor]:
     """Load a safetensors state_dict, turning a missing, truncated or foreign file into one clear error.
 
-    A ``SHA256SUMS`` beside the file (a shipped or Hub folder) is checked first."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(folder_not_file(path))
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    verify_checksums_beside(path)
+    The file is read once (``read_verified``: checked against a ``SHA256SUMS`` beside it, a Hugging Face blob's
+    name) and those bytes are deserialized; ``required``: a shipped file, whose SHA256SUMS must list it."""
+    data = read_verified(path, required)
     try:
-        return load_file(str(path), device=device)
+        state = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise NdeconvError(
             f"{path}: not a readable safetensors file ({err}); it may be truncated or in another format"
         ) from err
+    finally:
+        del data  # the tensors hold copies: free the file's bytes before anything moves them
+    return state if device == "cpu" else {k: v.to(device) for k, v in state.items()}
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".pt", ".bin")
@@ -254,22 +339,19 @@ def folder_not_file(path: Path) -> str:
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
-def load_torch_file(path: str | os.PathLike) -> Any:
+def load_torch_file(path: str | os.PathLike, required: bool = False) -> Any:
     """The one weights-only reader of torch files: ``torch.load(weights_only=True)`` (tensors, numbers, strings,
-    containers and argparse Namespaces; never code), after the SHA256SUMS beside it if there is one.
+    containers and argparse Namespaces; never code) of the bytes ``read_verified`` read and checked against a
+    SHA256SUMS beside the file, if any (``required``: a shipped file, whose SHA256SUMS must list it).
 
     A pickle that needs anything else, a damaged file or one in another format is one NdeconvError naming the
     file and the fix, never torch's advice to retry with ``weights_only=False`` (that would run the file's code).
     """
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(folder_not_file(path))
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    verify_checksums_beside(path)
+    data = read_verified(path, required)
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found is None:  # not a pickle at all (or a damaged one)

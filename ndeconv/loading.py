@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
+from .errors import UNPICKLE_ERRORS, ChecksumError, NdeconvError, UsageError, error_summary
 
 __all__ = [
     "LoadedCheckpoint",
@@ -74,6 +74,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     else:
         try:
             state = load_torch_file(path)
+        except ChecksumError:
+            raise  # the file is not the one recorded: no other format would help
         except NdeconvError as err:
             raise UsageError(f"{err}; or use a safetensors file") from err
         if isinstance(state, dict) and isinstance(state.get("arch"), str):

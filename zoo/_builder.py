@@ -94,8 +94,9 @@ def create_zoo_model(
         kwargs.setdefault("feature_cfg", dict(feature_cls="hook", no_rewrite=True, out_indices=feature_indices))
     kwargs.setdefault("pretrained_filter_fn", zoo_filter_fn)
     apply_tag_model_args(variant, kwargs)
-    kwargs = prepare_pretrained(variant, pretrained, kwargs)
     if not pretrained:
+        kwargs = prepare_pretrained(variant, pretrained, kwargs)
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    with pretrained_errors(variant, kwargs):
+    with pretrained_errors(variant, kwargs):  # finding and reading the weights included
+        kwargs = prepare_pretrained(variant, pretrained, kwargs)
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)

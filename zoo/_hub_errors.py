@@ -13,11 +13,14 @@ from timm.models._builder import _resolve_pretrained_source
 
 from ndeconv.errors import UNPICKLE_ERRORS, NdeconvError, UsageError, error_summary
 
-from ._pretrained import _label, _shipped_source, missing_weights_line
+from ._pretrained import _label, _shipped_source, missing_weights_line, verified_source
 
 __all__ = ["hub_lookup_failure", "pretrained_errors"]
 
 def _describe_source(cfg: Any) -> str:
+    verified = verified_source(cfg.to_dict())
+    if verified is not None:  # the file read and verified before timm was given its tensors
+        return verified
     load_from, loc = _resolve_pretrained_source(cfg.to_dict())
     if load_from == "state_dict":
         return "an in-memory state_dict"

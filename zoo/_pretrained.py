@@ -7,28 +7,32 @@ Layout of shipped weights (one folder per ``<model>.<tag>``, the folder a ``loca
         config.json         timm's Hub config (architecture, num_classes, model_args, pretrained_cfg)
         SHA256SUMS          ``<sha256>  model.safetensors`` (sha256sum format), checked before every load
 
-``ship_weights`` writes all three atomically. ``pretrained=True`` for a registered tag loads the shipped file
-through timm's own ``file`` source after its sha256 matched; a file that is missing, has no recorded checksum or
-does not match is refused with one clear error. ``hf-hub:``, ``local-dir:`` and
-``pretrained_cfg_overlay=dict(file=...)`` go through timm unchanged, with the same clear errors.
+``ship_weights`` writes all three atomically. On every route (a registered tag's shipped file, its Hub copy,
+``hf-hub:``, ``local-dir:``, ``pretrained_cfg_overlay=dict(file=...)``) ``pretrained_weights_file`` names the file
+timm would read, ``read_pretrained_state`` reads it once, checks those bytes (``ndeconv.io.read_verified``: the
+SHA256SUMS beside that very file, which must list it, or a Hugging Face blob's name) and deserializes them, and
+timm is handed the tensors (``VerifiedWeights``): it never reads a weights file itself. A file that is missing,
+unlisted, without the checksum a shipped file needs, or that does not match is refused with one clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
+from torch import nn
 
 from ndeconv.datasets import FASHION_MNIST_LABELS
-from ndeconv.errors import NdeconvError, UsageError
-from ndeconv.io import (
-    verify_checksums_beside,
-)
+from ndeconv.errors import ChecksumError, NdeconvError, UsageError
 
 from ._stem import _fit_in_chans, _names, _with_channels, default_in_chans
 
@@ -135,6 +139,8 @@ def _shipped_source(cfg: Any) -> Path | None:
     """The shipped weights folder's file for a registry cfg that names a zoo weight set, else None."""
     if not (cfg.architecture and cfg.tag and cfg.hf_hub_id == shipped_hub_id(cfg.architecture, cfg.tag)):
         return None
+    if cfg.source in ("hf-hub", "local-dir"):
+        return None  # the user named a Hub repo or a folder (hf-hub:, local-dir:): timm reads that, not our copy
     if cfg.file is not None or cfg.url is not None or cfg.state_dict is not None:
         return None  # an overlay named its own source (file='' too: it switches the shipped file off)
     return shipped_weights_path(cfg.architecture, cfg.tag)
@@ -190,6 +196,161 @@ def _peek_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
                            "or in another format: only safetensors is loaded, nothing is unpickled (save a "
                            "state_dict with safetensors.torch.save_file; the authors' checkpoints convert with "
                            "`ndeconv convert-reference`)") from err
+
+
+# -- the one reader of pretrained weights ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """The file whose bytes a pretrained model's weights come from, and how it is named in errors."""
+
+    path: Path  # as it is read: a Hub cache snapshot's link, a folder's file, a shipped file
+    kind: str  # "file" (shipped or a user's file), "local-dir" or "hf-hub": timm's name for the route
+    where: str  # the route as errors name it: "file PATH", "hf-hub ORG/NAME", "local-dir FOLDER"
+    shipped: bool = False  # a shipped file: its SHA256SUMS must list it
+
+
+def _hub_weights_file(loc: str | tuple[str, str], cache_dir: str | Path | None = None) -> Path:
+    """The file of a Hub repo that timm's ``load_state_dict_from_hf`` reads (model.safetensors before
+    pytorch_model.bin, or the ``hf_hub_filename`` asked for), from the cache or downloaded as timm would."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, filename = (loc, "pytorch_model.bin") if isinstance(loc, str) else loc
+    repo_id, _, revision = repo.partition("@")
+    names = [filename]
+    if filename.endswith(".bin"):  # timm's safe alternative (_get_safe_alternatives), tried first
+        names.insert(0, "model.safetensors" if filename == "pytorch_model.bin" else f"{filename[:-4]}.safetensors")
+    for name in names[:-1]:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache_dir))
+        except EntryNotFoundError:  # no safetensors in the repo (offline: not cached): the next name, as timm
+            continue
+    return Path(hf_hub_download(repo_id, names[-1], revision=revision or None, cache_dir=cache_dir))
+
+
+def pretrained_weights_file(variant: str, cfg: Any, cache_dir: str | Path | None = None) -> WeightsSource | None:
+    """The file ``timm.create_model(..., pretrained=True)`` takes ``cfg``'s weights from, on every route: a
+    registered tag's shipped file (in ``WEIGHTS_DIR``, which ``NDECONV_WEIGHTS`` names) or, without one, its Hub
+    copy; ``pretrained_cfg_overlay=dict(file=...)``; ``local-dir:`` (the file timm's folder loader picks);
+    ``hf-hub:`` (the cache snapshot's file, downloaded first where there is a connection, as timm does).
+
+    None where no file is read: an in-memory ``state_dict``, or a URL (no zoo weights are served from one)."""
+    shipped_file = _shipped_source(cfg)
+    if shipped_file is not None and shipped_file.is_file():
+        return WeightsSource(shipped_file, "file", f"file {shipped_file}", shipped=True)
+    load_from, loc = _resolve_pretrained_source(cfg.to_dict())
+    if load_from == "hf-hub":
+        if shipped_file is not None:  # this install lacks the tag's folder (a pip install): its Hub copy
+            from huggingface_hub import constants
+
+            if _cached_hub_weights(loc) is None and constants.HF_HUB_OFFLINE:
+                raise UsageError(missing_weights_line(_label(variant, cfg), shipped_file.parent, cfg.hf_hub_id))
+        where = f"hf-hub {loc if isinstance(loc, str) else '/'.join(loc)}"
+        return WeightsSource(_hub_weights_file(loc, cache_dir), "hf-hub", where)
+    if load_from == "local-dir":
+        path = local_dir_weights(Path(loc))
+        if path is None:
+            raise UsageError(f"{_label(variant, cfg)}: no weights file in {loc}; local-dir: takes a folder in timm's "
+                             "Hub layout (config.json and model.safetensors)")
+        return WeightsSource(path, "local-dir", f"local-dir {loc}", path.resolve().is_relative_to(WEIGHTS_DIR))
+    if load_from != "file":
+        return None
+    path = Path(loc)
+    shipped = path.resolve().is_relative_to(WEIGHTS_DIR)
+    if not path.is_file():
+        where = "shipped weights" if shipped else "weights file"
+        hint = (f"no weights are shipped for it yet; train them (`ndeconv train --arch {variant}`) and load "
+                "them with pretrained_cfg_overlay=dict(file=...)" if shipped else "check the path")
+        raise NdeconvError(f"{_label(variant, cfg)}: no pretrained weights: looked for {where} at {path}; {hint}")
+    return WeightsSource(path, "file", f"file {path}", shipped)
+
+
+def read_pretrained_state(source: WeightsSource) -> dict[str, torch.Tensor]:
+    """The state_dict in ``source``'s file, read once and verified (``ndeconv.io.read_verified``: the SHA256SUMS
+    beside the file read, a Hugging Face blob's name; a folder's SHA256SUMS must list it) before anything of it
+    is deserialized, and never unpickled: safetensors, or a torch file read weights-only from a Hub repo or a
+    ``local-dir:`` folder (the entries timm's loaders take: EMA weights first, ``module.`` prefixes stripped)."""
+    from timm.models import clean_state_dict
+
+    from ndeconv.io import load_safetensors, load_torch_file
+
+    if source.kind == "file" or source.path.name.endswith(".safetensors"):
+        try:
+            return load_safetensors(source.path, required=source.shipped)
+        except ChecksumError:
+            raise
+        except NdeconvError as err:
+            if source.kind != "file":
+                raise
+            # A file named by pretrained_cfg_overlay is taken as safetensors whatever its suffix.
+            raise NdeconvError(f"{err}; only safetensors is loaded, nothing is unpickled (save a state_dict with "
+                               "safetensors.torch.save_file; the authors' checkpoints convert with `ndeconv "
+                               "convert-reference`)") from err
+    checkpoint = load_torch_file(source.path, required=source.shipped)
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise NdeconvError(f"{source.path}: holds no state_dict of tensors; save the model's state_dict")
+    return clean_state_dict(checkpoint)
+
+
+# timm deep-copies its pretrained_cfg (dataclasses.asdict) before loading: verified tensors placed there would
+# be copied whole (a second for 90 MB). timm is given a one-entry stand-in instead, which takes its
+# highest-priority ``state_dict`` route, and ``VerifiedWeights`` (the filter it calls first) swaps it for them.
+_STAND_IN = "ndeconv.verified_weights"
+
+
+class VerifiedWeights:
+    """The ``pretrained_filter_fn`` that gives timm the tensors ``read_pretrained_state`` read and verified, in
+    place of the stand-in ``overlay`` puts in the pretrained_cfg, then applies the model's own filter to them.
+    It also puts the cfg's source fields back, so the model's pretrained_cfg names where its weights came from."""
+
+    def __init__(self, state: dict[str, torch.Tensor], source: WeightsSource, cfg: Any,
+                 filter_fn: Callable[..., dict[str, torch.Tensor]] | None) -> None:
+        self.state, self.source, self.filter_fn = state, source, filter_fn
+        self.restore = {"source": cfg.source, "state_dict": cfg.state_dict}
+
+    @staticmethod
+    def overlay(source: WeightsSource) -> dict[str, Any]:
+        """The pretrained_cfg fields that route timm to the stand-in (a Hub or folder ``source`` would win)."""
+        return {"source": None, "state_dict": {_STAND_IN: source.where}}
+
+    def __call__(self, state_dict: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        if _STAND_IN not in state_dict:  # not timm's state_dict route: never load anything but verified tensors
+            raise NdeconvError(f"{self.source.path}: timm did not load the verified weights; this timm version "
+                               "routes pretrained weights differently: report it with `pip show timm`")
+        cfg = getattr(model, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and _STAND_IN in (cfg.get("state_dict") or {}):
+            cfg.update(self.restore)
+        if self.filter_fn is None:
+            return dict(self.state)
+        return self.filter_fn(self.state, model) if model is not None else self.filter_fn(self.state)
+
+
+def verified_source(cfg: dict[str, Any]) -> str | None:
+    """How errors name the weights a pretrained_cfg dict was routed to by ``VerifiedWeights``, else None."""
+    stand_in = cfg.get("state_dict")
+    return stand_in.get(_STAND_IN) if isinstance(stand_in, dict) else None
+
+
+@contextlib.contextmanager
+def _read_errors(variant: str, cfg: Any, source: WeightsSource | None = None) -> Iterator[None]:
+    """The reader's failures (a checksum, a damaged file) as one line naming the model, the route and the file;
+    the Hub's and timm's are turned into one line by ``pretrained_errors`` around the whole build
+    (``create_zoo_model``), which this module cannot import: that module reads this one."""
+    label = _label(variant, cfg)
+    try:
+        yield
+    except NdeconvError as err:
+        if str(err).startswith(label):
+            raise
+        route = f" from {source.kind}" if source is not None else ""
+        raise type(err)(f"{label}: cannot load pretrained weights{route}: {err}") from err
 
 
 # -- build-time preparation ------------------------------------------------------------------------------------
@@ -265,54 +426,31 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
         # pretrained_cfg is the default tag's, as for any timm model; another in_chans gets a cfg describing it.
         return _fit_in_chans(cfg, kwargs, user_input_size)
 
-    shipped_file = _shipped_source(cfg)
-    if shipped_file is not None:
-        if shipped_file.is_file():
-            verify_checksums_beside(shipped_file, required=True)  # a shipped file always has its SHA256SUMS
-            overlay["file"] = str(shipped_file)
-            kwargs["pretrained_cfg_overlay"] = overlay
-            return _fit_in_chans(cfg, kwargs, user_input_size)
-        # This install lacks the tag's folder (a pip install: the wheel carries no weights): its Hub copy.
-        from huggingface_hub import constants
-
-        cached = _cached_hub_weights(cfg.hf_hub_id)
-        if cached is None and constants.HF_HUB_OFFLINE:
-            raise UsageError(missing_weights_line(_label(variant, cfg), shipped_file.parent, cfg.hf_hub_id))
-        if cached is not None:
-            verify_checksums_beside(cached)
-        return _fit_in_chans(cfg, kwargs, user_input_size)  # timm reads hf_hub_id: cached, or downloaded
-
-    load_from, loc = _resolve_pretrained_source(cfg.to_dict())
-    if load_from in ("local-dir", "hf-hub"):
-        # timm reads these files itself: check the one it will read against a SHA256SUMS beside it first.
-        weights = local_dir_weights(Path(loc)) if load_from == "local-dir" else _cached_hub_weights(loc)
-        if weights is not None:
-            verify_checksums_beside(weights, required=weights.resolve().is_relative_to(WEIGHTS_DIR))
+    with _read_errors(variant, cfg):
+        source = pretrained_weights_file(variant, cfg, kwargs.get("cache_dir"))
+    if source is not None:
+        with _read_errors(variant, cfg, source):
+            state = read_pretrained_state(source)
+    if source is None:  # an in-memory state_dict, or a URL: timm reads it (no zoo weights come from either)
+        kwargs["pretrained_cfg_overlay"] = overlay
         return _fit_in_chans(cfg, kwargs, user_input_size)
-    if load_from != "file":
-        return _fit_in_chans(cfg, kwargs, user_input_size)
-    path = Path(loc)
-    shipped = path.resolve().is_relative_to(WEIGHTS_DIR)
-    if not path.is_file():
-        where = "shipped weights" if shipped else "weights file"
-        hint = (f"no weights are shipped for it yet; train them (`ndeconv train --arch {variant}`) and load "
-                "them with pretrained_cfg_overlay=dict(file=...)" if shipped else "check the path")
-        raise NdeconvError(f"{_label(variant, cfg)}: no pretrained weights: looked for {where} at {path}; {hint}")
-    if shipped:
-        verify_checksums_beside(path, required=True)  # a shipped file always has its SHA256SUMS
-    else:
-        verify_checksums_beside(path)  # a user's copy of a shipped or Hub folder carries its SHA256SUMS along
+    # timm loads these tensors, not the file again: the bytes checked are the bytes loaded.
+    kwargs["pretrained_filter_fn"] = VerifiedWeights(state, source, cfg, kwargs.get("pretrained_filter_fn"))
+    overlay.update(VerifiedWeights.overlay(source))
+    if source.kind == "file":
+        overlay["file"] = str(source.path)  # the model's pretrained_cfg names the file its weights came from
+    if source.kind == "file" and not source.shipped:
         # A user's file: the model takes the channels and classes of the weights (unless asked for others), and
         # the normalisation recorded beside them.
         first = [f"{n}.weight" for n in _names(cfg.first_conv)]
         head = [f"{n}.weight" for n in _names(cfg.classifier)]
-        shapes = _peek_shapes(path, first + head)
+        shapes = {n: tuple(state[n].shape) for n in first + head if n in state}
         source_chans = cfg.input_size[0]
         if first and first[0] in shapes and len(shapes[first[0]]) == 4:
             source_chans = shapes[first[0]][1]  # no zoo stem is grouped: weight.shape[1] is the input channels
         if not user_input_size:
             data = {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
-            data.update(_sidecar_data(path, cfg.architecture, source_chans))
+            data.update(_sidecar_data(source.path, cfg.architecture, source_chans))
             overlay.update({k: v for k, v in data.items() if k not in overlay})
             if source_chans != overlay["input_size"][0]:
                 overlay.update(_with_channels(data, source_chans))
