@@ -33,6 +33,7 @@ from torch import nn
 
 from ndeconv.errors import NdeconvError
 from ndeconv.io import check_output_path
+from ndeconv.onnx_defaults import DEFAULT_OPSET, MIN_OPSET, REL_TOLERANCE
 
 from ._inputs import fashion_mnist_batch, random_batch
 from .fold import (
@@ -64,9 +65,6 @@ __all__ = [
     "weights_config",
 ]
 
-# torch.onnx.export(dynamo=True) writes opset 18 and later: asked for less, it silently falls back to 18.
-MIN_OPSET = 18
-DEFAULT_OPSET = 20
 
 
 def _max_opset() -> int:
@@ -96,7 +94,6 @@ ALLOWED_OPS = frozenset({
 _WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op -> index of its weight input
 # onnx's protobuf limit is 2 GiB; leave room for the graph.
 _SINGLE_FILE_LIMIT = 1_800_000_000
-REL_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 # The metadata_props of every export, in the order written; those marked "when known" are left out when the

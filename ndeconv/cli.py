@@ -18,7 +18,11 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``ndeconv`` parser. ``only``: the command line's subcommand (e.g. ``fold``), the one whose full parser
+    is built; the others get their help line only, so printing usage imports what that one command's options
+    need and nothing else (torch, timm and the zoo load when a command runs). ``""``: help lines only; None:
+    every subcommand in full."""
     from ._version import __version__
 
     parser = argparse.ArgumentParser(
@@ -28,12 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ndeconv {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"ndeconv.commands.{name}").register(subparsers)
+        module = importlib.import_module(f"ndeconv.commands.{name}")  # each module's top imports nothing heavy
+        if only is None or only == _command_name(name):
+            module.register(subparsers)
+        else:
+            subparsers.add_parser(_command_name(name), help=module.HELP)
     return parser
 
 
+def _command_name(module: str) -> str:
+    return module.replace("_", "-")
+
+
+def _subcommand(argv: Sequence[str]) -> str:
+    """The subcommand ``argv`` names, "" for none: the first word that is not an option (the top-level parser has
+    no option that takes a value)."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            return arg
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_subcommand(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from ndeconv.errors import UsageError
 
 # The authors' main.py ``--arch`` values -> zoo model names (their checkpoints record these).
@@ -76,6 +78,34 @@ def resolve_model_name(name: str, zoo_models: list[str], what: str = "model") ->
         return REFERENCE_ARCHS[name]
     if name in SEGMENTATION_BASELINE_ARCHS.values():  # a segmentation model: its builder is not a timm model
         return name
+    close = closest_names(name, [*zoo_models, *REFERENCE_ARCHS, *SEGMENTATION_BASELINE_ARCHS.values()])
+    if close:  # a typo: the few names meant, not all 56
+        guess = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+        raise UsageError(f"unknown {what} {name!r}; did you mean {guess}? (`ndeconv list` lists every model)")
     bare = ", ".join(m.removesuffix("_deconv") for m in zoo_models)
     raise UsageError(f"unknown {what} {name!r}; choose one of: {bare} (the _deconv suffix is optional; the "
                      f"authors' --arch names {', '.join(REFERENCE_ARCHS)} work too)")
+
+
+def closest_names(name: str, choices: list[str], n: int = 3) -> list[str]:
+    """The zoo names closest to a mistyped ``name`` (difflib's ratio of at least 0.75), best first, at most
+    ``n`` and only those nearly as close as the best. Names are compared with and without the ``_deconv`` suffix
+    (the higher ratio counts), so ``resnt18`` finds ``resnet18_deconv`` although the suffix alone halves the
+    ratio; an authors' name among ``choices`` (``resnet``) is given as the zoo name it stands for."""
+    typed = name.lower()
+    scores: dict[str, float] = {}
+    for choice in choices:
+        target = REFERENCE_ARCHS.get(choice, choice)
+        low = choice.lower()
+        ratio = max(difflib.SequenceMatcher(None, typed, low).ratio(),
+                    difflib.SequenceMatcher(None, typed.removesuffix("_deconv"), low.removesuffix("_deconv")).ratio())
+        # 0.75, not difflib's 0.6: a typo (resnt18, vgg23) scores 0.8 and more, while another model's name
+        # (lenet5 against the authors' senet: 0.73) is no typo of ours and gets the full list instead.
+        if ratio >= 0.75 and ratio > scores.get(target, 0.0):
+            scores[target] = ratio
+    if not scores:
+        return []
+    best = max(scores.values())
+    # A clear winner alone: "resnt18" is resnet18, not also resnext29 (0.1: about one character of a short name).
+    near = [c for c in scores if scores[c] >= best - 0.1]
+    return sorted(near, key=lambda c: (-scores[c], c))[:n]

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import UsageError
 from ..loading import load_model
 
-__all__ = ["ModelSource", "add_model_source_arguments", "load_model_source"]
+__all__ = ["ModelSource", "load_model_source"]
 
 
 @dataclass
@@ -25,18 +25,6 @@ class ModelSource:
     model: nn.Module
     description: dict[str, Any] = field(default_factory=dict)  # recorded in what the command writes
     folded: bool = False  # already plain (a file written by ``ndeconv fold``)
-
-
-def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", metavar="MODEL[.TAG]",
-                        help="zoo model with its pretrained tag (e.g. resnet18_deconv.fashion_mnist), hf-hub:ORG/NAME, "
-                             "local-dir:FOLDER, or a run directory of `ndeconv train`")
-    parser.add_argument("--checkpoint", metavar="FILE",
-                        help="weights file instead of MODEL: safetensors, a torch state_dict, the authors' or timm's "
-                             "train.py checkpoint (model_best.pth.tar), or a folded file")
-    parser.add_argument("--arch", metavar="NAME", help="zoo architecture of --checkpoint (default: its config.json)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="build MODEL untrained instead of loading its weights (to try the tooling)")
 
 
 def load_model_source(args: argparse.Namespace) -> ModelSource:

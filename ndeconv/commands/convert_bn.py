@@ -13,10 +13,13 @@ import argparse
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "convert a trained BatchNorm network into deconvolution, exactly (transfer learning)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert-bn", help="convert a trained BatchNorm network into deconvolution, exactly (transfer learning)",
+        "convert-bn", help=HELP,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="MODEL_OR_CHECKPOINT",

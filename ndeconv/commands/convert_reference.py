@@ -11,6 +11,9 @@ import argparse
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "convert a checkpoint of the authors' main.py to a zoo safetensors file"
+
 
 def _run(args: argparse.Namespace) -> int:
     from ndeconv.convert.reference import convert_reference
@@ -26,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "convert-reference", help="convert a checkpoint of the authors' main.py to a zoo safetensors file",
+        "convert-reference", help=HELP,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by the reference main.py (.pth.tar)")

@@ -8,13 +8,16 @@ import json
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "evaluate a model on a dataset's test split (top-1, top-5, loss)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from .train import deconv_form
 
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model on a dataset's test split (top-1, top-5, loss)",
+        help=HELP,
         description="Evaluate MODEL (a zoo name with its pretrained tag, e.g. resnet18_deconv.fashion_mnist, an "
         "hf-hub:/local-dir: name, or a run directory of `ndeconv train`) or --checkpoint FILE (safetensors, or a "
         "torch checkpoint read weights-only) on the test split of --dataset. MODEL may also be an .onnx file (from "

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from ._model_source import add_model_source_arguments, load_model_source
+from ._model_args import add_model_source_arguments
 from ._warnings import warnings_to_stderr
 
 __all__ = ["add_input_size_argument", "input_size_for", "register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "fold a model and export it to ONNX (verified with onnxruntime)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ndeconv.convert.export import DEFAULT_OPSET, REL_TOLERANCE
+    from ndeconv.onnx_defaults import DEFAULT_OPSET, REL_TOLERANCE
 
     p = subparsers.add_parser(
         "export",
-        help="fold a model and export it to ONNX (verified with onnxruntime)",
+        help=HELP,
         description="Fold MODEL[.TAG] (or --checkpoint FILE --arch NAME, or folded weights from `ndeconv fold`) and "
         "export it with torch's dynamo exporter to one self-contained .onnx file, batch axis dynamic unless "
         "--static-batch. --verify (default) runs onnx.checker (full check), checks the graph holds only plain "
@@ -91,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--opset {args.opset}: choose an ONNX opset from {MIN_OPSET} to {MAX_OPSET} (what the "
                          "installed torch exporter writes), such as 18 or 20")
     output = check_output_path(args.output, args.force)  # fail before any work
+    from ._model_source import load_model_source  # torch and the loader: only when the command runs
+
     source = load_model_source(args)
     input_size = input_size_for(source.model, args.input_size, square=True)
     with warnings_to_stderr("export", FoldWarning):
@@ -126,3 +131,4 @@ def _source_config(source) -> dict:  # noqa: ANN001 - a ModelSource
     if where is None:
         where = (getattr(source.model, "pretrained_cfg", None) or {}).get("file")
     return weights_config(where)
+

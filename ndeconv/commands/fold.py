@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from ._model_source import add_model_source_arguments, load_model_source
+from ._model_args import add_model_source_arguments
 from ._warnings import warnings_to_stderr
 from .export import add_input_size_argument, input_size_for
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "fold the whitening into plain conv/linear weights for inference"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fold",
-        help="fold the whitening into plain conv/linear weights for inference",
+        help=HELP,
         description="Fold MODEL[.TAG] (or --checkpoint FILE --arch NAME) into a plain network: every FastDeconv "
         "becomes a Conv2d, every Delinear a Linear, every ChannelDeconv a 1x1 Conv2d (a Linear on pooled features), "
         "and each BatchNorm directly after a conv is fused into it (unless --keep-batchnorm). Writes the weights "
@@ -45,6 +48,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output}: folded weights are written as safetensors; name the file *.safetensors")
     output = check_output_path(args.output, args.force)  # fail before any work
     check_folded_config_path(output, args.force)
+    from ._model_source import load_model_source  # torch and the loader: only when the command runs
+
     source = load_model_source(args)
     if source.folded:
         raise UsageError(f"{args.checkpoint} is already folded; nothing to do")
@@ -69,3 +74,4 @@ def _example_input(model, input_size: tuple[int, ...] | None):  # noqa: ANN001, 
     param = next(model.parameters())
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return x.to(device=param.device, dtype=param.dtype)
+

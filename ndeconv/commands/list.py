@@ -10,6 +10,9 @@ import json
 
 __all__ = ["GROUPS", "authors_names", "register", "zoo_table"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "list the zoo's models, parameters and pretrained weights"
+
 
 # The zoo's groups, in the order `ndeconv list` prints them: (key, heading, classes the parameters are counted for).
 GROUPS: tuple[tuple[str, str, int], ...] = (
@@ -101,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("list", help="list the zoo's models, parameters and pretrained weights",
+    parser = subparsers.add_parser("list", help=HELP,
                                    description=__doc__)
     parser.add_argument("pattern", nargs="?", default="*", help="shell pattern on model names (default: all)")
     parser.add_argument("--bn", action="store_true", help="count parameters of the BatchNorm baseline form")

@@ -10,6 +10,9 @@ from ..errors import UsageError
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "train a zoo model with network deconvolution or its BatchNorm baseline"
+
 
 def str2bool(value: str) -> bool:
     """The reference's ``--deconv True``/``--deconv false`` style of boolean flags."""
@@ -45,13 +48,13 @@ def _add(group: argparse._ArgumentGroup, flag: str, dest: str, default: object, 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..datasets import DATASETS
+    from ..dataset_specs import DATASETS
     from ..training.config import TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser(
         "train",
-        help="train a zoo model with network deconvolution or its BatchNorm baseline",
+        help=HELP,
         description="Train a zoo model as the paper's authors did (their main.py settings and defaults). With no "
         "arguments: ResNet-18 with network deconvolution on Fashion-MNIST for 20 epochs. Runs under "
         "`torchrun --nproc_per_node N -m ndeconv.cli train ...` data-parallel.",

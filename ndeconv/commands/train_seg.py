@@ -11,14 +11,17 @@ from .train import str2bool
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "train FCN / DeepLabV3 segmentation with network deconvolution or BatchNorm (the authors' set)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..training.segmentation import SegTrainConfig
+    from ..training.seg_config import SegTrainConfig
 
     d = SegTrainConfig()
     p = subparsers.add_parser(
         "train-seg",
-        help="train FCN / DeepLabV3 segmentation with network deconvolution or BatchNorm (the authors' set)",
+        help=HELP,
         description="Train a segmentation model as the authors' Segmentation/train.py does (their flags and "
         "defaults): SGD with the poly LR schedule, cross-entropy ignoring 255, mean IoU on the val split after each "
         "epoch. Cityscapes-layout folders (leftImg8bit/, gtFine/ labelIds mapped to the 19 trainIds) or VOC-layout "

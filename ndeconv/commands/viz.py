@@ -6,11 +6,14 @@ import argparse
 
 __all__ = ["register"]
 
+# The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+HELP = "draw the first layer's deconvolution kernels and a few whitened test images"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "viz",
-        help="draw the first layer's deconvolution kernels and a few whitened test images",
+        help=HELP,
         description="Draw the running whitening matrix of a model's first FastDeconv as kernels (the paper's "
         "center-surround receptive fields) and a few test images before and after whitening, as one PNG.",
     )

@@ -6,9 +6,10 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
+if TYPE_CHECKING:  # an annotation only: TrainConfig (ndeconv train --help) needs no torch
+    from torch import nn
 
 from ..errors import UsageError
 
