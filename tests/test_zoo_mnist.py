@@ -90,7 +90,9 @@ def test_timm_interface(name: str) -> None:
     out = model(x)
     assert out.shape == (4, 10)
     assert torch.equal(model.forward_head(model.forward_features(x)), out)
-    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (4, model.num_features)
+    # timm's pre-logits width is head_hidden_size (simple_v1: the 784 pixel values its whole-image conv reads,
+    # while num_features is the unpooled map's 1 channel; the others: the same number).
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (4, model.head_hidden_size)
     model.reset_classifier(3)
     assert model(x).shape == (4, 3) and model.num_classes == 3
     assert timm.create_model(name, num_classes=5, in_chans=3)(torch.rand(2, 3, 28, 28)).shape == (2, 5)

@@ -138,13 +138,20 @@ class SimpleConvNet(_PlainHead, nn.Module):
         **deconv_kwargs: Any,
     ) -> None:
         super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool {global_pool!r}: SimpleConvNet pools with 'avg' (v1: its conv reads the "
+                             "whole map), or '' for none")
         self.deconv_settings = DeconvSettings(**deconv_kwargs)
         self.widths, self.img_size, self.drop_rate = tuple(widths), img_size, drop_rate
         self.num_classes = num_classes
+        self.global_pool_type = global_pool
         self.feature_info = []
         chs = in_chans
         if not self.widths:
-            self.num_features = self.head_hidden_size = in_chans
+            # v1's classifier is a conv over the whole image: what it reads, its "pooled" features, are the
+            # image's values flattened (timm's head_hidden_size); the unpooled map is the image itself.
+            self.num_features = in_chans
+            self.head_hidden_size = in_chans * img_size * img_size
             self.conv = self._classifier(num_classes)
             return
         blocks = []
@@ -180,6 +187,10 @@ class SimpleConvNet(_PlainHead, nn.Module):
         return self.layers[-1] if self.widths else self.conv
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool {global_pool!r}: SimpleConvNet pools with 'avg' or ''")
+            self.global_pool_type = global_pool
         self.num_classes = num_classes
         if self.widths:
             self.layers[-1] = self._classifier(num_classes)
@@ -192,13 +203,19 @@ class SimpleConvNet(_PlainHead, nn.Module):
                 x = block(x)
         return x
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.global_pool_type:  # global_pool '': the map as it is (timm's unpooled output)
+            return x
+        return F.adaptive_avg_pool2d(x, 1).flatten(1) if self.widths else x.flatten(1)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """v2 pools after its classifier conv (the authors' order), so ``pre_logits`` are the features pooled as
+        the classifier would not see them; v1's classifier conv reads the whole image, its pre-logits."""
         if pre_logits:
-            return F.adaptive_avg_pool2d(x, 1).flatten(1)
+            return self._pool(x)
         if self.drop_rate:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
-        x = self.get_classifier()(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1) if self.widths else x.flatten(1)
+        return self._pool(self.get_classifier()(x))
 
 
 def _create(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -210,13 +227,17 @@ def _create(model_cls: type[nn.Module], variant: str, pretrained: bool = False, 
 
 def _mnist_cfg(**overrides: Any) -> dict[str, Any]:
     # main.py's MNIST-family input: 1 channel, 28x28, ToTensor() only for Fashion-MNIST.
-    return zoo_cfg(input_size=(1, MNIST_SIZE, MNIST_SIZE), mean=(0.0,), std=(1.0,), pool_size=None, **overrides)
+    return zoo_cfg(**{**dict(input_size=(1, MNIST_SIZE, MNIST_SIZE), mean=(0.0,), std=(1.0,), pool_size=None),
+                      **overrides})
 
 
 default_cfgs = zoo_default_cfgs({
     "mlp_deconv": _mnist_cfg(first_conv="layers.0.0", classifier="linear.2"),
-    "simple_v1_deconv": _mnist_cfg(first_conv="conv", classifier="conv"),
-    "simple_v2_deconv": _mnist_cfg(first_conv="layers.0.0", classifier="layers.11.0"),
+    # pool_size: the unpooled map forward_features gives at 28x28: v1's is the image, v2's eleven unpadded 3x3
+    # convs leave 28 - 22 = 6.
+    "simple_v1_deconv": _mnist_cfg(first_conv="conv", classifier="conv", pool_size=(MNIST_SIZE, MNIST_SIZE)),
+    "simple_v2_deconv": _mnist_cfg(first_conv="layers.0.0", classifier="layers.11.0",
+                                   pool_size=(MNIST_SIZE - 2 * len(SIMPLE_V2_WIDTHS),) * 2),
 })
 
 

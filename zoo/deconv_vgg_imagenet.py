@@ -71,11 +71,11 @@ class VGG(ZooClassifierMixin, nn.Module):
         global_pool: str = "avg",
         **deconv_kwargs: Any,
     ) -> None:
-        """``drop_rate`` is the classifier's dropout (torchvision's 0.5); ``global_pool`` must stay 'avg' (the
-        classifier takes the 7x7 map flattened, 25088 features)."""
+        """``drop_rate`` is the classifier's dropout (torchvision's 0.5). ``global_pool`` is 'avg' (the head takes
+        the 7x7 average-pooled map flattened, 25088 features) or '' with ``num_classes=0``: no head at all, the
+        model's output is the unpooled feature map (timm's contract for ``global_pool=''``)."""
         super().__init__()
-        if global_pool != "avg":
-            raise ValueError(f"global_pool {global_pool!r}: the VGG classifier takes the 7x7 average-pooled map")
+        _check_head(num_classes, global_pool)
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
         self.features = _make_features(layout, in_chans, settings)
         self.feature_info = []
@@ -88,18 +88,25 @@ class VGG(ZooClassifierMixin, nn.Module):
                 self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f"features.{idx}"))
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.global_pool_type = global_pool
         self.num_features = chs
         self.head_hidden_size = HIDDEN
+        self._build_head(num_classes, global_pool)
+        self._init_weights()
+
+    def _build_head(self, num_classes: int, global_pool: str) -> None:
+        """``avgpool`` and the ``classifier`` MLP; none of it with ``global_pool=''`` (the MLP's 25088 inputs are the
+        7x7 pooled map, which an unpooled map of any other size is not)."""
+        self.global_pool_type = global_pool
+        if not global_pool:
+            self.avgpool, self.classifier = nn.Identity(), nn.Sequential()
+            return
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        in_features = chs * 7 * 7
         layers: list[nn.Module] = []
-        for layer_in in (in_features, HIDDEN):
+        for layer_in in (self.num_features * 7 * 7, HIDDEN):
             layers += self._linear(layer_in, HIDDEN)
-            layers += [nn.ReLU(True), nn.Dropout(drop_rate)]
+            layers += [nn.ReLU(True), nn.Dropout(self.drop_rate)]
         layers += self._linear(HIDDEN, num_classes)
         self.classifier = nn.Sequential(*layers)
-        self._init_weights()
 
     def _linear(self, in_features: int, out_features: int) -> list[nn.Module]:
         """A classifier layer as the authors': Delinear (or Linear); with ``delinear=False`` and ``block_fc``, a
@@ -117,29 +124,35 @@ class VGG(ZooClassifierMixin, nn.Module):
         return len(self.classifier) - 1
 
     def get_classifier(self) -> nn.Module:
-        return self.classifier[self._last_index]
+        return self.classifier[self._last_index] if len(self.classifier) else nn.Identity()
 
     def _set_classifier(self, num_classes: int) -> None:
         self.classifier[self._last_index] = self._linear(HIDDEN, num_classes)[-1]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool {global_pool!r}: the VGG classifier takes the 7x7 average-pooled map")
+        """A new last layer; ``reset_classifier(0, '')`` drops the whole head (pooling and the MLP before the
+        last layer), so the model returns its unpooled features, as timm's models do. Asking for 'avg' back
+        builds a new head (untrained: the old one is gone)."""
+        global_pool = self.global_pool_type if global_pool is None else global_pool
+        _check_head(num_classes, global_pool)
         self.num_classes = num_classes
-        self._set_classifier(num_classes)
+        if global_pool != self.global_pool_type or not global_pool:
+            self._build_head(num_classes, global_pool)
+            self._init_weights(self.classifier)
+        else:
+            self._set_classifier(num_classes)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         take = super().prune_intermediate_layers(indices, prune_norm, prune_head=False)
         # The head is sized for the 7x7 pooled 512-channel map: with the features cut, drop it whole.
-        self.classifier = nn.Sequential()
-        self.avgpool = nn.Identity()
+        self._build_head(0, "")
         self.num_classes = 0
         return take
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, root: nn.Module | None = None) -> None:
         # torchvision's (and the authors') initialisation; a Delinear keeps its own (theirs is not an nn.Linear).
-        for module in self.modules():
+        for module in (self if root is None else root).modules():
             if isinstance(module, (nn.Conv2d, FastDeconv)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 if module.bias is not None:
@@ -158,7 +171,7 @@ class VGG(ZooClassifierMixin, nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if len(self.classifier) == 0:  # pruned for features: nothing of the head is left
+        if len(self.classifier) == 0:  # global_pool '' or pruned for features: nothing of the head is left
             return x
         x = torch.flatten(self.avgpool(x), 1)
         # Layer by layer, not ``self.classifier[:-1](x)``: a slice is a new Sequential that torch.fx cannot find
@@ -166,6 +179,15 @@ class VGG(ZooClassifierMixin, nn.Module):
         for layer in list(self.classifier)[: self._last_index]:
             x = layer(x)
         return x if pre_logits else self.get_classifier()(x)
+
+
+def _check_head(num_classes: int, global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool {global_pool!r}: the VGG head takes the 7x7 average-pooled map ('avg'), or "
+                         "'' with num_classes=0 for the unpooled features")
+    if not global_pool and num_classes:
+        raise ValueError(f"global_pool '' with num_classes={num_classes}: without pooling there is no VGG head "
+                         "(its MLP takes the 7x7 pooled map); pass num_classes=0 for the unpooled features")
 
 
 def _create_vgg(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
