@@ -14,7 +14,7 @@ whitening is computed several ways against a float64 computation on the *same* r
 A reduced-precision product with float32 accumulation is emulated exactly here: the product of two bf16
 (8-bit significand) or fp16 (11-bit) numbers is exact in float32 (24 bits), so rounding the operands and
 multiplying in float32 computes what a bf16/fp16 GEMM with float32 accumulation computes, up to the order
-of the sums. (This CPU has no native bf16 arithmetic: see README, Mixed precision.)
+of the sums. (See docs/layers.md, Mixed precision.)
 
 Reported per layer: relative Frobenius error of the whitening matrix ``D`` and of the layer output,
 against float64. Run from the project root::
@@ -175,7 +175,7 @@ def markdown(payload: dict) -> str:
 
 
 def summary(payload: dict) -> str:
-    """The README's table: per autocast dtype, the median and the worst layer of each column."""
+    """The docs table (docs/layers.md): per autocast dtype, the median and the worst layer of each column."""
     cols = [("fp32_D", "D, fp32 (today)"), ("gram_D", "D, reduced Gram"), ("fp32_out", "output, fp32 (today)"),
             ("gram_out", "output, reduced Gram"), ("gram_fold_out", "output, reduced Gram + fold"),
             ("float32_no_autocast_out", "output, no autocast")]
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     p.add_argument("--name", default="precision")
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the summary table into README.md (default: on)")
+                   help="write the summary table into its docs page (default: on)")
     args = p.parse_args(argv)
     payload = {"command": C.command_line(), "machine": C.machine_info(), "batch": args.batch,
                "method": __doc__.split("\n\n")[1], "results": run(args.batch, args.dtype)}

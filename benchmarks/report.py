@@ -1,4 +1,5 @@
-"""Render the committed benchmark results (``benchmarks/results/*.json``) as the README's speed tables.
+"""Render the committed benchmark results (``benchmarks/results/*.json``) as the speed tables of docs/benchmarks.md
+and the bf16 sentence of docs/layers.md (wherever their markers are).
 
 Every number comes from a results file, which records the command that made it:
 
@@ -130,7 +131,7 @@ def scaling_section(path: Path) -> list[str]:
     table = (path.with_suffix(".md")).read_text().rstrip("\n")
     return [f"Scaling: one ResNet-18-style stack (7x7/2 stem, max-pool, ResNet-18's first two stages), training "
             f"step, ND against BN; `{data['command']}`:", "", table, "",
-            f"![ND/BN step time against image size](benchmarks/results/{path.with_suffix('.png').name})"]
+            f"![ND/BN step time against image size](../benchmarks/results/{path.with_suffix('.png').name})"]
 
 
 def inference_table(path: Path) -> list[str]:
@@ -154,18 +155,19 @@ def inference_table(path: Path) -> list[str]:
 
 
 def amp_speed_block(bf16: Path, fp32: Path) -> str:
-    """The README's bf16-vs-float32 sentence (Mixed precision), from the two quick ResNet-18 runs."""
+    """The bf16-vs-float32 sentence (docs/layers.md, Mixed precision), from the two quick ResNet-18 runs."""
     runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
     row = {k: r["models"][0] for k, r in runs.items()}
     fastest = {(k, form): row[k][f"{form}_train"]["min_s"] for k in row for form in ("nd", "bn")}
     load = max(r["machine"]["load_average_at_start"][0] for r in runs.values())
-    return (f"Measured (`{runs['bf16']['command']}`, and the same without `--amp` as `{fp32.stem}`): the BatchNorm "
+    cpu = runs["bf16"]["machine"].get("cpu", "an unrecorded CPU")
+    return (f"Measured on {runs['bf16']['machine'].get('cpu_count', '?')} cores of an {cpu} "
+            f"(`{runs['bf16']['command']}`, and the same without `--amp` as `{fp32.stem}`): the BatchNorm "
             f"ResNet-18's fastest training step at batch {row['bf16']['batch']} took {fastest['bf16', 'bn']:.1f} s "
             f"under bf16 autocast against {fastest['fp32', 'bn']:.1f} s in float32 "
             f"({fastest['bf16', 'bn'] / fastest['fp32', 'bn']:.1f}x slower), the deconvolution one "
-            f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s. Load average at the start: up to "
-            f"{load:.0f} on 2 cores (recorded in the JSON files), so these are coarse: rerun them on a quiet machine "
-            "before quoting a ratio.\n")
+            f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s (other work shared the cores: load "
+            f"average up to {load:.0f}, so the ratios are coarse).\n")
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ and frees the same large buffers every step (a deconvolution layer's sampled-pat
 at batch 128), so every step pays the kernel to map, zero-fill and unmap them again: one minor page fault
 per 4 KB, measured here as the larger half of a 49x49-by-15488 batched product's time. Serving every
 allocation from the heap and never trimming it makes the next step reuse the same pages: on this 2-core
-CPU 9-39% off the training steps of five zoo networks, deconvolution and BatchNorm (README allocator table:
+CPU 9-39% off the training steps of five zoo networks, deconvolution and BatchNorm (docs/benchmarks.md, allocator table:
 benchmarks/results/allocator_default.json against the all_archs results).
 The cost: the process keeps its peak memory mapped until it exits.
 """
@@ -56,7 +56,7 @@ def native_amp_dtype(device: torch.device | str) -> torch.dtype | None:
     CUDA: float16 (every CUDA GPU; ``ndeconv train`` pairs it with a GradScaler). CPU: bfloat16 where oneDNN has
     bf16 kernels (AVX512-BF16 or AMX, e.g. Intel Sapphire Rapids); elsewhere (AVX2 CPUs such as the AMD EPYC of
     this project's CI) PyTorch falls back to generic loops: measured on that CPU, a bf16 autocast training step of
-    the BatchNorm ResNet-18 takes several times as long as its float32 step (README, Mixed precision).
+    the BatchNorm ResNet-18 takes several times as long as its float32 step (docs/layers.md, Mixed precision).
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,6 +1,6 @@
 """The transfer-learning table: trained BatchNorm networks converted into deconvolution by ``ndeconv convert-bn``
 and fine-tuned one more epoch as deconvolution vs as BatchNorm, from the run directories of
-reproduce/convert_bn.sh (``--runs``). Writes reproduce/results/convert_bn.json and the README block
+reproduce/convert_bn.sh (``--runs``). Writes reproduce/results/convert_bn.json and the docs block
 ``convert-bn``. An architecture whose steps are not all made yet is listed with what exists ("pending").
 """
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "convert_bn")
     parser.add_argument("--out", type=Path, default=ROOT / "reproduce" / "results")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="the page to write the table into (default: the one holding its markers)")
     args = parser.parse_args(argv)
     table = collect(args.runs)
     write_results("convert-bn", {"rows": table}, markdown(table), args.out, args.readme, argv)

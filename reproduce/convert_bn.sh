@@ -9,7 +9,7 @@
 # Resumable like the other queues (finished steps are skipped, an interrupted run resumes). Needs the BN runs:
 #   OUT=~/.cache/ndeconv/runs PAPER=~/.cache/ndeconv/runs/paper_claim nohup reproduce/convert_bn.sh > convert_bn.log 2>&1 &
 # then `python reproduce/convert_bn.py --runs $OUT/convert_bn` writes reproduce/results/convert_bn.json and the
-# README table. Pick architectures with ARCHS="resnet18 vgg16".
+# table in docs/conversion.md. Pick architectures with ARCHS="resnet18 vgg16".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs}/convert_bn

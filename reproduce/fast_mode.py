@@ -5,7 +5,7 @@ runs (``reproduce/fast_mode.sh``: runs/fast_mode/resnet18-nd-fast<K>, same seed 
 benchmark (benchmarks/results/resnet18.json), and regenerates from them alone:
 
 - ``reproduce/results/fast_mode.json``  every number below, with the run directories it came from
-- the table between the ``fast-mode`` markers in README.md
+- the table between the ``fast-mode`` markers (docs/layers.md)
 
     python reproduce/fast_mode.py
 """

@@ -4,7 +4,7 @@ elsewhere, beside the paper-claim table's BatchNorm (BN) and deconvolution (ND) 
 Reads the ``ARCH-stem`` run directories of reproduce/hybrid.sh (``--runs``) and the committed
 reproduce/results/paper_claim.json (BN and ND); a BN rerun of the hybrid queue (``ARCH-bn`` in ``--runs``: the
 same code and machine as the hybrid) takes the place of the paper-claim BN number, and the table says which BN
-each row has. Regenerates reproduce/results/hybrid.json and the README block ``hybrid``; a run not in ``--runs``
+each row has. Regenerates reproduce/results/hybrid.json and the docs block ``hybrid``; a run not in ``--runs``
 keeps its row of the existing hybrid.json, and one never made is "pending".
 
     python reproduce/hybrid.py --runs runs/hybrid
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "hybrid")
     parser.add_argument("--out", type=Path, default=ROOT / "reproduce" / "results")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="the page to write the table into (default: the one holding its markers)")
     args = parser.parse_args(argv)
     table = collect(args.runs, previous=args.out / "hybrid.json")
     write_results("hybrid", {"rows": table}, markdown(table), args.out, args.readme, argv)

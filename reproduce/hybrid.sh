@@ -6,7 +6,7 @@
 #
 # Resumable: a finished run is skipped, an interrupted one continues with --resume. In the background:
 #   OUT=~/.cache/ndeconv/runs/hybrid nohup reproduce/hybrid.sh >> ~/.cache/ndeconv/runs/hybrid.log 2>&1 &
-# then `python reproduce/hybrid.py --runs $OUT` writes reproduce/results/hybrid.json and the README table.
+# then `python reproduce/hybrid.py --runs $OUT` writes reproduce/results/hybrid.json and its table in docs/reproduction.md.
 # Pick runs with RUNS="resnet18-stem resnet18-bn".
 set -uo pipefail
 cd "$(dirname "$0")/.."

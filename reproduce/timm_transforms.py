@@ -6,11 +6,11 @@ images are written as 28x28 grayscale PNGs into ``<class folder>/`` folders (the
 validate.py chooses), transformed by ``timm.data.create_loader`` with the model's resolved data config (its
 input_size, crop_pct, crop_mode, interpolation, mean, std) and scored against the card's top-1:
 
-    python reproduce/timm_transforms.py                              # all shipped models, README block
+    python reproduce/timm_transforms.py                              # all shipped models, docs block
     python reproduce/timm_transforms.py --models resnet18_deconv --crop-pct 1.0 --no-readme   # the old cfg
 
 Results go to ``reproduce/results/timm_transforms.json`` (a run of some models adds to the models recorded) and,
-unless ``--no-readme``, the README's ``timm-transforms`` block. One model is a few minutes with one thread
+unless ``--no-readme``, the ``timm-transforms`` block of docs/zoo.md. One model is a few minutes with one thread
 (ResNet-18: about 5 on the shared 2-core machine; DPN-92 and DenseNet-121 several times that).
 """
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="first N test images only")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    parser.add_argument("--no-readme", action="store_true", help="print only; leave README and results alone")
+    parser.add_argument("--no-readme", action="store_true", help="print only; leave the docs and results alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = args.models or sorted(p.name.removesuffix(f".{TAG}") for p in WEIGHTS_DIR.glob(f"*.{TAG}")

@@ -82,7 +82,7 @@ def test_readme_first_command_on_a_few_images(tmp_path: Path, capsys: pytest.Cap
     from ndeconv.loading import create_pretrained_model
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    first = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    first = readme.split("## First command", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     assert "ndeconv export resnet18_deconv.fashion_mnist -o resnet18.onnx" in first
     assert "ndeconv eval resnet18.onnx" in first
 

@@ -23,7 +23,7 @@ from ndeconv.convert.export import METADATA_KEYS, check_onnx_ops, onnx_metadata,
 from ndeconv.datasets import CIFAR10_LABELS, CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_DIR, FASHION_MNIST_LABELS
 from ndeconv.errors import NdeconvError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DEPLOYMENT_DOCS = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 needs_fashion = pytest.mark.skipif(not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file(),
                                    reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh)")
 
@@ -212,11 +212,11 @@ def test_export_metadata_lets_an_onnxruntime_client_preprocess_raw_images(tmp_pa
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert names[int(got[0].argmax())] in FASHION_MNIST_LABELS
 
-    # The README's client, as printed there, on this file.
-    snippet = README.read_text(encoding="utf-8").split("A client with onnxruntime and numpy only", 1)[1]
+    # The deployment docs' client, as printed there, on this file.
+    snippet = DEPLOYMENT_DOCS.read_text(encoding="utf-8").split("A client with onnxruntime and numpy only", 1)[1]
     snippet = snippet.split("```python\n", 1)[1].split("```", 1)[0]
     scope = {"images": raw}
-    exec(snippet.replace('"resnet18.onnx"', repr(str(path))), scope)  # noqa: S102 - the README's own code
+    exec(snippet.replace('"resnet18.onnx"', repr(str(path))), scope)  # noqa: S102 - the docs' own code
     assert np.array_equal(scope["logits"], got)
     assert scope["labels"] == [names[i] for i in got.argmax(1)]
 
@@ -265,8 +265,8 @@ def copy_with_cfg(model: nn.Module, **cfg) -> nn.Module:
 
 
 def test_readme_documents_every_metadata_key() -> None:
-    """The README's ONNX section lists each key ``onnx_metadata`` writes."""
-    text = README.read_text(encoding="utf-8")
+    """The deployment docs' ONNX section lists each key ``onnx_metadata`` writes."""
+    text = DEPLOYMENT_DOCS.read_text(encoding="utf-8")
     section = text.split("## ONNX export", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M))
     assert documented == set(METADATA_KEYS)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from conftest import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "reproduce"))
@@ -75,3 +76,94 @@ def test_hybrid_runs_ship_under_a_tag_of_their_own() -> None:
     # The hybrid's head is the BatchNorm form's Linear: block_fc 0, as `--deconv stem` defaults it.
     assert "--deconv stem" in train_command(train) and "--block-fc 0" in train_command(train)
     assert "--block-fc 512" in train_command(dict(train, deconv=True))
+
+
+def test_paper_claim_keeps_recorded_rows_and_fills_missing_bn_from_the_hybrid_reruns(tmp_path: Path) -> None:
+    import paper_claim
+
+    recorded = _paper_claim(tmp_path / "paper_claim.json")
+    reruns = tmp_path / "hybrid.json"
+    reruns.write_text(json.dumps({"rows": [
+        {"arch": "dpn92", "bn_source": "rerun", "bn": {"test_top1": 76.12, "seconds": 9000.0}},
+        {"arch": "vgg16", "bn_source": "rerun", "bn": {"test_top1": 36.12, "seconds": 900.0}},
+        {"arch": "senet18", "bn_source": "paper_claim", "bn": {"test_top1": 90.86, "seconds": 900.0}}]}))
+    runs = tmp_path / "runs"  # this machine holds one new run only
+    _run(runs / "dpn92-nd", 88.75)
+    table = {row["arch"]: row for row in paper_claim.collect(runs, previous=recorded, hybrid=reruns)}
+    assert table["resnet18"]["bn"]["test_top1"] == 87.68 and table["resnet18"]["nd"]["test_top1"] == 92.59
+    assert table["dpn92"]["bn_source"] == "hybrid_rerun" and table["dpn92"]["nd_minus_bn"] == 88.75 - 76.12
+    # A recorded BN run of the protocol itself wins over a rerun; a hybrid row without a rerun adds nothing.
+    assert table["vgg16"]["bn_source"] == "paper_claim" and table["vgg16"]["bn"]["test_top1"] == 36.23
+    assert table["senet18"]["bn"] is None
+    assert "76.12\\*" in paper_claim.markdown(list(table.values()))
+
+
+def _converged_run(folder: Path, top1: list[float], amp: str | None = "bf16", epochs: int = 20) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train": {"amp": amp, "fast": 8, "epochs": epochs}}))
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": i + 1, "step": 469 * (i + 1), "test_top1": v, "seconds": 60.0}) + "\n"
+        for i, v in enumerate(top1)))
+    return folder
+
+
+def test_converged_report_shows_partial_runs_keeps_recorded_ones_and_pairs_only_finished_runs(tmp_path: Path) -> None:
+    import converged
+
+    runs = tmp_path / "runs"
+    _converged_run(runs / "resnet18-nd", [90.0 + i * 0.2 for i in range(20)])
+    _converged_run(runs / "resnet18-bn", [88.0 + i * 0.2 for i in range(20)])
+    _converged_run(runs / "vgg16-nd", [91.0, 92.0])  # partial: 2 of 20 epochs, and 40 steps into the third
+    from ndeconv.training.checkpoint import CHECKPOINT_FILE, FORMAT, VERSION
+
+    torch.save({"format": FORMAT, "version": VERSION, "state": {"global_step": 978}},
+               runs / "vgg16-nd" / CHECKPOINT_FILE)
+    _converged_run(runs / "vgg16-bn", [])
+    (runs / "vgg16-bn" / "diverged.json").write_text(json.dumps({"step": 47, "loss": "nan", "seconds": 9.0}))
+    out, docs, readme = tmp_path / "results", tmp_path / "reproduction.md", tmp_path / "README.md"
+    out.mkdir()
+    docs.write_text((PROJECT_ROOT / "docs" / "reproduction.md").read_text())
+    readme.write_text("x\n<!-- converged-summary:start -->\n<!-- converged-summary:end -->\n")
+    result = converged.report(runs, out=out, docs=docs, readme=readme)
+    rows = {row["arch"]: row for row in result["rows"]}
+    assert rows["resnet18"]["nd_minus_bn"] == 2.0 and rows["resnet18"]["nd"] == 93.8
+    assert rows["vgg16"]["nd"] is None and rows["vgg16"]["bn"] == "diverged" and rows["vgg16"]["nd_minus_bn"] is None
+    text = docs.read_text()
+    assert "| vgg16-nd | bf16, fast 8 | 2/20 | 978 | 92.00 | 92.00 |" in text
+    assert "| vgg16 | diverged | pending | – |" in text and "Measured pairs: 1 of 7." in text
+    assert "Finished: 2 of 17 runs" in readme.read_text() and (out / "converged_curves.png").is_file()
+    # Another machine holds only a new run: the recorded curves stay, the new one is added.
+    later = tmp_path / "later"
+    _converged_run(later / "senet18-nd", [92.5])
+    result = converged.report(later, out=out, docs=docs, readme=readme)
+    assert set(result["curves"]) == {"resnet18-nd", "resnet18-bn", "vgg16-nd", "vgg16-bn", "senet18-nd"}
+
+
+def test_converged_precision_is_bf16_only_with_native_bf16_and_a_check_within_the_tolerance(tmp_path: Path) -> None:
+    import converged
+
+    claim = _paper_claim(tmp_path / "paper_claim.json")  # float32 exact ResNet-18 ND: 92.59
+    assert converged.decide(tmp_path, native_bf16=False, paper_claim=claim)["args"] == []
+    _run(tmp_path / "precision-check", 92.30)
+    record = converged.decide(tmp_path, native_bf16=True, paper_claim=claim)
+    assert record["precision"] == "bf16" and record["args"] == ["--amp", "bf16", "--channels-last"]
+    (tmp_path / "precision-check" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 92.28}) + "\n")
+    assert converged.decide(tmp_path, native_bf16=True, paper_claim=claim)["precision"] == "float32"
+
+
+def test_results_csv_is_timms_format_and_matches_the_shipped_cards() -> None:
+    """results/results-fashion-mnist.csv is what reproduce/zoo_table.py makes of the weight folders now, in the
+    columns of timm's results files (plus tag, epochs, precision)."""
+    import csv
+
+    from zoo_table import CSV_PATH, results_csv
+
+    assert CSV_PATH.read_text() == results_csv(), "stale: run python reproduce/zoo_table.py"
+    rows = list(csv.DictReader(CSV_PATH.read_text().splitlines()))
+    timm_columns = {"model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                    "interpolation"}
+    assert timm_columns <= set(rows[0]) and {"tag", "epochs", "precision"} <= set(rows[0])
+    shipped = {p.parent.name for p in (PROJECT_ROOT / "zoo" / "weights").glob("*/config.json")}
+    assert {r["model"] for r in rows} == shipped
+    for r in rows:
+        assert abs(float(r["top1"]) + float(r["top1_err"]) - 100) < 1e-6

@@ -55,7 +55,7 @@ class CalibrationError(ValueError):
 
 # Relative output error (max |a - b| / max |b|) beyond which the end-to-end check calls a conversion wrong. A wrong
 # layout or a mis-paired BatchNorm changes the outputs by order one; rounding through a deep float32 network stays
-# below 1e-5 on the tested models (README, "Converting a trained BatchNorm network").
+# below 1e-5 on the tested models (docs/conversion.md).
 _CHECK_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
 

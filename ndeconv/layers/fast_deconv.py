@@ -287,7 +287,7 @@ def set_fast_mode(model: nn.Module, refresh_every: int = 8) -> int:
     lags the weights by up to ``refresh_every - 1`` steps. Eval, folding and the state_dict are
     unchanged. Returns the number of layers set.
 
-    The default, 8, is the measured choice (README, Speed): ResNet-18 trains at 1.15x a BatchNorm step
+    The default, 8, is the measured choice (docs/layers.md, Fast mode): ResNet-18 trains at 1.15x a BatchNorm step
     on a 2-core CPU (4: 1.25x, exact: 1.85x) and scores 92.74% on Fashion-MNIST after one epoch against
     exact mode's 92.59%.
     """
