@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .errors import Interrupted, NdeconvError
+from .errors import Interrupted, NdeconvError, os_error_line
 
 # Subcommand modules under ndeconv.commands, in the order --help lists them.
 COMMANDS: tuple[str, ...] = (
@@ -70,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NdeconvError as err:
         print(f"ndeconv {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        # The file system refused a path the user gave (a name too long, a full disk, a file-size limit, no
+        # permission): every command's one line, wherever in it the path was first touched.
+        print(f"ndeconv {args.command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ndeconv {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 import re
 
@@ -80,3 +81,35 @@ def error_summary(err: BaseException) -> str:
     if lines[0].endswith(":") and len(lines) > 1:
         return f"{lines[0]} {lines[1]}"
     return lines[0]
+
+
+# What to do when the file system refuses an operation, by errno: the second half of a one-line error.
+_OS_ERROR_FIXES = {
+    errno.ENAMETOOLONG: "choose a shorter name (the file system allows 255 bytes per name)",
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space within your quota or write elsewhere",
+    errno.EFBIG: "the file-size limit (ulimit -f) is below the file's size: raise it or write elsewhere",
+    errno.EACCES: "check the permissions of the path, or choose another",
+    errno.EPERM: "check the permissions of the path, or choose another",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EISDIR: "the path is a folder: name a file",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def os_error_fix(code: int | None) -> str:
+    """What to do about a refusal of the file system with errno ``code``."""
+    return _OS_ERROR_FIXES.get(code, "check the path and the disk")
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError the file system raised for a path the user gave, as one line: the path (shortened when very
+    long), what the system said, and what to do."""
+    path = err.filename if isinstance(err.filename, str) else None
+    if path is not None and len(path) > 100:
+        path = f"{path[:40]}...{path[-40:]} ({len(path)} characters)"
+    what = err.strerror or str(err)
+    fix = os_error_fix(err.errno)
+    return f"{path}: {what}; {fix}" if path else f"{what}; {fix}"

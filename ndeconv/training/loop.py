@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets import ImageSource, eval_crop_pct, get_spec, load_split
-from ..errors import NdeconvError, UsageError, error_summary
+from ..errors import NdeconvError, UsageError, error_summary, os_error_fix
 from ..io import save_json_atomic, save_safetensors_atomic
 from ..layers.deconvolve import deconvolve
 from ..layers.fast_deconv import set_fast_mode
@@ -131,24 +131,27 @@ def _diverged(ctx: DistContext, run_dir: Path, cfg: TrainConfig, state: TrainSta
                       f"check the data; recorded in {run_dir / DIVERGED_FILE}, the last checkpoint is in {run_dir}")
 
 
-def _out_of_space(err: BaseException | None) -> bool:
-    """Whether a failed write failed for a full disk (or quota), anywhere in its exception chain: torch.save and
-    safetensors wrap the OSError or only quote it."""
+def _write_refusal(err: BaseException | None) -> OSError | None:
+    """The file system's refusal behind a failed write (a full disk, a quota, a file-size limit, a permission),
+    anywhere in its exception chain: torch.save and safetensors wrap the OSError or only quote it."""
     seen: set[int] = set()
-    texts = [os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122"]
+    quoted = {errno.ENOSPC: [os.strerror(errno.ENOSPC), "os error 28"],
+              errno.EDQUOT: [os.strerror(errno.EDQUOT), "os error 122"]}
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(text in str(err) for text in texts):
-            return True
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        for code, texts in quoted.items():
+            if any(text in str(err) for text in texts):
+                return OSError(code, os.strerror(code))
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def _space_checked(run_dir: Path, fn: Callable[[], T]) -> Callable[[], T]:
-    """``fn`` (a write into the run directory) with a full disk said in one line instead of torch's double
-    traceback. Nothing is lost: every file is written atomically, so the previous checkpoint is still whole."""
+    """``fn`` (a write into the run directory) with a refusal of the file system (a full disk, a file-size limit,
+    a permission) said in one line instead of torch's double traceback, with what to do and how to go on. Nothing
+    is lost: every file is written atomically, so the previous checkpoint is still whole."""
 
     def run() -> T:
         try:
@@ -156,13 +159,17 @@ def _space_checked(run_dir: Path, fn: Callable[[], T]) -> Callable[[], T]:
         except NdeconvError:
             raise
         except Exception as err:
-            if not _out_of_space(err):
+            refusal = _write_refusal(err)
+            if refusal is None:
                 raise
             if (run_dir / "checkpoint.pt").is_file():
                 then = f"continue with `ndeconv train --resume {run_dir}` (the last checkpoint is intact)"
             else:  # the disk filled before the first checkpoint: nothing to continue from
                 then = "start the run again" + (" with --force" if (run_dir / CONFIG_FILE).is_file() else "")
-            raise NdeconvError(f"no space left on {run_dir}: free some space there, then {then}") from err
+            if refusal.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NdeconvError(f"no space left on {run_dir}: free some space there, then {then}") from err
+            raise NdeconvError(f"cannot write into {run_dir}: {refusal.strerror or refusal}; "
+                               f"{os_error_fix(refusal.errno)}, then {then}") from err
 
     return run
 
