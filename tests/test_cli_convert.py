@@ -173,3 +173,12 @@ def test_checkpoint_of_wrong_architecture(tmp_path, capsys, checkpoint) -> None:
     code, _, stderr = run(capsys, "export", "--checkpoint", str(path), "--arch", "resnet18", "-o",
                           str(tmp_path / "a.onnx"))
     assert code == 2 and "does not fit resnet18_deconv" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_convert_bn_of_a_deconvolution_network_says_so_in_one_line(tmp_path, capsys) -> None:
+    capsys.readouterr()
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert-bn", "resnet18_deconv.fashion_mnist", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is already a deconvolution network" in err and "--deconv false" in err
+    assert list(tmp_path.iterdir()) == []

@@ -82,6 +82,10 @@ def _run(args: argparse.Namespace) -> int:
     if not dataset:
         raise UsageError(f"{args.source} does not say what it was trained on; pass --calibrate-data DATASET")
     model = loaded.model
+    if not any(type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for m in model.modules()):
+        raise UsageError(f"{args.source} is already a deconvolution network (no plain convolution to convert); "
+                         "convert-bn converts a BatchNorm network: give its BatchNorm form (e.g. a run of `ndeconv "
+                         "train --deconv false`)")
     first = next(m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
     data = dict(data_dir=args.data_dir, img_size=recorded_img_size({"config": loaded.config}),
                 num_classes=int(getattr(model, "num_classes", 0)) or None, class_names=loaded.label_names)
