@@ -66,3 +66,12 @@ def test_cli_draws_a_shipped_folder(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("count", ["0", "33", "100000"])
+def test_cli_refuses_image_counts_the_figure_cannot_show(tmp_path, capsys, count):
+    capsys.readouterr()
+    out = tmp_path / "filters.png"
+    assert main(["viz", "resnet18_deconv.fashion_mnist", "--num-images", count, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--num-images must be between 1 and 32" in err and not out.exists()

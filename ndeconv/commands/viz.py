@@ -7,6 +7,9 @@ import argparse
 __all__ = ["register"]
 
 # The one line `ndeconv --help` lists (ndeconv.cli reads it without registering the command).
+# One column per image: more than this makes a figure too wide to read (and to draw: minutes for 100,000).
+MAX_IMAGES = 32
+
 HELP = "draw the first layer's deconvolution kernels and a few whitened test images"
 
 
@@ -21,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, help="output PNG")
     p.add_argument("--dataset", help="dataset of the test images (default: the tag's or the run's)")
     p.add_argument("--data-dir", help="folder of the dataset's files")
-    p.add_argument("--num-images", type=int, default=6, help="test images to show (default: 6)")
+    p.add_argument("--num-images", type=int, default=6,
+                   help=f"test images to show, at most {MAX_IMAGES} (default: 6)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_run)
 
@@ -36,8 +40,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..viz import whitening_figure
 
     out = check_output_path(args.out, args.force)
-    if args.num_images < 1:
-        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES} (the figure shows them side by side, "
+                         f"each column an image and its whitened form), got {args.num_images}")
     model, info = load_eval_model(args.model)
     dataset = args.dataset or info.get("dataset")
     if not dataset:
