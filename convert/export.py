@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ndeconv.errors import NdeconvError
-from ndeconv.io import check_output_path
+from ndeconv.io import check_output_path, read_json
 from ndeconv.onnx_defaults import DEFAULT_OPSET, MIN_OPSET, REL_TOLERANCE
 
 from ._inputs import fashion_mnist_batch, random_batch
@@ -159,7 +159,7 @@ def weights_config(path: str | os.PathLike | None) -> dict[str, Any]:
     if not config_path.is_file():
         return {}
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json(config_path)
     except (OSError, ValueError) as err:
         raise NdeconvError(f"{config_path}: not readable JSON ({err}); fix or remove it") from err
     return config if isinstance(config, dict) else {}

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
-from ndeconv.io import load_safetensors, save_json_atomic, save_safetensors_atomic
+from ndeconv.io import load_safetensors, parse_json, read_json, save_json_atomic, save_safetensors_atomic
 
 from .fold import DECONV_TYPES, FoldReport, find_conv_batchnorm_pairs, fuse_conv_batchnorm_pairs
 
@@ -163,11 +163,11 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - unreadable files get load_safetensors' clear error later
         return None
     if text:
-        return json.loads(text)
+        return parse_json(text)
     sidecar = path.with_name("config.json")
     if sidecar.is_file():
         try:
-            config = json.loads(sidecar.read_text())
+            config = read_json(sidecar)
         except (OSError, ValueError) as err:
             raise NdeconvError(f"{sidecar}: not readable JSON ({err})") from err
         if isinstance(config, dict) and config.get("format") == FOLDED_FORMAT:

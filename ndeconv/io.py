@@ -33,6 +33,8 @@ __all__ = [
     "folder_not_file",
     "load_safetensors",
     "load_torch_file",
+    "parse_json",
+    "read_json",
     "read_verified",
     "save_json_atomic",
     "save_safetensors_atomic",
@@ -59,6 +61,22 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` whose every failure on bad input is a ValueError: a document nested too deeply for
+    Python's recursion limit (a crafted config.json) raises RecursionError from the parser, which callers that
+    handle "not readable JSON" would otherwise let through as a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError as err:
+        raise ValueError("nested too deeply to be a config") from err
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in the file at ``path`` (UTF-8). Bad content is a ValueError (``parse_json``), a file
+    that cannot be read an OSError, so callers catch ``(OSError, ValueError)`` for every kind of bad file."""
+    return parse_json(Path(path).read_bytes())
+
+
 def check_config_beside(
     path: str | os.PathLike, force: bool, is_ours: Callable[[dict[str, Any]], bool], writer: str
 ) -> Path:
@@ -67,7 +85,7 @@ def check_config_beside(
     path = check_output_path(path, force)
     if path.exists():
         try:
-            existing = json.loads(path.read_text())
+            existing = read_json(path)
         except (OSError, ValueError):
             existing = None
         if not (isinstance(existing, dict) and is_ours(existing)):

@@ -20,7 +20,6 @@ fold`` load as the plain network they are.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import UNPICKLE_ERRORS, ChecksumError, NdeconvError, UsageError, error_summary
+from .io import read_json
 
 __all__ = [
     "LoadedCheckpoint",
@@ -94,7 +94,7 @@ def _config_beside(path: Path) -> dict[str, Any]:
     if not beside.is_file():
         return {}
     try:
-        config = json.loads(beside.read_text())
+        config = read_json(beside)
     except (OSError, ValueError) as err:
         raise UsageError(f"{beside}: not readable JSON ({err}); fix or remove it, or pass --arch") from err
     return config if isinstance(config, dict) else {}
@@ -357,7 +357,7 @@ def load_model(
         from .training.segmentation import is_seg_run_dir, load_seg_run_model
 
         if is_seg_run_dir(path):  # `ndeconv train-seg`'s: a segmentation builder, not a timm model
-            config = json.loads((path / "config.json").read_text())
+            config = read_json(path / "config.json")
             return LoadedModel(load_seg_run_model(path), "run", {"run": text}, config, config.get("dataset"),
                                config.get("label_names"))
         config = read_run_config(path)

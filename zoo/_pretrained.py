@@ -18,7 +18,6 @@ unlisted, without the checksum a shipped file needs, or that does not match is r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import nn
 
 from ndeconv.datasets import FASHION_MNIST_LABELS
 from ndeconv.errors import ChecksumError, NdeconvError, UsageError
+from ndeconv.io import read_json
 
 from ._stem import _fit_in_chans, _names, _with_channels, default_in_chans
 
@@ -381,7 +381,7 @@ def _sidecar_data(path: Path, architecture: str | None, chans: int | None) -> di
     writes gray weights' default 3-channel model, for a whole multiple of them with the statistics repeated.
     """
     try:
-        recorded = json.loads((path.parent / "config.json").read_text()).get("pretrained_cfg")
+        recorded = read_json(path.parent / "config.json").get("pretrained_cfg")
     except (OSError, ValueError, AttributeError):
         return {}
     if not isinstance(recorded, dict) or recorded.get("architecture") not in (None, architecture):
@@ -480,7 +480,7 @@ def missing_weights_line(label: str, folder: Path, hf_hub_id: str) -> str:
 
 def _hub_or_dir_config(weights: Path) -> dict[str, Any]:
     try:
-        config = json.loads((weights.parent / "config.json").read_text())
+        config = read_json(weights.parent / "config.json")
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}

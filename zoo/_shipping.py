@@ -4,7 +4,6 @@ shipped file before it loads."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from ndeconv.io import (
     CHECKSUMS_FILE,
     atomic_write,
     file_sha256,
+    read_json,
     save_json_atomic,
     save_safetensors_atomic,
     verify_checksums_beside,
@@ -80,7 +80,7 @@ def ship_weights(model: nn.Module, tag: str, root: str | Path = WEIGHTS_DIR, for
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "config.json").read_text())
+    return read_json(Path(folder) / "config.json")
 
 
 def write_class_map(label_names: Sequence[str], path: str | Path) -> Path:

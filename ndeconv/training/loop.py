@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import math
 import os
 import platform
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..datasets import ImageSource, eval_crop_pct, get_spec, load_split
 from ..errors import NdeconvError, UsageError, error_summary, os_error_fix
-from ..io import save_json_atomic, save_safetensors_atomic
+from ..io import read_json, save_json_atomic, save_safetensors_atomic
 from ..layers.deconvolve import deconvolve
 from ..layers.fast_deconv import set_fast_mode
 from ..layers.sync import sync_deconv
@@ -195,7 +194,7 @@ def _eval_seconds_left(history: list[dict[str, Any]], epoch: int, total_steps: i
 
 def _is_run_dir(path: Path) -> bool:
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = read_json(path / CONFIG_FILE)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("train"), dict)

@@ -4,7 +4,6 @@ while the trainer loads initial weights through it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, error_summary
-from ..io import load_safetensors
+from ..io import load_safetensors, read_json
 from ..layers.deconvolve import deconvolve
 from .lock import LOCK_FILE
 
@@ -57,7 +56,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{run_dir}: no {CONFIG_FILE}; it is not a run directory of `ndeconv train`")
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as err:
         raise UsageError(f"{path}: not readable JSON ({err}); the run directory is damaged") from err
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict):

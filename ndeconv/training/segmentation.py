@@ -16,7 +16,6 @@ evaluation), and ``.lock`` held while a run trains in it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import random
@@ -34,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import Interrupted, UsageError, error_summary
-from ..io import save_json_atomic, save_safetensors_atomic
+from ..io import read_json, save_json_atomic, save_safetensors_atomic
 from .checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .dist import setup
 from .interrupt import StopRequests
@@ -77,7 +76,7 @@ class SegTrainResult:
 
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+        data = read_json(Path(run_dir) / CONFIG_FILE)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
