@@ -163,7 +163,12 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - unreadable files get load_safetensors' clear error later
         return None
     if text:
-        return parse_json(text)
+        where = f"{path} (its {METADATA_KEY} metadata)"
+        try:
+            return _checked_config(parse_json(text), where)
+        except ValueError as err:
+            raise NdeconvError(f"{where}: not JSON ({err}); the file is damaged: fold the model again with "
+                               "`ndeconv fold`") from err
     sidecar = path.with_name("config.json")
     if sidecar.is_file():
         try:
@@ -171,8 +176,31 @@ def _read_config(path: Path) -> dict[str, Any] | None:
         except (OSError, ValueError) as err:
             raise NdeconvError(f"{sidecar}: not readable JSON ({err})") from err
         if isinstance(config, dict) and config.get("format") == FOLDED_FORMAT:
-            return config
+            return _checked_config(config, str(sidecar))
     return None
+
+
+def _checked_config(config: Any, where: str) -> dict[str, Any]:
+    """A folded config whose fields have the types loading relies on, else one NdeconvError naming the field: the
+    metadata of a file is input like any other (a crafted or damaged one must not reach the builder)."""
+    def bad(what: str) -> NdeconvError:
+        return NdeconvError(f"{where}: {what}; it is not a folded config `ndeconv fold` writes: fold the model again")
+
+    if not isinstance(config, dict):
+        raise bad(f"the folded config is a JSON {type(config).__name__}, not an object")
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise bad(f"format_version {version!r} is not a version number")
+    dtype = config.get("dtype", "float32")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype) or \
+            not getattr(torch, dtype).is_floating_point:
+        raise bad(f"dtype {dtype!r} is not a floating-point torch dtype")
+    if not isinstance(config.get("architecture"), str):
+        raise bad(f"architecture {config.get('architecture')!r} is not a model name")
+    for key in ("model_args", "pretrained_cfg"):
+        if not isinstance(config.get(key, {}), dict):
+            raise bad(f"{key} is not a JSON object")
+    return config
 
 
 def is_folded_file(path: str | os.PathLike) -> bool:

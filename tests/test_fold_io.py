@@ -234,3 +234,52 @@ def test_folded_file_loads_on_its_dtype(tmp_path) -> None:
     x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(loaded(x), folded(x))
+
+
+def _with_metadata(path: Path, out: Path, text: str) -> Path:
+    """A copy of the folded file at ``path`` whose folded config (safetensors metadata) is ``text``."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    out.mkdir()
+    save_file(load_file(str(path)), str(out / "m.safetensors"), metadata={**metadata, METADATA_KEY: text})
+    return out / "m.safetensors"
+
+
+@pytest.fixture(scope="module")
+def folded_file(tmp_path_factory) -> Path:
+    model = moved(timm.create_model("pnasnet_a_deconv", in_chans=1))
+    path, _ = save_folded(fold(model.eval(), check=False), tmp_path_factory.mktemp("folded") / "m.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda config: "{not json", "not JSON"),
+    (lambda config: json.dumps([1, 2]), "a JSON list, not an object"),
+    (lambda config: json.dumps({**config, "dtype": "load"}), "dtype 'load' is not a floating-point torch dtype"),
+    (lambda config: json.dumps({**config, "dtype": "int8"}), "dtype 'int8' is not a floating-point torch dtype"),
+    (lambda config: json.dumps({**config, "format_version": "2"}), "format_version '2' is not a version number"),
+    (lambda config: json.dumps({**config, "architecture": 3}), "architecture 3 is not a model name"),
+], ids=["not-json", "list", "dtype-load", "dtype-int8", "version-str", "architecture-int"])
+def test_damaged_folded_metadata_is_one_line(folded_file: Path, tmp_path: Path, capsys, change, said) -> None:
+    from ndeconv.cli import main
+
+    with safe_open(str(folded_file), framework="pt") as f:
+        config = json.loads(f.metadata()[METADATA_KEY])
+    damaged = _with_metadata(folded_file, tmp_path / "damaged", change(config))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(damaged), "--dataset", "fashion_mnist", "--test-subset", "8"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err and METADATA_KEY in err, err
+
+
+def test_a_float16_folded_file_evaluates_in_float16(folded_file: Path, tmp_path: Path, capsys) -> None:
+    from ndeconv.cli import main
+
+    with safe_open(str(folded_file), framework="pt") as f:
+        config = json.loads(f.metadata()[METADATA_KEY])
+    half = _with_metadata(folded_file, tmp_path / "half", json.dumps({**config, "dtype": "float16"}))
+    assert next(load_folded(half).parameters()).dtype == torch.float16
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(half), "--dataset", "fashion_mnist", "--test-subset", "8"]) == 0

@@ -56,9 +56,12 @@ def evaluate(
     model.eval()
     loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    # Inputs in the model's own dtype: a folded file stored in float64 or float16 is evaluated as it was saved.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
         for images, labels in batch_loader(source, eval_batches(len(source), batch_size, rank, world), num_workers):
-            x, y = preprocess(images).to(device).contiguous(memory_format=memory_format), labels.to(device)
+            x = preprocess(images).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+            y = labels.to(device)
             with autocast:
                 logits = model(x)
             logits = logits.float()
