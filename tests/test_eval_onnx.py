@@ -99,3 +99,36 @@ def test_readme_first_command_on_a_few_images(tmp_path: Path, capsys: pytest.Cap
     assert main(["eval", str(path), "--test-subset", "64"]) == 0
     out = capsys.readouterr().out
     assert "(onnxruntime) on fashion_mnist test (64 images): top-1" in out and "recorded top-1" in out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return export_onnx(_model(), tmp_path_factory.mktemp("onnx") / "m.onnx", verify=False).path
+
+
+@needs_fashion
+@pytest.mark.parametrize("key, value, said", [
+    ("std", "[0.0]", "not a JSON list of finite numbers > 0"),
+    ("std", "[-1.0]", "not a JSON list of finite numbers > 0"),
+    ("std", "[NaN]", "not a JSON list of finite numbers > 0"),
+    ("mean", "[NaN]", "not a JSON list of finite numbers"),
+    ("mean", '["zero"]', "not a JSON list of finite numbers"),
+    ("mean", "{}", "not a JSON list of finite numbers"),
+    ("num_classes", "ten", "is not a whole number of classes"),
+    ("num_classes", "2.5", "is not a whole number of classes"),
+], ids=["std-0", "std-negative", "std-nan", "mean-nan", "mean-text", "mean-object", "classes-text", "classes-2.5"])
+def test_onnx_preprocessing_metadata_is_validated(exported: Path, tmp_path: Path, capsys, key, value, said) -> None:
+    """A preprocessing value that would make every number wrong (a NaN loss, a top-1 of nothing) is one line
+    naming the key, not a top-1."""
+    import onnx
+
+    proto = onnx.load(str(exported))
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(proto, str(damaged))
+    capsys.readouterr()
+    assert main(["eval", str(damaged), "--test-subset", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"metadata_props['{key}']" in err and said in err, err

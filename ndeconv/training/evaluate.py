@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..datasets import ImageSource
 from ..errors import UsageError
+from ..io import parse_json
 from .data import Preprocess, batch_loader, eval_batches
 from .dist import DistContext
 from .metrics import topk_correct
@@ -162,7 +163,11 @@ class OnnxClassifier(nn.Module):
         self.static_batch = shape[0] if isinstance(shape[0], int) else None
         self.input_size: tuple[int, int, int] = tuple(shape[1:])
         classes = self.session.get_outputs()[0].shape
-        self.num_classes = int(self.metadata.get("num_classes") or (classes[-1] if isinstance(classes[-1], int) else 0))
+        recorded = self.metadata.get("num_classes")
+        if recorded is not None and not (recorded.strip().isdigit() and int(recorded) >= 1):
+            raise UsageError(f"{path}: metadata_props['num_classes'] = {recorded!r} is not a whole number of classes; "
+                             "re-export the file with `ndeconv export`")
+        self.num_classes = int(recorded or (classes[-1] if isinstance(classes[-1], int) else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.input_size:
@@ -184,11 +189,24 @@ def _metadata_list(metadata: dict[str, str], key: str, path: Path) -> list | Non
     if key not in metadata:
         return None
     try:
-        value = json.loads(metadata[key])
+        value = parse_json(metadata[key])
     except ValueError as err:
         raise UsageError(f"{path}: metadata_props['{key}'] = {metadata[key]!r} is not JSON ({err}); re-export the "
                          "file with `ndeconv export`") from err
     return value if isinstance(value, list) else None
+
+
+def _metadata_numbers(metadata: dict[str, str], key: str, path: Path, positive: bool = False) -> list[float] | None:
+    """The list of finite numbers (``positive``: > 0) a preprocessing key holds, else one line naming the key: a
+    std of 0 or NaN would otherwise score every image as NaN and report a top-1 as if nothing were wrong."""
+    values = _metadata_list(metadata, key, path)
+    if key in metadata and (values is None or not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+            for v in values)):
+        need = "finite numbers > 0" if positive else "finite numbers"
+        raise UsageError(f"{path}: metadata_props['{key}'] = {metadata[key]!r} is not a JSON list of {need}; "
+                         "re-export the file with `ndeconv export`")
+    return values
 
 
 def evaluate_onnx(
@@ -227,8 +245,8 @@ def evaluate_onnx(
     if channels != spec.in_chans:
         raise UsageError(f"{path} takes {channels}-channel images but {spec.name} has {spec.in_chans}; evaluate it on "
                          "the dataset it was trained for")
-    mean = _metadata_list(metadata, "mean", model.path) or list(spec.mean)
-    std = _metadata_list(metadata, "std", model.path) or list(spec.std)
+    mean = _metadata_numbers(metadata, "mean", model.path) or list(spec.mean)
+    std = _metadata_numbers(metadata, "std", model.path, positive=True) or list(spec.std)
     if len(mean) != channels or len(std) != channels:
         raise UsageError(f"{path}: metadata_props mean {mean} / std {std} do not give {channels} values; re-export "
                          "the file with `ndeconv export`")
