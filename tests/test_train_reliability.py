@@ -402,3 +402,21 @@ def test_scripts_test_sh_runs_everything_in_a_virtual_environment(tmp_path: Path
     assert "reusing" in again.stdout + again.stderr
     calls = log.read_text().splitlines()
     assert all(c.startswith("venv-python ") for c in calls), calls  # no second venv, no system python
+
+
+@pytest.mark.parametrize("command", ["train", "train-seg"])
+def test_force_never_replaces_a_weights_folder(tmp_path: Path, command: str, capsys) -> None:
+    """A copy of a shipped weights folder holds a run's config.json, but --force is refused there: nothing in it
+    changes."""
+    from ndeconv.cli import main
+    from ndeconv.zoo._pretrained import WEIGHTS_DIR
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR / "efficientnet_b0_deconv.fashion_mnist", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    argv = ["train", "--arch", "efficientnet_b0", *TINY[2:]] if command == "train" else \
+        ["train-seg", "--model", "fcn_resnet50", "--dataset", "voc", "--data-dir", str(tmp_path)]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(folder), "--force"]) == 2
+    assert "is a weights folder (it has a SHA256SUMS)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, error_summary
-from ..io import load_safetensors, read_json
+from ..io import CHECKSUMS_FILE, load_safetensors, read_json
 from ..layers.deconvolve import deconvolve
 from .lock import LOCK_FILE
 
@@ -34,6 +34,11 @@ def check_new_run_dir(run_dir: Path, force: bool, is_run: Callable[[Path], bool]
     if has_files and not force:
         raise UsageError(f"{run_dir} already exists and is not empty; pass --resume {run_dir} to continue it, "
                          "--force to start over in it, or another --out")
+    if has_files and force and (run_dir / CHECKSUMS_FILE).exists():
+        # A shipped or published weights folder holds a run's config.json too, but its weights are the product:
+        # --force never replaces them.
+        raise UsageError(f"--force starts over only in a run directory of `{command}`; {run_dir} is a weights "
+                         f"folder (it has a {CHECKSUMS_FILE}), so nothing in it is touched: choose another --out")
     if has_files and force and not is_run(run_dir):
         raise UsageError(f"--force starts over only in a run directory of `{command}`; {run_dir} is not one "
                          "(no config.json of such a run), so nothing in it is touched: choose another --out")
