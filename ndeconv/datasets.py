@@ -118,27 +118,47 @@ def _find(folder: Path, stems: Sequence[str]) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError) as err:
-        raise UsageError(f"{path}: cannot read it ({err}); the file is truncated or not an IDX file") from err
+# An IDX file's body may hold at most this many bytes: ten times the largest file of the MNIST family (EMNIST's
+# 0.7 GB), so a crafted header (dimensions whose product overflows, a gzip bomb) is refused before any body is read.
+_IDX_MAX_BYTES = 8 * 2**30
+_IDX_MAX_NDIM = 4  # images (N, H, W) and labels (N) of the ubyte format; 4 leaves room for (N, H, W, C)
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (ubyte data only, as MNIST ships) as a uint8 tensor of the shape its header gives."""
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
-        raise UsageError(f"{path}: not an unsigned-byte IDX file (bad magic number); use the original MNIST files")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(torch.tensor(shape).prod()) if ndim else header
-    if len(data) != expected:
-        raise UsageError(f"{path}: holds {len(data)} bytes but its header says {expected}; the file is truncated")
-    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+    """An IDX file (ubyte data only, as MNIST ships) as a uint8 tensor of the shape its header gives.
+
+    The header is validated before the body is read, and no more body is read (or decompressed, for .gz) than the
+    header promises plus one byte: a crafted file costs nothing but its header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0:2] != b"\x00\x00" or magic[2] != 0x08:
+                raise UsageError(f"{path}: not an unsigned-byte IDX file (bad magic number); use the original MNIST "
+                                 "files")
+            ndim = magic[3]
+            if not 1 <= ndim <= _IDX_MAX_NDIM:
+                raise UsageError(f"{path}: its header gives {ndim} dimensions (an IDX image or label file has 1 to "
+                                 f"{_IDX_MAX_NDIM}); the file is damaged or not MNIST data")
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise UsageError(f"{path}: the header ends early; the file is truncated")
+            shape = struct.unpack(f">{ndim}I", dims)
+            size = math.prod(shape)  # Python's integers: no overflow
+            if size == 0:
+                raise UsageError(f"{path}: its header gives the shape {shape}, which holds no data; use a file with "
+                                 "images in it")
+            if size > _IDX_MAX_BYTES:
+                raise UsageError(f"{path}: its header gives the shape {shape} ({size:,} bytes), more than an IDX "
+                                 f"dataset holds (at most {_IDX_MAX_BYTES:,}); the file is damaged or crafted")
+            body = f.read(size + 1)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise UsageError(f"{path}: cannot read it ({err}); the file is truncated or not an IDX file") from err
+    if len(body) != size:
+        what = "truncated" if len(body) < size else "longer than its header says"
+        raise UsageError(f"{path}: its header says {4 + 4 * ndim + size} bytes but the file holds "
+                         f"{'more' if len(body) > size else 4 + 4 * ndim + len(body)}; the file is {what}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
 def _load_idx(spec: DatasetSpec, folder: Path, split: str, size: int = 32) -> TensorSource:

@@ -212,3 +212,57 @@ def test_epoch_batches_shuffle_and_shard() -> None:
     assert len(ranks[0]) == len(ranks[1]) == 5 and set(ranks[0].tolist()).isdisjoint(ranks[1].tolist())
     shards = [torch.cat(eval_batches(7, 2, rank=r, world=2)) for r in range(2)]
     assert sorted(torch.cat(shards).tolist()) == list(range(7))  # every test image exactly once
+
+
+def _idx(shape: tuple[int, ...], body: bytes = b"", ndim: int | None = None) -> bytes:
+    ndim = len(shape) if ndim is None else ndim
+    return b"\x00\x00\x08" + bytes([ndim]) + struct.pack(f">{len(shape)}I", *shape) + body
+
+
+@pytest.mark.parametrize("content, said", [
+    (_idx((1,) * 255, b"\x00"), "its header gives 255 dimensions"),
+    (_idx((0, 28, 28)), "which holds no data"),
+    (_idx((2**32 - 1, 2**32 - 1, 2**32 - 1)), "more than an IDX dataset holds"),
+    (_idx((2, 2), b"\x00" * 5), "longer than its header says"),
+    (_idx((2, 2), b"\x00" * 3), "truncated"),
+    (b"\x00\x00\x08\x03\x00\x00", "the header ends early"),
+], ids=["ndim-255", "no-images", "overflow", "longer", "shorter", "short-header"])
+def test_crafted_idx_headers_are_one_line(tmp_path: Path, content: bytes, said: str) -> None:
+    path = tmp_path / "crafted-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=said):
+        read_idx(path)
+
+
+def test_a_gzip_bomb_is_refused_after_reading_what_the_header_promises(tmp_path: Path, monkeypatch) -> None:
+    """256 MB of zeros (a 1 MB file) behind a header that promises 4 bytes: refused after decompressing the header
+    and 5 bytes of body, not the 256 MB."""
+    import ndeconv.datasets
+
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(_idx((4,)))
+        for _ in range(16):
+            f.write(bytes(2**24))
+    decompressed = []
+    real_open = gzip.open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def read(self, n=-1):
+            data = self.file.read(n)
+            decompressed.append(len(data))
+            return data
+
+    monkeypatch.setattr(ndeconv.datasets.gzip, "open", Counting)
+    with pytest.raises(UsageError, match="longer than its header says"):
+        read_idx(path)
+    assert sum(decompressed) == 4 + 4 + 5
