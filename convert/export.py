@@ -455,6 +455,7 @@ def export_onnx(
         channels = first.in_channels if first is not None else "C"
         want = f"({channels}, {_SPATIAL_LETTERS[dims]})"
         raise NdeconvError(f"input_size {input_size} does not fit {type(model).__name__}: it takes {want}")
+    _refuse_what_memory_cannot_hold(first, input_size, max(2, static_batch or 2))
     # A cfg it cannot describe fails before any work: the metadata is built once here, and once more below with
     # the output names and axes, which need a forward of the model.
     onnx_metadata(model, input_size, opset=opset, static_batch=static_batch, folded=fold_model, config=config,
@@ -523,6 +524,36 @@ def export_onnx(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     result.path = path
     return result
+
+
+def _available_memory() -> int | None:
+    """The bytes of memory available to a new allocation (Linux's MemAvailable), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _refuse_what_memory_cannot_hold(first: nn.Module | None, input_size: tuple[int, ...], batch: int) -> None:
+    """Refuse, before any tracing, an input size whose activations cannot fit: the example batch and the first
+    convolution's output alone (a lower bound of what the probe, the fold check and the export hold at once) must
+    fit in the memory available. Without it, ``--input-size 1 20000 20000`` is a traceback after allocating
+    until the machine gives up."""
+    available = _available_memory()
+    if first is None or available is None:
+        return
+    strides = tuple(first.stride) if isinstance(first.stride, tuple) else (first.stride,) * (len(input_size) - 1)
+    spatial = input_size[1:]
+    out_pixels = math.prod(-(-s // st) for s, st in zip(spatial, strides, strict=False))
+    need = 4 * batch * (math.prod(input_size) + first.out_channels * out_pixels)
+    if need > available:
+        raise NdeconvError(
+            f"input_size {input_size}: the example batch of {batch} and the first convolution's output alone need "
+            f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory available; export at a "
+            "smaller size (a fully convolutional model's file takes any size once exported)")
 
 
 def onnx_op_types(path: str | os.PathLike) -> Counter:

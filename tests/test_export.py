@@ -270,3 +270,29 @@ def test_readme_documents_every_metadata_key() -> None:
     section = text.split("## ONNX export", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M))
     assert documented == set(METADATA_KEYS)
+
+
+def test_an_input_size_whose_activations_cannot_fit_is_refused_before_tracing(tmp_path, capsys) -> None:
+    """--input-size 1 20000 20000: one line saying how much the first layer alone needs, nothing written, and no
+    allocation tried (the refusal comes before the probe forward)."""
+    from ndeconv.cli import main
+
+    out = tmp_path / "big.onnx"
+    capsys.readouterr()
+    assert main(["export", "resnet18_deconv.fashion_mnist", "--input-size", "1", "20000", "20000", "-o",
+                 str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the first convolution's output alone need" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_counts_batch_channels_and_stride(monkeypatch) -> None:
+    import ndeconv.convert.export as export_module
+
+    conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3)
+    need = 4 * 2 * (3 * 1000 * 1000 + 64 * 500 * 500)  # 88 MB at batch 2
+    monkeypatch.setattr(export_module, "_available_memory", lambda: need)
+    export_module._refuse_what_memory_cannot_hold(conv, (3, 1000, 1000), 2)  # fits exactly
+    monkeypatch.setattr(export_module, "_available_memory", lambda: need - 1)
+    with pytest.raises(NdeconvError, match="need 0.1 GiB"):
+        export_module._refuse_what_memory_cannot_hold(conv, (3, 1000, 1000), 2)
