@@ -6,9 +6,12 @@ sets ``func`` to a callable taking the parsed arguments and returning an exit st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from .errors import Interrupted, NdeconvError, os_error_line
 
@@ -55,6 +58,39 @@ def _subcommand(argv: Sequence[str]) -> str:
     return ""
 
 
+def _output_claimed(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The claim on the file a writing command names (its ``claims`` default: the attribute holding the path),
+    taken before any work: a second command writing the same path at once is refused in one line."""
+    if not getattr(args, "claims", None):
+        return contextlib.nullcontext()
+    from .file_lock import claim_output
+
+    return claim_output(getattr(args, args.claims), getattr(args, "force", False))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is: like KeyboardInterrupt a BaseException, so no ``except Exception``
+    that turns a library's failure into one line takes it for a failure."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(command: str) -> Iterator[None]:
+    """SIGTERM treated as Ctrl-C: the command's cleanup runs (temporary files, claims, folders it made) and it
+    ends with one line and status 143. Training handles both signals itself (a checkpoint first)."""
+    if command in ("train", "train-seg") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_subcommand(argv))
@@ -63,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _output_claimed(args), _sigterm_interrupts(args.command):
+            return int(args.func(args) or 0)
     except Interrupted as err:  # asked for, not a failure: no "error:"
         print(f"ndeconv {args.command}: {err}", file=sys.stderr)
         return err.exit_code
@@ -78,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ndeconv {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"ndeconv {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

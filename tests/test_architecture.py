@@ -27,7 +27,7 @@ def layer(module: str) -> int | None:
     if module.startswith("ndeconv.convert"):
         return CONVERT
     core = ("ndeconv.layers", "ndeconv.errors", "ndeconv.io", "ndeconv.runtime", "ndeconv.datasets",
-            "ndeconv.dataset_specs", "ndeconv.onnx_defaults",
+            "ndeconv.dataset_specs", "ndeconv.onnx_defaults", "ndeconv.file_lock",
             "ndeconv._source_tree", "ndeconv._version")
     if any(module == c or module.startswith(c + ".") for c in core):
         return CORE

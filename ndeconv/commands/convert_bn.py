@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="converted weights; config.json is written beside it")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT and the config.json `ndeconv convert-bn` wrote beside it")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, claims="output")  # ndeconv.cli claims the output file before the command runs
 
 
 def _run(args: argparse.Namespace) -> int:

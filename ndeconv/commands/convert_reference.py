@@ -40,4 +40,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="output weights file; config.json is written beside it")
     parser.add_argument("--force", action="store_true",
                         help="overwrite OUT and the config.json this command wrote beside it")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run, claims="output")  # ndeconv.cli claims the output file before it runs

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check the file with onnx.checker and onnxruntime (default: on)")
     add_input_size_argument(p, "traced and verified with")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, claims="output")  # ndeconv.cli claims the output file before the command runs
 
 
 def add_input_size_argument(parser: argparse.ArgumentParser, use: str) -> None:

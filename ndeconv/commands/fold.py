@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="leave BatchNorms as they are (the folded file then loads with timm.create_model(NAME, "
                         "folded=True) alone)")
     add_input_size_argument(p, "checked with")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, claims="output")  # ndeconv.cli claims the output file before the command runs
 
 
 def _run(args: argparse.Namespace) -> int:

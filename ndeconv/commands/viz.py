@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=6,
                    help=f"test images to show, at most {MAX_IMAGES} (default: 6)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, claims="out")  # ndeconv.cli claims the output file before the command runs
 
 
 def _run(args: argparse.Namespace) -> int:

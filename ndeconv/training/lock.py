@@ -9,13 +9,11 @@ can name it.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
-import time
 from pathlib import Path
 
 from ..errors import UsageError
+from ..file_lock import LockBusy, release_lock, take_lock
 
 __all__ = ["LOCK_FILE", "RunDirLock"]
 
@@ -49,38 +47,21 @@ class RunDirLock:
                     raise UsageError(f"{self.run_dir} is a file; choose a folder path") from None
             except OSError as err:
                 raise UsageError(f"cannot create the run directory {self.run_dir}: {err.strerror}") from err
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as err:
-                self._undo_dir()
-                raise UsageError(f"cannot write to {self.run_dir}: {err.strerror}; choose another --out") from err
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise UsageError(f"{self.run_dir} is in use by another training ({holder}); wait for it to end or "
-                                 "stop it, or choose another --out") from None
-            # The previous holder removes the file as it releases: if it did so between our open and our flock,
-            # we hold a lock on a file no one else will open. Take the one now at the path instead.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:
+            fd = take_lock(self.path)
+        except LockBusy as busy:
+            self._undo_dir()
+            raise UsageError(f"{self.run_dir} is in use by another training ({busy.holder}); wait for it to end or "
+                             "stop it, or choose another --out") from None
+        except OSError as err:
+            self._undo_dir()
+            raise UsageError(f"cannot write to {self.run_dir}: {err.strerror}; choose another --out") from err
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is None:
             return
-        # Removed while still held, so no one can take a lock on a file about to disappear (see acquire).
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
+        release_lock(self.path, self._fd)
         self._fd = None
         self._undo_dir()
 
@@ -98,18 +79,3 @@ class RunDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _holder(fd: int) -> str:
-    """'pid N' (and the host when it is another machine's) from a lock file held by someone else."""
-    text = ""
-    for _ in range(20):  # the holder writes its pid just after taking the lock: give it a moment
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 256).decode(errors="replace").strip()
-        if text:
-            break
-        time.sleep(0.025)
-    pid, _, host = text.partition(" ")
-    if not pid:
-        return "pid unknown"
-    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
