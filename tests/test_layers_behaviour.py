@@ -519,3 +519,24 @@ def test_deconvolve_changes_nothing_when_a_conv_cannot_convert():
 def test_public_api():
     for name in ("FastDeconv", "Delinear", "ChannelDeconv", "deconvolve"):
         assert hasattr(ndeconv, name)
+
+
+@pytest.mark.parametrize("calibrate", [False, True], ids=["plain", "calibrated"])
+def test_deconvolve_refuses_a_shared_conv_the_same_on_both_paths(calibrate: bool) -> None:
+    """One conv module registered twice would become two FastDeconvs with their own weights (twice the
+    parameters), silently: refused, with the model unchanged."""
+    from ndeconv import deconvolve
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.again = self.conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.again(torch.relu(self.conv(x)))
+
+    model = Shared()
+    with pytest.raises(ValueError, match="conv and again are one conv module used twice"):
+        deconvolve(model, calibrate=[torch.randn(2, 3, 8, 8)] if calibrate else None)
+    assert type(model.conv) is nn.Conv2d and model.conv is model.again

@@ -68,6 +68,8 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
     conv_type = next((t for t in (nn.Conv3d, nn.Conv2d) if t in present), nn.Conv1d)
     norm_type = _REPLACEMENTS[conv_type][1]
 
+    seen: dict[int, str] = {}  # id of each conv planned -> its name
+
     def visit(parent: nn.Module, prefix: str) -> bool:
         names = list(parent._modules.keys())
         for i, name in enumerate(names):
@@ -76,6 +78,14 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
                 continue
             if type(child) is conv_type:
                 _check_convertible(prefix + name, child)
+                if id(child) in seen:
+                    # Replacing each place by its own FastDeconv would untie the weights (twice the parameters)
+                    # and give each place statistics of its own: not the network that was given.
+                    raise ValueError(
+                        f"deconvolve: {seen[id(child)]} and {prefix + name} are one conv module used twice; "
+                        "deconvolution would untie them into two layers with their own weights: untie them in the "
+                        "model first (a copy.deepcopy of one) if that is what you want")
+                seen[id(child)] = prefix + name
                 nxt_name = names[i + 1] if i + 1 < len(names) else None
                 nxt = parent._modules.get(nxt_name) if nxt_name else None
                 is_norm = isinstance(nxt, norm_type) and nxt.num_features == child.out_channels
