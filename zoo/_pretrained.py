@@ -434,6 +434,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
     if source is None:  # an in-memory state_dict, or a URL: timm reads it (no zoo weights come from either)
         kwargs["pretrained_cfg_overlay"] = overlay
         return _fit_in_chans(cfg, kwargs, user_input_size)
+    if source.kind in ("local-dir", "hf-hub"):
+        _check_config_fits(cfg, state, source)
     # timm loads these tensors, not the file again: the bytes checked are the bytes loaded.
     kwargs["pretrained_filter_fn"] = VerifiedWeights(state, source, cfg, kwargs.get("pretrained_filter_fn"))
     overlay.update(VerifiedWeights.overlay(source))
@@ -462,6 +464,26 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -
             overlay.setdefault(key, None)
     kwargs["pretrained_cfg_overlay"] = overlay
     return _fit_in_chans(cfg, kwargs, user_input_size)
+
+
+# More classes than any classifier a zoo model is trained for: a mistyped value (10**9), not a real head.
+_MAX_CLASSES = 1_000_000
+
+
+def _check_config_fits(cfg: Any, state: dict[str, torch.Tensor], source: WeightsSource) -> None:
+    """The config.json of a Hub or local-dir folder checked against the weights it describes, as ``--checkpoint``
+    checks one beside a file: its ``num_classes`` must be a number of classes, and the weights' own classifier's
+    (a config that says 0 would drop the trained head and score pooled features as logits)."""
+    where = source.path.parent / "config.json"
+    num_classes = getattr(cfg, "num_classes", None)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= _MAX_CLASSES:
+        raise UsageError(f"{where}: num_classes {num_classes!r} is not a number of classes (0 to {_MAX_CLASSES:,}); "
+                         "correct the file")
+    head = next((state[f"{n}.weight"] for n in _names(cfg.classifier) if f"{n}.weight" in state), None)
+    if head is not None and head.dim() >= 1 and head.shape[0] != num_classes:
+        raise UsageError(f"{where}: num_classes {num_classes} does not match the weights' {head.shape[0]}-class "
+                         f"classifier ({_names(cfg.classifier)[0]}.weight); correct the file, or pass num_classes= "
+                         "to build another head on the same features")
 
 
 def missing_weights_line(label: str, folder: Path, hf_hub_id: str) -> str:
