@@ -115,3 +115,14 @@ def test_loader_errors_name_the_fix(tmp_path):
         load_model(tmp_path / "w.safetensors")
     with pytest.raises(UsageError, match="drop it"):
         load_model("resnet18_deconv", arch="vgg16_deconv")
+
+
+def test_eval_of_a_timm_checkpoint_says_which_flags_give_its_data(trained, capsys):
+    """A timm train.py checkpoint records no dataset: the one line says what to pass for it (an image folder)."""
+    from ndeconv.cli import main
+
+    _, folder = trained
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder / "model_best.pth.tar")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "for a timm train.py checkpoint --dataset imagefolder --data-dir DIR" in err

@@ -90,6 +90,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.base_size is not None:
         raise UsageError("--base-size sizes a segmentation model's images; for a classifier drop it (use --img-size)")
     if not dataset:
+        if args.checkpoint is not None:
+            # A weights file alone records no data: timm's train.py checkpoints (model_best.pth.tar) included.
+            raise UsageError(f"{args.checkpoint} does not say what data it was trained on; pass --dataset "
+                             "(fashion_mnist, mnist, cifar10, cifar100), or for a timm train.py checkpoint "
+                             "--dataset imagefolder --data-dir DIR, the folder train.py read (and --class-map FILE "
+                             "if it used one)")
         raise UsageError("which data? pass --dataset (fashion_mnist, mnist, cifar10, cifar100, imagefolder)")
     if class_map is not None and get_spec(dataset).kind != "imagefolder":
         raise UsageError(f"--class-map orders an image folder's classes; {dataset} has its own order: drop it or "
