@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["LockBusy", "claim_output", "release_lock", "take_lock"]
+__all__ = ["LockBusy", "claim_output", "refuse_existing_output", "release_lock", "take_lock"]
 
 
 class LockBusy(Exception):
@@ -110,17 +110,23 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()  # only when nothing was written into it
 
 
+def refuse_existing_output(path: str | os.PathLike, force: bool) -> Path:
+    """``path`` as a Path, unless it is a folder, or a file that exists and ``force`` does not replace."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; name the output file (e.g. {path / 'model.safetensors'})")
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    return path
+
+
 @contextlib.contextmanager
 def claim_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Claim the file ``path`` for writing until the block ends: refuse a folder, an existing file without
     ``force``, an unwritable folder, or a path another process is writing now (one line naming it); create the
     missing folders, and remove them again if the block fails with nothing written into them. Re-entrant within
     a process."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; name the output file (e.g. {path / 'model.safetensors'})")
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    path = refuse_existing_output(path, force)
     parent = path.parent if str(path.parent) else Path(".")
     created = _make_parents(parent)
     lock = parent / f".{path.name}.lock"

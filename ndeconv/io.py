@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from .errors import ChecksumError, NdeconvError, UsageError, error_summary
+from .file_lock import refuse_existing_output
 
 __all__ = [
     "CHECKSUMS_FILE",
@@ -45,12 +46,9 @@ CHECKSUMS_FILE = "SHA256SUMS"
 
 
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse to overwrite an existing file unless ``force``; make sure the folder exists and is writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; name the output file (e.g. {path / 'model.safetensors'})")
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another output path")
+    """Refuse to overwrite an existing file unless ``force``; make sure the folder exists and is writable. (The
+    commands also claim the path: ``ndeconv.file_lock.claim_output``.)"""
+    path = refuse_existing_output(path, force)
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
