@@ -159,15 +159,13 @@ def amp_speed_block(bf16: Path, fp32: Path) -> str:
     runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
     row = {k: r["models"][0] for k, r in runs.items()}
     fastest = {(k, form): row[k][f"{form}_train"]["min_s"] for k in row for form in ("nd", "bn")}
-    load = max(r["machine"]["load_average_at_start"][0] for r in runs.values())
     cpu = runs["bf16"]["machine"].get("cpu", "an unrecorded CPU")
     return (f"Measured on {runs['bf16']['machine'].get('cpu_count', '?')} cores of an {cpu} "
             f"(`{runs['bf16']['command']}`, and the same without `--amp` as `{fp32.stem}`): the BatchNorm "
             f"ResNet-18's fastest training step at batch {row['bf16']['batch']} took {fastest['bf16', 'bn']:.1f} s "
             f"under bf16 autocast against {fastest['fp32', 'bn']:.1f} s in float32 "
             f"({fastest['bf16', 'bn'] / fastest['fp32', 'bn']:.1f}x slower), the deconvolution one "
-            f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s (other work shared the cores: load "
-            f"average up to {load:.0f}, so the ratios are coarse).\n")
+            f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s.\n")
 
 
 def main() -> int:
