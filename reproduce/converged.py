@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "reproduce"))
+sys.path[:0] = [str(ROOT), str(ROOT / "reproduce")]
 
 from paper_claim import ARCHS, read_run  # noqa: E402
 from readme_block import write_readme_block  # noqa: E402
+
+from ndeconv.io import save_json_atomic  # noqa: E402
 
 PAPER_CLAIM = ROOT / "reproduce" / "results" / "paper_claim.json"
 RESULTS = ROOT / "reproduce" / "results" / "converged.json"
@@ -49,17 +48,6 @@ TOLERANCE = 0.3  # points of test top-1 the reduced-precision check may lose aga
 BF16_ARGS = ["--amp", "bf16", "--channels-last"]
 
 
-def cpu_name() -> str:
-    """The CPU's model name (lscpu's "Model name"), for the records a measurement writes."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def float32_exact_top1(paper_claim: Path = PAPER_CLAIM) -> float:
     rows = {row["arch"]: row for row in json.loads(paper_claim.read_text())["rows"]}
     return float(rows["resnet18"]["nd"]["test_top1"])
@@ -68,7 +56,9 @@ def float32_exact_top1(paper_claim: Path = PAPER_CLAIM) -> float:
 def decide(runs: Path, native_bf16: bool, paper_claim: Path = PAPER_CLAIM) -> dict[str, Any]:
     """The precision record for ``runs``: float32 without native bf16, else by the check run's top-1."""
     reference = float32_exact_top1(paper_claim)
-    record: dict[str, Any] = {"cpu": cpu_name(), "native_bf16": native_bf16, "float32_exact_top1": reference,
+    from benchmarks._common import machine_info  # the CPU as every benchmark result names it
+
+    record: dict[str, Any] = {"cpu": machine_info()["cpu"], "native_bf16": native_bf16, "float32_exact_top1": reference,
                               "tolerance": TOLERANCE}
     if not native_bf16:
         return {**record, "precision": "float32", "args": [],
@@ -84,13 +74,6 @@ def decide(runs: Path, native_bf16: bool, paper_claim: Path = PAPER_CLAIM) -> di
                 "reason": f"bf16 check {top1:.2f} is within {TOLERANCE} of float32 exact {reference:.2f}"}
     return {**record, "precision": "float32", "args": [],
             "reason": f"bf16 check {top1:.2f} is more than {TOLERANCE} below float32 exact {reference:.2f}"}
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_precision(runs: Path) -> dict[str, Any]:
@@ -258,7 +241,7 @@ def report(runs: Path, out: Path = RESULTS.parent, docs: Path | None = None,
     their markers)."""
     result = collect(runs, previous=out / RESULTS.name)
     command = f"python reproduce/converged.py report --runs {runs}".replace(str(Path.home()), "~")
-    _write_json(out / RESULTS.name, {"command": command, **result})
+    save_json_atomic({"command": command, **result}, out / RESULTS.name)
     curves_chart(result, out / CURVES.name)
     write_readme_block("converged-curves", curves_markdown(result), docs)
     write_readme_block("converged-claim", claim_markdown(result), docs)
@@ -280,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         from ndeconv.runtime import native_amp_dtype
 
         record = decide(args.runs, native_amp_dtype("cpu") is torch.bfloat16)
-        _write_json(args.runs / "precision.json", record)
+        save_json_atomic(record, args.runs / "precision.json")
         print(f"precision: {record['precision']} ({record['reason']})")
     else:
         print(" ".join(read_precision(args.runs)["args"]))

@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "reproduce"))
 
-from paper_claim import ARCHS, read_run  # noqa: E402
+from paper_claim import ARCHS, read_run, recorded_rows  # noqa: E402
 from readme_block import write_results  # noqa: E402
 
 PAPER_CLAIM = ROOT / "reproduce" / "results" / "paper_claim.json"
@@ -32,18 +32,11 @@ def _top1(run: dict[str, Any] | None) -> float | None:
     return run.get("test_top1") if run else None
 
 
-def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        return {row["arch"]: row for row in json.loads(path.read_text())["rows"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def collect(runs: Path, paper_claim: Path = PAPER_CLAIM, previous: Path = RESULTS) -> list[dict[str, Any]]:
     """The table's rows. A run directory absent from ``runs`` keeps the row ``previous`` (the committed results)
     has for it, so a machine holding some of the runs updates those and loses none of the others."""
     recorded = {row["arch"]: row for row in json.loads(paper_claim.read_text())["rows"]}
-    before = _previous_rows(previous)
+    before = recorded_rows(previous)
     table = []
     for arch in ARCHS:
         claim, old = recorded.get(arch, {}), before.get(arch, {})

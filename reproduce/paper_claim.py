@@ -72,7 +72,8 @@ def _trained(run: dict | None) -> bool:
     return run is not None and "test_top1" in run
 
 
-def _recorded_rows(path: Path) -> dict[str, dict]:
+def recorded_rows(path: Path) -> dict[str, dict]:
+    """The rows of a committed results file by architecture; none when it is missing or unreadable."""
     try:
         return {row["arch"]: row for row in json.loads(path.read_text())["rows"]}
     except (OSError, ValueError, KeyError, TypeError):
@@ -83,7 +84,7 @@ def collect(runs: Path, previous: Path = RESULTS, hybrid: Path = HYBRID) -> list
     """The table's rows. A run directory absent from ``runs`` keeps the row ``previous`` (the committed results)
     has for it; a BN run never made here takes the hybrid queue's BN rerun of the same protocol
     (``hybrid``: reproduce/results/hybrid.json), marked ``bn_source: "hybrid_rerun"``."""
-    before, reruns = _recorded_rows(previous), _recorded_rows(hybrid)
+    before, reruns = recorded_rows(previous), recorded_rows(hybrid)
     table = []
     for arch in ARCHS:
         old, rerun = before.get(arch, {}), reruns.get(arch, {})
