@@ -19,11 +19,11 @@ dependencies = ["torch", "timm", "safetensors", "huggingface_hub"]
 
 
 def _create(name: str, pretrained: bool, tag: str | None = None, **kwargs: Any):
-    import timm
+    # ndeconv's create_model: timm.create_model for the models registered with timm, the same for the two that
+    # are not (mlp_deconv, simple_v1_deconv: no feature maps for timm's contract).
+    from ndeconv.zoo import create_model
 
-    import ndeconv  # noqa: F401  (registers the zoo with timm)
-
-    return timm.create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained, **kwargs)
+    return create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained, **kwargs)
 
 
 def vgg16_deconv(pretrained: bool = False, **kwargs: Any):

@@ -42,6 +42,19 @@ def machine_info() -> dict:
     }
 
 
+def int8_flags() -> list[str]:
+    """The CPU's instruction sets that decide onnxruntime's int8 kernels (VNNI: int8 dot products in one
+    instruction; AMX: int8 tiles)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 

@@ -12,7 +12,9 @@ not depend on the values). Rows:
 - ``nd_folded``: ``ndeconv.convert.fold`` (plain Conv2d/Linear);
 - ``bn_fused``: the ``deconv=False`` twin folded the same way (BatchNorm fused into its convs).
 
-onnxruntime runs the exported ``nd_folded`` and ``bn_fused`` graphs (an unfolded model is folded before export).
+onnxruntime runs the exported ``nd_folded`` and ``bn_fused`` graphs (an unfolded model is folded before export),
+and their int8 forms ``nd_folded_int8`` and ``bn_fused_int8`` (``ndeconv.convert.quantize.quantize_onnx``: QDQ, int8
+weights per output channel, uint8 activations, calibrated on the correlated data).
 Each timing is the median over ``--repeats`` calls after ``--warmup`` calls, the variants of a runtime
 interleaved; results
 are JSON with the command
@@ -37,9 +39,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks._common import interleaved  # noqa: E402
+from benchmarks._common import int8_flags, interleaved, machine_info  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "inference.json"
+
+
+def _correlated(batch: int, seed: int = 0) -> torch.Tensor:
+    """Smooth 3x32x32 images (neighbouring pixels correlated, as in real ones)."""
+    g = torch.Generator().manual_seed(seed)
+    return F.avg_pool2d(torch.randn(batch, 3, 34, 34, generator=g), 3, 1) + 0.5
 
 
 def _moved_stats(name: str, deconv: bool) -> nn.Module:
@@ -47,8 +55,7 @@ def _moved_stats(name: str, deconv: bool) -> nn.Module:
 
     torch.manual_seed(0)
     model = timm.create_model(name, deconv=deconv)
-    g = torch.Generator().manual_seed(0)
-    x = F.avg_pool2d(torch.randn(8, 3, 34, 34, generator=g), 3, 1) + 0.5
+    x = _correlated(8)
     with torch.no_grad():
         model.train()(x)
     return model.eval()
@@ -63,6 +70,7 @@ def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads
     import onnxruntime as ort
 
     from ndeconv.convert import export_onnx, fold
+    from ndeconv.convert.quantize import quantize_onnx
 
     nd = _moved_stats(name, True)
     bn = _moved_stats(name, False)
@@ -77,9 +85,14 @@ def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads
         options.inter_op_num_threads = 1
         # Interleaved sessions would otherwise spin-wait on each other's cores after every run.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        calibration = _correlated(64, seed=1).numpy()
         for key in ("nd_folded", "bn_fused"):
             path = export_onnx(variants[key], tmp / f"{name}_{key}.onnx", force=True).path
             sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            int8_path = tmp / f"{name}_{key}_int8.onnx"
+            quantize_onnx(path, int8_path, calibration, force=True)
+            sessions[f"{key}_int8"] = ort.InferenceSession(str(int8_path), options,
+                                                           providers=["CPUExecutionProvider"])
 
     rows = []
     for batch in batches:
@@ -109,7 +122,8 @@ def bench_arch(name: str, batches: list[int], warmup: int, repeats: int, threads
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Folded ND over fused BN (should be 1.00 +- 0.05) and unfolded over folded ND, per arch/runtime/batch."""
+    """Folded ND over fused BN (should be 1.00 +- 0.05), unfolded over folded ND, and (onnxruntime) int8 over
+    float32 of each, per arch/runtime/batch."""
     index = {(r["arch"], r["runtime"], r["variant"], r["batch"]): r["ms_per_image"] for r in rows}
     out = []
     for arch, runtime, _variant, batch in sorted({k for k in index if k[2] == "nd_folded"}):
@@ -119,6 +133,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         for unfolded in ("nd_unfolded", "nd_unfolded_recompute"):
             if (arch, runtime, unfolded, batch) in index:
                 entry[f"{unfolded}_over_nd_folded"] = round(index[(arch, runtime, unfolded, batch)] / folded, 3)
+        for variant in ("nd_folded", "bn_fused"):
+            if (arch, runtime, f"{variant}_int8", batch) in index:
+                entry[f"{variant}_int8_over_float32"] = round(
+                    index[(arch, runtime, f"{variant}_int8", batch)] / index[(arch, runtime, variant, batch)], 3)
         out.append(entry)
     return out
 
@@ -151,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": shlex.join(["python", "benchmarks/inference.py", *(sys.argv[1:] if argv is None else argv)]),
         "about": "Eval latency per image (ms), median of repeats; 3x32x32 inputs, 10 classes. nd_folded_over_bn_fused "
-                 "is the deployment claim (1.00 +- 0.05); *_over_nd_folded is how much slower unfolded inference is.",
+                 "is the deployment claim (1.00 +- 0.05); *_over_nd_folded is how much slower unfolded inference is; "
+                 "*_int8_over_float32 is the int8 file's time over the float32 file's in onnxruntime.",
         "quick": args.quick,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "onnxruntime": onnxruntime.__version__, "threads": args.threads,
-                        "machine": platform.machine(), "processor": platform.processor() or platform.machine()},
+                        "machine": platform.machine(), "cpu": machine_info()["cpu"], "cpu_flags": int8_flags()},
         "settings": {"batches": args.batches, "warmup": args.warmup, "repeats": args.repeats},
         "summary": summarise(rows),
         "results": rows,

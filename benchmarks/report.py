@@ -137,10 +137,16 @@ def scaling_section(path: Path) -> list[str]:
 def inference_table(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     times = {(r["arch"], r["runtime"], r["variant"], r["batch"]): r["ms_per_image"] for r in data["results"]}
-    lines = [f"Eval latency per image (ms), median; `{data['command']}`:", "",
+    int8 = any(r["variant"].endswith("_int8") for r in data["results"])
+    cpu = (data.get("environment") or {}).get("cpu")
+    on = f" on {data['environment']['threads']} threads of an {cpu}" if cpu else ""
+    lines = [f"Eval latency per image (ms), median{on}; `{data['command']}`"
+             + (" (int8: the float32 file quantized by `ndeconv.convert.quantize.quantize_onnx`, QDQ, run by "
+                "onnxruntime)" if int8 else "") + ":", "",
              "| network | runtime | batch | ND unfolded (cached) | ND unfolded (refolded every call, as the "
-             "reference) | ND folded | BN fused | folded ND / fused BN |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "reference) | ND folded | BN fused | folded ND / fused BN |"
+             + (" ND folded int8 | BN fused int8 | int8 / float32 (ND; BN) |" if int8 else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if int8 else "")]
     for s in data["summary"]:
         key = (s["arch"], s["runtime"])
         b = s["batch"]
@@ -149,8 +155,13 @@ def inference_table(path: Path) -> list[str]:
             value = times.get((*key, variant, b))
             return f"{value:.2f}" if value is not None else "–"
 
-        lines.append(f"| {s['arch']} | {s['runtime']} | {b} | {ms('nd_unfolded')} | {ms('nd_unfolded_recompute')} | "
-                     f"{ms('nd_folded')} | {ms('bn_fused')} | **{s['nd_folded_over_bn_fused']:.2f}** |")
+        row = (f"| {s['arch']} | {s['runtime']} | {b} | {ms('nd_unfolded')} | {ms('nd_unfolded_recompute')} | "
+               f"{ms('nd_folded')} | {ms('bn_fused')} | **{s['nd_folded_over_bn_fused']:.2f}** |")
+        if int8:
+            ratios = (f"**{s['nd_folded_int8_over_float32']:.2f}**; {s['bn_fused_int8_over_float32']:.2f}"
+                      if "nd_folded_int8_over_float32" in s else "–")
+            row += f" {ms('nd_folded_int8')} | {ms('bn_fused_int8')} | {ratios} |"
+        lines.append(row)
     return lines
 
 

@@ -4,8 +4,9 @@
 replaced by its own ``fuse()`` (``fuse_deconv_layers``, the walk timm's ``reparameterize_model`` makes), checked
 against the unfolded model, with BatchNorm fusion as an opt-in pass (``fuse_batchnorm=True``, ``fuse_batchnorms``).
 A folded zoo model is the architecture ``timm.create_model(name, folded=True)`` builds; ``save_folded`` /
-``load_folded`` store it as safetensors + config.json (its name and model_args). ``export_onnx`` / ``verify_onnx``
-write and check a self-contained ONNX file.
+``load_folded`` store it as one safetensors file whose metadata names it and its model_args
+(``read_folded_config``). ``export_onnx`` / ``verify_onnx`` write and check a self-contained ONNX file;
+``export_int8`` / ``quantize_onnx`` quantize one to int8 with onnxruntime.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .fold import (
     model_input_size,
     output_difference,
 )
-from .folded_io import is_folded_file, load_folded, save_folded
+from .folded_io import is_folded_file, load_folded, read_folded_config, save_folded
+from .quantize import export_int8, quantize_onnx
 
 __all__ = [
     "ExportResult",
@@ -30,6 +32,7 @@ __all__ = [
     "FoldWarning",
     "VerifyResult",
     "default_example_input",
+    "export_int8",
     "export_onnx",
     "fold",
     "fold_with_report",
@@ -40,6 +43,8 @@ __all__ = [
     "model_input_size",
     "onnx_op_types",
     "output_difference",
+    "quantize_onnx",
+    "read_folded_config",
     "save_folded",
     "verify_onnx",
     "verify_onnx_for_model",

@@ -201,10 +201,8 @@ def save_converted(model: nn.Module, path: str | os.PathLike, config: dict[str, 
     """Write the converted model's state_dict to ``path`` (safetensors) and ``config`` (``converted_config``) to the
     config.json beside it, atomically; refuses to overwrite without ``force``, and refuses a model its config would
     not rebuild (checked on the meta device before anything is written)."""
-    import timm
-
-    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
     from ndeconv.io import check_output_path, save_json_atomic, save_safetensors_atomic
+    from ndeconv.zoo import create_model  # timm's, and the zoo models timm does not know
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -213,7 +211,7 @@ def save_converted(model: nn.Module, path: str | os.PathLike, config: dict[str, 
     config_path = check_converted_config_path(path, force)
     state = model.state_dict()
     with torch.device("meta"):
-        rebuilt = rebuild_converted(timm.create_model(config["architecture"], **config["model_args"]), config)
+        rebuilt = rebuild_converted(create_model(config["architecture"], **config["model_args"]), config)
     expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:

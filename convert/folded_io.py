@@ -1,16 +1,19 @@
-"""Save and load folded models: safetensors weights plus a config.json saying what they are.
+"""Save and load folded models: one safetensors file, whose metadata says what its weights are.
 
 A folded zoo model is the architecture ``timm.create_model(name, folded=True, **model_args)`` builds (every
 FastDeconv a Conv2d with bias, the head a Linear, a ChannelDeconv its plain layer: ``DeconvSettings``' folded
 form), with, when the fold was asked to fuse BatchNorms, those BatchNorms fused into their convs. The
-config.json records the architecture and its ``model_args`` (timm's Hub config names), the BatchNorm pairs fused
-and the dtype. Loading builds that architecture (no deconvolution layer is ever constructed), fuses the same
+folded config records the architecture and its ``model_args`` (timm's Hub config names), the BatchNorm pairs
+fused and the dtype. Loading builds that architecture (no deconvolution layer is ever constructed), fuses the same
 pairs (structure only: the weights come next) and loads the weights with ``strict=True``. The forward code is
 the architecture's own, so the loaded network computes exactly what the folded one did. ``save_folded`` builds
 the same architecture on the meta device before writing anything, so a file it writes is one it can load.
 
-The same JSON is stored in the safetensors metadata (key ``ndeconv_folded``), so a weights file that lost its
-config.json still loads.
+The folded config is JSON in the file's safetensors metadata (key ``ndeconv_folded``; ``read_folded_config``
+reads it), so the file is all there is: ``save_folded`` (and ``ndeconv fold -o FILE``) writes that one file and
+nothing beside it, where another model's or a run directory's config.json may live. Files written before that
+(with a config.json beside them, tests/fixtures/folded_v1) load as they always did: the embedded config first,
+the config.json beside the file only for a file whose metadata lost it.
 
 Format version 1 (ndeconv before the folded architecture) described every layer in a ``layers`` spec instead.
 Such a file loads through the same build, checked against that spec first; where the two differ, one line says
@@ -30,11 +33,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
-from ndeconv.io import load_safetensors, parse_json, read_json, save_json_atomic, save_safetensors_atomic
+from ndeconv.io import load_safetensors, parse_json, read_json, save_safetensors_atomic
 
 from .fold import DECONV_TYPES, FoldReport, find_conv_batchnorm_pairs, fuse_conv_batchnorm_pairs
 
-__all__ = ["FOLDED_FORMAT", "folded_config", "is_folded_file", "load_folded", "save_folded"]
+__all__ = ["FOLDED_FORMAT", "folded_config", "is_folded_file", "load_folded", "read_folded_config", "save_folded"]
 
 FOLDED_FORMAT = "ndeconv-folded"
 FORMAT_VERSION = 2
@@ -58,8 +61,9 @@ def _settings_of(folded: nn.Module) -> Any:
 
 
 def folded_config(folded: nn.Module, report: FoldReport | None = None, source: dict[str, Any] | None = None) -> dict:
-    """The config.json of a folded zoo model: what it is (architecture, model_args, fused BatchNorms), where it
-    came from, and what the fold did. ``report`` defaults to the one ``fold`` left on the model."""
+    """The folded config of a folded zoo model (the file's metadata holds it): what it is (architecture,
+    model_args, fused BatchNorms), where it came from, and what the fold did. ``report`` defaults to the one
+    ``fold`` left on the model."""
     left = [n for n, m in folded.named_modules() if isinstance(m, DECONV_TYPES)]
     if left:
         raise UsageError(f"the model is not folded ({left[0]} is a {type(folded.get_submodule(left[0])).__name__}); "
@@ -71,8 +75,10 @@ def folded_config(folded: nn.Module, report: FoldReport | None = None, source: d
                          "(timm.create_model('<name>_deconv')) can be saved as folded weights")
     settings = _settings_of(folded)
     report = report if report is not None else getattr(folded, "fold_report", None)
-    first = next(m for m in folded.modules() if isinstance(m, nn.Conv2d))
-    num_classes, in_chans, global_pool = int(getattr(folded, "num_classes", 0)), first.in_channels, _global_pool(folded)
+    first = next((m for m in folded.modules() if isinstance(m, nn.Conv2d)), None)
+    # An MLP (mlp_deconv) has no conv: its pretrained_cfg, which describes the model as built, has its channels.
+    in_chans = first.in_channels if first is not None else int(cfg.get("input_size", (3,))[0])
+    num_classes, global_pool = int(getattr(folded, "num_classes", 0)), _global_pool(folded)
     # A model folded by timm's reparameterize_model keeps its unfolded settings: the architecture is the folded one.
     model_args = {**dataclasses.replace(settings, folded=True).to_dict(), "num_classes": num_classes,
                   "in_chans": in_chans, "global_pool": global_pool}
@@ -107,15 +113,15 @@ def folded_config(folded: nn.Module, report: FoldReport | None = None, source: d
 def save_folded(
     folded: nn.Module, path: str | os.PathLike, report: FoldReport | None = None,
     source: dict[str, Any] | None = None, force: bool = False,
-) -> tuple[Path, Path]:
-    """Write ``path`` (safetensors) and ``config.json`` beside it, atomically; refuses to overwrite without force,
-    and refuses a model that its config would not rebuild (checked on the meta device, before anything is written).
-    """
+) -> Path:
+    """Write ``path`` (safetensors), atomically, with the folded config in its metadata; return it. It is the only
+    file written (a config.json beside it would be put where the caller did not point, and clash with another
+    model's or a run's). Refuses to overwrite without ``force``, and refuses a model that its config would not
+    rebuild (checked on the meta device, before anything is written)."""
     from ndeconv.io import check_output_path
 
     path = Path(path)
     check_output_path(path, force)
-    config_path = check_folded_config_path(path, force)
     config = folded_config(folded, report, source)
     state = folded.state_dict()
     shapes = {k: v.shape for k, v in state.items()}
@@ -123,10 +129,8 @@ def save_folded(
         config["fused_batchnorms"] = _fused_batchnorms(folded, config, shapes, path)
         rebuilt = _build(config, shapes, path)
     _check_fits(rebuilt, state, config["architecture"], what="cannot save folded weights")
-    text = json.dumps(config)
-    save_safetensors_atomic(state, path, metadata={METADATA_KEY: text, "format": "pt"})
-    save_json_atomic(config, config_path)
-    return path, config_path
+    save_safetensors_atomic(state, path, metadata={METADATA_KEY: json.dumps(config), "format": "pt"})
+    return path
 
 
 def _fused_batchnorms(folded: nn.Module, config: dict[str, Any], shapes: dict[str, torch.Size],
@@ -146,17 +150,10 @@ def _fused_batchnorms(folded: nn.Module, config: dict[str, Any], shapes: dict[st
     return {**gone, **recorded}
 
 
-def check_folded_config_path(path: str | os.PathLike, force: bool) -> Path:
-    """The config.json beside folded weights at ``path``; ``force`` replaces only one ``save_folded`` wrote."""
-    from ndeconv.io import check_config_beside
-
-    return check_config_beside(Path(path).with_name("config.json"), force,
-                               lambda config: config.get("format") == FOLDED_FORMAT, "`ndeconv fold`")
-
-
 def _read_config(path: Path) -> dict[str, Any] | None:
     # The config embedded in the file first: it always describes these weights, while a config.json beside them
-    # may be stale (another file copied in) or half-written. The sidecar is for files whose metadata was stripped.
+    # may be stale (another file copied in) or another model's. The config.json beside the file (what ndeconv
+    # before one-file folds also wrote) is for older files whose metadata was stripped.
     try:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get(METADATA_KEY)
@@ -203,6 +200,20 @@ def _checked_config(config: Any, where: str) -> dict[str, Any]:
     return config
 
 
+def read_folded_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The folded config of a file :func:`save_folded` wrote (``path``: the .safetensors file or its folder): the
+    architecture, its ``model_args``, the BatchNorm pairs fused, the dtype and where it was folded from. A file
+    without one is one UsageError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    config = _read_config(path) if path.is_file() else None
+    if config is None:
+        raise UsageError(f"{path}: no folded config (safetensors metadata, or a config.json beside it); it is not a "
+                         "file written by `ndeconv fold`")
+    return config
+
+
 def is_folded_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` (a .safetensors file) holds folded weights written by :func:`save_folded`."""
     path = Path(path)
@@ -214,11 +225,8 @@ def load_folded(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
-    state = load_safetensors(path, device=str(device))
-    config = _read_config(path)
-    if config is None:
-        raise UsageError(f"{path}: no folded config (config.json beside it or safetensors metadata); "
-                         "it is not a file written by `ndeconv fold`")
+    state = load_safetensors(path, device=str(device))  # a missing or damaged file: its own clear error first
+    config = read_folded_config(path)
     version = config.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise NdeconvError(f"{path}: folded format version {version} is newer than this ndeconv reads "
@@ -240,9 +248,8 @@ def load_folded(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 
 def _create(architecture: str, model_args: dict[str, Any], path: Path) -> nn.Module:
-    import timm
-
-    import ndeconv.zoo  # noqa: F401 - registers the architectures with timm
+    from ndeconv.zoo import create_model  # timm's, and the zoo models timm does not know
+    from ndeconv.zoo._registry import is_zoo_model
     from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
     if architecture in SEGMENTATION_MODELS:  # a torchvision-style builder (not timm's): no global pool to pass
@@ -252,10 +259,10 @@ def _create(architecture: str, model_args: dict[str, Any], path: Path) -> nn.Mod
         except TypeError as err:
             raise NdeconvError(f"{path}: {architecture} does not build with the recorded model_args ({err}); fold "
                                "the source again with this ndeconv's `ndeconv fold`") from err
-    if not timm.is_model(architecture):
+    if not is_zoo_model(architecture):
         raise UsageError(f"{path}: unknown architecture {architecture!r}")
     try:
-        return timm.create_model(architecture, pretrained=False, **model_args)
+        return create_model(architecture, pretrained=False, **model_args)
     except TypeError as err:  # a model_args key this ndeconv's architecture does not take
         raise NdeconvError(f"{path}: {architecture} does not build with the recorded model_args ({err}); fold "
                            "the source again with this ndeconv's `ndeconv fold`") from err

@@ -36,7 +36,7 @@ from ndeconv.io import (
     save_json_atomic,
     save_safetensors_atomic,
 )
-from ndeconv.zoo import IMAGENET_MODELS, REFERENCE_ARCHS, resolve_model_name
+from ndeconv.zoo import IMAGENET_MODELS, REFERENCE_ARCHS, create_model, get_pretrained_cfg, resolve_model_name
 from ndeconv.zoo._names import IMAGENET_BASELINE_ARCHS, SEGMENTATION_BASELINE_ARCHS
 from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
@@ -109,8 +109,6 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _stem_and_head(model_name: str) -> tuple[str, str]:
-    from timm.models import get_pretrained_cfg
-
     cfg = get_pretrained_cfg(model_name)
     first, head = cfg.first_conv, cfg.classifier
     return (first if isinstance(first, str) else first[0]), (head if isinstance(head, str) else head[0])
@@ -119,11 +117,9 @@ def _stem_and_head(model_name: str) -> tuple[str, str]:
 def _shapes_of(model_name: str, model_args: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
     """The state_dict shapes of a candidate layout; None when the candidate cannot be built (a ChannelDeconv
     head whose block exceeds the channels it whitens, say): it then fits no checkpoint."""
-    import timm
-
     try:
         with torch.device("meta"):  # layout only: nothing is allocated or initialised
-            model = timm.create_model(model_name, **model_args)
+            model = create_model(model_name, **model_args)
     except ValueError:  # a layer refused the candidate's settings
         return None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -244,8 +240,6 @@ def _config(converted_name: str, model: nn.Module, model_args: dict[str, Any], c
 
 def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = None) -> ConvertedCheckpoint:
     """Read a reference checkpoint and load it into the zoo model it belongs to (``arch`` overrides its field)."""
-    import timm
-
     path = Path(path)
     checkpoint = load_reference_checkpoint(path)
     state_dict = checkpoint["state_dict"]
@@ -261,7 +255,7 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
     if model_name in SEGMENTATION_MODELS:
         return _convert_segmentation(path, model_name, checkpoint)
     model_args = infer_model_args(model_name, state_dict)
-    model = timm.create_model(model_name, pretrained=False, **model_args)
+    model = create_model(model_name, pretrained=False, **model_args)  # timm's, or ndeconv's own (mlp_deconv)
     problems = _layout_errors(model, state_dict)
     if problems:
         form = f"deconvolution form, block {model_args.get('block', 'n/a')}" if model_args["deconv"] else \

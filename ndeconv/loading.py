@@ -121,9 +121,6 @@ def infer_model_args(state: dict[str, torch.Tensor], arch: str) -> dict[str, Any
 def load_checkpoint_model(path: str | Path, arch: str | None = None,
                           model_args: dict[str, Any] | None = None) -> LoadedCheckpoint:
     """The eval-mode zoo model whose weights ``path`` holds (see the module docstring for what decides its shape)."""
-    import timm
-
-    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
     from ndeconv.convert import is_folded_file, load_folded
 
     path = Path(path)
@@ -150,7 +147,7 @@ def load_checkpoint_model(path: str | Path, arch: str | None = None,
         args.update({k: v for k, v in recorded.items() if v is not None})
     args.update(model_args or {})
     try:
-        model = timm.create_model(name, pretrained=False, **args)
+        model = zoo.create_model(name, pretrained=False, **args)
         if describes:  # ndeconv convert-bn's output: the BatchNorm architecture with its recorded deconvolve() call
             from ndeconv.convert.batchnorm import rebuild_converted
 
@@ -277,11 +274,11 @@ def pretrained_model_name(spec: str, run_dirs: bool = False) -> str:
 
 
 def create_pretrained_model(spec: str, model_args: dict[str, Any] | None = None, run_dirs: bool = False) -> nn.Module:
-    """``timm.create_model(spec, pretrained=True)`` for a name ``pretrained_model_name`` accepts, with one clear
-    error for every failure: a name that names nothing (also a Hub repo that is not there or not cached while
-    offline) is a UsageError, weights that do not load an NdeconvError."""
-    import timm
-
+    """``timm.create_model(spec, pretrained=True)`` (``ndeconv.zoo.create_model``: the zoo models timm does not know
+    too) for a name ``pretrained_model_name`` accepts, with one clear error for every failure: a name that names
+    nothing (also a Hub repo that is not there or not cached while offline) is a UsageError, weights that do not
+    load an NdeconvError."""
+    import ndeconv.zoo as zoo
     from ndeconv.zoo._hub_errors import hub_lookup_failure
     from ndeconv.zoo._pretrained import weights_in_chans
 
@@ -294,7 +291,7 @@ def create_pretrained_model(spec: str, model_args: dict[str, Any] | None = None,
         if chans is not None:
             args["in_chans"] = chans
     try:
-        return timm.create_model(name, pretrained=True, **args)
+        return zoo.create_model(name, pretrained=True, **args)
     except NdeconvError:
         raise
     except Exception as err:  # noqa: BLE001 - timm, huggingface_hub and torch raise many kinds; each is one line
@@ -386,14 +383,14 @@ def load_model(
         model.pretrained_cfg = {"architecture": name}  # what `ndeconv fold` records, as for a timm model
         return LoadedModel(model.eval(), "random-init", {"model": name, "weights": "random init"})
     if random_init:
-        import timm
+        import ndeconv.zoo as zoo
 
         if ":" in name:  # timm's own sources (hf-hub:/local-dir:) name weights
             raise UsageError(f"--random-init builds an untrained zoo model; {source} names weights: drop one of them")
         base, _, tag = name.partition(".")
         if tag:
             raise UsageError(f"--random-init builds an untrained {base}; drop the tag .{tag} or the flag")
-        return LoadedModel(timm.create_model(base, pretrained=False, **(model_args or {})).eval(), "random-init",
+        return LoadedModel(zoo.create_model(base, pretrained=False, **(model_args or {})).eval(), "random-init",
                            {"model": base, "weights": "random init"})
     net = create_pretrained_model(name, model_args, run_dirs=True)
     cfg = getattr(net, "pretrained_cfg", None) or {}

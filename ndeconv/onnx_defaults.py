@@ -3,10 +3,20 @@ exporter (``ndeconv.convert.export`` re-exports them)."""
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "REL_TOLERANCE"]
+__all__ = [
+    "CALIBRATION_METHODS", "DEFAULT_CALIBRATION_IMAGES", "DEFAULT_OPSET", "MIN_CALIBRATION_IMAGES", "MIN_OPSET",
+    "REL_TOLERANCE",
+]
 
 # torch.onnx.export(dynamo=True) writes opset 18 and later: asked for less, it silently falls back to 18.
 MIN_OPSET = 18
 DEFAULT_OPSET = 20
 # The verification's bound: onnxruntime against PyTorch, relative to the largest output.
 REL_TOLERANCE = 1e-4
+
+# Int8 (``ndeconv export --int8``): how activation ranges are calibrated, on how many training images by default,
+# and the fewest accepted: fewer calibrate the ranges on too little of the data to mean anything (one batch of a
+# single class could set them), so they are refused rather than quietly written.
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_IMAGES = 512
+MIN_CALIBRATION_IMAGES = 32

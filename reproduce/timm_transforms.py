@@ -2,9 +2,10 @@
 
 What ``validate.py DATA --model NAME --pretrained --class-map class_map.txt`` does, in process: the 10,000 test
 images are written as 28x28 grayscale PNGs into ``<class folder>/`` folders (the names of the shipped
-``class_map.txt``), read back by ``timm.data.create_dataset`` (RGB for a 3-channel pretrained_cfg, as
-validate.py chooses), transformed by ``timm.data.create_loader`` with the model's resolved data config (its
-input_size, crop_pct, crop_mode, interpolation, mean, std) and scored against the card's top-1:
+``class_map.txt``; ``ndeconv.image_folder.write_image_folder``), read back by ``timm.data.create_dataset`` (RGB for
+a 3-channel pretrained_cfg, as validate.py chooses), transformed by ``timm.data.create_loader`` with the model's
+resolved data config (its input_size, crop_pct, crop_mode, interpolation, mean, std) and scored against the card's
+top-1:
 
     python reproduce/timm_transforms.py                              # all shipped models, docs block
     python reproduce/timm_transforms.py --models resnet18_deconv --crop-pct 1.0 --no-readme   # the old cfg
@@ -29,31 +30,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import ndeconv  # noqa: E402,F401 - registers the zoo
-from ndeconv.datasets import _IDX_FILES, FASHION_MNIST_DIR, _find, read_idx  # noqa: E402
+from ndeconv.datasets import FASHION_MNIST_DIR  # noqa: E402
+from ndeconv.image_folder import write_image_folder  # noqa: E402
 from ndeconv.zoo._pretrained import WEIGHTS_DIR  # noqa: E402
 from ndeconv.zoo._shipping import CLASS_MAP_FILE  # noqa: E402
 from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "timm_transforms.json"
 TAG = "fashion_mnist"
-
-
-def write_test_folder(root: Path, class_map: Path, data_dir: str = FASHION_MNIST_DIR, limit: int | None = None) -> int:
-    """The test split as ``root/<class folder>/<index>.png`` (28x28 'L', lossless): an ImageFolder for timm."""
-    from PIL import Image
-
-    folders = class_map.read_text().splitlines()
-    image_file, label_file = (_find(Path(data_dir), (stem,)) for stem in _IDX_FILES["test"])  # plain or .gz
-    if image_file is None or label_file is None:
-        raise SystemExit(f"{data_dir}: no Fashion-MNIST test files ({', '.join(_IDX_FILES['test'])}[.gz])")
-    images, labels = read_idx(image_file), read_idx(label_file)  # the raw 28x28 images, no padding
-    count = len(labels) if limit is None else min(limit, len(labels))
-    for name in folders:
-        (root / name).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        # Zero-padded index names: timm's natural sort keeps the test order within a class.
-        Image.fromarray(images[i].numpy(), mode="L").save(root / folders[int(labels[i])] / f"{i:05d}.png")
-    return count
 
 
 def timm_top1(name: str, folder: Path, class_map: Path, crop_pct: float | None, batch_size: int) -> dict:
@@ -100,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     models = args.models or sorted(p.name.removesuffix(f".{TAG}") for p in WEIGHTS_DIR.glob(f"*.{TAG}")
                                    if (p / "model.safetensors").is_file())
-    class_map = WEIGHTS_DIR / f"{models[0]}.{TAG}" / CLASS_MAP_FILE
     results = []
     with tempfile.TemporaryDirectory(prefix="fashion-mnist-test-") as tmp:
-        write_test_folder(Path(tmp), class_map, args.data_dir, args.limit)
+        # The test images as they are (28x28 'L'), in the class folders the shipped class_map.txt names.
+        folder = Path(tmp) / "test"
+        write_image_folder("fashion_mnist", "test", folder, data_dir=args.data_dir, limit=args.limit)
         for name in models:
             card = json.loads((WEIGHTS_DIR / f"{name}.{TAG}" / "config.json").read_text())["weights"]["test_top1"]
-            result = timm_top1(name, Path(tmp), WEIGHTS_DIR / f"{name}.{TAG}" / CLASS_MAP_FILE, args.crop_pct,
+            result = timm_top1(name, folder, WEIGHTS_DIR / f"{name}.{TAG}" / CLASS_MAP_FILE, args.crop_pct,
                                args.batch_size)
             result["card_top1"] = card
             print(f"{name}: timm pipeline {result['top1']:.2f}% on {result['count']} images, card {card:.2f}% "

@@ -96,3 +96,22 @@ def test_inference_benchmark_times_the_batchnorm_twin_fused(tmp_path: Path, monk
     bn_fused = folded[1]
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in bn_fused.modules())
     assert len(bn_fused.fold_report.bn_fused) == 20
+
+
+@pytest.mark.slow
+def test_inference_quick_run_times_the_int8_files(tmp_path: Path) -> None:
+    """onnxruntime times the int8 (QDQ) file of each float32 export beside it; the summary has their ratios and the
+    results name the CPU and its int8 instruction sets."""
+    import json
+
+    from benchmarks import inference
+
+    out = tmp_path / "inference.json"
+    assert inference.main(["--archs", "resnet18_deconv", "--quick", "--threads", "1", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    variants = {(r["runtime"], r["variant"]) for r in result["results"]}
+    assert {("onnxruntime", "nd_folded_int8"), ("onnxruntime", "bn_fused_int8")} <= variants
+    onnx_rows = [s for s in result["summary"] if s["runtime"] == "onnxruntime"]
+    assert onnx_rows and all(s["nd_folded_int8_over_float32"] > 0 and s["bn_fused_int8_over_float32"] > 0
+                             for s in onnx_rows)
+    assert result["environment"]["cpu"] and isinstance(result["environment"]["cpu_flags"], list)

@@ -10,7 +10,7 @@ import torch
 from test_fold import correlated_batch, trained
 
 from ndeconv.cli import main
-from ndeconv.convert import load_folded, output_difference
+from ndeconv.convert import load_folded, output_difference, read_folded_config
 from ndeconv.io import save_safetensors_atomic
 
 
@@ -35,7 +35,8 @@ def test_fold_checkpoint_then_export_folded(tmp_path, capsys, checkpoint) -> Non
     code, stdout, stderr = run(capsys, "fold", "--checkpoint", str(path), "--arch", "pnasnet_a", "-o", str(out))
     assert code == 0, stderr
     assert "FastDeconv -> Conv2d" in stdout and stderr == ""  # trained, eval: nothing to warn about
-    config = json.loads((tmp_path / "config.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["folded.safetensors"]  # the one file: its config inside
+    config = read_folded_config(out)
     assert config["format"] == "ndeconv-folded" and config["in_chans"] == 1 and config["num_classes"] == 5
     x = correlated_batch(2, 1)
     with torch.no_grad():
@@ -71,7 +72,7 @@ def test_fold_fuses_batchnorm_unless_asked_to_keep_it(tmp_path, capsys) -> None:
         code, stdout, stderr = run(capsys, "fold", "--checkpoint", str(path), "--arch", "pnasnet_a", "-o", str(out),
                                    *flags)
         assert code == 0, stderr
-        config = json.loads((out.parent / "config.json").read_text())
+        config = read_folded_config(out)
         assert bool(config["fused_batchnorms"]) is fused
         assert ("23 BatchNorm fused into convs" in stdout) is fused
         with torch.no_grad():
@@ -121,19 +122,26 @@ def test_refuses_overwrite_without_force(tmp_path, capsys) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
-def test_force_never_replaces_a_config_it_did_not_write(tmp_path, capsys) -> None:
-    # A run directory's config.json (resume, eval and local-dir: read it) survives `fold -o RUN/x --force`.
-    run_config = tmp_path / "config.json"
-    run_config.write_text('{"architecture": "pnasnet_a_deconv", "train": {"epochs": 1}}')
-    code, _, stderr = run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "-o", str(tmp_path / "a.safetensors"),
-                          "--force")
-    assert code == 2 and "was not written by `ndeconv fold`" in stderr and len(stderr.strip().splitlines()) == 1
-    assert run_config.read_text() == '{"architecture": "pnasnet_a_deconv", "train": {"epochs": 1}}'
-    assert not (tmp_path / "a.safetensors").exists()
+def test_fold_writes_only_the_file_it_is_pointed_at_and_prints_it(tmp_path, capsys) -> None:
+    """``-o FILE`` is everything `ndeconv fold` writes (the folded config is in the file's safetensors metadata),
+    and the command prints every path it wrote; what else is in the folder (another model's config.json, a run
+    directory's) is none of its business, with or without --force."""
+    beside = tmp_path / "config.json"
+    beside.write_text('{"architecture": "resnet18_deconv", "train": {"epochs": 1}}')
+    out = tmp_path / "folded.safetensors"
+    for flags in ((), ("--force",)):
+        code, stdout, stderr = run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "--no-check", "-o", str(out),
+                                   *flags)
+        assert code == 0, stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "folded.safetensors"]
+        assert beside.read_text() == '{"architecture": "resnet18_deconv", "train": {"epochs": 1}}'
+        printed = [word for line in stdout.splitlines() if line.startswith("wrote ") for word in line.split()]
+        assert str(out) in printed and str(beside) not in stdout  # the file written, and nothing it did not write
+    assert type(load_folded(out)).__name__ == "PNASNet"
 
 
 def test_folded_file_is_read_by_its_own_metadata(tmp_path, capsys) -> None:
-    # Two folds into one folder: the second replaces the config.json beside both, the first still loads as itself.
+    # Two folds into one folder: each file is all there is of it, and loads as itself.
     first, second = tmp_path / "pnasnet.safetensors", tmp_path / "resnet.safetensors"
     assert run(capsys, "fold", "pnasnet_a_deconv", "--random-init", "--no-check", "-o", str(first))[0] == 0
     assert run(capsys, "fold", "resnet18_deconv", "--random-init", "--no-check", "-o", str(second), "--force")[0] == 0

@@ -69,7 +69,8 @@ def test_import_ndeconv_still_registers_the_zoo_with_timm() -> None:
                               env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
         assert done.returncode == 0, done.stderr
         count, name = done.stdout.split()
-        assert int(count) >= 26 and name == "FastDeconv", code
+        # 24: the 26 zoo classifiers but mlp_deconv and simple_v1_deconv (no feature maps: ndeconv's only).
+        assert int(count) >= 24 and name == "FastDeconv", code
 
 
 @pytest.mark.parametrize("typed,meant", [

@@ -1,4 +1,5 @@
-"""Folded files: safetensors + config.json naming the folded architecture, reloaded with a strict state_dict.
+"""Folded files: one safetensors file whose metadata names the folded architecture, reloaded with a strict
+state_dict.
 
 A file records the architecture and its ``model_args`` (with ``folded=True``) and the BatchNorm pairs the opt-in
 pass fused; ``load_folded`` is ``timm.create_model(architecture, **model_args)``, those pairs fused, and
@@ -30,6 +31,7 @@ from ndeconv.convert import (
     is_folded_file,
     load_folded,
     output_difference,
+    read_folded_config,
     save_folded,
 )
 from ndeconv.convert.folded_io import METADATA_KEY
@@ -69,8 +71,8 @@ def quiet_fold(model: nn.Module, **kwargs) -> tuple[nn.Module, object]:
 def test_folded_file_is_the_folded_architecture(tmp_path, kwargs, fuse_bn) -> None:
     model = moved(timm.create_model("pnasnet_a_deconv", in_chans=1, num_classes=5, **kwargs))
     folded, report = quiet_fold(model, fuse_batchnorm=fuse_bn)
-    weights, config_path = save_folded(folded, tmp_path / "model.safetensors", source={"model": "pnasnet_a_deconv"})
-    config = json.loads(config_path.read_text())
+    weights = save_folded(folded, tmp_path / "model.safetensors", source={"model": "pnasnet_a_deconv"})
+    config = read_folded_config(weights)
     assert config["format_version"] == 2 and "layers" not in config  # no per-layer spec any more
     assert config["model_args"] == {**folded.deconv_settings.to_dict(), "num_classes": 5, "in_chans": 1,
                                     "global_pool": "avg"} and config["model_args"]["folded"] is True
@@ -100,8 +102,8 @@ def test_reparameterized_model_saves_as_folded(tmp_path) -> None:
     model = moved(timm.create_model("pnasnet_a_deconv", in_chans=1))
     plain = reparameterize_model(model)
     assert not plain.deconv_settings.folded  # timm's walk leaves the settings: save_folded records the folded ones
-    path, config_path = save_folded(plain, tmp_path / "m.safetensors")
-    assert json.loads(config_path.read_text())["model_args"]["folded"] is True
+    path = save_folded(plain, tmp_path / "m.safetensors")
+    assert read_folded_config(path)["model_args"]["folded"] is True
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_folded(path)(x), fold(model, check=False)(x))
@@ -116,8 +118,8 @@ def test_deconvolved_batchnorm_model_saves_as_folded(tmp_path, which) -> None:
     model = timm.create_model("pnasnet_a_deconv", in_chans=1, deconv=False)
     deconvolve(model, which=which)
     folded = fold(moved(model), check=False)  # the default fold: no BatchNorm pass
-    path, config_path = save_folded(folded, tmp_path / "m.safetensors")
-    fused = json.loads(config_path.read_text())["fused_batchnorms"]
+    path = save_folded(folded, tmp_path / "m.safetensors")
+    fused = read_folded_config(path)["fused_batchnorms"]
     assert fused == ({"bn1": "conv1"} if which == "stem" else fused) and len(fused) == (1 if which == "stem" else 23)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
@@ -175,6 +177,26 @@ def _rewrite_v1(tmp_path: Path, case: str, edit) -> Path:
     return path
 
 
+@pytest.mark.parametrize("case", V1_CASES)
+def test_an_older_file_whose_metadata_lost_its_config_loads_by_the_config_json_beside_it(tmp_path, case) -> None:
+    """ndeconv fold once wrote a config.json beside the file too: a copy of such a file without the metadata (a
+    tool that rewrote the safetensors) still loads by that config.json, to the same numbers."""
+    folder = tmp_path / case
+    shutil.copytree(FOLDED_V1 / case, folder)
+    path = folder / "model.safetensors"
+    save_safetensors_atomic(load_file(str(path)), path, metadata={"format": "pt"})
+    with safe_open(str(path), framework="pt") as f:
+        assert METADATA_KEY not in f.metadata()
+    assert is_folded_file(path) and read_folded_config(path)["format_version"] == 1
+    io = load_file(str(FOLDED_V1 / "io.safetensors"))
+    with torch.no_grad():
+        assert output_difference(io[f"{case}.logits"], load_folded(path)(io["x"]))[1] <= 1e-6
+    (folder / "config.json").unlink()
+    assert not is_folded_file(path)
+    with pytest.raises(UsageError, match="no folded config"):
+        read_folded_config(path)
+
+
 def test_version_1_file_that_does_not_rebuild_says_how_to_refold(tmp_path) -> None:
     def widen(config: dict) -> None:
         config["layers"]["conv1"]["padding"] = [2, 2]  # a layer the folded architecture does not build
@@ -218,8 +240,8 @@ def test_version_1_file_saved_without_its_report_loads(tmp_path) -> None:
 
 def test_newer_format_is_refused(tmp_path) -> None:
     folded = fold(moved(timm.create_model("pnasnet_a_deconv", in_chans=1)), check=False)
-    path, config_path = save_folded(folded, tmp_path / "m.safetensors")
-    config = json.loads(config_path.read_text())
+    path = save_folded(folded, tmp_path / "m.safetensors")
+    config = read_folded_config(path)
     config["format_version"] = 3
     save_safetensors_atomic(load_file(str(path)), path, metadata={METADATA_KEY: json.dumps(config), "format": "pt"})
     with pytest.raises(NdeconvError, match="folded format version 3 is newer than this ndeconv reads"):
@@ -228,7 +250,7 @@ def test_newer_format_is_refused(tmp_path) -> None:
 
 def test_folded_file_loads_on_its_dtype(tmp_path) -> None:
     folded = fold(copy.deepcopy(moved(timm.create_model("pnasnet_a_deconv", in_chans=1))).double(), check=False)
-    path, _ = save_folded(folded, tmp_path / "m.safetensors")
+    path = save_folded(folded, tmp_path / "m.safetensors")
     loaded = load_folded(path)
     assert next(loaded.parameters()).dtype == torch.float64
     x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
@@ -250,7 +272,7 @@ def _with_metadata(path: Path, out: Path, text: str) -> Path:
 @pytest.fixture(scope="module")
 def folded_file(tmp_path_factory) -> Path:
     model = moved(timm.create_model("pnasnet_a_deconv", in_chans=1))
-    path, _ = save_folded(fold(model.eval(), check=False), tmp_path_factory.mktemp("folded") / "m.safetensors")
+    path = save_folded(fold(model.eval(), check=False), tmp_path_factory.mktemp("folded") / "m.safetensors")
     return path
 
 

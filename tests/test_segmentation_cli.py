@@ -9,7 +9,6 @@ backbone into ``SEGMENTATION_MODELS`` (the dict every loader looks the builders 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import onnxruntime as ort
@@ -69,11 +68,12 @@ def test_export_by_name_is_verified_with_onnxruntime(small_fcn: None, tmp_path: 
 
 
 def test_fold_by_name_reloads_as_the_same_network(small_fcn: None, tmp_path: Path) -> None:
-    from ndeconv.convert import load_folded
+    from ndeconv.convert import load_folded, read_folded_config
 
     path = tmp_path / "fcn.safetensors"
     assert main(["fold", "fcn_resnet50_deconv", "--random-init", "-o", str(path)]) == 0
-    config = json.loads((tmp_path / "config.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["fcn.safetensors"]  # its config is inside
+    config = read_folded_config(path)
     assert config["architecture"] == "fcn_resnet50_deconv" and config["model_args"]["aux_loss"] is False
     folded = load_folded(path)
     assert type(folded).__name__ == "FCN"
@@ -96,7 +96,9 @@ def test_a_segmentation_checkpoint_loads_with_the_authors_arch(small_fcn: None, 
     # The CLI path: --checkpoint FILE --arch NAME, folded with the aux head the state_dict has.
     folded_path = tmp_path / "folded" / "seg.safetensors"
     assert main(["fold", "--checkpoint", str(path), "--arch", "fcn_resnet50d", "-o", str(folded_path)]) == 0
-    config = json.loads((folded_path.parent / "config.json").read_text())
+    from ndeconv.convert import read_folded_config
+
+    config = read_folded_config(folded_path)
     assert config["model_args"]["aux_loss"] is True and config["num_classes"] == 4
 
 

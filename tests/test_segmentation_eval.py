@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import timm
 import torch
 from safetensors.torch import save_file
 from test_train_segmentation import make_cityscapes, make_voc, small_models, tiny_config  # noqa: F401 - fixture
 
-import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
+import ndeconv.zoo
 from ndeconv.cli import main
 from ndeconv.errors import UsageError
 from ndeconv.layers import FastDeconv
@@ -114,7 +113,7 @@ def test_eval_refuses_a_task_and_dataset_mismatch(tmp_path: Path, small_models: 
     seg_path = tmp_path / "seg" / "seg.safetensors"
     seg_path.parent.mkdir()
     save_file({k: v.contiguous() for k, v in seg.state_dict().items()}, str(seg_path))
-    clf = timm.create_model("simple_v1_deconv")
+    clf = ndeconv.zoo.create_model("simple_v1_deconv")  # not a timm model: no feature maps
     clf_path = tmp_path / "clf" / "clf.safetensors"
     clf_path.parent.mkdir()
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(clf_path))
@@ -199,5 +198,7 @@ def test_the_batchnorm_baseline_names_build_the_zoo_model_without_deconv(tmp_pat
     # fold by the name records the BatchNorm form.
     path = tmp_path / "fcn.safetensors"
     assert main(["fold", "fcn_resnet50", "--random-init", "-o", str(path)]) == 0
-    config = json.loads((tmp_path / "config.json").read_text())
+    from ndeconv.convert import read_folded_config
+
+    config = read_folded_config(path)
     assert config["architecture"] == "fcn_resnet50_deconv" and config["model_args"]["deconv"] is False

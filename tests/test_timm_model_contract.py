@@ -7,7 +7,11 @@ tests): ``test_model_forward``, ``test_model_backward``, ``test_model_default_cf
 ``timm.list_models('*_deconv*')`` (``include_tags=True`` where timm's test lists tags too). Only the parametrisation
 differs: our names instead of timm's, and the ImageNet-topology models (224x224, up to 138M parameters) marked slow
 with their measured cost. timm applies ``test_model_default_cfgs`` and ``test_model_forward_features`` to every
-model outside its ``NON_STD_FILTERS`` (vit_*, *mixer_*, ...): no zoo name matches one, so all run here.
+model outside its ``NON_STD_FILTERS`` (vit_*, *mixer_*, ...): no zoo name matches one, so all run here, and every
+registered model passes every check: no expected failures. The zoo models that cannot keep this contract (no
+feature maps: ``mlp_deconv``, ``simple_v1_deconv``) are not registered with timm (``ndeconv.zoo.NDECONV_ONLY_MODELS``,
+``zoo/_registry.py``); the last tests here check that timm refuses them as it refuses any unknown name and that
+ndeconv still builds them.
 """
 
 from __future__ import annotations
@@ -48,26 +52,12 @@ SLOW_PATTERNS = ("*_imagenet_deconv*",)
 SLOW_BACKWARD = ("densenet121_deconv", "dpn92_deconv", "resnet34_deconv", "resnet50_deconv", "vgg19_deconv")
 
 
-# Models that cannot honour a check yet, per test: an expected failure (strict: a fix shows as XPASS), not a skip.
-# mlp_deconv: its features are (N, 128) vectors, not maps, so forward_features has no spatial axes; with two
-# hidden layers it has no three feature levels either. simple_v1_deconv is a single conv over the whole image (a
-# linear classifier): no feature maps at all for features_only.
-KNOWN_FAILURES = {
-    "test_model_default_cfgs": {"mlp_deconv": "MLP features are vectors, not NCHW maps"},
-    "test_model_forward_features": {"mlp_deconv": "an MLP has no feature maps (two hidden layers, no spatial axes)",
-                                    "simple_v1_deconv": "one conv over the whole image: no feature maps"},
-}
-
-
 def _params(names: list[str], test: str = "") -> list:
     params = []
     for n in names:
         slow = any(fnmatch.fnmatch(n, p) for p in SLOW_PATTERNS) or (test == "test_model_backward"
                                                                        and n in SLOW_BACKWARD)
-        marks = [pytest.mark.slow] if slow else []
-        if n in KNOWN_FAILURES.get(test, {}):
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[test][n]))
-        params.append(pytest.param(n, marks=marks))
+        params.append(pytest.param(n, marks=[pytest.mark.slow] if slow else []))
     return params
 
 
@@ -77,13 +67,32 @@ MODELS_MATCHING_CFG = timm.list_models("*_deconv*", exclude_filters=EXCLUDE_FILT
 
 
 def test_every_registered_model_is_covered() -> None:
-    # The zoo's 26 architectures (and their tagged weight sets for the cfg test): a registration that the
-    # parametrisation missed would otherwise go untested.
+    # The zoo's 24 timm architectures (and their tagged weight sets for the cfg test): a registration that the
+    # parametrisation missed would otherwise go untested. The two without feature maps are ndeconv's only.
     import ndeconv.zoo as zoo
 
-    assert set(MODELS) == set(zoo.ZOO_MODELS + zoo.EXTRA_MODELS + zoo.IMAGENET_MODELS)
+    assert set(zoo.NDECONV_ONLY_MODELS) == {"mlp_deconv", "simple_v1_deconv"}
+    assert set(MODELS) == set(zoo.ZOO_MODELS + zoo.EXTRA_MODELS + zoo.IMAGENET_MODELS) - set(zoo.NDECONV_ONLY_MODELS)
     assert set(MODELS_MATCHING_CFG) == set(MODELS)
     assert {n.partition(".")[0] for n in MODELS_WITH_TAGS} == set(MODELS)
+
+
+@pytest.mark.parametrize("model_name", ["mlp_deconv", "simple_v1_deconv"])
+def test_models_without_feature_maps_are_not_timm_models(model_name: str) -> None:
+    """timm does not know them (its own unknown-model error, as for any name), ndeconv builds them with timm's
+    keywords, and its pretrained_cfg says what timm's registry would."""
+    import ndeconv.zoo as zoo
+
+    assert not timm.is_model(model_name) and model_name not in timm.list_models("*_deconv*", include_tags=True)
+    with pytest.raises(RuntimeError, match="has no pretrained cfg registered"):  # no cfg in timm's registry either
+        get_pretrained_cfg_value(model_name, "input_size")
+    with pytest.raises(RuntimeError, match=rf"^Unknown model \({model_name}\)$"):
+        create_model(model_name)
+    model = zoo.create_model(model_name, num_classes=3, in_chans=3).eval()
+    assert model.pretrained_cfg["architecture"] == model_name and model.num_classes == 3
+    assert tuple(model.pretrained_cfg["input_size"]) == (3, 28, 28)
+    assert tuple(zoo.get_pretrained_cfg(model_name).input_size) == (1, 28, 28)
+    assert model(torch.rand(2, 3, 28, 28)).shape == (2, 3)
 
 
 def _get_input_size(model=None, model_name="", target=None):  # noqa: ANN001, ANN202 - timm's helper, verbatim

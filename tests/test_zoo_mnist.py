@@ -1,5 +1,7 @@
 """The authors' MNIST-sized models (``main.py --arch mlp simple_v1 simple_v2``, their ``models/simple.py``): layouts
 and the MLP's outputs against the authors' own models, the timm interface, fold/ONNX and training on 28x28 images.
+Only ``simple_v2_deconv`` is registered with timm (the MLP and the one-conv ``simple_v1_deconv`` have no feature maps
+for timm's model contract): the tests build all three with ``ndeconv.zoo.create_model``, timm's keywords.
 
 The fixtures in ``tests/fixtures/reference_extra/`` were written from the authors' code by
 ``scripts/reference_mnist_models.py`` (its docstring says how): ``reference_mnist_models.json`` (layouts) and the
@@ -10,6 +12,7 @@ test here).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -20,6 +23,7 @@ from torch import nn
 
 import ndeconv.zoo
 from ndeconv import ChannelDeconv, FastDeconv
+from ndeconv.datasets import FASHION_MNIST_DIR
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "reference_extra"
 REFERENCE = FIXTURES / "reference_mnist_models.json"
@@ -45,7 +49,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_layout_matches_the_authors(case: str, reference: dict) -> None:
     """Parameter count, every state_dict key and shape, and the layer types under the same names."""
     arch, deconv = CASES[case]
-    model = timm.create_model(ndeconv.zoo.resolve_model_name(arch), deconv=deconv)
+    model = ndeconv.zoo.create_model(ndeconv.zoo.resolve_model_name(arch), deconv=deconv)
     ref = reference[case]
     assert sum(p.numel() for p in model.parameters()) == ref["params"]
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref["state_dict"]
@@ -56,7 +60,7 @@ def test_layout_matches_the_authors(case: str, reference: dict) -> None:
 def test_mlp_reproduces_the_authors_logits(form: str) -> None:
     """The authors' seeded MLP after 3 SGD steps, loaded into ours: the same logits in eval (running statistics)
     and in train mode (batch statistics), float64."""
-    model = timm.create_model("mlp_deconv", deconv=form == "nd").double()
+    model = ndeconv.zoo.create_model("mlp_deconv", deconv=form == "nd").double()
     state = load_file(str(FIXTURES / f"mlp_{form}_state_dict.safetensors"))
     model.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
     io = load_file(str(FIXTURES / f"mlp_{form}_io.safetensors"))
@@ -69,7 +73,7 @@ def test_the_deconvolution_forms_the_authors_cannot_build_put_fastdeconv_where_d
     """simple_v1/simple_v2 with deconv=True: their HEAD's DeConv2d is gone, so every conv is a FastDeconv (main.py's
     factory settings), with the BatchNorm form's conv shapes and no norms."""
     for name in ("simple_v1_deconv", "simple_v2_deconv"):
-        nd, bn = timm.create_model(name), timm.create_model(name, deconv=False)
+        nd, bn = ndeconv.zoo.create_model(name), ndeconv.zoo.create_model(name, deconv=False)
         convs = [m for m in nd.modules() if isinstance(m, (nn.Conv2d, FastDeconv))]
         assert convs and all(isinstance(m, FastDeconv) for m in convs)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in nd.modules())
@@ -79,10 +83,12 @@ def test_the_deconvolution_forms_the_authors_cannot_build_put_fastdeconv_where_d
 
 @pytest.mark.parametrize("name", NAMES)
 def test_timm_interface(name: str) -> None:
-    """Registered as extra models, pretrained_cfg for 28x28 gray input and no weights, reset_classifier, the
-    features/head split and the authors' names."""
-    assert name in ndeconv.zoo.EXTRA_MODELS and name in timm.list_models("*_deconv")
-    model = timm.create_model(name)
+    """Extra models (simple_v2 registered with timm, the two without feature maps with ndeconv only),
+    pretrained_cfg for 28x28 gray input and no weights, reset_classifier, the features/head split and the authors'
+    names."""
+    assert name in ndeconv.zoo.EXTRA_MODELS
+    assert (name in timm.list_models("*_deconv")) is (name not in ndeconv.zoo.NDECONV_ONLY_MODELS)
+    model = ndeconv.zoo.create_model(name)
     cfg = model.pretrained_cfg
     assert tuple(cfg["input_size"]) == (1, 28, 28) and not cfg.get("hf_hub_id") and not cfg.get("file")
     x = torch.rand(4, 1, 28, 28)
@@ -95,7 +101,7 @@ def test_timm_interface(name: str) -> None:
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (4, model.head_hidden_size)
     model.reset_classifier(3)
     assert model(x).shape == (4, 3) and model.num_classes == 3
-    assert timm.create_model(name, num_classes=5, in_chans=3)(torch.rand(2, 3, 28, 28)).shape == (2, 5)
+    assert ndeconv.zoo.create_model(name, num_classes=5, in_chans=3)(torch.rand(2, 3, 28, 28)).shape == (2, 5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,7 +112,7 @@ def test_torch_hub_load_local(name: str) -> None:
 
 
 def test_simple_v2_features_only() -> None:
-    model = timm.create_model("simple_v2_deconv", deconv=False, features_only=True, out_indices=(0, 10))
+    model = ndeconv.zoo.create_model("simple_v2_deconv", deconv=False, features_only=True, out_indices=(0, 10))
     maps = model(torch.rand(2, 1, 28, 28))
     assert [tuple(m.shape) for m in maps] == [(2, 4, 26, 26), (2, 44, 6, 6)]
 
@@ -126,7 +132,7 @@ def test_fold_gives_the_same_eval_function_and_reloads_folded(name: str, deconv:
     from ndeconv.convert import fold
 
     torch.manual_seed(0)
-    model = timm.create_model(name, deconv=deconv).double()
+    model = ndeconv.zoo.create_model(name, deconv=deconv).double()
     model.train()
     with torch.no_grad():
         for _ in range(3):
@@ -138,7 +144,7 @@ def test_fold_gives_the_same_eval_function_and_reloads_folded(name: str, deconv:
         folded = fold(model, fuse_batchnorm=False).eval()
         assert rel_err(folded(x), ref) <= 1e-9
     assert not any(isinstance(m, (FastDeconv, ChannelDeconv)) for m in folded.modules())
-    plain = timm.create_model(name, deconv=deconv, folded=True).double()
+    plain = ndeconv.zoo.create_model(name, deconv=deconv, folded=True).double()
     plain.load_state_dict(folded.state_dict(), strict=True)
 
 
@@ -148,7 +154,7 @@ def test_exports_verified_onnx(name: str, tmp_path) -> None:
     from ndeconv.convert import export_onnx, verify_onnx_for_model
 
     torch.manual_seed(0)
-    model = timm.create_model(name)
+    model = ndeconv.zoo.create_model(name)
     model.train()
     with torch.no_grad():
         for _ in range(2):
@@ -184,3 +190,50 @@ def test_a_main_py_mlp_checkpoint_converts_to_the_authors_logits(form: str, tmp_
     io = load_file(str(FIXTURES / f"mlp_{form}_io.safetensors"))
     with torch.no_grad():
         assert rel_err(model(io["eval.x"]), io["eval.logits"]) <= 1e-9
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh installs it)")
+def test_a_model_timm_does_not_know_trains_and_its_run_loads(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """``mlp_deconv`` is not a timm model (no feature maps), yet everything of ndeconv's takes it: ``ndeconv train
+    --arch mlp_deconv``, its run directory (``load_model``, ``ndeconv eval``, ``fold``), and the run as ``local-dir:``
+    through ``ndeconv.zoo.create_model`` (timm itself refuses it with its unknown-model error)."""
+    from ndeconv.cli import main
+    from ndeconv.convert import load_folded
+    from ndeconv.loading import load_model
+
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "mlp_deconv", "--train-subset", "128", "--test-subset", "32", "--epochs", "1",
+                 "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["architecture"] == "mlp_deconv"
+    loaded = load_model(str(run))
+    assert type(loaded.model).__name__ == "MLP" and loaded.kind == "run"
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = loaded.model(x)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--test-subset", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == 16
+
+    with pytest.raises(RuntimeError, match=r"Unknown model \(mlp_deconv\)"):
+        timm.create_model(f"local-dir:{run}", pretrained=True)
+    local = ndeconv.zoo.create_model(f"local-dir:{run}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(local(x), expected)
+
+    folded = tmp_path / "folded.safetensors"
+    assert main(["fold", str(run), "-o", str(folded)]) == 0
+    with torch.no_grad():
+        assert rel_err(load_folded(folded)(x), expected) <= 1e-5
+
+
+def test_ndeconv_list_says_which_are_not_timm_models(capsys: pytest.CaptureFixture) -> None:
+    from ndeconv.cli import main
+
+    assert main(["list", "--json", "--group", "extra", "*_deconv"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {n for n, r in rows.items() if not r["timm"]} == {"mlp_deconv", "simple_v1_deconv"}
+    assert main(["list", "--group", "extra", "simple*"]) == 0
+    out = capsys.readouterr().out
+    assert "simple_v1_deconv*" in out and "simple_v2_deconv*" not in out and "* not a timm model" in out

@@ -5,6 +5,11 @@ the segmentation models (``deconv_segmentation``) are torchvision-style builders
 
 Importing ``ndeconv.zoo`` (``import ndeconv`` does) imports every ``zoo/deconv_*.py`` file, each of which registers its
 models with timm through its ``default_cfgs`` (``zoo_default_cfgs``: one record per weight set).
+
+Two of main.py's MNIST models, ``mlp_deconv`` and ``simple_v1_deconv`` (``NDECONV_ONLY_MODELS``, in
+``EXTRA_MODELS`` too), have no feature maps, so they cannot keep timm's model contract and are not registered with
+timm: ``create_model`` builds every zoo model, those two included, with timm's keywords (``zoo/_registry.py``
+says why).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from timm.models import list_models
 from ._builder import create_zoo_model, zoo_cfg
 from ._names import REFERENCE_ARCHS
 from ._names import resolve_model_name as _resolve
+from ._registry import create_model, get_pretrained_cfg, ndeconv_only_models
 
 __all__ = [
-    "EXTRA_MODELS", "IMAGENET_MODELS", "REFERENCE_ARCHS", "ZOO_MODELS", "create_zoo_model", "resolve_model_name",
-    "zoo_cfg",
+    "EXTRA_MODELS", "IMAGENET_MODELS", "NDECONV_ONLY_MODELS", "REFERENCE_ARCHS", "ZOO_MODELS", "create_model",
+    "create_zoo_model", "get_pretrained_cfg", "resolve_model_name", "zoo_cfg",
 ]
 
 
@@ -36,7 +42,8 @@ def _register_all() -> tuple[list[str], list[str], list[str]]:
         if info.name.startswith("deconv_"):
             module = importlib.import_module(f"{__name__}.{info.name}")
             module_extra = set(getattr(module, "EXTRA_MODELS", ()))
-            registered = list_models(module=info.name)
+            # timm's models of the file, and those registered with ndeconv only (no feature maps: _registry.py).
+            registered = list_models(module=info.name) + ndeconv_only_models(module=info.name)
             extra.extend(name for name in registered if name in module_extra)
             registered = [name for name in registered if name not in module_extra]
             (imagenet if info.name.endswith("_imagenet") else names).extend(registered)
@@ -44,6 +51,8 @@ def _register_all() -> tuple[list[str], list[str], list[str]]:
 
 
 ZOO_MODELS, IMAGENET_MODELS, EXTRA_MODELS = _register_all()
+# The zoo models timm does not know (``timm.create_model`` refuses them): build them with ``create_model``.
+NDECONV_ONLY_MODELS = ndeconv_only_models()
 
 
 def resolve_model_name(name: str, what: str = "model") -> str:

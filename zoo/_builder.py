@@ -34,6 +34,7 @@ from ndeconv.datasets import CIFAR10_MEAN, CIFAR10_STD
 
 from ._hub_errors import pretrained_errors
 from ._pretrained import apply_tag_model_args, prepare_pretrained, tag_record
+from ._registry import is_ndeconv_only, ndeconv_only_cfg
 from ._stem import zoo_filter_fn
 
 __all__ = ["create_zoo_model", "zoo_cfg", "zoo_default_cfgs"]
@@ -87,7 +88,11 @@ def create_zoo_model(
       first, and any failure is one clear error naming the model, the tag and the source.
     - A tag whose weights are another form than the architecture's default (``fashion_mnist_stem``: the hybrid)
       builds that form, with or without weights (``TAG_MODEL_ARGS``).
+    - A model not registered with timm (``ndeconv.zoo._registry``) gets its pretrained_cfg from ndeconv's registry,
+      where timm's would have held it.
     """
+    if is_ndeconv_only(variant):
+        kwargs["pretrained_cfg"] = ndeconv_only_cfg(variant, kwargs.get("pretrained_cfg"))
     if feature_indices is not None:
         # features_only by forward hooks on the unmodified model (every zoo forward has functional ops between
         # its children); ``feature_indices`` index the model's ``feature_info``.

@@ -17,6 +17,13 @@ deconvolution forms call ``DeConv2d``, removed from ``models/deconv.py`` in thei
 deconvolution forms put a FastDeconv where that layer was, as the cleaned code did in every other model; the
 layouts of everything their HEAD builds are checked against it (tests/test_zoo_mnist.py), and the MLP's outputs
 too. No weights exist for these models.
+
+Only ``simple_v2_deconv`` is registered with timm. ``mlp_deconv`` (no conv, no feature map: its features are
+(N, 128) vectors) and ``simple_v1_deconv`` (one conv over the whole image: no intermediate feature) cannot keep
+timm's model contract (an NCHW ``forward_features``, ``features_only`` with at least three maps; timm's model tests
+check it), so they are registered with ndeconv only (``ndeconv.zoo._registry``): build them with
+``ndeconv.zoo.create_model`` (``torch.hub.load``, ``ndeconv train --arch mlp`` and every ndeconv command do), with
+the same keywords timm's ``create_model`` takes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from ndeconv.layers import ChannelDeconv
 
 from ._builder import create_zoo_model, zoo_cfg, zoo_default_cfgs
 from ._layer_factory import DeconvSettings
+from ._registry import register_ndeconv_model
 
 __all__ = ["MLP", "SimpleConvNet"]
 
@@ -241,13 +249,13 @@ default_cfgs = zoo_default_cfgs({
 })
 
 
-@register_model
+@register_ndeconv_model  # not timm's: an MLP has no feature maps (module docstring)
 def mlp_deconv(pretrained: bool = False, **kwargs: Any) -> MLP:
     """The authors' MLP (``main.py --arch mlp``) with ChannelDeconv whitening; ``deconv=False``: BatchNorm1d."""
     return _create(MLP, "mlp_deconv", pretrained, **kwargs)
 
 
-@register_model
+@register_ndeconv_model  # not timm's: one conv over the whole image has no feature maps (module docstring)
 def simple_v1_deconv(pretrained: bool = False, **kwargs: Any) -> SimpleConvNet:
     """The authors' one-conv ``SimpleCNN_v1`` (``main.py --arch simple_v1``) as a FastDeconv; ``deconv=False``:
     a plain Conv2d."""

@@ -14,7 +14,7 @@ HELP = "fold a model and export it to ONNX (verified with onnxruntime)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ndeconv.onnx_defaults import DEFAULT_OPSET, REL_TOLERANCE
+    from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_OPSET, REL_TOLERANCE
 
     p = subparsers.add_parser(
         "export",
@@ -36,6 +36,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check the file with onnx.checker and onnxruntime (default: on)")
     add_input_size_argument(p, "traced and verified with")
+    int8 = p.add_argument_group(
+        "int8 (static quantization with onnxruntime)",
+        "--int8 folds and exports in float32, calibrates the activation ranges on training images of "
+        "--calibrate-data (never test images), quantizes to QDQ int8 and, with --verify, prints the int8 and "
+        "float32 files' onnxruntime top-1 on the test split. The settings and those scores go into the file's "
+        "metadata_props (quantization, int8_check).")
+    int8.add_argument("--int8", action="store_true", help="write an int8 (QDQ) file instead of float32")
+    int8.add_argument("--calibrate-data", metavar="DATASET",
+                      help="dataset whose training split calibrates (fashion_mnist, mnist, cifar10, cifar100, "
+                      "imagefolder)")
+    int8.add_argument("--calibrate-images", type=int, metavar="N",
+                      help=f"training images drawn for calibration (default: {DEFAULT_CALIBRATION_IMAGES})")
+    int8.add_argument("--calibrate-method", choices=CALIBRATION_METHODS,
+                      help="how activation ranges are set (default: minmax)")
+    int8.add_argument("--per-tensor", action="store_true",
+                      help="one int8 scale per weight tensor (default: one per output channel)")
+    int8.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files (default: its install path)")
+    int8.add_argument("--verify-images", type=int, metavar="N",
+                      help="score the first N test images only (default: all)")
     p.set_defaults(func=_run, claims="output")  # ndeconv.cli claims the output file before the command runs
 
 
@@ -93,11 +112,14 @@ def _run(args: argparse.Namespace) -> int:
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise UsageError(f"--opset {args.opset}: choose an ONNX opset from {MIN_OPSET} to {MAX_OPSET} (what the "
                          "installed torch exporter writes), such as 18 or 20")
+    _check_int8_arguments(args)
     output = check_output_path(args.output, args.force)  # fail before any work
     from ._model_source import load_model_source  # torch and the loader: only when the command runs
 
     source = load_model_source(args)
     input_size = input_size_for(source.model, args.input_size, square=True)
+    if args.int8:
+        return _run_int8(args, source, output, input_size)
     with warnings_to_stderr("export", FoldWarning):
         # Verified before it replaces anything: a failed check leaves an existing file as it was.
         result = export_onnx(source.model, output, opset=args.opset, static_batch=args.static_batch,
@@ -116,6 +138,58 @@ def _run(args: argparse.Namespace) -> int:
         print(f"onnxruntime vs PyTorch, {line}")
     print(f"verified: max abs diff {verification.max_abs:.3g}, max rel diff {verification.max_rel:.3g} "
           f"<= {REL_TOLERANCE:g}")
+    return 0
+
+
+_INT8_ONLY = ("--calibrate-data", "--calibrate-images", "--calibrate-method", "--per-tensor", "--data-dir",
+              "--verify-images")
+
+
+def _check_int8_arguments(args: argparse.Namespace) -> None:
+    """Bad int8 settings fail in one line before any model is loaded."""
+    from ndeconv.dataset_specs import get_spec
+    from ndeconv.errors import UsageError
+    from ndeconv.onnx_defaults import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
+
+    given = [flag for flag in _INT8_ONLY if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
+    if not args.int8:
+        if given:
+            raise UsageError(f"{given[0]} is an int8 setting: add --int8, or drop it")
+        return
+    if args.calibrate_data is None:
+        raise UsageError("--int8 calibrates on training images: pass --calibrate-data DATASET, the data the model was "
+                         "trained on (e.g. --calibrate-data fashion_mnist)")
+    get_spec(args.calibrate_data)  # an unknown dataset, in one line
+    if args.calibrate_images is not None and args.calibrate_images < MIN_CALIBRATION_IMAGES:
+        raise UsageError(f"--calibrate-images {args.calibrate_images}: too few to set the activation ranges; use at "
+                         f"least {MIN_CALIBRATION_IMAGES} (default {DEFAULT_CALIBRATION_IMAGES})")
+    if args.verify_images is not None and args.verify_images < 1:
+        raise UsageError(f"--verify-images {args.verify_images}: must be >= 1; leave it out to score every test image")
+    if args.verify_images is not None and not args.verify:
+        raise UsageError("--verify-images sets how many test images --verify scores: drop it or --no-verify")
+
+
+def _run_int8(args: argparse.Namespace, source, output, input_size) -> int:  # noqa: ANN001
+    from ndeconv.convert import FoldWarning
+    from ndeconv.convert.quantize import DEFAULT_CALIBRATION_IMAGES, export_int8
+
+    with warnings_to_stderr("export", FoldWarning):
+        result = export_int8(
+            source.model, output, calibrate_data=args.calibrate_data,
+            calibrate_images=args.calibrate_images or DEFAULT_CALIBRATION_IMAGES,
+            per_channel=not args.per_tensor, method=args.calibrate_method or "minmax", data_dir=args.data_dir,
+            verify=args.verify, verify_images=args.verify_images, opset=args.opset, static_batch=args.static_batch,
+            input_size=input_size, force=True, config=_source_config(source), source=source.description)
+    settings, check = result.settings, result.check
+    print(f"wrote {result.path} (int8 QDQ, opset {args.opset}, "
+          f"{'static batch ' + str(args.static_batch) if args.static_batch else 'dynamic batch'})")
+    print(f"quantization: weights {settings['weights']}; activations {settings['activations']}; calibrated by "
+          f"{settings['calibration']} on {settings['calibration_images']} images of {settings['calibration_data']}")
+    print(f"onnx.checker (full): ok; {check.quantized_layers} of {check.weighted_layers} conv/linear layers hold int8 "
+          "weights; ops: " + ", ".join(f"{op} x{n}" for op, n in sorted(check.ops.items())))
+    if check.top1_int8 is not None:
+        print(f"onnxruntime top-1 on {check.dataset} test ({check.images} images): float32 {check.top1_float32:.2f}%, "
+              f"int8 {check.top1_int8:.2f}% ({check.top1_int8 - check.top1_float32:+.2f} points)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``ndeconv fold``: fold a deconvolution model into plain conv/linear weights (safetensors + config.json)."""
+"""``ndeconv fold``: fold a deconvolution model into plain conv/linear weights: one safetensors file, its config
+(what the weights are) in the file's metadata."""
 
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=HELP,
         description="Fold MODEL[.TAG] (or --checkpoint FILE --arch NAME) into a plain network: every FastDeconv "
         "becomes a Conv2d, every Delinear a Linear, every ChannelDeconv a 1x1 Conv2d (a Linear on pooled features), "
-        "and each BatchNorm directly after a conv is fused into it (unless --keep-batchnorm). Writes the weights "
-        "(safetensors) and a config.json beside them; load them with ndeconv.convert.load_folded, or without "
-        "fused BatchNorms with timm.create_model(NAME, folded=True, **model_args) and a strict load_state_dict. "
-        "The folded outputs are checked against the unfolded model in eval mode.",
+        "and each BatchNorm directly after a conv is fused into it (unless --keep-batchnorm). Writes one file, FILE: "
+        "the weights (safetensors), with the folded config (architecture, model_args, the BatchNorms fused) in its "
+        "safetensors metadata, and nothing else. Load it with ndeconv.convert.load_folded, or without fused "
+        "BatchNorms with timm.create_model(NAME, folded=True, **model_args) (ndeconv.convert.read_folded_config "
+        "reads them) and a strict load_state_dict. The folded outputs are checked against the unfolded model in "
+        "eval mode.",
     )
     add_model_source_arguments(p)
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="folded weights (.safetensors)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite FILE and the config.json `ndeconv fold` wrote beside it")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="folded weights (.safetensors), the one file written: the folded config is in its metadata")
+    p.add_argument("--force", action="store_true", help="overwrite FILE")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing the folded and unfolded outputs on a random batch")
     p.add_argument("--keep-batchnorm", dest="fuse_batchnorm", action="store_false",
@@ -40,14 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ndeconv.convert import FoldWarning, fold_with_report, save_folded
-    from ndeconv.convert.folded_io import check_folded_config_path
     from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
 
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o {args.output}: folded weights are written as safetensors; name the file *.safetensors")
     output = check_output_path(args.output, args.force)  # fail before any work
-    check_folded_config_path(output, args.force)
     from ._model_source import load_model_source  # torch and the loader: only when the command runs
 
     source = load_model_source(args)
@@ -58,9 +59,10 @@ def _run(args: argparse.Namespace) -> int:
         # The command fuses BatchNorms by default, as it always has; the library's fold() asks for it explicitly.
         folded, report = fold_with_report(source.model, example_input=example, check=args.check,
                                           fuse_batchnorm=args.fuse_batchnorm)
-    weights, config = save_folded(folded, output, report, source.description, force=args.force)
+    weights = save_folded(folded, output, report, source.description, force=args.force)
     print(report.summary())
-    print(f"wrote {weights} and {config}")
+    # Every file the command writes is named: this one (its folded config inside, in the safetensors metadata).
+    print(f"wrote {weights} (folded weights; their config is in the file's safetensors metadata)")
     return 0
 
 

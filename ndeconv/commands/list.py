@@ -44,11 +44,12 @@ def zoo_table(pattern: str = "*", deconv: bool = True, groups: tuple[str, ...] |
     models, 1000 ImageNet, 21 segmentation), tags and their weights, ``group`` and ``authors_names``.
 
     The paper's ten come first with the keys and values they always had (``name``, ``params`` at 10 classes,
-    ``tags``); the other keys and groups were added later, so a reader of the old JSON sees the same ten rows."""
-    import timm
+    ``tags``); the other keys and groups were added later, so a reader of the old JSON sees the same ten rows.
+    ``timm``: whether ``timm.create_model`` builds it (not the segmentation builders, nor the two MNIST models without
+    feature maps, ``ndeconv.zoo.NDECONV_ONLY_MODELS``: ``ndeconv.zoo.create_model`` builds every row's model)."""
     import torch
-    from timm.models import get_pretrained_cfg
 
+    from ndeconv.zoo import NDECONV_ONLY_MODELS, create_model, get_pretrained_cfg
     from ndeconv.zoo._pretrained import registered_tags, shipped_weights_path
     from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
@@ -66,7 +67,7 @@ def zoo_table(pattern: str = "*", deconv: bool = True, groups: tuple[str, ...] |
                 else:
                     # The default model's channels (its registered cfg's): 3, or 1 for the MNIST models.
                     in_chans = int(get_pretrained_cfg(name).input_size[0])
-                    model = timm.create_model(name, deconv=deconv, num_classes=num_classes, in_chans=in_chans)
+                    model = create_model(name, deconv=deconv, num_classes=num_classes, in_chans=in_chans)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             tags = []
             # Every tag, also those whose weights are not trained yet (the segmentation builders are not in timm's
@@ -76,7 +77,8 @@ def zoo_table(pattern: str = "*", deconv: bool = True, groups: tuple[str, ...] |
                 file = shipped_weights_path(name, tag)  # where this install keeps them (NDECONV_WEIGHTS or the clone)
                 tags.append(dict(tag=tag, file=str(file), on_disk=file.is_file(), hf_hub_id=cfg.hf_hub_id))
             rows.append(dict(name=name, params=params, tags=tags, group=group, num_classes=num_classes,
-                             authors_names=authors_names(name)))
+                             authors_names=authors_names(name),
+                             timm=group != "segmentation" and name not in NDECONV_ONLY_MODELS))
     return rows
 
 
@@ -96,10 +98,16 @@ def _run(args: argparse.Namespace) -> int:
             print()
         print(f"# {heading}; parameters at {num_classes} classes")
         print(f"{'model':<28} {'params':>12}  {'authors name':<21} pretrained tags (weights on disk?)")
+        # The segmentation heading says its builders are not timm's; in a timm group, a mark says which are not.
+        marked = group != "segmentation" and not all(row["timm"] for row in group_rows)
         for row in group_rows:
             tags = ", ".join(f"{t['tag']} ({'yes' if t['on_disk'] else 'no'})" for t in row["tags"]) or "-"
             theirs = ", ".join(row["authors_names"]) or "-"
-            print(f"{row['name']:<28} {row['params']:>12,}  {theirs:<21} {tags}")
+            name = row["name"] + ("*" if marked and not row["timm"] else "")
+            print(f"{name:<28} {row['params']:>12,}  {theirs:<21} {tags}")
+        if marked:
+            print("* not a timm model (no feature maps for timm's model contract): build it with "
+                  "ndeconv.zoo.create_model (timm's keywords), torch.hub or the ndeconv commands")
     return 0
 
 

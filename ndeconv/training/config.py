@@ -148,9 +148,7 @@ def recipe_defaults(model_name: str) -> dict[str, Any]:
     topologies (``ndeconv.zoo.IMAGENET_MODELS``; they also train with its RandomResizedCrop, see
     ``ndeconv.training.data``), ``main.py``'s for the rest; ``img_size`` is the model's own input size (its
     registered pretrained_cfg: 32 for CIFAR topologies, 28 for the MNIST ones, 224 for ImageNet)."""
-    from timm.models import get_pretrained_cfg
-
-    from ndeconv.zoo import IMAGENET_MODELS
+    from ndeconv.zoo import IMAGENET_MODELS, get_pretrained_cfg  # timm's, and the models not registered with it
 
     recipe = MAIN_IMAGENET_RECIPE if model_name in IMAGENET_MODELS else MAIN_PY_RECIPE
     cfg = get_pretrained_cfg(model_name)
@@ -180,13 +178,11 @@ def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str,
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    import timm
-
-    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
+    import ndeconv.zoo as zoo
 
     name = cfg.model_name()
     try:
-        return timm.create_model(name, pretrained=False, **model_kwargs(cfg, num_classes, in_chans))
+        return zoo.create_model(name, pretrained=False, **model_kwargs(cfg, num_classes, in_chans))
     except (ValueError, TypeError) as err:
         # The layers name the offending setting (e.g. a block size that cannot split the channels).
         raise UsageError(f"cannot build {name} with these settings: {err}") from err

@@ -72,9 +72,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model of a run directory, built from its config.json and loaded from its model.safetensors."""
-    import timm
-
-    import ndeconv.zoo  # noqa: F401 - registers the zoo with timm
+    import ndeconv.zoo as zoo
 
     config = read_run_config(run_dir)
     args = dict(config.get("model_args", {}))
@@ -84,7 +82,7 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> nn.Modu
         raise UsageError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch yet "
                          f"(continue it with `ndeconv train --resume {run_dir}`)")
     try:
-        model = timm.create_model(config["architecture"], pretrained=False, **args)
+        model = zoo.create_model(config["architecture"], pretrained=False, **args)  # timm's, or ndeconv's own
         recipe = (config.get("train") or {}).get("deconvolve")
         if recipe:  # started from an ndeconv convert-bn checkpoint: its layout
             model = deconvolve(model, **recipe)

@@ -1,0 +1,384 @@
+"""Int8 deployment: static quantization of an exported (folded) ONNX file with onnxruntime.
+
+``export_int8`` folds and exports the model in float32 (``export_onnx``), calibrates on training images (never test
+images) preprocessed as the file's metadata says, quantizes statically with ``onnxruntime.quantization`` in QDQ
+format (int8 weights, per output channel by default; uint8 activations, per tensor) and checks the result: the
+graph holds only plain inference ops plus QuantizeLinear/DequantizeLinear, every conv/linear weight is stored as
+int8, onnxruntime runs it, and its test-set top-1 stands beside the float32 file's. The settings and the measured
+top-1 are written into the file's metadata_props beside the export's keys (``quantization``, ``int8_check``).
+
+The QDQ graph uses standard ONNX ops only (no onnxruntime-specific fusions are baked in), so other runtimes that
+read QDQ models take it too; onnxruntime fuses the pairs into int8 kernels when it loads the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ndeconv.errors import NdeconvError, UsageError
+from ndeconv.io import check_output_path
+from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_OPSET, MIN_CALIBRATION_IMAGES
+
+from .export import ALLOWED_OPS, ExportResult, _write_metadata, export_onnx, onnx_op_types, read_onnx_metadata
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "DEFAULT_CALIBRATION_IMAGES",
+    "INT8_METADATA_KEYS",
+    "MIN_CALIBRATION_IMAGES",
+    "Int8Check",
+    "Int8ExportResult",
+    "calibration_images",
+    "check_int8_graph",
+    "export_int8",
+    "onnx_top1",
+    "quantize_onnx",
+]
+
+# The metadata_props an int8 file has beside those of every export (ndeconv.convert.export.METADATA_KEYS).
+INT8_METADATA_KEYS: dict[str, str] = {
+    "quantization": "the settings, JSON: format (QDQ), weights and activations (type, symmetry, scale granularity), "
+                    "calibration (method), calibration_images, calibration_data (dataset and split), "
+                    "calibration_seed, onnxruntime (the quantizer's version)",
+    "int8_check": "what verification measured, JSON (when verified): dataset, test_images, top1_float32 and "
+                  "top1_int8 (percent, onnxruntime on the test split), runtime",
+}
+_CALIBRATION_BATCH = 32
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Int8Check:
+    """What the checks of a quantized file found: its ops, how many conv/linear layers hold int8 weights, and
+    (when measured) top-1 of the float32 and int8 files on ``images`` test images of ``dataset``."""
+
+    ops: dict[str, int]
+    quantized_layers: int
+    weighted_layers: int
+    dataset: str | None = None
+    images: int = 0
+    top1_float32: float | None = None
+    top1_int8: float | None = None
+
+    @property
+    def drop(self) -> float | None:
+        if self.top1_float32 is None or self.top1_int8 is None:
+            return None
+        return round(self.top1_float32 - self.top1_int8, 4)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "test_images": self.images, "top1_float32": self.top1_float32,
+                "top1_int8": self.top1_int8, "runtime": "onnxruntime CPUExecutionProvider"}
+
+
+@dataclass
+class Int8ExportResult:
+    path: Path
+    settings: dict[str, Any]  # what metadata_props['quantization'] records
+    check: Int8Check
+    float_export: ExportResult = field(repr=False)  # the float32 export it was quantized from (a removed file)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _method(name: str):  # noqa: ANN202 - onnxruntime's CalibrationMethod
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if name not in methods:
+        raise UsageError(f"calibration method {name!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+    return methods[name]
+
+
+def _preprocessed(images: Any, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 (N, C, H, W) -> float32 normalised as an export's metadata says: x / 255, then (x - mean) / std."""
+    x = np.asarray(images, dtype=np.float32) / 255.0
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _file_preprocessing(metadata: Mapping[str, str], path: Path) -> tuple[list[int], list[float], list[float], float]:
+    """(input_size, mean, std, crop_pct) as an export's metadata_props record them."""
+    try:
+        size = json.loads(metadata["input_size"])
+        mean, std = json.loads(metadata["mean"]), json.loads(metadata["std"])
+        crop_pct = float(metadata.get("crop_pct", "1.0"))
+    except (KeyError, ValueError, TypeError) as err:
+        raise NdeconvError(f"{path}: its metadata_props do not say how to feed it ({err}); export it with "
+                           "`ndeconv export`") from err
+    if len(size) != 3:
+        raise UsageError(f"{path}: input {size} is not an image (C, H, W); int8 calibration feeds images")
+    return size, mean, std, crop_pct
+
+
+def _image_source(dataset: str, split: str, data_dir: str | None, size: list[int], crop_pct: float,
+                  class_names: list[str] | None = None):  # noqa: ANN202 - an ndeconv.datasets.ImageSource
+    """A split of ``dataset`` decoded at the model's size; an image folder's labels in ``class_names`` order."""
+    from ndeconv.datasets import get_spec, load_split
+
+    spec = get_spec(dataset)
+    if spec.in_chans != size[0] and (spec.in_chans, size[0]) != (1, 3):
+        raise UsageError(f"{dataset} has {spec.in_chans}-channel images but the model takes {size[0]}; calibrate on "
+                         "the data the model was trained on")
+    source = load_split(dataset, split, data_dir, size[1], class_names=class_names, crop_pct=crop_pct)
+    if len(source):
+        got = tuple(source.batch(_index(0, 1)).shape[-2:])
+        if got != tuple(size[1:]):
+            raise UsageError(f"{dataset}'s {split} images are {got[0]}x{got[1]} but the model takes "
+                             f"{size[1]}x{size[2]}; calibrate on the data the model was trained on")
+    return source
+
+
+def _uint8_batch(source, indices, channels: int) -> np.ndarray:  # noqa: ANN001 - an ImageSource, a torch index
+    """The images at ``indices`` with ``channels`` channels: gray images for an RGB model are repeated over its
+    three channels, as timm's loader converts them (``Image.convert('RGB')``)."""
+    images = source.batch(indices).numpy()
+    return images.repeat(channels, axis=1) if images.shape[1] == 1 and channels != 1 else images
+
+
+def _index(start: int, stop: int):  # noqa: ANN202 - a torch index tensor, torch imported only here
+    import torch
+
+    return torch.arange(start, stop)
+
+
+def calibration_images(
+    dataset: str,
+    count: int = DEFAULT_CALIBRATION_IMAGES,
+    *,
+    input_size: tuple[int, int, int] | list[int],
+    mean: list[float],
+    std: list[float],
+    crop_pct: float = 1.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """``count`` images of ``dataset``'s training split (never its test split), drawn at random by ``seed``,
+    preprocessed as a model of ``input_size`` (C, H, W) with ``mean``/``std`` is fed: float32 (count, C, H, W)."""
+    import torch
+
+    _check_count(count)
+    source = _image_source(dataset, "train", data_dir, list(input_size), crop_pct)
+    if count > len(source):
+        raise UsageError(f"{count} calibration images asked for but {dataset}'s training split has {len(source)}; "
+                         f"use at most {len(source)}")
+    chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return _preprocessed(_uint8_batch(source, chosen, int(input_size[0])), mean, std)
+
+
+def _check_count(count: int) -> None:
+    if count < MIN_CALIBRATION_IMAGES:
+        raise UsageError(f"{count} calibration image(s) are too few to set the activation ranges: use at least "
+                         f"{MIN_CALIBRATION_IMAGES} (default {DEFAULT_CALIBRATION_IMAGES})")
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over an array, in batches."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch: int = _CALIBRATION_BATCH):
+        self._batches: Iterator[np.ndarray] = iter(np.array_split(images, max(1, -(-len(images) // batch))))
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self.input_name: np.ascontiguousarray(batch)}
+
+    def __iter__(self):  # noqa: ANN204 - onnxruntime >= 1.17 iterates the reader
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def check_int8_graph(path: str | os.PathLike) -> Int8Check:
+    """Fail unless the quantized graph holds only :data:`~ndeconv.convert.export.ALLOWED_OPS` plus
+    QuantizeLinear/DequantizeLinear and every Conv/Gemm/MatMul weight is an int8 initializer behind a
+    DequantizeLinear; onnx.checker (full) must accept it."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # noqa: BLE001 - onnx raises several error types
+        raise NdeconvError(f"{path}: onnx.checker rejects the quantized model: {err}") from err
+    ops = onnx_op_types(path)
+    unexpected = sorted(set(ops) - ALLOWED_OPS - _QDQ_OPS)
+    if unexpected:
+        raise NdeconvError(f"{path}: unexpected ops in the quantized graph: {', '.join(unexpected)}")
+    model = onnx.load(str(path), load_external_data=False)
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    weighted = [n for n in model.graph.node if n.op_type in _WEIGHTED_OPS and len(n.input) > 1]
+    quantized = [n for n in weighted if dequantized.get(n.input[1]) in int8]
+    return Int8Check(ops=dict(ops), quantized_layers=len(quantized), weighted_layers=len(weighted))
+
+
+def quantize_onnx(
+    float_path: str | os.PathLike,
+    path: str | os.PathLike,
+    calibration: np.ndarray,
+    *,
+    per_channel: bool = True,
+    method: str = "minmax",
+    force: bool = False,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize the float32 ONNX file at ``float_path`` statically into ``path`` (QDQ, int8 weights per output
+    channel or per tensor, uint8 activations per tensor), with activation ranges calibrated by ``method`` on
+    ``calibration`` (float32 N x C x H x W, preprocessed as the file is fed). The float file's metadata_props
+    are kept; ``quantization`` (JSON) records the settings, with ``settings`` (what the caller knows of the
+    calibration data) added. Written atomically; returns the recorded settings."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path, path = Path(float_path), check_output_path(path, force)
+    calibrate = _method(method)
+    calibration = np.asarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise UsageError(f"calibration data of shape {tuple(calibration.shape)}: give a float32 N x C x H x W batch")
+    metadata = read_onnx_metadata(float_path)
+    recorded = {
+        "format": "QDQ",
+        "weights": f"int8, symmetric, {'per output channel' if per_channel else 'per tensor'}",
+        "activations": "uint8, asymmetric, per tensor",
+        "calibration": method,
+        "calibration_images": len(calibration),
+        **dict(settings or {}),
+        "onnxruntime": onnxruntime.__version__,
+    }
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        prepared, quantized = tmp_dir / "prepared.onnx", tmp_dir / path.name
+        # Shape inference only: onnxruntime's graph optimizations would bake its own fused ops into the file.
+        quant_pre_process(str(float_path), str(prepared), skip_optimization=True)
+        import onnx
+
+        input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+        try:
+            quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's quantizer raises many types
+            raise NdeconvError(f"onnxruntime could not quantize {float_path}: {type(err).__name__}: {err}") from err
+        _write_metadata(quantized, {**metadata, "quantization": json.dumps(recorded)})
+        with open(quantized, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(quantized, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return recorded
+
+
+def onnx_top1(
+    path: str | os.PathLike,
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    count: int | None = None,
+    batch_size: int = 256,
+    threads: int | None = None,
+) -> tuple[float, int]:
+    """(top-1 in percent, images) of an exported classifier through onnxruntime on the first ``count`` (default:
+    all) test images of ``dataset``, fed as the file's metadata_props say; ``threads``: onnxruntime's intra-op
+    threads (default: its own choice)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    metadata = read_onnx_metadata(path)
+    size, mean, std, crop_pct = _file_preprocessing(metadata, path)
+    labels = json.loads(metadata["label_names"]) if "label_names" in metadata else None
+    source = _image_source(dataset, "test", data_dir, size, crop_pct, labels).subset(count)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    step = shape[0] if isinstance(shape[0], int) else batch_size  # a static-batch file is fed its own batch
+    name = session.get_inputs()[0].name
+    correct, total = 0, len(source)
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        x = _preprocessed(_uint8_batch(source, _index(start, stop), size[0]), mean, std)
+        if len(x) < step and isinstance(shape[0], int):
+            x = np.concatenate([x, np.zeros((step - len(x), *x.shape[1:]), np.float32)])
+        logits = session.run(None, {name: x})[0][: stop - start]
+        correct += int((logits.argmax(1) == source.labels[start:stop].numpy()).sum())
+    return (100.0 * correct / total if total else 0.0), total
+
+
+def export_int8(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    calibrate_data: str,
+    calibrate_images: int = DEFAULT_CALIBRATION_IMAGES,
+    per_channel: bool = True,
+    method: str = "minmax",
+    data_dir: str | None = None,
+    seed: int = 0,
+    verify: bool = True,
+    verify_images: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    static_batch: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    force: bool = False,
+    config: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> Int8ExportResult:
+    """Fold ``model``, export it in float32 (``export_onnx``, verified against PyTorch when ``verify``), quantize it
+    with ``calibrate_images`` training images of ``calibrate_data`` (``quantize_onnx``) and write the int8 file
+    to ``path``. With ``verify``, the quantized graph is checked (``check_int8_graph``) and both files are scored
+    on the test split of ``calibrate_data`` (the first ``verify_images``, default all) before the file takes
+    ``path``'s place; the scores go into metadata_props['int8_check']. Nothing replaces ``path`` on failure."""
+    from ndeconv.datasets import get_spec
+
+    # Bad settings fail before the (long) export.
+    _method(method)
+    _check_count(calibrate_images)
+    get_spec(calibrate_data)
+    if verify_images is not None and verify_images < 1:
+        raise UsageError(f"verify images must be >= 1, got {verify_images}; leave it out to score every test image")
+    path = check_output_path(path, force)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        float_path, int8_path = tmp_dir / "float32.onnx", tmp_dir / path.name
+        exported = export_onnx(model, float_path, opset=opset, static_batch=static_batch, input_size=input_size,
+                               verify=verify, config=config, source=source)
+        size, mean, std, crop_pct = _file_preprocessing(exported.metadata, path)
+        images = calibration_images(calibrate_data, calibrate_images, input_size=size, mean=mean, std=std,
+                                    crop_pct=crop_pct, data_dir=data_dir, seed=seed)
+        settings = quantize_onnx(float_path, int8_path, images, per_channel=per_channel, method=method,
+                                 settings={"calibration_data": f"{calibrate_data} train", "calibration_seed": seed})
+        check = check_int8_graph(int8_path)
+        metadata = read_onnx_metadata(int8_path)
+        if verify:
+            check.dataset = calibrate_data
+            check.top1_float32, check.images = onnx_top1(float_path, calibrate_data, data_dir=data_dir,
+                                                         count=verify_images)
+            check.top1_int8, _ = onnx_top1(int8_path, calibrate_data, data_dir=data_dir, count=verify_images)
+            metadata["int8_check"] = json.dumps(check.metadata())
+            _write_metadata(int8_path, {"int8_check": metadata["int8_check"]})
+        with open(int8_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(int8_path, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    exported.path = Path("")  # the float32 file was temporary
+    return Int8ExportResult(path=path, settings=settings, check=check, float_export=exported, metadata=metadata)
+
