@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
-from ndeconv.io import check_output_path
+from ndeconv.io import atomic_write, check_output_path
 from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_OPSET, MIN_CALIBRATION_IMAGES
 
-from .export import ALLOWED_OPS, ExportResult, _write_metadata, export_onnx, onnx_op_types, read_onnx_metadata
+from .export import ALLOWED_OPS, _write_metadata, export_onnx, onnx_op_types, read_onnx_metadata
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -71,12 +71,6 @@ class Int8Check:
     top1_float32: float | None = None
     top1_int8: float | None = None
 
-    @property
-    def drop(self) -> float | None:
-        if self.top1_float32 is None or self.top1_int8 is None:
-            return None
-        return round(self.top1_float32 - self.top1_int8, 4)
-
     def metadata(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "test_images": self.images, "top1_float32": self.top1_float32,
                 "top1_int8": self.top1_int8, "runtime": "onnxruntime CPUExecutionProvider"}
@@ -87,7 +81,6 @@ class Int8ExportResult:
     path: Path
     settings: dict[str, Any]  # what metadata_props['quantization'] records
     check: Int8Check
-    float_export: ExportResult = field(repr=False)  # the float32 export it was quantized from (a removed file)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -134,7 +127,7 @@ def _image_source(dataset: str, split: str, data_dir: str | None, size: list[int
                          "the data the model was trained on")
     source = load_split(dataset, split, data_dir, size[1], class_names=class_names, crop_pct=crop_pct)
     if len(source):
-        got = tuple(source.batch(_index(0, 1)).shape[-2:])
+        got = tuple(source.batch(torch.arange(1)).shape[-2:])
         if got != tuple(size[1:]):
             raise UsageError(f"{dataset}'s {split} images are {got[0]}x{got[1]} but the model takes "
                              f"{size[1]}x{size[2]}; calibrate on the data the model was trained on")
@@ -146,12 +139,6 @@ def _uint8_batch(source, indices, channels: int) -> np.ndarray:  # noqa: ANN001 
     three channels, as timm's loader converts them (``Image.convert('RGB')``)."""
     images = source.batch(indices).numpy()
     return images.repeat(channels, axis=1) if images.shape[1] == 1 and channels != 1 else images
-
-
-def _index(start: int, stop: int):  # noqa: ANN202 - a torch index tensor, torch imported only here
-    import torch
-
-    return torch.arange(start, stop)
 
 
 def calibration_images(
@@ -167,8 +154,6 @@ def calibration_images(
 ) -> np.ndarray:
     """``count`` images of ``dataset``'s training split (never its test split), drawn at random by ``seed``,
     preprocessed as a model of ``input_size`` (C, H, W) with ``mean``/``std`` is fed: float32 (count, C, H, W)."""
-    import torch
-
     _check_count(count)
     source = _image_source(dataset, "train", data_dir, list(input_size), crop_pct)
     if count > len(source):
@@ -261,26 +246,24 @@ def quantize_onnx(
         **dict(settings or {}),
         "onnxruntime": onnxruntime.__version__,
     }
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        prepared, quantized = tmp_dir / "prepared.onnx", tmp_dir / path.name
-        # Shape inference only: onnxruntime's graph optimizations would bake its own fused ops into the file.
-        quant_pre_process(str(float_path), str(prepared), skip_optimization=True)
-        import onnx
+    import onnx
 
-        input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-        try:
-            quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate)
-        except Exception as err:  # noqa: BLE001 - onnxruntime's quantizer raises many types
-            raise NdeconvError(f"onnxruntime could not quantize {float_path}: {type(err).__name__}: {err}") from err
+    def write(quantized: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
+            prepared = Path(work) / "prepared.onnx"
+            # Shape inference only: onnxruntime's graph optimizations would bake its own fused ops into the file.
+            quant_pre_process(str(float_path), str(prepared), skip_optimization=True)
+            input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+            try:
+                quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration),
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=calibrate)
+            except Exception as err:  # noqa: BLE001 - onnxruntime's quantizer raises many types
+                raise NdeconvError(f"onnxruntime could not quantize {float_path}: {type(err).__name__}: {err}") from err
         _write_metadata(quantized, {**metadata, "quantization": json.dumps(recorded)})
-        with open(quantized, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(quantized, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    atomic_write(path, write)
     return recorded
 
 
@@ -314,7 +297,7 @@ def onnx_top1(
     correct, total = 0, len(source)
     for start in range(0, total, step):
         stop = min(start + step, total)
-        x = _preprocessed(_uint8_batch(source, _index(start, stop), size[0]), mean, std)
+        x = _preprocessed(_uint8_batch(source, torch.arange(start, stop), size[0]), mean, std)
         if len(x) < step and isinstance(shape[0], int):
             x = np.concatenate([x, np.zeros((step - len(x), *x.shape[1:]), np.float32)])
         logits = session.run(None, {name: x})[0][: stop - start]
@@ -355,30 +338,27 @@ def export_int8(
     if verify_images is not None and verify_images < 1:
         raise UsageError(f"verify images must be >= 1, got {verify_images}; leave it out to score every test image")
     path = check_output_path(path, force)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        float_path, int8_path = tmp_dir / "float32.onnx", tmp_dir / path.name
-        exported = export_onnx(model, float_path, opset=opset, static_batch=static_batch, input_size=input_size,
-                               verify=verify, config=config, source=source)
-        size, mean, std, crop_pct = _file_preprocessing(exported.metadata, path)
-        images = calibration_images(calibrate_data, calibrate_images, input_size=size, mean=mean, std=std,
-                                    crop_pct=crop_pct, data_dir=data_dir, seed=seed)
-        settings = quantize_onnx(float_path, int8_path, images, per_channel=per_channel, method=method,
-                                 settings={"calibration_data": f"{calibrate_data} train", "calibration_seed": seed})
-        check = check_int8_graph(int8_path)
-        metadata = read_onnx_metadata(int8_path)
-        if verify:
-            check.dataset = calibrate_data
-            check.top1_float32, check.images = onnx_top1(float_path, calibrate_data, data_dir=data_dir,
-                                                         count=verify_images)
-            check.top1_int8, _ = onnx_top1(int8_path, calibrate_data, data_dir=data_dir, count=verify_images)
-            metadata["int8_check"] = json.dumps(check.metadata())
-            _write_metadata(int8_path, {"int8_check": metadata["int8_check"]})
-        with open(int8_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(int8_path, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    exported.path = Path("")  # the float32 file was temporary
-    return Int8ExportResult(path=path, settings=settings, check=check, float_export=exported, metadata=metadata)
+    result: dict[str, Any] = {}
 
+    def write(int8_path: Path) -> None:  # verified before it replaces anything at ``path``
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
+            float_path = Path(work) / "float32.onnx"
+            exported = export_onnx(model, float_path, opset=opset, static_batch=static_batch, input_size=input_size,
+                                   verify=verify, config=config, source=source)
+            size, mean, std, crop_pct = _file_preprocessing(exported.metadata, path)
+            images = calibration_images(calibrate_data, calibrate_images, input_size=size, mean=mean, std=std,
+                                        crop_pct=crop_pct, data_dir=data_dir, seed=seed)
+            result["settings"] = quantize_onnx(
+                float_path, int8_path, images, per_channel=per_channel, method=method, force=True,
+                settings={"calibration_data": f"{calibrate_data} train", "calibration_seed": seed})
+            check = result["check"] = check_int8_graph(int8_path)
+            if verify:
+                check.dataset = calibrate_data
+                check.top1_float32, check.images = onnx_top1(float_path, calibrate_data, data_dir=data_dir,
+                                                             count=verify_images)
+                check.top1_int8, _ = onnx_top1(int8_path, calibrate_data, data_dir=data_dir, count=verify_images)
+                _write_metadata(int8_path, {"int8_check": json.dumps(check.metadata())})
+        result["metadata"] = read_onnx_metadata(int8_path)
+
+    atomic_write(path, write)
+    return Int8ExportResult(path=path, **result)

@@ -32,11 +32,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES  # noqa: E402
 from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "int8.json"
 TAGS = {"fashion_mnist": "deconvolution", "fashion_mnist_stem": "BatchNorm (deconvolution stem)"}
-CALIBRATION = dict(dataset="fashion_mnist", images=512, method="minmax", seed=0)
+# What ``ndeconv export --int8 --calibrate-data fashion_mnist`` uses by default.
+CALIBRATION = dict(dataset="fashion_mnist", images=DEFAULT_CALIBRATION_IMAGES, method=CALIBRATION_METHODS[0], seed=0)
 
 
 def shipped_models() -> list[str]:
