@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from .errors import Interrupted, NdeconvError, os_error_line
 
@@ -73,22 +75,50 @@ class Terminated(BaseException):
     that turns a library's failure into one line takes it for a failure."""
 
 
+# How long a signal that arrived during an import waits before it is delivered again.
+_SIGNAL_RETRY_S = 0.05
+
+
+def _inside_import(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside an import: a module's body, or Python that an extension module's
+    initialiser calls."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
-def _sigterm_interrupts(command: str) -> Iterator[None]:
+def _signals_interrupt(command: str) -> Iterator[None]:
     """SIGTERM treated as Ctrl-C: the command's cleanup runs (temporary files, claims, folders it made) and it
-    ends with one line and status 143. Training handles both signals itself (a checkpoint first)."""
+    ends with one line and status 143 (130 for Ctrl-C). Training handles both signals itself (a checkpoint first).
+
+    Neither signal raises inside an import: an exception raised in Python code that an extension's initialiser
+    runs cannot unwind through it (onnx's nanobind modules, imported lazily by torch.onnx.export, abort the
+    process or crash). There the signal is sent again a moment later, once the import has ended."""
     if command in ("train", "train-seg") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum: int, frame: object) -> None:
+    def deliver(signum: int, frame: FrameType | None) -> None:
+        if _inside_import(frame):
+            retry = threading.Timer(_SIGNAL_RETRY_S, os.kill, (os.getpid(), signum))
+            retry.daemon = True
+            retry.start()
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, deliver)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, deliver)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _output_claimed(args), _sigterm_interrupts(args.command):
+        with _output_claimed(args), _signals_interrupt(args.command):
             return int(args.func(args) or 0)
     except Interrupted as err:  # asked for, not a failure: no "error:"
         print(f"ndeconv {args.command}: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ndeconv.cli import main
+from ndeconv.cli import Terminated, _signals_interrupt, main
 from ndeconv.file_lock import claim_output
 
 HOLD = """
@@ -92,3 +92,20 @@ def test_sigterm_during_export_is_one_line_and_leaves_no_debris(tmp_path: Path) 
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "ndeconv export: terminated (SIGTERM)", err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_during_an_import_waits_for_the_import_to_end(tmp_path: Path, monkeypatch, signum, raised) -> None:
+    # A module whose import is under way when the signal comes, as torch.onnx.export's lazy import of onnx's
+    # extension modules is: raised there, the exception would have to unwind through the extension's C++
+    # initialiser (onnx's nanobind modules abort the process). The import completes; the command stops after it.
+    (tmp_path / "slow_import_for_signal_test.py").write_text(
+        f"import os, time\nos.kill(os.getpid(), {int(signum)})\ntime.sleep(0.3)\nCOMPLETE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_import_for_signal_test", raising=False)
+    with pytest.raises(raised), _signals_interrupt("export"):
+        import slow_import_for_signal_test  # noqa: F401
+        time.sleep(10)  # the signal is delivered again here
+    assert sys.modules["slow_import_for_signal_test"].COMPLETE
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
