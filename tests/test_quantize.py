@@ -117,6 +117,41 @@ def test_export_int8_writes_a_checked_int8_file_with_its_settings(tmp_path) -> N
     assert "int8_check" not in read_onnx_metadata(tmp_path / "t.onnx")
 
 
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_calibration_holds_one_batch_of_activations_at_a_time(tmp_path, monkeypatch, method: str) -> None:
+    """onnxruntime's calibrators keep every activation of what one collection round reads (the histogram methods in
+    full: DenseNet-121 on 512 images took about 20 GB): the rounds are one reader batch each, and their ranges or
+    histograms merged, so memory stays that of one batch whatever --calibrate-images is."""
+    import importlib
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package's `quantize` is a function
+    data = write_fashion(tmp_path / "data")
+    rounds: list[int] = []
+    create = ort_quantize.create_calibrator
+
+    def counting(*args, **kwargs):
+        calibrator = create(*args, **kwargs)
+        collect = calibrator.collect_data
+
+        def collect_counted(reader):
+            batches = []
+            get_next = reader.get_next
+            reader.get_next = lambda: batches.append(1) or get_next()  # one call more than batches: the end
+            collect(reader)
+            rounds.append(len(batches) - 1)
+            reader.get_next = get_next
+
+        calibrator.collect_data = collect_counted
+        return calibrator
+
+    monkeypatch.setattr(ort_quantize, "create_calibrator", counting)
+    model = trained("resnet18_deconv", in_chans=1, num_classes=10)
+    result = export_int8(model, tmp_path / "m.onnx", calibrate_data="fashion_mnist", calibrate_images=64,
+                         method=method, data_dir=str(data), verify=False)
+    assert rounds == [1, 1]  # 64 images: two batches of 32, one round each
+    assert result.settings["calibration"] == method
+
+
 def test_every_int8_metadata_key_is_documented() -> None:
     section = DEPLOYMENT_DOCS.read_text(encoding="utf-8").split("## Int8", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)) == set(INT8_METADATA_KEYS)

@@ -49,8 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     int8.add_argument("--calibrate-images", type=int, metavar="N",
                       help=f"training images drawn for calibration (default: {DEFAULT_CALIBRATION_IMAGES})")
     int8.add_argument("--calibrate-method", choices=CALIBRATION_METHODS,
-                      help="how activation ranges are set (default: minmax; entropy and percentile hold every "
-                      "calibration image's activations in memory: give a large network fewer images)")
+                      help="how activation ranges are set (default: minmax)")
     int8.add_argument("--per-tensor", action="store_true",
                       help="one int8 scale per weight tensor (default: one per output channel)")
     int8.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files (default: its install path)")
