@@ -120,13 +120,27 @@ def refuse_existing_output(path: str | os.PathLike, force: bool) -> Path:
     return path
 
 
+def refuse_existing_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, unless it is a file, or a folder with something in it (an empty one is taken)."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_dir():  # a file, or a link to nothing
+        raise UsageError(f"{path} is a file; name a folder for the output")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{path} already exists and is not empty; choose another folder or remove it first")
+    return path
+
+
 @contextlib.contextmanager
-def claim_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Claim the file ``path`` for writing until the block ends: refuse a folder, an existing file without
-    ``force``, an unwritable folder, or a path another process is writing now (one line naming it); create the
-    missing folders, and remove them again if the block fails with nothing written into them. Re-entrant within
-    a process."""
-    path = refuse_existing_output(path, force)
+def claim_output(path: str | os.PathLike, force: bool = False, *, folder: bool = False) -> Iterator[Path]:
+    """Claim the file ``path`` (``folder``: the folder) for writing until the block ends: refuse a folder (a file),
+    an existing file without ``force`` (a folder with something in it), an unwritable parent folder, or a path
+    another process is writing now (one line naming it); create the missing parent folders, and remove them again
+    if the block fails with nothing written into them. The existing-output check runs again once the claim is
+    held: a writer that finished in between is not overwritten. Re-entrant within a process."""
+    def refuse(target: str | os.PathLike) -> Path:
+        return refuse_existing_folder(target) if folder else refuse_existing_output(target, force)
+
+    path = refuse(path)
     parent = path.parent if str(path.parent) else Path(".")
     created = _make_parents(parent)
     lock = parent / f".{path.name}.lock"
@@ -146,6 +160,11 @@ def claim_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
         except LockBusy as busy:
             raise UsageError(f"{path} is being written by another ndeconv command ({busy.holder}); wait for it to "
                              "finish, or choose another output path") from None
+        try:
+            refuse(path)
+        except BaseException:
+            release_lock(lock, fd)
+            raise
     except BaseException:
         _remove_empty(created)
         raise

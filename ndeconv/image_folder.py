@@ -22,20 +22,13 @@ from pathlib import Path
 
 from .dataset_specs import DATASETS, IDX_IMAGE_SIZE, DatasetSpec, get_spec
 from .errors import UsageError
-from .file_lock import LockBusy, _make_parents, _remove_empty, release_lock, take_lock
+from .file_lock import claim_output
 
 __all__ = ["SPLITS", "write_image_folder"]
 
 SPLITS = ("train", "test")
 # The images of the fixed-size datasets: IDX (MNIST, Fashion-MNIST) 28x28, CIFAR 32x32.
 _NATIVE_SIZE = {"idx": IDX_IMAGE_SIZE, "cifar": 32}
-
-
-def _refuse_existing(out: Path) -> None:
-    if (out.exists() or out.is_symlink()) and not out.is_dir():  # a file, or a link to nothing
-        raise UsageError(f"{out} is a file; name a folder for the images")
-    if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"{out} already exists and is not empty; choose another folder or remove it first")
 
 
 def write_image_folder(
@@ -76,29 +69,8 @@ def write_image_folder(
     if limit is not None and limit < 1:
         raise UsageError(f"limit {limit}: give a number of images >= 1, or None for the whole split")
     out = Path(out_dir)
-    _refuse_existing(out)  # before reading the dataset: a refusal costs nothing
-    parent = out.parent if str(out.parent) else Path(".")
-    created = _make_parents(parent)  # claim_output's: removed again below if nothing is written
-    done = False
-    try:
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"cannot write to {parent}: permission denied; choose a writable output folder")
-        lock = parent / f".{out.name}.lock"
-        try:
-            fd = take_lock(lock)
-        except LockBusy as busy:
-            raise UsageError(f"{out} is being written by another process ({busy.holder}); wait for it to finish, "
-                             "or choose another folder") from None
-        try:
-            _refuse_existing(out)  # again, under the lock: another writer may have finished meanwhile
-            count = _write(spec, split, out, parent, data_dir, size, limit)
-            done = True
-            return count
-        finally:
-            release_lock(lock, fd)
-    finally:
-        if not done:
-            _remove_empty(created)
+    with claim_output(out, folder=True) as out:  # checked before the dataset is read: a refusal costs nothing
+        return _write(spec, split, out, out.parent if str(out.parent) else Path("."), data_dir, size, limit)
 
 
 def _write(spec: DatasetSpec, split: str, out: Path, parent: Path, data_dir: str | None, size: int,

@@ -113,7 +113,7 @@ def test_refuses_a_folder_being_written(tmp_path: Path, idx_dir: tuple[Path, np.
     lock = tmp_path / ".val.lock"
     fd = take_lock(lock)  # what a writer of tmp_path/val holds while it writes
     try:
-        with pytest.raises(UsageError, match=f"being written by another process \\(pid {os.getpid()}\\)"):
+        with pytest.raises(UsageError, match=f"being written by another ndeconv command \\(pid {os.getpid()}\\)"):
             write_image_folder("fashion_mnist", "test", tmp_path / "val", data_dir=str(idx_dir[0]))
     finally:
         release_lock(lock, fd)

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from ndeconv.cli import Terminated, _signals_interrupt, main
+from ndeconv.errors import UsageError
 from ndeconv.file_lock import claim_output
 
 HOLD = """
 import sys, time
+from ndeconv.errors import UsageError
 from ndeconv.file_lock import claim_output
 with claim_output(sys.argv[1]):
     print("claimed", flush=True)
@@ -109,3 +111,28 @@ def test_a_signal_during_an_import_waits_for_the_import_to_end(tmp_path: Path, m
     assert sys.modules["slow_import_for_signal_test"].COMPLETE
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_an_output_finished_while_waiting_for_the_claim_is_not_overwritten(tmp_path: Path, monkeypatch,
+                                                                           folder: bool) -> None:
+    # Checked free, then another writer finishes the same output before this one holds the claim: the check runs
+    # again under the claim, so the finished output is refused, not replaced.
+    import ndeconv.file_lock as file_lock
+
+    out = tmp_path / ("images" if folder else "model.onnx")
+    take = file_lock.take_lock
+
+    def another_writer_finishes_first(lock: Path) -> int:
+        if folder:
+            out.mkdir()
+            (out / "0.png").write_bytes(b"theirs")
+        else:
+            out.write_bytes(b"theirs")
+        return take(lock)
+
+    monkeypatch.setattr(file_lock, "take_lock", another_writer_finishes_first)
+    with pytest.raises(UsageError, match="already exists"), claim_output(out, folder=folder):
+        pytest.fail("the claim was granted over a finished output")
+    assert (out / "0.png" if folder else out).read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the lock file is gone
