@@ -156,12 +156,13 @@ def resnet101_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
 
 def vgg11_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
     """VGG-11, ImageNet topology, with network deconvolution (the authors' ``vgg11d``); ``deconv=False`` is
-    torchvision's ``vgg11_bn``."""
+    torchvision's ``vgg11`` (no BatchNorm), ``deconv=False, batch_norm=True`` torchvision's ``vgg11_bn``."""
     return _create("vgg11_imagenet_deconv", pretrained, **kwargs)
 
 
 def vgg16_imagenet_deconv(pretrained: bool = False, **kwargs: Any):
-    """VGG-16, ImageNet topology, with network deconvolution (the authors' ``vgg16d``)."""
+    """VGG-16, ImageNet topology, with network deconvolution (the authors' ``vgg16d``); ``deconv=False`` is
+    torchvision's ``vgg16`` (no BatchNorm), ``deconv=False, batch_norm=True`` torchvision's ``vgg16_bn``."""
     return _create("vgg16_imagenet_deconv", pretrained, **kwargs)
 
 

@@ -141,7 +141,7 @@ def _architecture_and_args(model: nn.Module) -> tuple[str, dict[str, Any]]:
                          "model.state_dict() yourself and rebuild it with ndeconv.deconvolve")
     first = next(m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
     model_args = {**settings.to_dict(), "num_classes": int(getattr(model, "num_classes", 0)),
-                  "in_chans": first.in_channels}
+                  "in_chans": first.in_channels, **getattr(model, "architecture_args", {})}
     return str(cfg["architecture"]), model_args
 
 

@@ -81,7 +81,7 @@ def folded_config(folded: nn.Module, report: FoldReport | None = None, source: d
     num_classes, global_pool = int(getattr(folded, "num_classes", 0)), _global_pool(folded)
     # A model folded by timm's reparameterize_model keeps its unfolded settings: the architecture is the folded one.
     model_args = {**dataclasses.replace(settings, folded=True).to_dict(), "num_classes": num_classes,
-                  "in_chans": in_chans, "global_pool": global_pool}
+                  "in_chans": in_chans, "global_pool": global_pool, **getattr(folded, "architecture_args", {})}
     if hasattr(folded, "aux_classifier"):  # a segmentation model (torchvision's FCN/DeepLabV3): its builder's aux head
         model_args["aux_loss"] = folded.aux_classifier is not None
     source_settings = getattr(folded, "folded_from_settings", settings)

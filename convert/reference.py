@@ -4,8 +4,8 @@
   (the state_dict ``module.``-prefixed when it came from a DataParallel model).
 - ``main_imagenet.py`` saves ``{'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer'}``: ``module.`` keys
   (DataParallel, DistributedDataParallel), and ``features.module.`` for VGG, whose ``features`` alone it wraps
-  in DataParallel; its ``arch`` is ``resnet18d`` ... or, for the BatchNorm baselines, torchvision's ``resnet18``,
-  ``vgg11_bn``, ... (the ImageNet zoo models with ``deconv=False``).
+  in DataParallel; its ``arch`` is ``resnet18d`` ... or, for the baselines, torchvision's ``resnet18``, ``vgg11``,
+  ``vgg11_bn``, ... (the ImageNet zoo models with ``deconv=False``; ``vgg11_bn`` with ``batch_norm=True`` too).
 - ``Segmentation/train.py`` saves ``{'model': state_dict, 'optimizer', 'epoch'}`` and no arch (pass it:
   ``fcn_resnet50d`` ...); the model is a segmentation builder of ``ndeconv.zoo.deconv_segmentation``.
  Our zoo models use their module
@@ -130,6 +130,18 @@ def _fits(expected: dict[str, tuple[int, ...]] | None, shapes: dict[str, tuple[i
     return expected is not None and all(shapes.get(k) == s for k, s in expected.items() if not k.startswith(skip))
 
 
+def _architecture_args(model_name: str) -> dict[str, Any]:
+    """The kwargs beyond the deconvolution settings that shape the model (VGG's ``batch_norm``), at their defaults."""
+    with torch.device("meta"):
+        return dict(getattr(create_model(model_name), "architecture_args", {}))
+
+
+def _has_batchnorm(state_dict: dict[str, torch.Tensor]) -> bool:
+    # A BatchNorm's running_mean and running_var side by side: a FastDeconv or Delinear has no running_var, a
+    # ChannelDeconv no running_mean (its means are running_mean1/2).
+    return any(k.endswith(".running_mean") and k[: -len("mean")] + "var" in state_dict for k in state_dict)
+
+
 def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The ``timm.create_model`` kwargs that rebuild the model a reference state_dict came from.
 
@@ -138,6 +150,7 @@ def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> di
     ``delinear``) are the first candidates (reference defaults first) whose buffer shapes are the checkpoint's.
     Equal shapes everywhere mean equal whitening blocks everywhere, so the choice is exact, not a guess.
     Settings no tensor records (``deconv_iter``, ``eps``, ``sampling_stride``) keep the reference defaults.
+    VGG's ``batch_norm`` is whether the state_dict has BatchNorm statistics (``vgg11_bn``'s layout, not ``vgg11``'s).
     The MLP (``main.py --arch mlp``), which has no conv, is read by ``_mlp_args``.
     """
     if model_name == "mlp_deconv":
@@ -154,6 +167,8 @@ def infer_model_args(model_name: str, state_dict: dict[str, torch.Tensor]) -> di
     )
     if deconv:
         args["bias"] = f"{stem}.bias" in state_dict
+    if "batch_norm" in _architecture_args(model_name):
+        args["batch_norm"] = _has_batchnorm(state_dict)
 
     # --block: compare every tensor outside the head (the head's own settings are decided next).
     head_keys = (f"{head}.",) + tuple(k.rsplit(".", 1)[0] + "." for k in state_dict if k.endswith(".running_mean1"))
@@ -259,7 +274,7 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
     problems = _layout_errors(model, state_dict)
     if problems:
         form = f"deconvolution form, block {model_args.get('block', 'n/a')}" if model_args["deconv"] else \
-            "BatchNorm form"
+            "form without BatchNorm" if model_args.get("batch_norm") is False else "BatchNorm form"
         own = checkpoint.get("arch")
         hint = (f"; the checkpoint's own arch is {own!r}, drop --arch to use it"
                 if isinstance(own, str) and own != arch and own in {*REFERENCE_ARCHS, *REFERENCE_ARCHS.values()}
@@ -269,8 +284,9 @@ def convert_reference_checkpoint(path: str | os.PathLike, arch: str | None = Non
     model.load_state_dict(state_dict)
     full_args = dict(model.deconv_settings.to_dict(), in_chans=model_args["in_chans"],
                      num_classes=model_args["num_classes"])
-    # The MLP's own shape arguments (the other models' are all in their settings).
+    # The MLP's own shape arguments, and VGG's batch_norm (the other models' are all in their settings).
     full_args.update({k: model_args[k] for k in ("img_size", "hidden_nodes", "hidden_layers") if k in model_args})
+    full_args.update(getattr(model, "architecture_args", {}))
     config = _config(model_name, model, full_args, checkpoint, path)
     return ConvertedCheckpoint(model_name=model_name, model=model, model_args=full_args, config=config)
 

@@ -17,8 +17,11 @@ Cases (``<authors' name>/<form>``):
 
 - ``resnet18d/nd`` ... ``densenet121d/nd``: ``main_imagenet.py -a resnet18d --deconv True`` (defaults: --block 64,
   --block-fc 64, --delinear True, --deconv-iter 5, --eps 1e-5, --bias True, --stride 3), 1000 classes.
-- ``resnet18d/bn`` ...: the paper's BatchNorm baseline of each, ``main_imagenet.py -a resnet18`` (``-a vgg11_bn``,
-  ``-a vgg16_bn``, ``-a densenet121``): torchvision's model, built by the script through ``torchvision.models``.
+- ``resnet18d/bn`` ...: the ``deconv=False`` baseline of each. The ResNets' and DenseNet's: the paper's BatchNorm
+  baseline, ``main_imagenet.py -a resnet18`` (``-a densenet121`` ...), torchvision's model, built by the script
+  through ``torchvision.models``. VGG's: ``main_imagenet.py -a vgg11d --deconv False --block-fc 0`` (``vgg16d``),
+  the authors' own builder without deconvolution, which has no BatchNorm (torchvision's ``vgg11``/``vgg16``).
+- ``vgg11_bn/bn``, ``vgg16_bn/bn``: ``main_imagenet.py -a vgg11_bn`` (``-a vgg16_bn``), torchvision's BatchNorm VGG.
 - ``fcn_resnet50d/nd`` ...: ``Segmentation/train.py --model fcn_resnet50d --deconv True`` (its defaults: --block 64,
   --deconv-iter 5, --eps 1e-5, --bias True, --stride 3, no --aux-loss), ``num_classes=21`` as its Cityscapes
   table and the builders' default; ``.../nd_aux`` the same with ``--aux-loss``; ``.../bn`` and ``.../bn_aux``
@@ -41,10 +44,14 @@ import torch
 from torch import nn
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference_extra"
-IMAGENET = {  # main_imagenet.py -a NAME (deconvolution form) -> -a NAME of its BatchNorm baseline (torchvision's)
+# main_imagenet.py -a NAME (deconvolution form) -> -a NAME of its deconv=False baseline: torchvision's model, or for
+# VGG the authors' own builder with --deconv False --block-fc 0 (no BatchNorm: their make_layers' batch_norm=False).
+IMAGENET = {
     "resnet18d": "resnet18", "resnet34d": "resnet34", "resnet50d": "resnet50", "resnet101d": "resnet101",
-    "vgg11d": "vgg11_bn", "vgg16d": "vgg16_bn", "densenet121d": "densenet121",
+    "vgg11d": "vgg11d", "vgg16d": "vgg16d", "densenet121d": "densenet121",
 }
+# main_imagenet.py -a NAME of torchvision's models beyond those baselines, recorded as NAME/bn.
+TORCHVISION_EXTRA = ("vgg11_bn", "vgg16_bn")
 SEGMENTATION = ("fcn_resnet50d", "fcn_resnet101d", "deeplabv3_resnet50d", "deeplabv3_resnet101d")
 
 
@@ -75,6 +82,19 @@ def layout(model: nn.Module, fast_deconv: type, listed: tuple[type, ...]) -> dic
     )
 
 
+def _factories(args: argparse.Namespace, fast_deconv: type, delinear: type, channel_deconv: type) -> dict[str, Any]:
+    """The layer factories main_imagenet.main() makes of its flags (deconv, delinear, channel_deconv)."""
+    deconv = partial(fast_deconv, bias=args.bias, eps=args.eps, n_iter=args.deconv_iter, block=args.block,
+                     sampling_stride=args.stride) if args.deconv else args.deconv
+    head = None
+    if args.block_fc > 0:
+        head = partial(delinear, block=args.block_fc, eps=args.eps, n_iter=args.deconv_iter) if args.delinear else \
+            partial(channel_deconv, block=args.block_fc, eps=args.eps, n_iter=args.deconv_iter,
+                    sampling_stride=args.stride)
+    return dict(deconv=deconv, delinear=head if args.delinear else None,
+                channel_deconv=None if args.delinear else head)
+
+
 def imagenet_layouts(repo: Path) -> dict[str, Any]:
     sys.path.insert(0, str(repo))
     try:
@@ -87,23 +107,26 @@ def imagenet_layouts(repo: Path) -> dict[str, Any]:
         from models.vgg_imagenet import vgg11d, vgg16d
 
         args = main_imagenet.parser.parse_args(["DATA", "--deconv", "True"])
-        # As main_imagenet.main() turns the flags into layer factories.
-        deconv = partial(FastDeconv, bias=args.bias, eps=args.eps, n_iter=args.deconv_iter, block=args.block,
-                         sampling_stride=args.stride)
-        delinear = partial(Delinear, block=args.block_fc, eps=args.eps, n_iter=args.deconv_iter)
-        factories = dict(deconv=deconv, delinear=delinear, channel_deconv=None)
+        plain_args = main_imagenet.parser.parse_args(["DATA", "--deconv", "False", "--block-fc", "0"])
+        factories = _factories(args, FastDeconv, Delinear, ChannelDeconv)
+        plain = _factories(plain_args, FastDeconv, Delinear, ChannelDeconv)
+        # main_imagenet.py's calls (vgg11d's first argument is its `pretrained`, as the script passes it).
         builders = {
-            "resnet18d": lambda: resnet18d(**factories), "resnet34d": lambda: resnet34d(**factories),
-            "resnet50d": lambda: resnet50d(**factories), "resnet101d": lambda: resnet101d(**factories),
-            "vgg11d": lambda: vgg11d("VGG11d", **factories), "vgg16d": lambda: vgg16d("VGG16d", **factories),
-            "densenet121d": lambda: densenet121d(**factories),
+            "resnet18d": lambda f: resnet18d(**f), "resnet34d": lambda f: resnet34d(**f),
+            "resnet50d": lambda f: resnet50d(**f), "resnet101d": lambda f: resnet101d(**f),
+            "vgg11d": lambda f: vgg11d("VGG11d", **f), "vgg16d": lambda f: vgg16d("VGG16d", **f),
+            "densenet121d": lambda f: densenet121d(**f),
         }
         listed = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, nn.Linear, nn.BatchNorm2d)
         models: dict[str, Any] = {}
         for name, baseline in IMAGENET.items():
             with torch.device("meta"):
-                models[f"{name}/nd"] = layout(builders[name](), FastDeconv, listed)
-                models[f"{name}/bn"] = layout(tv_models.__dict__[baseline](), FastDeconv, listed)
+                models[f"{name}/nd"] = layout(builders[name](factories), FastDeconv, listed)
+                model = builders[baseline](plain) if baseline in builders else tv_models.__dict__[baseline]()
+                models[f"{name}/bn"] = layout(model, FastDeconv, listed)
+        for name in TORCHVISION_EXTRA:
+            with torch.device("meta"):
+                models[f"{name}/bn"] = layout(tv_models.__dict__[name](), FastDeconv, listed)
         flags = {k: getattr(args, k) for k in ("block", "block_fc", "deconv_iter", "eps", "bias", "stride", "delinear")}
         return dict(models=models, flags=flags)
     finally:
@@ -159,7 +182,9 @@ def main() -> None:
     for file, data, about in (
         ("reference_imagenet_models.json", imagenet,
          "main_imagenet.py models, 1000 classes: <arch>/nd = -a <arch> --deconv True (flags: its defaults); "
-         "<arch>/bn = the paper's BatchNorm baseline, -a <torchvision name> (resnet18, vgg11_bn, ...)."),
+         "<arch>/bn = its deconv=False baseline: -a <torchvision name> (resnet18, ..., densenet121), for vgg11d and "
+         "vgg16d -a <arch> --deconv False --block-fc 0 (no BatchNorm); vgg11_bn/bn, vgg16_bn/bn = -a vgg11_bn, "
+         "-a vgg16_bn (torchvision's)."),
         ("reference_segmentation_models.json", seg,
          "Segmentation/train.py models, num_classes=21: <model>/nd = --model <model> --deconv True (flags: its "
          "defaults, no --aux-loss); /nd_aux with --aux-loss; /bn, /bn_aux with --deconv False."),

@@ -20,6 +20,7 @@ import ndeconv  # noqa: F401  (registers the zoo)
 from ndeconv.cli import main
 from ndeconv.convert.reference import convert_reference_checkpoint, load_reference_checkpoint
 from ndeconv.errors import UsageError
+from ndeconv.zoo import deconv_vgg_imagenet
 from ndeconv.zoo.deconv_segmentation import SEGMENTATION_MODELS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,18 +66,47 @@ def test_main_imagenet_resnet_checkpoint(tmp_path, deconv: bool, arch: str) -> N
         assert torch.equal(model(x), source(x))
 
 
+def wrap_vgg_features(state_dict: dict) -> dict:
+    """main_imagenet.py wraps VGG's ``features`` alone in DataParallel: ``features.module.0.weight``."""
+    return {("features.module." + k[len("features."):] if k.startswith("features.") else k): v
+            for k, v in state_dict.items()}
+
+
 def test_main_imagenet_vgg_keys_lose_features_module(tmp_path) -> None:
     """VGG's checkpoint keys (``features.module.0.weight``, ``classifier.0.weight``) become the model's own."""
     with torch.device("meta"):
-        keys = list(timm.create_model("vgg11_imagenet_deconv", deconv=False).state_dict())
-    wrapped = {("features.module." + k[len("features."):] if k.startswith("features.") else k): torch.zeros(1)
-               for k in keys}
+        keys = list(timm.create_model("vgg11_imagenet_deconv", deconv=False, batch_norm=True).state_dict())
+    wrapped = wrap_vgg_features(dict.fromkeys(keys, torch.zeros(1)))
     assert "features.module.1.running_var" in wrapped
     ckpt = imagenet_checkpoint(tmp_path / "vgg.pth.tar", wrapped, "vgg11_bn", prefix="")
     assert list(load_reference_checkpoint(ckpt)["state_dict"]) == keys
     # DistributedDataParallel wraps the whole model instead: module.features.0.weight.
     ckpt = imagenet_checkpoint(tmp_path / "vgg_ddp.pth.tar", dict.fromkeys(keys, torch.zeros(1)), "vgg11_bn")
     assert list(load_reference_checkpoint(ckpt)["state_dict"]) == keys
+
+
+@pytest.mark.parametrize("arch,kwargs", [
+    ("vgg11", dict(deconv=False)),  # -a vgg11: torchvision's, no BatchNorm
+    ("vgg11_bn", dict(deconv=False, batch_norm=True)),  # -a vgg11_bn: torchvision's BatchNorm VGG
+    ("vgg11d", dict(deconv=False, block_fc=64)),  # -a vgg11d --deconv False: no BatchNorm, its Delinear head
+])
+def test_main_imagenet_vgg_checkpoint(tmp_path, monkeypatch, arch: str, kwargs: dict) -> None:
+    """The VGG a checkpoint came from, with or without BatchNorm, and a config.json whose model_args rebuild it."""
+    monkeypatch.setattr(deconv_vgg_imagenet, "HIDDEN", 64)  # the same modules without a 0.5 GB classifier
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    source = trained(timm.create_model("vgg11_imagenet_deconv", num_classes=10, **kwargs), x)
+    ckpt = imagenet_checkpoint(tmp_path / "checkpoint.pth.tar", wrap_vgg_features(source.state_dict()), arch,
+                               prefix="")
+    converted = convert_reference_checkpoint(ckpt)
+    assert converted.model_name == "vgg11_imagenet_deconv"
+    args = converted.config["model_args"]
+    assert args["deconv"] is False and args["batch_norm"] is kwargs.get("batch_norm", False)
+    assert args["block_fc"] == kwargs.get("block_fc", 0) and args["num_classes"] == 10
+    rebuilt = timm.create_model("vgg11_imagenet_deconv", **args).eval()
+    rebuilt.load_state_dict(converted.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), source(x))
 
 
 @pytest.mark.parametrize("deconv", [True, False])

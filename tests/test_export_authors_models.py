@@ -67,7 +67,7 @@ def test_imagenet_vgg_traces_so_its_batchnorms_fuse() -> None:
     # The classifier runs layer by layer: a slice of it would be a Sequential torch.fx cannot find in the model,
     # the trace would fail and the BN form's BatchNorms would stay in the folded network.
     torch.manual_seed(0)
-    model = timm.create_model("vgg11_imagenet_deconv", deconv=False, num_classes=10).eval()
+    model = timm.create_model("vgg11_imagenet_deconv", deconv=False, batch_norm=True, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     plain, report = fold_with_report(model, example_input=x, fuse_batchnorm=True)
     assert report.traced and len(report.bn_fused) == 8 and not report.bn_kept

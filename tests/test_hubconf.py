@@ -71,6 +71,15 @@ def test_torch_hub_load_pretrained_without_weights_is_clear(empty_weights_dir: P
         torch.hub.load(str(PROJECT_ROOT), name, source="local", pretrained=True)
 
 
+def test_imagenet_vgg_takes_batch_norm(hubconf):
+    """deconv=False is torchvision's vgg11 (no BatchNorm); batch_norm=True passes through to give vgg11_bn."""
+    with torch.device("meta"):
+        plain = hubconf.vgg11_imagenet_deconv(deconv=False)
+        bn = hubconf.vgg11_imagenet_deconv(deconv=False, batch_norm=True)
+    assert [type(m).__name__ for m in plain.features[:2]] == ["Conv2d", "ReLU"]
+    assert [type(m).__name__ for m in bn.features[:2]] == ["Conv2d", "BatchNorm2d"]
+
+
 @pytest.mark.parametrize("name", ALL_TEN)
 def test_every_entrypoint_builds(hubconf, name):
     with torch.device("meta"):

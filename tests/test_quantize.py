@@ -124,7 +124,8 @@ def test_calibration_holds_one_batch_of_activations_at_a_time(tmp_path, monkeypa
     histograms merged, so memory stays that of one batch whatever --calibrate-images is."""
     import importlib
 
-    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package's `quantize` is a function
+    # importlib: the package's attribute `quantize` is a function, not this module.
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
     data = write_fashion(tmp_path / "data")
     rounds: list[int] = []
     create = ort_quantize.create_calibrator

@@ -1,5 +1,6 @@
 """The authors' ImageNet models (main_imagenet.py, the paper's Table 2) in the zoo: layouts against theirs, the
-BatchNorm forms against torchvision's, the timm interface, torch.hub and the names users type.
+``deconv=False`` forms (and VGG's ``batch_norm=True``) against torchvision's, the timm interface, torch.hub and
+the names users type.
 
 ``tests/fixtures/reference_extra/reference_imagenet_models.json`` was written from the authors' own code by
 ``scripts/reference_layouts.py`` (its README says how): for each of ours, the same parameter count, state_dict keys
@@ -26,17 +27,20 @@ from ndeconv.errors import UsageError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "reference_extra" / "reference_imagenet_models.json"
-# The authors' -a name -> (zoo model, zoo file, torchvision's BatchNorm baseline).
+# The authors' -a name -> (zoo model, zoo file, torchvision's model of the deconv=False form). VGG's has no BatchNorm:
+# the authors' vgg11d/vgg16d --deconv False, which is torchvision's vgg11/vgg16.
 ZOO = {
     "resnet18d": ("resnet18_imagenet_deconv", "deconv_resnet_imagenet", "resnet18"),
     "resnet34d": ("resnet34_imagenet_deconv", "deconv_resnet_imagenet", "resnet34"),
     "resnet50d": ("resnet50_imagenet_deconv", "deconv_resnet_imagenet", "resnet50"),
     "resnet101d": ("resnet101_imagenet_deconv", "deconv_resnet_imagenet", "resnet101"),
-    "vgg11d": ("vgg11_imagenet_deconv", "deconv_vgg_imagenet", "vgg11_bn"),
-    "vgg16d": ("vgg16_imagenet_deconv", "deconv_vgg_imagenet", "vgg16_bn"),
+    "vgg11d": ("vgg11_imagenet_deconv", "deconv_vgg_imagenet", "vgg11"),
+    "vgg16d": ("vgg16_imagenet_deconv", "deconv_vgg_imagenet", "vgg16"),
     "densenet121d": ("densenet121_imagenet_deconv", "deconv_densenet_imagenet", "densenet121"),
 }
 CASES = [f"{arch}/{form}" for arch in ZOO for form in ("nd", "bn")]
+# main_imagenet.py -a vgg11_bn / vgg16_bn (torchvision's BatchNorm VGG) -> the zoo model with batch_norm=True.
+BATCHNORM_VGG = {"vgg11_bn": "vgg11_imagenet_deconv", "vgg16_bn": "vgg16_imagenet_deconv"}
 LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
@@ -83,12 +87,57 @@ def test_layout_matches_reference(case: str, reference_models: dict) -> None:
     assert model.deconv_settings.block_fc == (64 if form == "nd" else 0)
 
 
-@pytest.mark.parametrize("arch", list(ZOO))
-def test_batchnorm_form_is_torchvisions(arch: str) -> None:
-    """deconv=False is the paper's baseline: torchvision's own model, key for key (its weights load strictly)."""
-    name, _, baseline = ZOO[arch]
+@pytest.mark.parametrize("tv_name", list(BATCHNORM_VGG))
+def test_batchnorm_vgg_matches_reference(tv_name: str, reference_models: dict) -> None:
+    """batch_norm=True: main_imagenet.py -a vgg11_bn, torchvision's BatchNorm VGG, as the script builds it."""
     with torch.device("meta"):
-        ours = timm.create_model(name, deconv=False, num_classes=10)
+        model = timm.create_model(BATCHNORM_VGG[tv_name], deconv=False, batch_norm=True)
+    assert_layout(model, reference_models[f"{tv_name}/bn"])
+    assert model.architecture_args == dict(batch_norm=True)
+
+
+@pytest.mark.parametrize("name,params,bn_params", [
+    ("vgg11_imagenet_deconv", 132_863_336, 132_868_840), ("vgg16_imagenet_deconv", 138_357_544, 138_365_992),
+])
+def test_vgg_deconv_false_has_no_batchnorm(name: str, params: int, bn_params: int) -> None:
+    """The authors' vgg11d/vgg16d with --deconv False: [Conv2d, ReLU] per conv (their make_layers' batch_norm=False),
+    torchvision's vgg11/vgg16; batch_norm=True is vgg11_bn/vgg16_bn."""
+    with torch.device("meta"):
+        plain = timm.create_model(name, deconv=False)
+        bn = timm.create_model(name, deconv=False, batch_norm=True)
+    assert sum(p.numel() for p in plain.parameters()) == params
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert [type(m) for m in plain.features[:3]] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d if "11" in name else nn.Conv2d]
+    assert sum(p.numel() for p in bn.parameters()) == bn_params
+    assert [type(m) for m in bn.features[:3]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
+def test_vgg_batch_norm_in_the_deconvolution_forms() -> None:
+    """As the authors' make_layers: a BatchNorm after every FastDeconv; the hybrid's stem keeps none (an Identity
+    in its place, so the rest keeps vgg11_bn's keys)."""
+    with torch.device("meta"):
+        nd = timm.create_model("vgg11_imagenet_deconv", batch_norm=True)
+        hybrid = timm.create_model("vgg11_imagenet_deconv", deconv="stem", batch_norm=True)
+        bn = timm.create_model("vgg11_imagenet_deconv", deconv=False, batch_norm=True)
+    convs = [i for i, m in enumerate(nd.features) if isinstance(m, FastDeconv)]
+    assert len(convs) == 8 and all(isinstance(nd.features[i + 1], nn.BatchNorm2d) for i in convs)
+    assert [type(m) for m in hybrid.features[:3]] == [FastDeconv, nn.Identity, nn.ReLU]
+    stem = {k for k in bn.state_dict() if k.startswith(("features.0.", "features.1."))}
+    assert set(hybrid.state_dict()) - {k for k in hybrid.state_dict() if k.startswith("features.0.")} == \
+        set(bn.state_dict()) - stem
+
+
+TORCHVISION_FORMS = [(name, False, baseline) for name, _, baseline in ZOO.values()] + [
+    (name, True, tv_name) for tv_name, name in BATCHNORM_VGG.items()]
+
+
+@pytest.mark.parametrize("name,batch_norm,baseline", TORCHVISION_FORMS)
+def test_deconv_false_form_is_torchvisions(name: str, batch_norm: bool, baseline: str) -> None:
+    """deconv=False is torchvision's own model, key for key (its weights load strictly): the paper's BatchNorm
+    baselines, VGG's without BatchNorm unless batch_norm=True."""
+    kwargs = dict(batch_norm=True) if batch_norm else {}
+    with torch.device("meta"):
+        ours = timm.create_model(name, deconv=False, num_classes=10, **kwargs)
         theirs = torchvision.models.get_model(baseline, weights=None, num_classes=10)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     ours.load_state_dict(theirs.state_dict(), assign=True)

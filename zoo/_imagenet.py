@@ -2,8 +2,9 @@
 their pretrained_cfg, the script's flag defaults, and the refusal of ``pretrained=True`` (no weights exist).
 
 ``main_imagenet.py`` differs from ``main.py`` in one model-shaping default: ``--block-fc 64`` (``main.py``: 512), so
-the deconvolution form's Delinear heads whiten blocks of 64 features; the BatchNorm form (``deconv=False``) is the
-paper's baseline, torchvision's model (``-a resnet18``, ``vgg11_bn``, ...), with a plain Linear head.
+the deconvolution form's Delinear heads whiten blocks of 64 features; the ``deconv=False`` form is the baseline,
+torchvision's model (``-a resnet18``, ...; VGG's without BatchNorm, ``vgg11``, unless ``batch_norm=True``:
+``vgg11_bn``), with a plain Linear head.
 """
 
 from __future__ import annotations

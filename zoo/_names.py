@@ -45,14 +45,17 @@ REFERENCE_ARCHS: dict[str, str] = {
     "deeplabv3_resnet101d": "deeplabv3_resnet101_deconv",
 }
 
-# main_imagenet.py's BatchNorm baselines are torchvision's models (``-a resnet18``, ``-a vgg11_bn``, ...): in one of
-# its checkpoints ``arch`` names the zoo model built with ``deconv=False``. (In main.py's, ``resnet18`` and
-# ``densenet121`` mean the CIFAR models: only a converter that knows the checkpoint's script uses this table.)
+# main_imagenet.py's baselines are torchvision's models (``-a resnet18``, ``-a vgg11``, ``-a vgg11_bn``, ...): in one
+# of its checkpoints ``arch`` names the zoo model built with ``deconv=False`` (and, for ``vgg11_bn``/``vgg16_bn``,
+# ``batch_norm=True``, which the converter reads off the state_dict). (In main.py's, ``resnet18``, ``densenet121``,
+# ``vgg11`` and ``vgg16`` mean the CIFAR models: only a converter that knows the checkpoint's script uses this table.)
 IMAGENET_BASELINE_ARCHS: dict[str, str] = {
     "resnet18": "resnet18_imagenet_deconv",
     "resnet34": "resnet34_imagenet_deconv",
     "resnet50": "resnet50_imagenet_deconv",
     "resnet101": "resnet101_imagenet_deconv",
+    "vgg11": "vgg11_imagenet_deconv",
+    "vgg16": "vgg16_imagenet_deconv",
     "vgg11_bn": "vgg11_imagenet_deconv",
     "vgg16_bn": "vgg16_imagenet_deconv",
     "densenet121": "densenet121_imagenet_deconv",

@@ -5,8 +5,11 @@ torchvision's topology and module names: one ``features`` Sequential of 3x3 conv
 average pooling to 7x7, and the ``classifier`` MLP (25088 -> 4096 -> 4096 -> classes, ReLU and Dropout(0.5)
 between). Deconvolution form (the authors' ``vgg11d``): ``[FastDeconv, ReLU]`` per conv (the first frozen with 15
 iterations), no BatchNorm, and every classifier layer a Delinear with ``--block-fc 64`` (or, with
-``delinear=False``, a ChannelDeconv before each Linear, as theirs). BatchNorm form (``deconv=False``): exactly
-torchvision's ``vgg11_bn``/``vgg16_bn``, the paper's baseline.
+``delinear=False``, a ChannelDeconv before each Linear, as theirs). Plain form (``deconv=False``):
+``[Conv2d, ReLU]`` per conv and Linear layers, the authors' ``vgg11d --deconv False --block-fc 0``, which is
+torchvision's ``vgg11``/``vgg16``. ``batch_norm=True`` (the authors' and torchvision's ``make_layers`` flag) puts a
+BatchNorm2d after every conv: with ``deconv=False`` that is exactly torchvision's ``vgg11_bn``/``vgg16_bn``
+(``main_imagenet.py -a vgg11_bn``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 HIDDEN = 4096
 
 
-def _make_features(layout: Sequence[int | str], in_chans: int, settings: DeconvSettings) -> nn.Sequential:
+def _make_features(layout: Sequence[int | str], in_chans: int, settings: DeconvSettings,
+                   batch_norm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     in_chs = in_chans
     for item in layout:
@@ -40,16 +44,21 @@ def _make_features(layout: Sequence[int | str], in_chans: int, settings: DeconvS
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
         out_chs = int(item)
-        if settings.body_deconv:
-            stem = dict(freeze=True, n_iter=15, sampling_stride=3) if not layers else {}
-            layers += [settings.conv(in_chs, out_chs, 3, 1, 1, **stem), nn.ReLU(inplace=True)]
-        elif settings.stem_deconv and not layers:
-            # The hybrid's stem: its FastDeconv, and an Identity where the BN form's first BatchNorm sits, so every
-            # later module keeps the BN form's index (features.N) and state_dict key.
-            layers += [settings.stem_conv(in_chs, out_chs, 3, 1, 1, freeze=True, n_iter=15, sampling_stride=3),
-                       settings.stem_norm(out_chs), nn.ReLU(inplace=True)]
-        else:  # torchvision's vgg*_bn keeps the conv bias in front of its BatchNorm
-            layers += [nn.Conv2d(in_chs, out_chs, 3, padding=1), settings.norm(out_chs), nn.ReLU(inplace=True)]
+        first = not layers
+        if first and settings.stem_deconv:  # the deconvolution form's stem (the hybrid's too): frozen, 15 iterations
+            conv = settings.stem_conv(in_chs, out_chs, 3, 1, 1, freeze=True, n_iter=15, sampling_stride=3)
+        elif settings.body_deconv:
+            conv = settings.conv(in_chs, out_chs, 3, 1, 1)
+        else:  # torchvision's VGG keeps the conv bias, in front of a BatchNorm too
+            conv = nn.Conv2d(in_chs, out_chs, 3, padding=1)
+        if not batch_norm:
+            layers += [conv, nn.ReLU(inplace=True)]
+        elif first and settings.deconv == "stem":
+            # The hybrid's stem has no norm: an Identity where the BN form's first BatchNorm sits, so every later
+            # module keeps the BN form's index (features.N) and state_dict key.
+            layers += [conv, settings.stem_norm(out_chs), nn.ReLU(inplace=True)]
+        else:  # the authors' make_layers: a BatchNorm after every conv, FastDeconvs included
+            layers += [conv, nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True)]
         in_chs = out_chs
     return nn.Sequential(*layers)
 
@@ -69,15 +78,18 @@ class VGG(ZooClassifierMixin, nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.5,
         global_pool: str = "avg",
+        batch_norm: bool = False,
         **deconv_kwargs: Any,
     ) -> None:
         """``drop_rate`` is the classifier's dropout (torchvision's 0.5). ``global_pool`` is 'avg' (the head takes
         the 7x7 average-pooled map flattened, 25088 features) or '' with ``num_classes=0``: no head at all, the
-        model's output is the unpooled feature map (timm's contract for ``global_pool=''``)."""
+        model's output is the unpooled feature map (timm's contract for ``global_pool=''``). ``batch_norm``: a
+        BatchNorm2d after every conv (``deconv=False``: torchvision's ``vgg*_bn``; the hybrid's stem keeps none)."""
         super().__init__()
         _check_head(num_classes, global_pool)
         settings = self.deconv_settings = DeconvSettings(**deconv_kwargs)
-        self.features = _make_features(layout, in_chans, settings)
+        self.batch_norm = bool(batch_norm)
+        self.features = _make_features(layout, in_chans, settings, self.batch_norm)
         self.feature_info = []
         chs = in_chans
         for idx, module in enumerate(self.features):
@@ -92,6 +104,12 @@ class VGG(ZooClassifierMixin, nn.Module):
         self.head_hidden_size = HIDDEN
         self._build_head(num_classes, global_pool)
         self._init_weights()
+
+    @property
+    def architecture_args(self) -> dict[str, Any]:
+        """The constructor kwargs beyond ``deconv_settings`` that shape the network: a saved config (converted,
+        folded) records them so that ``timm.create_model(name, **model_args)`` rebuilds this layout."""
+        return dict(batch_norm=self.batch_norm)
 
     def _build_head(self, num_classes: int, global_pool: str) -> None:
         """``avgpool`` and the ``classifier`` MLP; none of it with ``global_pool=''`` (the MLP's 25088 inputs are the
@@ -205,7 +223,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def vgg11_imagenet_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
     """VGG-11, ImageNet topology, with network deconvolution (the authors' ``vgg11d``); ``deconv=False`` gives
-    torchvision's ``vgg11_bn``."""
+    torchvision's ``vgg11`` (no BatchNorm: the authors' ``vgg11d --deconv False --block-fc 0``), ``deconv=False,
+    batch_norm=True`` torchvision's ``vgg11_bn``."""
     model_args = dict(layout=VGG11_LAYOUT)
     return _create_vgg("vgg11_imagenet_deconv", pretrained, **dict(model_args, **kwargs))
 
@@ -213,6 +232,7 @@ def vgg11_imagenet_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
 @register_model
 def vgg16_imagenet_deconv(pretrained: bool = False, **kwargs: Any) -> VGG:
     """VGG-16, ImageNet topology, with network deconvolution (the authors' ``vgg16d``); ``deconv=False`` gives
-    torchvision's ``vgg16_bn``."""
+    torchvision's ``vgg16`` (no BatchNorm: the authors' ``vgg16d --deconv False --block-fc 0``), ``deconv=False,
+    batch_norm=True`` torchvision's ``vgg16_bn``."""
     model_args = dict(layout=VGG16_LAYOUT)
     return _create_vgg("vgg16_imagenet_deconv", pretrained, **dict(model_args, **kwargs))
