@@ -37,8 +37,24 @@ FORMS = {True: "network-deconvolution", False: "BatchNorm", "stem": "hybrid"}
 
 
 def run_tag(train: dict) -> str:
-    """The tag a run's weights ship as: its dataset's, with the form's suffix for the hybrid."""
-    return TAGS[train["dataset"]] + FORM_SUFFIX.get(train["deconv"], "")
+    """The tag a run's weights ship as: its dataset's, with its epochs beyond one (``fashion_mnist_e20``: timm
+    never changes what a tag names, so the one-epoch weights keep ``fashion_mnist``) and the hybrid's suffix."""
+    epochs = f"_e{train['epochs']}" if train["epochs"] > 1 else ""
+    return TAGS[train["dataset"]] + epochs + FORM_SUFFIX.get(train["deconv"], "")
+
+
+def check_registered(name: str, tag: str) -> None:
+    """Refuse to ship weights no registry entry loads: ``<name>.<tag>`` must be in the model file's default_cfgs
+    (first, to be the default) and its tag's data in ``TAG_DATA``."""
+    import timm
+
+    from ndeconv.zoo._pretrained import TAG_DATA
+
+    if tag not in TAG_DATA:
+        raise SystemExit(f"{name}.{tag}: no data for tag {tag!r}; add it to TAG_DATA in zoo/_pretrained.py first")
+    if f"{name}.{tag}" not in timm.list_pretrained(f"{name}.*"):
+        raise SystemExit(f"{name}.{tag} is not registered; add it to default_cfgs in the model's zoo file first "
+                         "(listed first, it becomes the default tag)")
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST"}
 
 
@@ -171,6 +187,7 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_
         raise SystemExit(f"{run_dir}: the run has not finished all its epochs; resume it first")
     dataset = config["train"]["dataset"]
     tag = run_tag(config["train"])
+    check_registered(config["architecture"], tag)  # before the evaluations: a refusal costs nothing
     model = load_run_model(run_dir)
     reference = evaluate_on_dataset(model, dataset)
     chosen, result, note = torch.float32, reference, "half precision changed test top-1 by more than 0.05 points"

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import PROJECT_ROOT
 
@@ -149,6 +150,24 @@ def test_converged_precision_is_bf16_only_with_native_bf16_and_a_check_within_th
     assert record["precision"] == "bf16" and record["args"] == ["--amp", "bf16", "--channels-last"]
     (tmp_path / "precision-check" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 92.28}) + "\n")
     assert converged.decide(tmp_path, native_bf16=True, paper_claim=claim)["precision"] == "float32"
+
+
+def test_converged_runs_ship_under_a_new_tag_that_must_be_registered_first() -> None:
+    from ship import check_registered
+
+    from ndeconv.zoo._pretrained import TAG_DATA, tag_dataset
+
+    train = dict(arch="resnet18", deconv=True, dataset="fashion_mnist", epochs=20)
+    # timm never changes what a tag names: the one-epoch weights keep fashion_mnist, the 20-epoch ones get their own.
+    assert run_tag(train) == "fashion_mnist_e20" and run_tag(dict(train, epochs=1)) == "fashion_mnist"
+    assert tag_dataset("fashion_mnist_e20") == "fashion_mnist"
+    assert {k: v for k, v in TAG_DATA["fashion_mnist_e20"].items() if k != "description"} == \
+        {k: v for k, v in TAG_DATA["fashion_mnist"].items() if k != "description"}
+    check_registered("resnet18_deconv", "fashion_mnist")  # shipped and registered
+    with pytest.raises(SystemExit, match="add it to default_cfgs in the model's zoo file first"):
+        check_registered("resnet34_deconv", "fashion_mnist_e20")  # one of the authors' extra models: no weights
+    with pytest.raises(SystemExit, match="no data for tag 'cifar10_e20'; add it to TAG_DATA"):
+        check_registered("resnet18_deconv", "cifar10_e20")
 
 
 def test_results_csv_is_timms_format_and_matches_the_shipped_cards() -> None:
