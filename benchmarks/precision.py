@@ -9,7 +9,10 @@ whitening is computed several ways against a float64 computation on the *same* r
   float32, the convolution in the autocast dtype (autocast casts input and folded weight);
 - ``gram``: the sampled-patch Gram matrix as a reduced-precision product with float32 accumulation
   (centred patches rounded to the autocast dtype, products summed in float32), the rest as ``fp32``;
-- ``gram+fold``: also the fold ``W·D`` as a reduced-precision product (``W`` and ``D`` rounded, float32 sum).
+- ``gram+fold``: also the fold ``W·D`` as a reduced-precision product (``W`` and ``D`` rounded, float32 sum);
+- ``kernels`` (bf16 only): the kernels ``ndeconv.set_bf16_whitening`` runs, not an emulation: patches gathered and
+  centred in bfloat16, the Gram matrix as float32 sums of bfloat16 partial products of 512 rows (a CPU bfloat16
+  product returns bfloat16), the fold ``W·D`` as a bfloat16 product.
 
 A reduced-precision product with float32 accumulation is emulated exactly here: the product of two bf16
 (8-bit significand) or fp16 (11-bit) numbers is exact in float32 (24 bits), so rounding the operands and
@@ -38,7 +41,7 @@ import ndeconv  # noqa: E402,F401  (registers the zoo)
 from benchmarks import _common as C  # noqa: E402
 from ndeconv import FastDeconv  # noqa: E402
 from ndeconv.datasets import get_spec, load_split  # noqa: E402
-from ndeconv.layers._patch_stats import patch_statistics  # noqa: E402
+from ndeconv.layers._patch_stats import patch_statistics, reduced_patch_statistics  # noqa: E402
 from ndeconv.layers.isqrt import isqrt_newton_schulz  # noqa: E402
 from ndeconv.training.data import Preprocess  # noqa: E402
 
@@ -106,6 +109,12 @@ def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict
     row["gram_fold_out"] = _rel(_conv(layer, x, w, b, dtype), out64)
     row["float32_no_autocast_out"] = _rel(_conv(layer, x.float(), *_fold(layer, mean32, d32, torch.float32), None),
                                           out64)
+    if dtype == torch.bfloat16 and layer.groups == 1:  # what ndeconv.set_bf16_whitening runs
+        mean_k, cov_k = reduced_patch_statistics(x, sampler, layer.eps)
+        d_k = isqrt_newton_schulz(cov_k, layer.n_iter)
+        with torch.no_grad():
+            w, b = layer.folded_weight_bias(mean_k, d_k, reduced=True)
+        row["kernels_D"], row["kernels_out"] = _rel(d_k, d64), _rel(_conv(layer, x, w.float(), b, dtype), out64)
     return row
 
 
@@ -152,8 +161,14 @@ def run(batch: int, dtypes: list[str]) -> dict:
 
 
 def _line(row: dict) -> str:
+    kernels = f" kernels {row['kernels_out']:.1e}" if "kernels_out" in row else ""
     return (f"{row['layer']:24s} nf {row['features']:4d}  D: fp32 {row['fp32_D']:.1e} gram {row['gram_D']:.1e}  "
-            f"out: fp32 {row['fp32_out']:.1e} gram {row['gram_out']:.1e} gram+fold {row['gram_fold_out']:.1e}")
+            f"out: fp32 {row['fp32_out']:.1e} gram {row['gram_out']:.1e} gram+fold {row['gram_fold_out']:.1e}"
+            f"{kernels}")
+
+
+def _cell(row: dict, key: str) -> str:
+    return f"{row[key]:.1e}" if key in row else "–"
 
 
 def markdown(payload: dict) -> str:
@@ -161,14 +176,18 @@ def markdown(payload: dict) -> str:
              "shipped resnet18_deconv.fashion_mnist, native 1-channel stem). Relative Frobenius error against "
              "float64 on the same autocast-rounded input; `fp32`: the whitening in float32 as today (the conv "
              "in the autocast dtype); `gram`: the patch Gram matrix as a reduced-precision product with float32 "
-             "accumulation; `+fold`: the fold W·D too. Last column: the layer with no autocast at all.", ""]
+             "accumulation; `+fold`: the fold W·D too; `kernels`: what `ndeconv.set_bf16_whitening` runs (bf16 "
+             "partial Grams of 512 rows summed in float32, a bf16 fold). Last column: the layer with no autocast at "
+             "all.", ""]
     for key, rows in payload["results"].items():
         lines += [f"**{key}**", "",
-                  "| layer | nf | D fp32 | D gram | out fp32 | out gram | out gram+fold | out float32, no autocast |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| layer | nf | D fp32 | D gram | D kernels | out fp32 | out gram | out gram+fold | out kernels | "
+                  "out float32, no autocast |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['layer']} | {r['features']} | {r['fp32_D']:.1e} | {r['gram_D']:.1e} | "
-                         f"{r['fp32_out']:.1e} | {r['gram_out']:.1e} | {r['gram_fold_out']:.1e} | "
+                         f"{_cell(r, 'kernels_D')} | {r['fp32_out']:.1e} | {r['gram_out']:.1e} | "
+                         f"{r['gram_fold_out']:.1e} | {_cell(r, 'kernels_out')} | "
                          f"{r['float32_no_autocast_out']:.1e} |")
         lines.append("")
     return "\n".join(lines)
@@ -176,9 +195,10 @@ def markdown(payload: dict) -> str:
 
 def summary(payload: dict) -> str:
     """The docs table (docs/layers.md): per autocast dtype, the median and the worst layer of each column."""
-    cols = [("fp32_D", "D, fp32 (today)"), ("gram_D", "D, reduced Gram"), ("fp32_out", "output, fp32 (today)"),
+    cols = [("fp32_D", "D, fp32 (today)"), ("gram_D", "D, reduced Gram"), ("kernels_D", "D, bf16 kernels"),
+            ("fp32_out", "output, fp32 (today)"),
             ("gram_out", "output, reduced Gram"), ("gram_fold_out", "output, reduced Gram + fold"),
-            ("float32_no_autocast_out", "output, no autocast")]
+            ("kernels_out", "output, bf16 kernels"), ("float32_no_autocast_out", "output, no autocast")]
     lines = [f"`{payload['command']}` (per layer: `benchmarks/results/precision.md`). Relative error against "
              f"float64 over the {len(next(iter(payload['results'].values())))} FastDeconv layers of the shipped "
              "ResNet-18, a batch of Fashion-MNIST training images, median (worst layer):", "",
@@ -186,8 +206,8 @@ def summary(payload: dict) -> str:
     for key, rows in payload["results"].items():
         cells = []
         for col, _ in cols:
-            values = sorted(r[col] for r in rows)
-            cells.append(f"{values[len(values) // 2]:.1e} ({values[-1]:.1e})")
+            values = sorted(r[col] for r in rows if col in r)
+            cells.append(f"{values[len(values) // 2]:.1e} ({values[-1]:.1e})" if values else "–")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

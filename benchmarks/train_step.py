@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
 from benchmarks.flops import step_flops  # noqa: E402
-from ndeconv import FastDeconv, keep_freed_memory, set_fast_mode  # noqa: E402
+from ndeconv import FastDeconv, keep_freed_memory, set_bf16_whitening, set_fast_mode  # noqa: E402
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,7 +83,7 @@ def _refresh_cycle(net: str) -> int:
     """Training steps timed together for ``net``: fast mode's whole refresh cycle (``fast4``: one step that
     recomputes the whitening, three that reuse it), whose mean is its cost per step; a median of single steps
     would report the cheap reusing steps only."""
-    return int(net[len("fast"):]) if net.startswith("fast") else 1
+    return int(net[len("fast"):].split("_")[0]) if net.startswith("fast") else 1
 
 
 def _steps(step: Callable[[], None], count: int) -> Callable[[], None]:
@@ -114,7 +114,10 @@ def _layout(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _models(arch: str, fast: list[int], channels_last: bool = False) -> tuple[dict[str, nn.Module], str]:
+def _models(arch: str, fast: list[int], channels_last: bool = False,
+            bf16_whitening: bool = False) -> tuple[dict[str, nn.Module], str]:
+    """The networks timed side by side: ``nd``, ``fast<K>`` for each K, with ``bf16_whitening`` a ``<name>_bf16w``
+    twin of each (ndeconv.set_bf16_whitening), and ``bn``."""
     torch.manual_seed(0)
     nd, source = build(arch, deconv=True)
     nets = {"nd": nd}
@@ -122,6 +125,12 @@ def _models(arch: str, fast: list[int], channels_last: bool = False) -> tuple[di
         fast_model, _ = build(arch, deconv=True)
         set_fast_mode(fast_model, k)
         nets[f"fast{k}"] = fast_model
+    if bf16_whitening:
+        for name in list(nets):
+            twin, _ = build(arch, deconv=True)
+            set_fast_mode(twin, _refresh_cycle(name))
+            set_bf16_whitening(twin)
+            nets[f"{name}_bf16w"] = twin
     nets["bn"], _ = build(arch, deconv=False)
     return {k: m.to(memory_format=_layout(channels_last)) for k, m in nets.items()}, source
 
@@ -132,14 +141,15 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
     for arch in archs:
         for batch in args.batch:
             try:
-                nets, source = _models(arch, args.fast, args.channels_last)
+                nets, source = _models(arch, args.fast, args.channels_last, args.bf16_whitening)
             except SystemExit as exc:
                 print(f"skip {arch}: {exc}", flush=True)
                 continue
             x, y = _data(batch, args.image)
             x = x.contiguous(memory_format=_layout(args.channels_last))
             row = {"arch": arch, "batch": batch, "image": args.image, "source": source,
-                   "memory_format": "channels_last" if args.channels_last else "nchw", "amp": args.amp}
+                   "memory_format": "channels_last" if args.channels_last else "nchw", "amp": args.amp,
+                   "bf16_whitening": args.bf16_whitening}
             row.update(bench_pair(nets, x, y, args))
             base = arch.removesuffix("_deconv")
             row["reference_nd_over_bn_train_median"] = ref.get(base)
@@ -227,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="networks and inputs in channels-last memory format (default: NCHW)")
     p.add_argument("--amp", choices=sorted(AMP), default="off",
                    help="time the steps under torch.autocast in this dtype (default: off, float32)")
+    p.add_argument("--bf16-whitening", action="store_true",
+                   help="also time each deconvolution network with ndeconv.set_bf16_whitening (with --amp bf16)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up round, 2 timed steps, no layers")
     p.add_argument("--name", default=None, help="results file name (default from the arch)")
     p.add_argument("--probe", nargs=4, metavar=("ARCH", "FORM", "BATCH", "IMAGE"), help=argparse.SUPPRESS)
@@ -246,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": C.command_line(), "machine": C.machine_info(),
                "method": __doc__.split("Method: ", 1)[1].strip(), "settings": {
                    k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast",
-                                               "keep_freed_memory", "channels_last", "amp")}}
+                                               "keep_freed_memory", "channels_last", "amp",
+                                               "bf16_whitening")}}
     payload["models"] = run_models(args, ref)
     if args.layers:
         payload["layers"] = run_layers(args)

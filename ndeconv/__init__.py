@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         deconvolve,
         isqrt_newton_schulz,
         isqrt_newton_schulz_batch,
+        set_bf16_whitening,
         set_fast_mode,
         sync_deconv,
     )
@@ -48,7 +49,7 @@ mount(Path(__file__).resolve().parent)
 # Re-exported name -> the module it lives in, imported on first access (PEP 562).
 _LAZY = {name: "ndeconv.layers" for name in (
     "ChannelDeconv", "Delinear", "FastDeconv", "FastDeconv1d", "FastDeconv3d", "deconvolve", "isqrt_newton_schulz",
-    "isqrt_newton_schulz_batch", "set_fast_mode", "sync_deconv",
+    "isqrt_newton_schulz_batch", "set_bf16_whitening", "set_fast_mode", "sync_deconv",
 )}
 _LAZY["keep_freed_memory"] = "ndeconv.runtime"
 
@@ -74,6 +75,7 @@ __all__ = [
     "FastDeconv1d",
     "FastDeconv3d",
     "deconvolve",
+    "set_bf16_whitening",
     "set_fast_mode",
     "sync_deconv",
     "isqrt_newton_schulz",

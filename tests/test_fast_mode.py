@@ -35,7 +35,8 @@ def test_fast_mode_refreshes_every_k_steps_and_reuses_in_between(groups, monkeyp
     assert set_fast_mode(nn.Sequential(fast), 3) == 1
     calls = []
     original = FastDeconv._batch_statistics
-    monkeypatch.setattr(FastDeconv, "_batch_statistics", lambda self, x: calls.append(1) or original(self, x))
+    monkeypatch.setattr(FastDeconv, "_batch_statistics",
+                        lambda self, x, *args: calls.append(1) or original(self, x, *args))
 
     for step in range(6):
         x = _batch(step)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .channel_deconv import ChannelDeconv
 from .deconvolve import deconvolve
 from .delinear import Delinear
-from .fast_deconv import FastDeconv, set_fast_mode
+from .fast_deconv import FastDeconv, set_bf16_whitening, set_fast_mode
 from .fast_deconv1d import FastDeconv1d
 from .fast_deconv3d import FastDeconv3d
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
@@ -23,6 +23,7 @@ __all__ = [
     "deconvolve",
     "isqrt_newton_schulz",
     "isqrt_newton_schulz_batch",
+    "set_bf16_whitening",
     "set_fast_mode",
     "sync_deconv",
 ]

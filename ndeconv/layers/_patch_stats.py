@@ -249,9 +249,47 @@ def symmetric_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return out
 
 
+# Rows per partial product of ``reduced_gram``: each partial Gram is rounded to bfloat16 once, so more partials
+# average the rounding down (the whitening matrix's error on ResNet-18's real activations, against float64:
+# 1e-3 with one product, 2.5-5e-4 with 512-row partials, 2-3e-4 for float32 sums of exact products) while
+# products of 512 rows still run at about twice the float32 rate (benchmarks/precision.py, docs/layers.md).
+REDUCED_GRAM_ROWS = 512
+
+
+def reduced_gram(rows: torch.Tensor, alpha: float, beta: float, chunk: int = REDUCED_GRAM_ROWS) -> torch.Tensor:
+    """``alpha * X^T X + beta * I`` in float32 for bfloat16 rows ``X`` (n, d). A CPU bfloat16 product returns
+    bfloat16 (torch has no float32-output one on CPU), so the product is taken over ``chunk`` rows at a time and
+    the rounded partial Grams are summed in float32."""
+    d = rows.shape[1]
+    out = torch.zeros(d, d, dtype=torch.float32, device=rows.device)
+    h = d // 2 if d >= 256 else d  # as symmetric_gram: the upper block triangle by products, mirrored below
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk]
+        top = part[:, :h]
+        out[:h, :h].add_(torch.mm(top.mT, top))
+        if h < d:
+            bottom = part[:, h:]
+            out[h:, h:].add_(torch.mm(bottom.mT, bottom))
+            out[:h, h:].add_(torch.mm(top.mT, bottom))
+    if h < d:
+        out[h:, :h] = out[:h, h:].mT
+    out.mul_(alpha).diagonal().add_(beta)
+    return out
+
+
 class _PatchStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sampler: PatchSampler, eps: float, groups: int):  # type: ignore[override]
+        if x.dtype == torch.bfloat16:  # reduced_patch_statistics: one whitening group, products in bfloat16
+            rows = sampler.gather(x)
+            n = rows.shape[0]
+            mean = rows.mean(0, dtype=torch.float32)
+            rows.sub_(mean.to(rows.dtype))
+            cov = reduced_gram(rows, 1.0 / n, eps)
+            ctx.save_for_backward(rows)
+            ctx.sampler, ctx.groups, ctx.shape, ctx.n = sampler, groups, x.shape, n
+            ctx.layout = torch.channels_last if channels_last(x) else torch.contiguous_format
+            return mean, cov
         if sampler.group_major():
             rows, mean = sampler.gather_groups(x, groups)  # (groups, nf, n), centred
             n = rows.shape[2]
@@ -280,8 +318,8 @@ class _PatchStatistics(torch.autograd.Function):
             d_rows = rows.new_zeros(rows.shape)
         elif group_major:
             d_rows = torch.bmm((d_cov + d_cov.mT) / n, rows)
-        elif groups == 1:
-            d_rows = rows @ ((d_cov + d_cov.mT) / n)
+        elif groups == 1:  # bfloat16 rows: a bfloat16 product, the gradient the bfloat16 input gets anyway
+            d_rows = rows @ ((d_cov + d_cov.mT) / n).to(rows.dtype)
         else:
             per_group = rows.view(n, groups, -1).transpose(0, 1)
             d_rows = torch.bmm(per_group, (d_cov + d_cov.mT) / n).transpose(0, 1).reshape(n, -1)
@@ -320,6 +358,16 @@ def patch_statistics_reference(x: torch.Tensor, sampler: PatchSampler, eps: floa
         return mean, centred.mT @ centred / centred.shape[0] + eps * eye
     per_group = centred.view(-1, groups, nf).transpose(0, 1)
     return mean, per_group.mT @ per_group / per_group.shape[1] + eps * eye
+
+
+def reduced_patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``patch_statistics`` of one whitening group with the heavy products in bfloat16: the patches gathered and
+    centred in bfloat16 (from ``x`` rounded to bfloat16, as a conv under CPU bf16 autocast reads it), the Gram
+    matrix by ``reduced_gram`` (float32 sums of bfloat16 partial products) and its backward as one bfloat16
+    product; mean and covariance come out in float32."""
+    if sampler.grouped:
+        raise ValueError("reduced_patch_statistics: grouped convolutions keep float32 statistics")
+    return _PatchStatistics.apply(x.to(torch.bfloat16), sampler, eps, 1)
 
 
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:

@@ -32,11 +32,11 @@ from ._common import (
     sync_statistics,
     update_running,
 )
-from ._patch_stats import PatchSampler, patch_mean, patch_statistics
+from ._patch_stats import PatchSampler, patch_mean, patch_statistics, reduced_patch_statistics
 from .grad_checkpoint import record_or_replay
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
-__all__ = ["FastDeconv", "set_fast_mode"]
+__all__ = ["FastDeconv", "set_bf16_whitening", "set_fast_mode"]
 
 
 def _like(weight: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
@@ -124,6 +124,8 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         self.refresh_every = 1
         self._fast_step = 0
         self._fast_deconv: torch.Tensor | None = None
+        # Opt-in (see set_bf16_whitening): a plain attribute, not in the state_dict.
+        self.bf16_whitening = False
         self._fold_cache = FoldCache()
 
     # -- statistics ---------------------------------------------------------------------------
@@ -153,9 +155,19 @@ class FastDeconv(CachedEvalFold, _ConvNd):
             mean, _ = sync_statistics(mean, kept)
         return mean, kept
 
-    def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable)."""
-        mean, cov = patch_statistics(x.to(stats_dtype(x.dtype)), self._sampler(), self.eps, self.groups)
+    def _reduced(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes its heavy whitening products in bfloat16: ``bf16_whitening`` set, under CPU
+        bf16 autocast, one whitening group (grouped convs whiten many small matrices: float32 stays)."""
+        return (self.bf16_whitening and self.groups == 1 and x.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+    def _batch_statistics(self, x: torch.Tensor, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable); ``reduced``: the patch products
+        in bfloat16 (``reduced_patch_statistics``), mean, covariance and its inverse square root in float32."""
+        if reduced:
+            mean, cov = reduced_patch_statistics(x, self._sampler(), self.eps)
+        else:
+            mean, cov = patch_statistics(x.to(stats_dtype(x.dtype)), self._sampler(), self.eps, self.groups)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)
@@ -165,10 +177,20 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     # -- folding ------------------------------------------------------------------------------
 
-    def folded_weight_bias(self, mean: torch.Tensor, deconv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight ``w D`` and bias ``b - (w D) mu`` of the plain conv equivalent to this layer."""
+    def folded_weight_bias(self, mean: torch.Tensor, deconv: torch.Tensor,
+                           reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight ``w D`` and bias ``b - (w D) mu`` of the plain conv equivalent to this layer. ``reduced``: ``w D``
+        as a bfloat16 product, returned in bfloat16 (what the conv under bf16 autocast reads), the bias in float32."""
         out, nf = self.out_channels, self.num_features
         weight = self.weight.to(deconv.dtype)
+        if reduced:
+            blocks = self.in_channels // self.block
+            w = weight.to(torch.bfloat16).reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ \
+                deconv.to(torch.bfloat16)
+            shift = (w.to(mean.dtype) @ mean.unsqueeze(1)).view(out, -1).sum(1)
+            w = w.view(out, blocks, nf).transpose(1, 2).reshape(self.weight.shape)
+            bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
+            return _like(w, self.weight), bias
         if self.groups == 1:
             blocks = self.in_channels // self.block
             w = weight.reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ deconv
@@ -238,10 +260,12 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         frozen, kept, replaying = False, None, False
         if self.training:
             (frozen, kept), replaying = record_or_replay(self, lambda: self._step_plan(x))
+        reduced = self.training and not frozen and self._reduced(x)  # asked before autocast is switched off
         with full_precision(x.device):
             if self.training and not frozen:
                 view = self._statistics_input(x)
-                mean, deconv = self._batch_statistics(view) if kept is None else self._reused_statistics(view, kept)
+                mean, deconv = (self._batch_statistics(view, reduced) if kept is None
+                                else self._reused_statistics(view, kept))
                 if self.refresh_every > 1 and not replaying:
                     if kept is None:
                         self._fast_deconv = deconv.detach()
@@ -250,7 +274,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
                     with torch.no_grad():
                         update_running(self.running_mean, mean, self.momentum)
                         update_running(self.running_deconv, deconv, self.momentum)
-                weight, bias = self.folded_weight_bias(mean, deconv)
+                weight, bias = self.folded_weight_bias(mean, deconv, reduced)
             elif self.training:
                 weight, bias = self.folded_weight_bias(self.running_mean, self.running_deconv)
             else:
@@ -275,6 +299,23 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         if self.refresh_every > 1:
             s += f", refresh_every={self.refresh_every}"
         return s
+
+
+def set_bf16_whitening(model: nn.Module, enabled: bool = True) -> int:
+    """Opt-in: under CPU bf16 autocast, every ungrouped FastDeconv of ``model`` takes its whitening's heavy products
+    in bfloat16 while training: the sampled-patch Gram matrix (float32 sums of bfloat16 partial products,
+    ``reduced_gram``) and its backward, and the fold ``W·D`` and its backward. The inverse square root, the mean,
+    the running statistics and the bias stay float32; grouped convs, eval, other devices and float32 training are
+    unchanged. Returns the number of layers set.
+
+    What it costs in precision, per layer on real activations, is in docs/layers.md (Mixed precision).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FastDeconv):
+            module.bf16_whitening = bool(enabled)
+            count += 1
+    return count
 
 
 def set_fast_mode(model: nn.Module, refresh_every: int = 8) -> int:
