@@ -82,6 +82,8 @@ def train_command(train: dict) -> str:
         flags.append(("--fast", train["fast"]))
     if train.get("channels_last"):
         flags.append(("--channels-last", "true"))
+    if train.get("bf16_whitening"):
+        flags.append(("--bf16-whitening", "true"))
     return "ndeconv train " + " ".join(f"{k} {v}" for k, v in flags)
 
 

@@ -139,6 +139,24 @@ def test_bare_amp_trains_in_float32_where_bf16_is_not_native(tmp_path: Path, cap
     assert json.loads((out / "config.json").read_text())["train"]["amp"] == "bf16"
 
 
+def test_bf16_whitening_trains_under_bf16_autocast_only(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ndeconv.layers._patch_stats as patch_stats
+
+    assert main(["train", *TINY, "--max-steps", "1", "--out", str(tmp_path / "f32"), "--bf16-whitening"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--bf16-whitening runs under bf16 autocast only: add --amp bf16, or drop it")
+    assert not (tmp_path / "f32").exists()
+    grams = []
+    original = patch_stats.reduced_gram
+    monkeypatch.setattr(patch_stats, "reduced_gram", lambda *a, **k: grams.append(1) or original(*a, **k))
+    out = tmp_path / "bf16"
+    assert main(["train", *TINY, "--max-steps", "1", "--out", str(out), "--amp", "bf16", "--bf16-whitening"]) == 0
+    assert grams  # the bf16 kernels ran
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert train["bf16_whitening"] is True and train["amp"] == "bf16"
+
+
 @pytest.mark.slow  # the runs fixture: two training subprocesses, about 30 s
 def test_run_directory(runs: dict[str, Path]) -> None:
     import timm

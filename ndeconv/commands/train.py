@@ -124,6 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
          type=str2bool, nargs="?", const=True, metavar="BOOL")
     _add(run, "--fast", "fast", d.fast, "fast mode: recompute each whitening matrix every K training steps and reuse "
          "it in between (1: exact; see ndeconv.set_fast_mode for the cost)", type=int, metavar="K")
+    _add(run, "--bf16-whitening", "bf16_whitening", d.bf16_whitening, "under --amp bf16 on CPU, the whitening's "
+         "patch Gram matrix, its backward and the fold W·D as bf16 products (see ndeconv.set_bf16_whitening)",
+         type=str2bool, nargs="?", const=True, metavar="BOOL")
     _add(run, "--keep-freed-memory", "keep_freed_memory", d.keep_freed_memory,
          "let glibc's malloc reuse freed memory instead of mapping it afresh every step (same results, "
          "10-40%% faster steps on CPU; see ndeconv.keep_freed_memory)", type=str2bool, metavar="BOOL")

@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     sync_deconv: bool = False
     fast: int = 1  # opt-in fast mode: refresh the whitening matrices every `fast` steps (1: exact)
+    bf16_whitening: bool = False  # opt-in: the whitening's heavy products in bf16 under bf16 autocast (CPU)
     log_every: int = 50
     keep_freed_memory: bool = True  # glibc malloc reuses freed memory (ndeconv.keep_freed_memory): speed only
     curve_rows: int = 50  # steps.jsonl rows per epoch (fixed for a run: a resumed run keeps its grid)
@@ -131,6 +132,8 @@ class TrainConfig:
             (self.lr_scheduler in ("cosine", "multistep", "step"), "--lr-scheduler must be cosine, multistep or step"),
             (self.scheduler_step_size >= 1, "--scheduler-step-size must be >= 1 epoch"),
             (self.amp in (None, "auto", "bf16", "fp16"), "--amp must be bf16 or fp16"),
+            (not self.bf16_whitening or self.amp in ("auto", "bf16"),
+             "--bf16-whitening runs under bf16 autocast only: add --amp bf16, or drop it"),
         ]
         for ok, message in checks:
             if not ok:

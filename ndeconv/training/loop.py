@@ -33,7 +33,7 @@ from ..datasets import ImageSource, eval_crop_pct, get_spec, load_split
 from ..errors import NdeconvError, UsageError, error_summary, os_error_fix
 from ..io import read_json, save_json_atomic, save_safetensors_atomic
 from ..layers.deconvolve import deconvolve
-from ..layers.fast_deconv import set_fast_mode
+from ..layers.fast_deconv import set_bf16_whitening, set_fast_mode
 from ..layers.sync import sync_deconv
 from ..runtime import keep_freed_memory, native_amp_dtype
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
@@ -456,6 +456,8 @@ def _build_training(cfg: TrainConfig, ctx: DistContext, data: _Data, amp_dtype: 
         sync_deconv(model)
     if cfg.fast > 1:
         set_fast_mode(model, cfg.fast)
+    if cfg.bf16_whitening:
+        set_bf16_whitening(model)
     optimizer = _optimizer(cfg, model)
     steps_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world))
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
