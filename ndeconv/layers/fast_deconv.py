@@ -182,15 +182,15 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         """Weight ``w D`` and bias ``b - (w D) mu`` of the plain conv equivalent to this layer. ``reduced``: ``w D``
         as a bfloat16 product, returned in bfloat16 (what the conv under bf16 autocast reads), the bias in float32."""
         out, nf = self.out_channels, self.num_features
-        weight = self.weight.to(deconv.dtype)
         if reduced:
             blocks = self.in_channels // self.block
-            w = weight.to(torch.bfloat16).reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ \
+            w = self.weight.to(torch.bfloat16).reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ \
                 deconv.to(torch.bfloat16)
             shift = (w.to(mean.dtype) @ mean.unsqueeze(1)).view(out, -1).sum(1)
             w = w.view(out, blocks, nf).transpose(1, 2).reshape(self.weight.shape)
             bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
             return _like(w, self.weight), bias
+        weight = self.weight.to(deconv.dtype)
         if self.groups == 1:
             blocks = self.in_channels // self.block
             w = weight.reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ deconv
