@@ -2,17 +2,20 @@
 
 For each shipped Fashion-MNIST model (the ten deconvolution networks, ``fashion_mnist``, and the BatchNorm networks
 with a deconvolution stem, ``fashion_mnist_stem``: every layer after the stem is a conv with BatchNorm fused into
-it), as ``ndeconv export --int8`` makes it: fold, export float32, calibrate on 512 training images (minmax),
-quantize statically with onnxruntime (QDQ; int8 weights per tensor and per output channel; uint8 activations),
-then score the float32 and both int8 files with onnxruntime on the 10,000 test images. Beside the scores, each
-conv/linear layer's weight range, max |w| / std(w), before folding (the trained weights) and after (the weights
-the int8 file stores: whitening, or BatchNorm, folded in):
+it), as ``ndeconv export --int8`` makes it: fold, export float32, calibrate on 512 training images, quantize
+statically with onnxruntime (QDQ, uint8 activations), then score the float32 and int8 files with onnxruntime on the
+10,000 test images. The int8 variants (``VARIANTS``): int8 weights per tensor and per output channel with minmax
+calibration, per channel with percentile calibration, and, to tell weight from activation error apart, int8
+weights with 16-bit activations (opset 21's 16-bit QuantizeLinear; not what ``--int8`` writes). Beside the
+scores, each conv/linear layer's weight range, max |w| / std(w), before folding (the trained weights) and after
+(the weights the int8 file stores: whitening, or BatchNorm, folded in):
 
     python reproduce/int8.py                                       # every shipped model, docs block
+    python reproduce/int8.py --variants per_channel_percentile     # one variant more, into the recorded rows
     python reproduce/int8.py --models resnet18_deconv.fashion_mnist --limit 1000 --no-docs   # a quick look
 
-Results go to ``reproduce/results/int8.json`` (a run of some models adds to those recorded) and, unless
-``--no-docs`` or ``--limit``, the ``int8-accuracy`` block of docs/deployment.md.
+Results go to ``reproduce/results/int8.json`` (a run of some models or variants adds to those recorded) and,
+unless ``--no-docs`` or ``--limit``, the ``int8-accuracy`` block of docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -37,8 +40,18 @@ from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "int8.json"
 TAGS = {"fashion_mnist": "deconvolution", "fashion_mnist_stem": "BatchNorm (deconvolution stem)"}
-# What ``ndeconv export --int8 --calibrate-data fashion_mnist`` uses by default.
+# What ``ndeconv export --int8 --calibrate-data fashion_mnist`` uses by default (the method: each variant's own).
 CALIBRATION = dict(dataset="fashion_mnist", images=DEFAULT_CALIBRATION_IMAGES, method=CALIBRATION_METHODS[0], seed=0)
+# Variant -> (weights per output channel, calibration method, activation bits), in the table's column order.
+VARIANTS: dict[str, tuple[bool, str, int]] = {
+    "per_tensor": (False, "minmax", 8),
+    "per_channel": (True, "minmax", 8),
+    "per_channel_percentile": (True, "percentile", 8),
+    "activations_16bit": (True, "minmax", 16),
+}
+HEADERS = {"per_tensor": "int8 per-tensor", "per_channel": "int8 per-channel",
+           "per_channel_percentile": "int8 per-channel, percentile", "activations_16bit": "int8 weights, 16-bit "
+           "activations"}
 
 
 def shipped_models() -> list[str]:
@@ -81,10 +94,42 @@ def layer_ranges(model: nn.Module, folded: nn.Module) -> list[dict]:
     return rows
 
 
-def measure(name: str, tmp: Path, limit: int | None, threads: int | None = None) -> dict:
+def quantize_variant(float_path: Path, path: Path, images, variant: str) -> None:
+    """``float_path`` quantized as ``variant`` says, into ``path`` (8-bit activations: as ``ndeconv export --int8``)."""
+    from ndeconv.convert.quantize import check_int8_graph, quantize_onnx
+
+    per_channel, method, bits = VARIANTS[variant]
+    if bits == 8:
+        quantize_onnx(float_path, path, images, per_channel=per_channel, method=method, force=True)
+        check = check_int8_graph(path)
+        if check.quantized_layers != check.weighted_layers:
+            raise SystemExit(f"{path}: {check.quantized_layers} of {check.weighted_layers} layers hold int8 weights")
+        return
+    import contextlib
+    import io
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from ndeconv.convert.quantize import _ROUND_OPTIONS, _Reader
+
+    prepared = path.with_suffix(".prepared.onnx")
+    quant_pre_process(str(float_path), str(prepared), skip_optimization=True)
+    input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+    with contextlib.redirect_stdout(io.StringIO()):
+        # 16-bit QuantizeLinear is standard ONNX from opset 21: onnxruntime raises the file's opset (and warns).
+        quantize_static(str(prepared), str(path), _Reader(input_name, images), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=dict(_ROUND_OPTIONS))
+
+
+def measure(name: str, tmp: Path, limit: int | None, threads: int | None = None,
+            variants: list[str] | None = None) -> dict:
     from ndeconv.convert import fold
     from ndeconv.convert.export import export_onnx, weights_config
-    from ndeconv.convert.quantize import calibration_images, check_int8_graph, onnx_top1, quantize_onnx
+    from ndeconv.convert.quantize import calibration_images, onnx_top1
     from ndeconv.loading import load_model
 
     started = time.monotonic()
@@ -101,53 +146,41 @@ def measure(name: str, tmp: Path, limit: int | None, threads: int | None = None)
                                 input_size=json.loads(metadata["input_size"]), mean=json.loads(metadata["mean"]),
                                 std=json.loads(metadata["std"]), crop_pct=float(metadata["crop_pct"]),
                                 seed=CALIBRATION["seed"])
-    scores = {}
     top1, count = onnx_top1(exported.path, CALIBRATION["dataset"], count=limit, threads=threads)
-    scores["float32"] = top1
-    for key, per_channel in (("int8_per_tensor", False), ("int8_per_channel", True)):
-        path = tmp / f"{name}.{key}.onnx"
-        quantize_onnx(exported.path, path, images, per_channel=per_channel, method=CALIBRATION["method"],
-                      force=True)
-        check = check_int8_graph(path)
-        if check.quantized_layers != check.weighted_layers:
-            raise SystemExit(f"{name}: {check.quantized_layers} of {check.weighted_layers} layers hold int8 weights")
-        scores[key], _ = onnx_top1(path, CALIBRATION["dataset"], count=limit, threads=threads)
+    row = {"model": name, "form": TAGS[name.rsplit(".", 1)[1]], "test_images": count, "float32": round(top1, 2)}
+    for variant in variants or VARIANTS:
+        path = tmp / f"{name}.{variant}.onnx"
+        quantize_variant(exported.path, path, images, variant)
+        score, _ = onnx_top1(path, CALIBRATION["dataset"], count=limit, threads=threads)
+        row[f"int8_{variant}"] = round(score, 2)
+        row[f"drop_{variant}"] = round(top1 - score, 2)
+        print(f"{name}: {HEADERS[variant]} {score:.2f}% (float32 {top1:.2f}%, {count} images)", flush=True)
     layers = layer_ranges(model, folded)
     after = [r["after"] for r in layers]
     before = [r["before"] for r in layers if "before" in r]
-    row = {
-        "model": name,
-        "form": TAGS[name.rsplit(".", 1)[1]],
-        "test_images": count,
-        **{k: round(v, 2) for k, v in scores.items()},
-        "drop_per_tensor": round(scores["float32"] - scores["int8_per_tensor"], 2),
-        "drop_per_channel": round(scores["float32"] - scores["int8_per_channel"], 2),
+    row.update({
         "range_before_median": round(statistics.median(before), 2) if before else None,
         "range_before_max": round(max(before), 2) if before else None,
         "range_after_median": round(statistics.median(after), 2),
         "range_after_max": round(max(after), 2),
         "worst_layer_after": max(layers, key=lambda r: r["after"])["layer"],
-        "seconds": round(time.monotonic() - started, 1),
         "layers": layers,
-    }
-    print(f"{name}: float32 {row['float32']:.2f}%, int8 per-tensor {row['int8_per_tensor']:.2f}%, per-channel "
-          f"{row['int8_per_channel']:.2f}% ({count} images); weight range median {row['range_before_median']} -> "
-          f"{row['range_after_median']}, max {row['range_before_max']} -> {row['range_after_max']} "
-          f"({row['seconds']} s)", flush=True)
+    })
+    print(f"{name}: weight range median {row['range_before_median']} -> {row['range_after_median']}, max "
+          f"{row['range_before_max']} -> {row['range_after_max']} ({time.monotonic() - started:.0f} s)", flush=True)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | form | float32 | int8 per-tensor | int8 per-channel | weight range before → after folding "
-             "(median; max) |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = ["| model | form | float32 | " + " | ".join(HEADERS.values())
+             + " | weight range before → after folding (median; max) |",
+             "|---|---|---:|" + "---:|" * len(HEADERS) + "---|"]
     for r in rows:
         before = (f"{r['range_before_median']:.1f}; {r['range_before_max']:.1f}" if r["range_before_max"] is not None
                   else "–")
-        lines.append(
-            f"| {r['model']} | {r['form']} | {r['float32']:.2f}% | {r['int8_per_tensor']:.2f}% "
-            f"({-r['drop_per_tensor']:+.2f}) | {r['int8_per_channel']:.2f}% ({-r['drop_per_channel']:+.2f}) | "
-            f"{before} → {r['range_after_median']:.1f}; {r['range_after_max']:.1f} |")
+        scores = [f"{r[f'int8_{v}']:.2f}% ({0.0 - r[f'drop_{v}']:+.2f})" if f"int8_{v}" in r else "–" for v in HEADERS]
+        lines.append(f"| {r['model']} | {r['form']} | {r['float32']:.2f}% | " + " | ".join(scores)
+                     + f" | {before} → {r['range_after_median']:.1f}; {r['range_after_max']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fashion_mnist_stem model)")
     parser.add_argument("--limit", type=int, help="first N test images only (a quick look; nothing recorded)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default: 1)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="measure only these (default: all); the recorded rows keep the others")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave the docs and results alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -177,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ndeconv-int8-") as tmp:
         for name in models:
-            rows.append(measure(name, Path(tmp), args.limit, args.threads))
+            rows.append(measure(name, Path(tmp), args.limit, args.threads, args.variants))
             if record:  # each model as it is measured: a long run stopped halfway keeps what it measured
                 merged = record_rows([rows[-1]], command, args.threads, onnxruntime.__version__)
     print(table(rows))
@@ -196,10 +231,14 @@ def record_rows(rows: list[dict], command: str, threads: int, ort_version: str) 
     with open(Path(tempfile.gettempdir()) / "ndeconv-int8-results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         recorded = json.loads(RESULTS.read_text())["results"] if RESULTS.is_file() else []
-        merged = {r["model"]: r for r in recorded} | {r["model"]: {**r, "command": command} for r in rows}
+        merged = {r["model"]: r for r in recorded}
+        for r in rows:  # a run of some variants keeps the row's other variants
+            merged[r["model"]] = {**merged.get(r["model"], {}), **r, "command": command}
         order = {form: i for i, form in enumerate(TAGS.values())}
         merged_rows = sorted(merged.values(), key=lambda r: (order.get(r["form"], 9), r["model"]))
-        payload = {"calibration": CALIBRATION, "machine": cpu_description(), "threads": threads,
+        variants = {v: dict(zip(("per_channel", "method", "activation_bits"), spec, strict=True))
+                    for v, spec in VARIANTS.items()}
+        payload = {"calibration": CALIBRATION, "variants": variants, "machine": cpu_description(), "threads": threads,
                    "onnxruntime": ort_version, "results": merged_rows}
         save_json_atomic(payload, RESULTS)
     return merged_rows
