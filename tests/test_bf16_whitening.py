@@ -128,3 +128,18 @@ def test_set_bf16_whitening_counts_and_switches_off() -> None:
     assert set_bf16_whitening(model) == 2 and all(m.bf16_whitening for m in model if isinstance(m, FastDeconv))
     assert set_bf16_whitening(model, False) == 2 and not any(getattr(m, "bf16_whitening", False) for m in model)
     assert "bf16_whitening" not in str(model.state_dict().keys())  # a plain attribute: checkpoints are unchanged
+
+
+def test_fast_mode_reuse_steps_take_the_mean_of_the_bf16_input_in_float32() -> None:
+    from ndeconv import set_fast_mode
+
+    plain, reduced = _twins(lambda: FastDeconv(64, 32, 3, padding=1))
+    for layer in (plain, reduced):
+        set_fast_mode(layer, 4)
+    for step in range(3):  # a refresh, then two steps that reuse the kept matrix
+        x = torch.randn(8, 64, 12, 12, generator=torch.Generator().manual_seed(step)).relu().bfloat16()
+        y_plain, dx_plain = _step(plain, x, autocast=True)
+        y, dx = _step(reduced, x, autocast=True)
+        assert rel(y, y_plain) < 1.5e-2 and rel(dx, dx_plain) < 1.5e-2
+        # The same batch means on both paths (float32 sums of the same bfloat16 values), up to summation order.
+        assert rel(reduced.running_mean, plain.running_mean) < 1e-6

@@ -107,13 +107,15 @@ class PatchSampler:
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of the sampled patches, differentiable, without the patch matrix: the batch summed once
         (every image is sampled at the same pixels), then one strided sum per kernel tap and channel (zero
-        padding adds nothing); in the block layout a feature also averages over its blocks."""
+        padding adds nothing); in the block layout a feature also averages over its blocks. A bfloat16 ``x`` is
+        summed in float32 (no float32 copy of the batch first)."""
         n, c = x.shape[:2]
+        dtype = torch.promote_types(x.dtype, torch.float32)
         if self.kernel == (1, 1):
             pixels = self._sampled_pixels(x)
-            sums, count = pixels.sum(0), pixels.shape[0]
+            sums, count = pixels.sum(0, dtype=dtype), pixels.shape[0]
         else:
-            image = x.sum(0)
+            image = x.sum(0, dtype=dtype)
             taps = {(a, b): image[:, rows, cols].sum((1, 2)) for a, b, _, _, rows, cols in self._tap_windows(x.shape)}
             outside = image.new_zeros(c)  # a tap that only ever reads padding
             kh, kw = self.kernel

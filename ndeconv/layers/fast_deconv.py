@@ -147,9 +147,11 @@ class FastDeconv(CachedEvalFold, _ConvNd):
             return False, None
         return False, kept
 
-    def _reused_statistics(self, x: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix."""
-        mean = patch_mean(x.to(kept.dtype), self._sampler())
+    def _reused_statistics(self, x: torch.Tensor, kept: torch.Tensor,
+                           reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix (``reduced``: the
+        mean of a bfloat16 ``x`` summed in float32, without a float32 copy of it)."""
+        mean = patch_mean(x.to(torch.bfloat16) if reduced else x.to(kept.dtype), self._sampler())
         ensure_finite(self._owner(), mean)
         if self.sync_stats:
             mean, _ = sync_statistics(mean, kept)
@@ -265,7 +267,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
             if self.training and not frozen:
                 view = self._statistics_input(x)
                 mean, deconv = (self._batch_statistics(view, reduced) if kept is None
-                                else self._reused_statistics(view, kept))
+                                else self._reused_statistics(view, kept, reduced))
                 if self.refresh_every > 1 and not replaying:
                     if kept is None:
                         self._fast_deconv = deconv.detach()
