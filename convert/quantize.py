@@ -239,18 +239,25 @@ def quantize_onnx(
     method: str = "minmax",
     force: bool = False,
     settings: Mapping[str, Any] | None = None,
+    activation_bits: int = 8,
 ) -> dict[str, Any]:
     """Quantize the float32 ONNX file at ``float_path`` statically into ``path`` (QDQ, int8 weights per output
     channel or per tensor, uint8 activations per tensor), with activation ranges calibrated by ``method`` on
     ``calibration`` (float32 N x C x H x W, preprocessed as the file is fed). The float file's metadata_props
     are kept; ``quantization`` (JSON) records the settings, with ``settings`` (what the caller knows of the
-    calibration data) added. Written atomically; returns the recorded settings."""
+    calibration data) added. Written atomically; returns the recorded settings.
+
+    ``activation_bits=16`` stores activations as uint16 instead (opset 21's 16-bit QuantizeLinear: onnxruntime
+    raises the file's opset), to measure what 8-bit activations cost; it is not an int8 file."""
     import onnxruntime
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     float_path, path = Path(float_path), check_output_path(path, force)
     calibrate = _method(method)
+    activation_types = {8: QuantType.QUInt8, 16: QuantType.QUInt16}
+    if activation_bits not in activation_types:
+        raise UsageError(f"activation_bits {activation_bits}: choose 8 or 16")
     calibration = np.asarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) == 0:
         raise UsageError(f"calibration data of shape {tuple(calibration.shape)}: give a float32 N x C x H x W batch")
@@ -258,7 +265,7 @@ def quantize_onnx(
     recorded = {
         "format": "QDQ",
         "weights": f"int8, symmetric, {'per output channel' if per_channel else 'per tensor'}",
-        "activations": "uint8, asymmetric, per tensor",
+        "activations": f"uint{activation_bits}, asymmetric, per tensor",
         "calibration": method,
         "calibration_images": len(calibration),
         **dict(settings or {}),
@@ -278,7 +285,7 @@ def quantize_onnx(
                 with contextlib.redirect_stdout(io.StringIO()):
                     quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration),
                                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    activation_type=activation_types[activation_bits], weight_type=QuantType.QInt8,
                                     calibrate_method=calibrate, extra_options=dict(_ROUND_OPTIONS))
             except Exception as err:  # noqa: BLE001 - onnxruntime's quantizer raises many types
                 raise NdeconvError(f"onnxruntime could not quantize {float_path}: {type(err).__name__}: {err}") from err

@@ -95,34 +95,16 @@ def layer_ranges(model: nn.Module, folded: nn.Module) -> list[dict]:
 
 
 def quantize_variant(float_path: Path, path: Path, images, variant: str) -> None:
-    """``float_path`` quantized as ``variant`` says, into ``path`` (8-bit activations: as ``ndeconv export --int8``)."""
+    """``float_path`` quantized as ``variant`` says, into ``path`` (8-bit activations: as ``ndeconv export --int8``,
+    checked as it checks)."""
     from ndeconv.convert.quantize import check_int8_graph, quantize_onnx
 
     per_channel, method, bits = VARIANTS[variant]
+    quantize_onnx(float_path, path, images, per_channel=per_channel, method=method, force=True, activation_bits=bits)
     if bits == 8:
-        quantize_onnx(float_path, path, images, per_channel=per_channel, method=method, force=True)
         check = check_int8_graph(path)
         if check.quantized_layers != check.weighted_layers:
             raise SystemExit(f"{path}: {check.quantized_layers} of {check.weighted_layers} layers hold int8 weights")
-        return
-    import contextlib
-    import io
-
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from ndeconv.convert.quantize import _ROUND_OPTIONS, _Reader
-
-    prepared = path.with_suffix(".prepared.onnx")
-    quant_pre_process(str(float_path), str(prepared), skip_optimization=True)
-    input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-    with contextlib.redirect_stdout(io.StringIO()):
-        # 16-bit QuantizeLinear is standard ONNX from opset 21: onnxruntime raises the file's opset (and warns).
-        quantize_static(str(prepared), str(path), _Reader(input_name, images), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options=dict(_ROUND_OPTIONS))
 
 
 def measure(name: str, tmp: Path, limit: int | None, threads: int | None = None,

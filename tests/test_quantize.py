@@ -244,3 +244,17 @@ def test_shipped_resnet18_keeps_its_top1_in_int8() -> None:
 def test_quantize_onnx_refuses_calibration_of_the_wrong_shape(tmp_path) -> None:
     with pytest.raises(UsageError, match=r"calibration data of shape \(4, 32, 32\): give a float32 N x C x H x W"):
         quantize_module.quantize_onnx(tmp_path / "f.onnx", tmp_path / "q.onnx", np.zeros((4, 32, 32), np.float32))
+
+
+def test_16_bit_activations_for_measuring_what_8_bit_ones_cost(tmp_path) -> None:
+    from ndeconv.convert.export import export_onnx
+
+    model = trained("resnet18_deconv", in_chans=1, num_classes=10)
+    float_path = export_onnx(model, tmp_path / "f.onnx", verify=False).path
+    images = np.random.default_rng(0).standard_normal((32, 1, 32, 32)).astype(np.float32)
+    with pytest.raises(UsageError, match="activation_bits 4: choose 8 or 16"):
+        quantize_module.quantize_onnx(float_path, tmp_path / "q4.onnx", images, activation_bits=4)
+    settings = quantize_module.quantize_onnx(float_path, tmp_path / "q16.onnx", images, activation_bits=16)
+    assert settings["activations"] == "uint16, asymmetric, per tensor"
+    session = ort.InferenceSession(str(tmp_path / "q16.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": images[:2]})[0].shape == (2, 10)

@@ -182,28 +182,22 @@ class FastDeconv(CachedEvalFold, _ConvNd):
     def folded_weight_bias(self, mean: torch.Tensor, deconv: torch.Tensor,
                            reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight ``w D`` and bias ``b - (w D) mu`` of the plain conv equivalent to this layer. ``reduced``: ``w D``
-        as a bfloat16 product, returned in bfloat16 (what the conv under bf16 autocast reads), the bias in float32."""
+        as a bfloat16 product, returned in bfloat16 (what the conv under bf16 autocast reads); the bias is summed in
+        ``mean``'s dtype either way."""
         out, nf = self.out_channels, self.num_features
-        if reduced:
-            blocks = self.in_channels // self.block
-            w = self.weight.to(torch.bfloat16).reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ \
-                deconv.to(torch.bfloat16)
-            shift = (w.to(mean.dtype) @ mean.unsqueeze(1)).view(out, -1).sum(1)
-            w = w.view(out, blocks, nf).transpose(1, 2).reshape(self.weight.shape)
-            bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
-            return _like(w, self.weight), bias
-        weight = self.weight.to(deconv.dtype)
+        product = torch.bfloat16 if reduced else deconv.dtype
+        weight, deconv = self.weight.to(product), deconv.to(product)
         if self.groups == 1:
             blocks = self.in_channels // self.block
             w = weight.reshape(out, nf, blocks).transpose(1, 2).reshape(-1, nf) @ deconv
-            shift = (w @ mean.unsqueeze(1)).view(out, -1).sum(1)
+            shift = (w.to(mean.dtype) @ mean.unsqueeze(1)).view(out, -1).sum(1)
             w = w.view(out, blocks, nf).transpose(1, 2).reshape(self.weight.shape)
         else:
             w = weight.reshape(self.groups, -1, nf) @ deconv
-            shift = (w @ mean.view(-1, nf, 1)).view(out)
+            shift = (w.to(mean.dtype) @ mean.view(-1, nf, 1)).view(out)
             w = w.reshape(self.weight.shape)
         bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
-        return _like(w.to(self.weight.dtype), self.weight), bias.to(self.weight.dtype)
+        return _like(w if reduced else w.to(self.weight.dtype), self.weight), bias.to(self.weight.dtype)
 
     # The plain convolution this layer folds into (FastDeconv1d: nn.Conv1d, FastDeconv3d: nn.Conv3d).
     plain_conv_type: type[nn.Conv2d] | type[nn.Conv1d] | type[nn.Conv3d] = nn.Conv2d
