@@ -2,7 +2,9 @@
 
 ``export_int8`` folds and exports the model in float32 (``export_onnx``), calibrates on training images (never test
 images) preprocessed as the file's metadata says, quantizes statically with ``onnxruntime.quantization`` in QDQ
-format (int8 weights, per output channel by default; uint8 activations, per tensor) and checks the result: the
+format (int8 weights, per output channel by default; uint8 activations, per tensor; by default, ``auto``, the
+activation ranges of minmax or of percentile calibration, whichever file agrees better with the float32 one on
+held-out training images) and checks the result: the
 graph holds only plain inference ops plus QuantizeLinear/DequantizeLinear, every conv/linear weight is stored as
 int8, onnxruntime runs it, and its test-set top-1 stands beside the float32 file's. The settings and the measured
 top-1 are written into the file's metadata_props beside the export's keys (``quantization``, ``int8_check``).
@@ -29,13 +31,24 @@ from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
 from ndeconv.io import atomic_write, check_output_path
-from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_OPSET, MIN_CALIBRATION_IMAGES
+from ndeconv.onnx_defaults import (
+    AUTO_CALIBRATION_METHODS,
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CALIBRATION_METHOD,
+    DEFAULT_OPSET,
+    DEFAULT_SELECTION_IMAGES,
+    MIN_CALIBRATION_IMAGES,
+)
 
 from .export import ALLOWED_OPS, _write_metadata, export_onnx, onnx_op_types, read_onnx_metadata
 
 __all__ = [
+    "AUTO_CALIBRATION_METHODS",
     "CALIBRATION_METHODS",
     "DEFAULT_CALIBRATION_IMAGES",
+    "DEFAULT_CALIBRATION_METHOD",
+    "DEFAULT_SELECTION_IMAGES",
     "INT8_METADATA_KEYS",
     "MIN_CALIBRATION_IMAGES",
     "Int8Check",
@@ -43,6 +56,7 @@ __all__ = [
     "calibration_images",
     "check_int8_graph",
     "export_int8",
+    "held_out_images",
     "onnx_top1",
     "quantize_onnx",
 ]
@@ -51,7 +65,9 @@ __all__ = [
 INT8_METADATA_KEYS: dict[str, str] = {
     "quantization": "the settings, JSON: format (QDQ), weights and activations (type, symmetry, scale granularity), "
                     "calibration (method), calibration_images, calibration_data (dataset and split), "
-                    "calibration_seed, onnxruntime (the quantizer's version)",
+                    "calibration_seed, onnxruntime (the quantizer's version); with --calibrate-method auto, "
+                    "calibration_choice: the rule, held_out_images and each candidate method's agreement with "
+                    "the float32 file (percent) and mean KL divergence from it on those images",
     "int8_check": "what verification measured, JSON (when verified): dataset, test_images, top1_float32 and "
                   "top1_int8 (percent, onnxruntime on the test split), runtime",
 }
@@ -86,14 +102,16 @@ class Int8ExportResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _method(name: str):  # noqa: ANN202 - onnxruntime's CalibrationMethod
+def _check_method(name: str) -> None:
+    if name not in CALIBRATION_METHODS:
+        raise UsageError(f"calibration method {name!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+
+
+def _ort_method(name: str):  # noqa: ANN202 - onnxruntime's CalibrationMethod
     from onnxruntime.quantization import CalibrationMethod
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if name not in methods:
-        raise UsageError(f"calibration method {name!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
-    return methods[name]
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
 
 
 def _preprocessed(images: Any, mean: list[float], std: list[float]) -> np.ndarray:
@@ -158,10 +176,45 @@ def calibration_images(
     preprocessed as a model of ``input_size`` (C, H, W) with ``mean``/``std`` is fed: float32 (count, C, H, W)."""
     _check_count(count)
     source = _image_source(dataset, "train", data_dir, list(input_size), crop_pct)
-    if count > len(source):
-        raise UsageError(f"{count} calibration images asked for but {dataset}'s training split has {len(source)}; "
-                         f"use at most {len(source)}")
-    chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return _drawn_images(source, dataset, 0, count, "calibration", input_size, mean, std, seed)
+
+
+def held_out_images(
+    dataset: str,
+    count: int | None = None,
+    *,
+    after: int,
+    input_size: tuple[int, int, int] | list[int],
+    mean: list[float],
+    std: list[float],
+    crop_pct: float = 1.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """``count`` training images of ``dataset`` that ``calibration_images(dataset, after, seed=seed)`` does not
+    hold (the next ``count`` of the same draw), preprocessed alike: what ``--calibrate-method auto`` chooses on.
+    ``None``: ``DEFAULT_SELECTION_IMAGES``, or as many as the split has left after the calibration images."""
+    if count is not None and count < 1:
+        raise UsageError(f"{count} held-out images: choose at least 1 (default {DEFAULT_SELECTION_IMAGES})")
+    source = _image_source(dataset, "train", data_dir, list(input_size), crop_pct)
+    if count is None:
+        count = min(DEFAULT_SELECTION_IMAGES, len(source) - after)
+        if count < 1:
+            raise UsageError(f"calibration method auto chooses on training images other than the {after} calibration "
+                             f"images, and {dataset}'s training split has {len(source)}: calibrate on fewer, or name "
+                             f"a method ({', '.join(AUTO_CALIBRATION_METHODS)})")
+    return _drawn_images(source, dataset, after, after + count, "calibration and held-out", input_size, mean, std,
+                         seed)
+
+
+def _drawn_images(source, dataset: str, start: int, stop: int, what: str,  # noqa: ANN001 - an ImageSource
+                  input_size: tuple[int, int, int] | list[int], mean: list[float], std: list[float],
+                  seed: int) -> np.ndarray:
+    """Images ``start:stop`` of the training split ``source`` in the order ``seed`` draws them."""
+    if stop > len(source):
+        raise UsageError(f"{stop} {what} images asked for but {dataset}'s training split has {len(source)}; "
+                         f"use at most {len(source)} in all")
+    chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[start:stop].sort().values
     return _preprocessed(_uint8_batch(source, chosen, int(input_size[0])), mean, std)
 
 
@@ -206,6 +259,10 @@ class _Reader:
 
 # One collection round per reader batch (the option's name says MinMax; quantize_static applies it to every method).
 _ROUND_OPTIONS = {"CalibStridedMinMax": 1}
+# A BatchNormalization left in the graph (one before a conv, which folding cannot fuse: DenseNet's, pre-activation
+# blocks') has a 1-D scale; onnxruntime's per-channel axis for it is 1, out of range, so it warned once per such
+# node and quantized the scale per tensor. Its channels are axis 0.
+_PER_CHANNEL_AXES = {"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}}
 
 
 def check_int8_graph(path: str | os.PathLike) -> Int8Check:
@@ -240,12 +297,18 @@ def quantize_onnx(
     force: bool = False,
     settings: Mapping[str, Any] | None = None,
     activation_bits: int = 8,
+    held_out: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Quantize the float32 ONNX file at ``float_path`` statically into ``path`` (QDQ, int8 weights per output
     channel or per tensor, uint8 activations per tensor), with activation ranges calibrated by ``method`` on
     ``calibration`` (float32 N x C x H x W, preprocessed as the file is fed). The float file's metadata_props
     are kept; ``quantization`` (JSON) records the settings, with ``settings`` (what the caller knows of the
     calibration data) added. Written atomically; returns the recorded settings.
+
+    ``method="auto"`` quantizes with each of ``AUTO_CALIBRATION_METHODS`` and keeps the file whose top-1 agrees
+    with the float32 file's on the most ``held_out`` images (float32 N x C x H x W, none of them calibration
+    images), ties going to the lower mean KL divergence from the float32 outputs; ``calibration`` records the
+    method kept and ``calibration_choice`` how each candidate scored.
 
     ``activation_bits=16`` stores activations as uint16 instead (opset 21's 16-bit QuantizeLinear: onnxruntime
     raises the file's opset), to measure what 8-bit activations cost; it is not an int8 file."""
@@ -254,13 +317,16 @@ def quantize_onnx(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     float_path, path = Path(float_path), check_output_path(path, force)
-    calibrate = _method(method)
+    _check_method(method)
+    if method == "auto":
+        if held_out is None:
+            raise UsageError("calibration method auto chooses on held-out images: pass held_out (float32 N x C x H "
+                             "x W training images that are not calibration images), or name a method")
+        held_out = _image_batch(held_out, "held-out")
     activation_types = {8: QuantType.QUInt8, 16: QuantType.QUInt16}
     if activation_bits not in activation_types:
         raise UsageError(f"activation_bits {activation_bits}: choose 8 or 16")
-    calibration = np.asarray(calibration, dtype=np.float32)
-    if calibration.ndim != 4 or len(calibration) == 0:
-        raise UsageError(f"calibration data of shape {tuple(calibration.shape)}: give a float32 N x C x H x W batch")
+    calibration = _image_batch(calibration, "calibration")
     metadata = read_onnx_metadata(float_path)
     recorded = {
         "format": "QDQ",
@@ -273,26 +339,88 @@ def quantize_onnx(
     }
     import onnx
 
+    def quantize(prepared: Path, quantized: Path, calibrate: str) -> None:
+        input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+        try:
+            # The histogram calibrators print a progress line per collection round on stdout, which is the
+            # command's own: not passed on (onnxruntime's warnings go through logging, to stderr).
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration),
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=activation_types[activation_bits], weight_type=QuantType.QInt8,
+                                calibrate_method=_ort_method(calibrate),
+                                extra_options={**_ROUND_OPTIONS, **_PER_CHANNEL_AXES})
+        except Exception as err:  # noqa: BLE001 - onnxruntime's quantizer raises many types
+            raise NdeconvError(f"onnxruntime could not quantize {float_path}: {type(err).__name__}: {err}") from err
+
     def write(quantized: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
             prepared = Path(work) / "prepared.onnx"
             # Shape inference only: onnxruntime's graph optimizations would bake its own fused ops into the file.
             quant_pre_process(str(float_path), str(prepared), skip_optimization=True)
-            input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-            try:
-                # The histogram calibrators print a progress line per collection round on stdout, which is the
-                # command's own: not passed on (onnxruntime's warnings go through logging, to stderr).
-                with contextlib.redirect_stdout(io.StringIO()):
-                    quantize_static(str(prepared), str(quantized), _Reader(input_name, calibration),
-                                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                                    activation_type=activation_types[activation_bits], weight_type=QuantType.QInt8,
-                                    calibrate_method=calibrate, extra_options=dict(_ROUND_OPTIONS))
-            except Exception as err:  # noqa: BLE001 - onnxruntime's quantizer raises many types
-                raise NdeconvError(f"onnxruntime could not quantize {float_path}: {type(err).__name__}: {err}") from err
+            if method != "auto":
+                quantize(prepared, quantized, method)
+            else:
+                reference = _onnx_outputs(float_path, held_out)
+                scores = {}
+                for candidate in AUTO_CALIBRATION_METHODS:
+                    quantize(prepared, Path(work) / f"{candidate}.onnx", candidate)
+                    scores[candidate] = _agreement(reference, _onnx_outputs(Path(work) / f"{candidate}.onnx",
+                                                                             held_out))
+                kept = max(AUTO_CALIBRATION_METHODS,  # the first listed on a full tie
+                           key=lambda m: (scores[m]["agreement"], -scores[m]["kl_divergence"]))
+                os.replace(Path(work) / f"{kept}.onnx", quantized)
+                recorded["calibration"] = kept
+                recorded["calibration_choice"] = {
+                    "rule": "auto: the candidate whose top-1 agrees with the float32 file's on the most held-out "
+                            "images (ties: the lower mean KL divergence from the float32 outputs)",
+                    "held_out_images": len(held_out),
+                    "candidates": {m: {"agreement": round(v["agreement"], 2),
+                                       "kl_divergence": float(f"{v['kl_divergence']:.4g}")} for m, v in scores.items()}}
         _write_metadata(quantized, {**metadata, "quantization": json.dumps(recorded)})
 
     atomic_write(path, write)
     return recorded
+
+
+def _image_batch(images: Any, what: str) -> np.ndarray:
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise UsageError(f"{what} data of shape {tuple(images.shape)}: give a float32 N x C x H x W batch")
+    return images
+
+
+def _onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The first output of the ONNX file at ``path`` on ``images``, through onnxruntime, as float64."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    step = shape[0] if isinstance(shape[0], int) else batch_size  # a static-batch file is fed its own batch
+    name = session.get_inputs()[0].name
+    outputs = []
+    for start in range(0, len(images), step):
+        x = images[start:start + step]
+        if len(x) < step and isinstance(shape[0], int):
+            x = np.concatenate([x, np.zeros((step - len(x), *x.shape[1:]), np.float32)])
+        outputs.append(session.run(None, {name: np.ascontiguousarray(x)})[0][: len(images) - start])
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _agreement(reference: np.ndarray, quantized: np.ndarray) -> dict[str, float]:
+    """How closely ``quantized`` logits follow the float32 ``reference``: top-1 agreement (percent of images) and
+    the mean KL divergence of the quantized softmax from the reference's."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(quantized)
+    kl = float((np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean())
+    agree = float((reference.argmax(1) == quantized.argmax(1)).mean() * 100)
+    return {"agreement": agree, "kl_divergence": kl}
 
 
 def onnx_top1(
@@ -340,7 +468,8 @@ def export_int8(
     calibrate_data: str,
     calibrate_images: int = DEFAULT_CALIBRATION_IMAGES,
     per_channel: bool = True,
-    method: str = "minmax",
+    method: str = DEFAULT_CALIBRATION_METHOD,
+    selection_images: int | None = None,
     data_dir: str | None = None,
     seed: int = 0,
     verify: bool = True,
@@ -354,14 +483,20 @@ def export_int8(
 ) -> Int8ExportResult:
     """Fold ``model``, export it in float32 (``export_onnx``, verified against PyTorch when ``verify``), quantize it
     with ``calibrate_images`` training images of ``calibrate_data`` (``quantize_onnx``) and write the int8 file
-    to ``path``. With ``verify``, the quantized graph is checked (``check_int8_graph``) and both files are scored
-    on the test split of ``calibrate_data`` (the first ``verify_images``, default all) before the file takes
-    ``path``'s place; the scores go into metadata_props['int8_check']. Nothing replaces ``path`` on failure."""
+    to ``path``; ``method="auto"`` chooses between ``AUTO_CALIBRATION_METHODS`` on the next ``selection_images``
+    training images of the same draw (``quantize_onnx``; default: ``DEFAULT_SELECTION_IMAGES`` or what the split
+    has left). With ``verify``, the quantized graph is checked
+    (``check_int8_graph``) and both files are scored on the test split of ``calibrate_data`` (the first
+    ``verify_images``, default all) before the file takes ``path``'s place; the scores go into
+    metadata_props['int8_check']. Nothing replaces ``path`` on failure."""
     from ndeconv.datasets import get_spec
 
     # Bad settings fail before the (long) export.
-    _method(method)
+    _check_method(method)
     _check_count(calibrate_images)
+    if method == "auto" and selection_images is not None and selection_images < 1:
+        raise UsageError(f"{selection_images} held-out images: calibration method auto needs at least 1 (default "
+                         f"{DEFAULT_SELECTION_IMAGES})")
     get_spec(calibrate_data)
     if verify_images is not None and verify_images < 1:
         raise UsageError(f"verify images must be >= 1, got {verify_images}; leave it out to score every test image")
@@ -374,11 +509,14 @@ def export_int8(
             exported = export_onnx(model, float_path, opset=opset, static_batch=static_batch, input_size=input_size,
                                    verify=verify, config=config, source=source)
             size, mean, std, crop_pct = _file_preprocessing(exported.metadata, path)
-            images = calibration_images(calibrate_data, calibrate_images, input_size=size, mean=mean, std=std,
-                                        crop_pct=crop_pct, data_dir=data_dir, seed=seed)
+            drawn = dict(input_size=size, mean=mean, std=std, crop_pct=crop_pct, data_dir=data_dir, seed=seed)
+            images = calibration_images(calibrate_data, calibrate_images, **drawn)
+            held_out = (held_out_images(calibrate_data, selection_images, after=calibrate_images, **drawn)
+                        if method == "auto" else None)
             result["settings"] = quantize_onnx(
                 float_path, int8_path, images, per_channel=per_channel, method=method, force=True,
-                settings={"calibration_data": f"{calibrate_data} train", "calibration_seed": seed})
+                settings={"calibration_data": f"{calibrate_data} train", "calibration_seed": seed},
+                held_out=held_out)
             check = result["check"] = check_int8_graph(int8_path)
             if verify:
                 check.dataset = calibrate_data

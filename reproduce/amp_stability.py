@@ -6,8 +6,15 @@ crop + flip as ``ndeconv train``) with its forward under ``torch.autocast`` in `
 the first step whose loss, or any running statistic afterwards, is not finite (``null``: none), the last loss,
 the largest magnitude of any running statistic, and the wall time. A deconvolution layer that meets a non-finite
 covariance refuses the batch (FloatingPointError): that counts as the step that failed.
+``--bf16-whitening`` also takes the whitening's heavy products in bf16 (``ndeconv.set_bf16_whitening``),
+``--channels-last`` trains in channels-last memory format, as ``ndeconv train`` does with those flags.
 
     python reproduce/amp_stability.py --steps 200 --batch 128     # -> reproduce/results/amp_stability.json
+    python reproduce/amp_stability.py --steps 200 --batch 128 --channels-last --bf16-whitening \
+        --out reproduce/results/amp_stability_bf16_whitening.json --resume
+
+Each network's record is written as soon as it is measured; ``--resume`` keeps the records already in ``--out``
+that were made with the same settings and measures only the networks they lack (a sweep of the ten takes hours).
 """
 
 from __future__ import annotations
@@ -47,20 +54,24 @@ def _statistics_finite(model: torch.nn.Module) -> tuple[bool, float]:
 
 
 def stability(arch: str, steps: int, batch: int, amp: torch.dtype, device: str = "cpu",
-              data_dir: str | None = None) -> dict:
+              data_dir: str | None = None, bf16_whitening: bool = False, channels_last: bool = False) -> dict:
     """Train ``arch`` for ``steps`` steps under autocast in ``amp``; the record described in the module docstring."""
     spec = get_spec("fashion_mnist")
     source = load_split("fashion_mnist", "train", data_dir)
     preprocess = Preprocess(spec.mean, spec.std, default_crop_padding(spec, 32))
     torch.manual_seed(0)
     model = timm.create_model(arch, in_chans=1, num_classes=10).to(device).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if bf16_whitening:
+        ndeconv.set_bf16_whitening(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     record: dict = {"arch": arch, "steps": steps, "batch": batch, "amp": str(amp).removeprefix("torch."),
                     "failed_at_step": None, "failure": None}
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(steps):
         idx = torch.arange(step * batch, (step + 1) * batch) % len(source)
-        x = preprocess(source.batch(idx), Preprocess.generator(0, 0, step, 0)).to(device)
+        x = preprocess(source.batch(idx), Preprocess.generator(0, 0, step, 0)).to(device, memory_format=memory_format)
         y = source.labels[idx].to(device)
         try:
             with torch.autocast(torch.device(device).type, dtype=amp):
@@ -90,17 +101,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--amp", choices=sorted(AMP), default="bf16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16-whitening", action="store_true", help="the whitening's heavy products in bf16 too")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--out", type=Path, default=ROOT / "reproduce" / "results" / "amp_stability.json")
+    p.add_argument("--resume", action="store_true", help="keep --out's records made with the same settings; measure "
+                   "only the networks they lack")
     args = p.parse_args(argv)
     from benchmarks._common import command_line, machine_info
     from ndeconv.io import save_json_atomic
 
-    rows = []
+    settings = {"steps": args.steps, "batch": args.batch, "amp": args.amp, "device": args.device,
+                "bf16_whitening": args.bf16_whitening, "channels_last": args.channels_last}
+    rows = resumed_rows(args.out, settings, args.arch) if args.resume else []
+    machines = [r.pop("machine", None) for r in rows]
+    done = {r["arch"] for r in rows}
     for arch in args.arch:
-        rows.append(stability(arch, args.steps, args.batch, AMP[args.amp], args.device))
+        if arch in done:
+            print(f"{arch}: kept from {args.out}", flush=True)
+            continue
+        rows.append(stability(arch, args.steps, args.batch, AMP[args.amp], args.device,
+                              bf16_whitening=args.bf16_whitening, channels_last=args.channels_last))
+        machines.append(machine_info()["cpu"])
         print(json.dumps(rows[-1]), flush=True)
-        save_json_atomic({"command": command_line(), "machine": machine_info(), "rows": rows}, args.out)
+        # Each row names the CPU it ran on: a resumed sweep may span machines.
+        save_json_atomic({"command": command_line(), "settings": settings, "machine": machine_info(),
+                          "rows": [{**r, "machine": m} for r, m in zip(rows, machines, strict=True)]}, args.out)
     return 0 if all(r["failed_at_step"] is None for r in rows) else 1
+
+
+def resumed_rows(out: Path, settings: dict, archs: list[str]) -> list[dict]:
+    """The records in ``out`` of networks in ``archs`` made with ``settings`` (none if it was made otherwise)."""
+    if not out.is_file():
+        return []
+    recorded = json.loads(out.read_text())
+    if recorded.get("settings") != settings:
+        raise SystemExit(f"{out} was made with other settings ({recorded.get('settings')}); give another --out or "
+                         "drop --resume to measure again")
+    return [r for r in recorded["rows"] if r["arch"] in archs]
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ with a deconvolution stem, ``fashion_mnist_stem``: every layer after the stem is
 it), as ``ndeconv export --int8`` makes it: fold, export float32, calibrate on 512 training images, quantize
 statically with onnxruntime (QDQ, uint8 activations), then score the float32 and int8 files with onnxruntime on the
 10,000 test images. The int8 variants (``VARIANTS``): int8 weights per tensor and per output channel with minmax
-calibration, per channel with percentile calibration, and, to tell weight from activation error apart, int8
-weights with 16-bit activations (opset 21's 16-bit QuantizeLinear; not what ``--int8`` writes). Beside the
-scores, each conv/linear layer's weight range, max |w| / std(w), before folding (the trained weights) and after
-(the weights the int8 file stores: whitening, or BatchNorm, folded in):
+calibration, per channel with percentile calibration, per channel with ``auto`` calibration (minmax or percentile,
+whichever agrees better with the float32 file on the 1,000 training images drawn after the calibration ones), and,
+to tell weight from activation error apart, int8 weights with 16-bit activations (opset 21's 16-bit
+QuantizeLinear; not what ``--int8`` writes). Beside the scores, each conv/linear layer's weight range,
+max |w| / std(w), before folding (the trained weights) and after (the weights the int8 file stores: whitening, or
+BatchNorm, folded in):
 
     python reproduce/int8.py                                       # every shipped model, docs block
-    python reproduce/int8.py --variants per_channel_percentile     # one variant more, into the recorded rows
+    python reproduce/int8.py --variants per_channel_auto           # one variant more, into the recorded rows
     python reproduce/int8.py --models resnet18_deconv.fashion_mnist --limit 1000 --no-docs   # a quick look
 
 Results go to ``reproduce/results/int8.json`` (a run of some models or variants adds to those recorded) and,
@@ -35,23 +37,29 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES  # noqa: E402
+from ndeconv.onnx_defaults import (  # noqa: E402
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_SELECTION_IMAGES,
+)
 from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "int8.json"
 TAGS = {"fashion_mnist": "deconvolution", "fashion_mnist_stem": "BatchNorm (deconvolution stem)"}
 # What ``ndeconv export --int8 --calibrate-data fashion_mnist`` uses by default (the method: each variant's own).
-CALIBRATION = dict(dataset="fashion_mnist", images=DEFAULT_CALIBRATION_IMAGES, method=CALIBRATION_METHODS[0], seed=0)
+CALIBRATION = dict(dataset="fashion_mnist", images=DEFAULT_CALIBRATION_IMAGES, method=CALIBRATION_METHODS[0], seed=0,
+                   held_out_images=DEFAULT_SELECTION_IMAGES)
 # Variant -> (weights per output channel, calibration method, activation bits), in the table's column order.
 VARIANTS: dict[str, tuple[bool, str, int]] = {
     "per_tensor": (False, "minmax", 8),
     "per_channel": (True, "minmax", 8),
     "per_channel_percentile": (True, "percentile", 8),
+    "per_channel_auto": (True, "auto", 8),
     "activations_16bit": (True, "minmax", 16),
 }
 HEADERS = {"per_tensor": "int8 per-tensor", "per_channel": "int8 per-channel",
-           "per_channel_percentile": "int8 per-channel, percentile", "activations_16bit": "int8 weights, 16-bit "
-           "activations"}
+           "per_channel_percentile": "int8 per-channel, percentile", "per_channel_auto": "int8 per-channel, auto",
+           "activations_16bit": "int8 weights, 16-bit activations"}
 
 
 def shipped_models() -> list[str]:
@@ -94,24 +102,26 @@ def layer_ranges(model: nn.Module, folded: nn.Module) -> list[dict]:
     return rows
 
 
-def quantize_variant(float_path: Path, path: Path, images, variant: str) -> None:
+def quantize_variant(float_path: Path, path: Path, images, held_out, variant: str) -> dict:  # noqa: ANN001 - arrays
     """``float_path`` quantized as ``variant`` says, into ``path`` (8-bit activations: as ``ndeconv export --int8``,
-    checked as it checks)."""
+    checked as it checks); returns the settings recorded in the file."""
     from ndeconv.convert.quantize import check_int8_graph, quantize_onnx
 
     per_channel, method, bits = VARIANTS[variant]
-    quantize_onnx(float_path, path, images, per_channel=per_channel, method=method, force=True, activation_bits=bits)
+    settings = quantize_onnx(float_path, path, images, per_channel=per_channel, method=method, force=True,
+                             activation_bits=bits, held_out=held_out if method == "auto" else None)
     if bits == 8:
         check = check_int8_graph(path)
         if check.quantized_layers != check.weighted_layers:
             raise SystemExit(f"{path}: {check.quantized_layers} of {check.weighted_layers} layers hold int8 weights")
+    return settings
 
 
 def measure(name: str, tmp: Path, limit: int | None, threads: int | None = None,
             variants: list[str] | None = None) -> dict:
     from ndeconv.convert import fold
     from ndeconv.convert.export import export_onnx, weights_config
-    from ndeconv.convert.quantize import calibration_images, onnx_top1
+    from ndeconv.convert.quantize import calibration_images, held_out_images, onnx_top1
     from ndeconv.loading import load_model
 
     started = time.monotonic()
@@ -124,19 +134,26 @@ def measure(name: str, tmp: Path, limit: int | None, threads: int | None = None,
         exported = export_onnx(model, tmp / f"{name}.onnx", force=True, verify=True, config=config,
                                source={"model": name})
     metadata = exported.metadata
-    images = calibration_images(CALIBRATION["dataset"], CALIBRATION["images"],
-                                input_size=json.loads(metadata["input_size"]), mean=json.loads(metadata["mean"]),
-                                std=json.loads(metadata["std"]), crop_pct=float(metadata["crop_pct"]),
-                                seed=CALIBRATION["seed"])
+    drawn = dict(input_size=json.loads(metadata["input_size"]), mean=json.loads(metadata["mean"]),
+                 std=json.loads(metadata["std"]), crop_pct=float(metadata["crop_pct"]), seed=CALIBRATION["seed"])
+    images = calibration_images(CALIBRATION["dataset"], CALIBRATION["images"], **drawn)
+    variants = variants or list(VARIANTS)
+    held_out = (held_out_images(CALIBRATION["dataset"], CALIBRATION["held_out_images"], after=CALIBRATION["images"],
+                                **drawn) if any(VARIANTS[v][1] == "auto" for v in variants) else None)
     top1, count = onnx_top1(exported.path, CALIBRATION["dataset"], count=limit, threads=threads)
     row = {"model": name, "form": TAGS[name.rsplit(".", 1)[1]], "test_images": count, "float32": round(top1, 2)}
-    for variant in variants or VARIANTS:
+    for variant in variants:
         path = tmp / f"{name}.{variant}.onnx"
-        quantize_variant(exported.path, path, images, variant)
+        settings = quantize_variant(exported.path, path, images, held_out, variant)
         score, _ = onnx_top1(path, CALIBRATION["dataset"], count=limit, threads=threads)
         row[f"int8_{variant}"] = round(score, 2)
         row[f"drop_{variant}"] = round(top1 - score, 2)
-        print(f"{name}: {HEADERS[variant]} {score:.2f}% (float32 {top1:.2f}%, {count} images)", flush=True)
+        kept = ""
+        if "calibration_choice" in settings:  # auto: which method it kept, and how each candidate agreed
+            row[f"calibration_{variant}"] = settings["calibration"]
+            row[f"choice_{variant}"] = settings["calibration_choice"]["candidates"]
+            kept = f", kept {settings['calibration']}"
+        print(f"{name}: {HEADERS[variant]} {score:.2f}% (float32 {top1:.2f}%, {count} images{kept})", flush=True)
     layers = layer_ranges(model, folded)
     after = [r["after"] for r in layers]
     before = [r["before"] for r in layers if "before" in r]
@@ -160,7 +177,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         before = (f"{r['range_before_median']:.1f}; {r['range_before_max']:.1f}" if r["range_before_max"] is not None
                   else "–")
-        scores = [f"{r[f'int8_{v}']:.2f}% ({0.0 - r[f'drop_{v}']:+.2f})" if f"int8_{v}" in r else "–" for v in HEADERS]
+        scores = [f"{r[f'int8_{v}']:.2f}% ({0.0 - r[f'drop_{v}']:+.2f}"
+                  + (f", {r[f'calibration_{v}']}" if f"calibration_{v}" in r else "") + ")"
+                  if f"int8_{v}" in r else "–" for v in HEADERS]
         lines.append(f"| {r['model']} | {r['form']} | {r['float32']:.2f}% | " + " | ".join(scores)
                      + f" | {before} → {r['range_after_median']:.1f}; {r['range_after_max']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -214,8 +233,11 @@ def record_rows(rows: list[dict], command: str, threads: int, ort_version: str) 
         fcntl.flock(lock, fcntl.LOCK_EX)
         recorded = json.loads(RESULTS.read_text())["results"] if RESULTS.is_file() else []
         merged = {r["model"]: r for r in recorded}
-        for r in rows:  # a run of some variants keeps the row's other variants
-            merged[r["model"]] = {**merged.get(r["model"], {}), **r, "command": command}
+        for r in rows:  # a run of some variants keeps the row's other variants, and the commands that made them
+            before = merged.get(r["model"], {})
+            commands = before.get("commands") or ([before["command"]] if "command" in before else [])
+            before.pop("command", None)
+            merged[r["model"]] = {**before, **r, "commands": [*(c for c in commands if c != command), command]}
         order = {form: i for i, form in enumerate(TAGS.values())}
         merged_rows = sorted(merged.values(), key=lambda r: (order.get(r["form"], 9), r["model"]))
         variants = {v: dict(zip(("per_channel", "method", "activation_bits"), spec, strict=True))

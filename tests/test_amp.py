@@ -58,6 +58,33 @@ def test_amp_stability_sweep_runs_and_reports_finite_training() -> None:
     record = stability("pnasnet_a_deconv", steps=1, batch=2, amp=torch.bfloat16)
     assert record["failed_at_step"] is None and record["last_loss"] is not None
     assert 0 < record["max_abs_statistic"] < float("inf")
+    record = stability("resnet18_deconv", steps=1, batch=2, amp=torch.bfloat16, bf16_whitening=True,
+                       channels_last=True)
+    assert record["failed_at_step"] is None and record["last_loss"] is not None
+
+
+def test_amp_stability_sweep_resumes_only_with_the_same_settings(tmp_path: Path, monkeypatch, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    import amp_stability
+
+    measured = []
+
+    def fake(arch, steps, batch, amp, device, **kwargs) -> dict:
+        measured.append(arch)
+        return {"arch": arch, "failed_at_step": None, "last_loss": 1.0}
+
+    monkeypatch.setattr(amp_stability, "stability", fake)
+    out = tmp_path / "sweep.json"
+    args = ["--steps", "3", "--batch", "4", "--out", str(out), "--arch"]
+    assert amp_stability.main([*args, "a", "b"]) == 0
+    assert amp_stability.main([*args, "a", "b", "c", "--resume"]) == 0
+    assert measured == ["a", "b", "c"]  # a and b kept from the first run
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arch"] for r in rows] == ["a", "b", "c"] and all(r["machine"] for r in rows)
+    assert amp_stability.main([*args, "a", "--resume"]) == 0 and measured == ["a", "b", "c"]
+    with pytest.raises(SystemExit, match="was made with other settings"):
+        amp_stability.main(["--steps", "4", "--batch", "4", "--out", str(out), "--arch", "a", "--resume"])
+    assert len(json.loads(out.read_text())["rows"]) == 3  # a resumed run that measures nothing writes nothing
 
 
 @pytest.mark.slow

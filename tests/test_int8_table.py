@@ -45,9 +45,12 @@ def test_table_shows_each_drop_and_range() -> None:
            "range_before_median": 4.38, "range_before_max": 5.35, "range_after_median": 4.35, "range_after_max": 5.57}
     line = int8.table([row]).splitlines()[-1]
     assert line == ("| resnet18_deconv.fashion_mnist | deconvolution | 92.60% | 92.45% (-0.15) | 92.63% (+0.03) "
-                    "| – | – | 4.4; 5.3 → 4.3; 5.6 |")  # variants not measured: a dash
+                    "| – | – | – | 4.4; 5.3 → 4.3; 5.6 |")  # variants not measured: a dash
     row.update(int8_activations_16bit=92.58, drop_activations_16bit=0.02)
-    assert "| 92.63% (+0.03) | – | 92.58% (-0.02) |" in int8.table([row])
+    assert "| 92.63% (+0.03) | – | – | 92.58% (-0.02) |" in int8.table([row])
+    # auto: the method it kept beside its score
+    row.update(int8_per_channel_auto=92.63, drop_per_channel_auto=-0.03, calibration_per_channel_auto="minmax")
+    assert "| 92.63% (+0.03) | – | 92.63% (+0.03, minmax) | 92.58% (-0.02) |" in int8.table([row])
 
 
 @pytest.mark.slow

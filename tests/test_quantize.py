@@ -18,10 +18,12 @@ from ndeconv.cli import main
 from ndeconv.convert import quantize as quantize_module
 from ndeconv.convert.export import read_onnx_metadata
 from ndeconv.convert.quantize import (
+    AUTO_CALIBRATION_METHODS,
     INT8_METADATA_KEYS,
     calibration_images,
     check_int8_graph,
     export_int8,
+    held_out_images,
     onnx_top1,
 )
 from ndeconv.datasets import FASHION_MNIST_DIR
@@ -102,7 +104,9 @@ def test_export_int8_writes_a_checked_int8_file_with_its_settings(tmp_path) -> N
     assert meta["folded"] == "true" and meta["input_size"] == "[1, 32, 32]"  # the export's keys are kept
     settings = json.loads(meta["quantization"])
     assert settings == result.settings
-    assert settings["format"] == "QDQ" and settings["calibration"] == "minmax"
+    # The default, auto: minmax or percentile, chosen on the 16 training images the calibration draw left.
+    assert settings["format"] == "QDQ" and settings["calibration"] in AUTO_CALIBRATION_METHODS
+    assert settings["calibration_choice"]["held_out_images"] == 16
     assert settings["calibration_images"] == 48 and settings["calibration_data"] == "fashion_mnist train"
     assert "per output channel" in settings["weights"] and settings["onnxruntime"] == ort.__version__
     scored = json.loads(meta["int8_check"])
@@ -187,6 +191,11 @@ def test_a_failed_quantization_keeps_the_existing_file(tmp_path, monkeypatch) ->
     (["--int8", "--calibrate-data", "fashion_mnist", "--verify-images", "10", "--no-verify"],
      "--verify-images sets how many test images --verify scores"),
     (["--int8", "--calibrate-data", "fashion_mnist", "--calibrate-method", "mse"], "invalid choice: 'mse'"),
+    (["--int8", "--calibrate-data", "fashion_mnist", "--calibrate-method", "minmax", "--held-out-images", "100"],
+     "--held-out-images sets what --calibrate-method auto chooses on: add --calibrate-method auto, or drop it"),
+    (["--int8", "--calibrate-data", "fashion_mnist", "--calibrate-method", "auto", "--held-out-images", "0"],
+     "--held-out-images 0: must be >= 1"),
+    (["--held-out-images", "100"], "--held-out-images is an int8 setting: add --int8, or drop it"),
 ])
 def test_cli_refuses_bad_int8_settings_in_one_line(tmp_path, capsys, args: list[str], message: str) -> None:
     out = tmp_path / "model.onnx"
@@ -210,11 +219,15 @@ def test_cli_int8_export_of_shipped_weights_then_eval(tmp_path, capsys) -> None:
     data = write_fashion(tmp_path / "data", train=96, test=40)
     out = tmp_path / "resnet18.int8.onnx"
     assert main(["export", "resnet18_deconv.fashion_mnist", "-o", str(out), "--int8", "--calibrate-data",
-                 "fashion_mnist", "--data-dir", str(data), "--calibrate-images", "64", "--per-tensor"]) == 0
+                 "fashion_mnist", "--data-dir", str(data), "--calibrate-images", "64", "--per-tensor",
+                 "--held-out-images", "32"]) == 0  # the default method, auto
     printed = capsys.readouterr().out
     assert f"wrote {out} (int8 QDQ" in printed
-    assert "weights int8, symmetric, per tensor; activations uint8, asymmetric, per tensor; calibrated by minmax on " \
-           "64 images of fashion_mnist train" in printed
+    kept = json.loads(read_onnx_metadata(out)["quantization"])["calibration"]
+    assert "weights int8, symmetric, per tensor; activations uint8, asymmetric, per tensor; calibrated by " \
+           f"{kept} on 64 images of fashion_mnist train" in printed
+    assert re.search(r"calibration method auto: agreement with the float32 file on 32 held-out training images: "
+                     rf"minmax \d+\.\d\d%, percentile \d+\.\d\d%; kept {kept}\n", printed)
     assert "21 of 21 conv/linear layers hold int8 weights" in printed
     assert re.search(r"onnxruntime top-1 on fashion_mnist test \(40 images\): float32 \d+\.\d\d%, int8 \d+\.\d\d% "
                      r"\([+-]\d+\.\d\d points\)", printed)
@@ -258,3 +271,144 @@ def test_16_bit_activations_for_measuring_what_8_bit_ones_cost(tmp_path) -> None
     assert settings["activations"] == "uint16, asymmetric, per tensor"
     session = ort.InferenceSession(str(tmp_path / "q16.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": images[:2]})[0].shape == (2, 10)
+
+
+def _rows(images: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in images}
+
+
+def test_held_out_images_are_the_next_ones_of_the_calibration_draw(tmp_path) -> None:
+    data = write_fashion(tmp_path / "data")
+    # Each training image told apart by its first pixel (the blobs may repeat).
+    images = np.zeros((64, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(64)
+    write_idx(data / "train-images-idx3-ubyte", images, gz=False)
+    drawn = dict(input_size=(1, 32, 32), mean=[0.0], std=[1.0], data_dir=str(data))
+    calibration = calibration_images("fashion_mnist", 32, **drawn)
+    held_out = held_out_images("fashion_mnist", 20, after=32, **drawn)
+    assert held_out.shape == (20, 1, 32, 32) and held_out.max() <= 99 / 255 + 1e-6  # training images
+    assert not _rows(calibration) & _rows(held_out)
+    assert _rows(calibration) | _rows(held_out) == _rows(calibration_images("fashion_mnist", 52, **drawn))
+    with pytest.raises(UsageError, match="65 calibration and held-out images asked for but fashion_mnist's training "
+                                         "split has 64; use at most 64 in all"):
+        held_out_images("fashion_mnist", 33, after=32, **drawn)
+
+
+def _agreement_of(reference_path: Path, path: Path, images: np.ndarray) -> float:
+    """Top-1 agreement (percent) of two ONNX files on ``images``, computed here with onnxruntime alone."""
+    def top1(p: Path) -> np.ndarray:
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+
+    return float((top1(reference_path).argmax(1) == top1(path).argmax(1)).mean() * 100)
+
+
+def test_auto_calibration_keeps_the_candidate_that_agrees_best_with_float32(tmp_path) -> None:
+    from ndeconv.convert.export import export_onnx
+
+    data = write_fashion(tmp_path / "data", train=128)
+    model = trained("resnet18_deconv", in_chans=1, num_classes=10)
+    path = tmp_path / "auto.onnx"
+    result = export_int8(model, path, calibrate_data="fashion_mnist", calibrate_images=48, method="auto",
+                         selection_images=64, data_dir=str(data), verify=False)
+    settings = json.loads(read_onnx_metadata(path)["quantization"])
+    assert settings == result.settings
+    choice = settings["calibration_choice"]
+    assert choice["held_out_images"] == 64 and list(choice["candidates"]) == list(AUTO_CALIBRATION_METHODS)
+    assert settings["calibration"] in AUTO_CALIBRATION_METHODS and settings["calibration_images"] == 48
+
+    # Each candidate made again by its own method on the same calibration images, and scored here on the same
+    # held-out images: the recorded agreements are theirs, and the file kept is the best one's.
+    float_path = export_onnx(model, tmp_path / "f.onnx", verify=False).path
+    drawn = dict(input_size=(1, 32, 32), mean=[0.0], std=[1.0], data_dir=str(data))
+    calibration = calibration_images("fashion_mnist", 48, **drawn)
+    held_out = held_out_images("fashion_mnist", 64, after=48, **drawn)
+    scores = {}
+    for method in AUTO_CALIBRATION_METHODS:
+        quantize_module.quantize_onnx(float_path, tmp_path / f"{method}.onnx", calibration, method=method)
+        scores[method] = _agreement_of(float_path, tmp_path / f"{method}.onnx", held_out)
+        assert choice["candidates"][method]["agreement"] == pytest.approx(scores[method])
+        assert choice["candidates"][method]["kl_divergence"] >= 0
+    assert scores[settings["calibration"]] == max(scores.values())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    kept = ort.InferenceSession(str(tmp_path / f"{settings['calibration']}.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"input": held_out})[0], kept.run(None, {"input": held_out})[0])
+
+
+@pytest.mark.parametrize(("scores", "kept"), [
+    ({"minmax": (97.0, 0.01), "percentile": (98.0, 0.02)}, "percentile"),  # more agreement wins
+    ({"minmax": (98.0, 0.02), "percentile": (98.0, 0.01)}, "percentile"),  # a tie: the lower KL divergence
+    ({"minmax": (98.0, 0.01), "percentile": (98.0, 0.01)}, "minmax"),  # a full tie: the first listed
+    ({"minmax": (99.0, 0.03), "percentile": (98.0, 0.01)}, "minmax"),
+])
+def test_auto_calibration_rule(tmp_path, monkeypatch, scores: dict, kept: str) -> None:
+    from ndeconv.convert.export import export_onnx
+
+    model = trained("resnet18_deconv", in_chans=1, num_classes=10)
+    float_path = export_onnx(model, tmp_path / "f.onnx", verify=False).path
+    images = np.random.default_rng(0).standard_normal((32, 1, 32, 32)).astype(np.float32)
+    script = iter(scores.values())
+
+    def scripted(reference, quantized) -> dict:
+        agreement, kl = next(script)
+        return {"agreement": agreement, "kl_divergence": kl}
+
+    monkeypatch.setattr(quantize_module, "_agreement", scripted)
+    settings = quantize_module.quantize_onnx(float_path, tmp_path / "q.onnx", images, method="auto",
+                                             held_out=images[:8])
+    assert settings["calibration"] == kept
+    assert settings["calibration_choice"]["candidates"] == {
+        m: {"agreement": a, "kl_divergence": k} for m, (a, k) in scores.items()}
+
+
+def test_auto_calibration_needs_held_out_images(tmp_path) -> None:
+    images = np.zeros((32, 1, 32, 32), np.float32)
+    with pytest.raises(UsageError, match="calibration method auto chooses on held-out images: pass held_out"):
+        quantize_module.quantize_onnx(tmp_path / "f.onnx", tmp_path / "q.onnx", images, method="auto")
+    with pytest.raises(UsageError, match=r"held-out data of shape \(8, 32, 32\)"):
+        quantize_module.quantize_onnx(tmp_path / "f.onnx", tmp_path / "q.onnx", images, method="auto",
+                                      held_out=images[:8, 0])
+    with pytest.raises(UsageError, match="0 held-out images: calibration method auto needs at least 1"):
+        export_int8(trained("resnet18_deconv", in_chans=1, num_classes=10), tmp_path / "m.onnx",
+                    calibrate_data="fashion_mnist", method="auto", selection_images=0)
+
+
+def test_auto_calibration_chooses_on_what_the_training_split_has_left(tmp_path) -> None:
+    data = write_fashion(tmp_path / "data")  # 64 training images
+    drawn = dict(input_size=(1, 32, 32), mean=[0.0], std=[1.0], data_dir=str(data))
+    assert held_out_images("fashion_mnist", after=48, **drawn).shape[0] == 16  # not the default 1,000
+    with pytest.raises(UsageError, match="calibration method auto chooses on training images other than the 64 "
+                                         "calibration images, and fashion_mnist's training split has 64: calibrate "
+                                         "on fewer, or name a method"):
+        held_out_images("fashion_mnist", after=64, **drawn)
+    model = trained("resnet18_deconv", in_chans=1, num_classes=10)
+    result = export_int8(model, tmp_path / "m.onnx", calibrate_data="fashion_mnist", calibrate_images=48,
+                         method="auto", data_dir=str(data), verify=False)
+    assert result.settings["calibration_choice"]["held_out_images"] == 16
+
+
+def test_a_batchnorm_left_in_the_graph_is_quantized_per_channel_without_warnings(tmp_path, caplog) -> None:
+    """A BatchNorm that folding cannot fuse (it follows a ReLU, not a conv) keeps a 1-D scale: quantized per channel
+    (onnxruntime's default axis for it, 1, is out of range: it warned per node and fell back to one scale)."""
+    import logging
+
+    import onnx
+    import torch
+    from torch import nn
+
+    from ndeconv.convert.export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),
+                          nn.Flatten(), nn.Linear(4 * 30 * 30, 10)).eval()
+    model[2].weight.data.uniform_(0.1, 3.0)
+    with pytest.warns(UserWarning, match="stay as per-channel affine layers"):
+        float_path = export_onnx(model, tmp_path / "f.onnx", verify=False, input_size=(1, 32, 32)).path
+    images = np.random.default_rng(0).standard_normal((32, 1, 32, 32)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        quantize_module.quantize_onnx(float_path, tmp_path / "q.onnx", images)
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    scale = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "2.weight_quantized")
+    assert {a.name: a.i for a in scale.attribute}.get("axis") == 0
+    initializer = next(t for t in graph.initializer if t.name == scale.input[1])
+    assert list(initializer.dims) == [4]  # one scale per channel

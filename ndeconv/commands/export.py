@@ -14,7 +14,15 @@ HELP = "fold a model and export it to ONNX (verified with onnxruntime)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ndeconv.onnx_defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_OPSET, REL_TOLERANCE
+    from ndeconv.onnx_defaults import (
+        AUTO_CALIBRATION_METHODS,
+        CALIBRATION_METHODS,
+        DEFAULT_CALIBRATION_IMAGES,
+        DEFAULT_CALIBRATION_METHOD,
+        DEFAULT_OPSET,
+        DEFAULT_SELECTION_IMAGES,
+        REL_TOLERANCE,
+    )
 
     p = subparsers.add_parser(
         "export",
@@ -49,7 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     int8.add_argument("--calibrate-images", type=int, metavar="N",
                       help=f"training images drawn for calibration (default: {DEFAULT_CALIBRATION_IMAGES})")
     int8.add_argument("--calibrate-method", choices=CALIBRATION_METHODS,
-                      help="how activation ranges are set (default: minmax)")
+                      help=f"how activation ranges are set (default: {DEFAULT_CALIBRATION_METHOD}); auto quantizes "
+                      f"with {' and '.join(AUTO_CALIBRATION_METHODS)} and keeps the file that agrees best with the "
+                      "float32 one on held-out training images")
+    int8.add_argument("--held-out-images", type=int, metavar="N",
+                      help="training images after the calibration ones that --calibrate-method auto chooses on "
+                      f"(default: {DEFAULT_SELECTION_IMAGES}, or as many as the training split has left)")
     int8.add_argument("--per-tensor", action="store_true",
                       help="one int8 scale per weight tensor (default: one per output channel)")
     int8.add_argument("--data-dir", metavar="DIR", help="folder with the dataset's files (default: its install path)")
@@ -141,15 +154,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-_INT8_ONLY = ("--calibrate-data", "--calibrate-images", "--calibrate-method", "--per-tensor", "--data-dir",
-              "--verify-images")
+_INT8_ONLY = ("--calibrate-data", "--calibrate-images", "--calibrate-method", "--held-out-images", "--per-tensor",
+              "--data-dir", "--verify-images")
 
 
 def _check_int8_arguments(args: argparse.Namespace) -> None:
     """Bad int8 settings fail in one line before any model is loaded."""
     from ndeconv.dataset_specs import get_spec
     from ndeconv.errors import UsageError
-    from ndeconv.onnx_defaults import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
+    from ndeconv.onnx_defaults import (
+        DEFAULT_CALIBRATION_IMAGES,
+        DEFAULT_CALIBRATION_METHOD,
+        DEFAULT_SELECTION_IMAGES,
+        MIN_CALIBRATION_IMAGES,
+    )
 
     given = [flag for flag in _INT8_ONLY if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
     if not args.int8:
@@ -163,6 +181,11 @@ def _check_int8_arguments(args: argparse.Namespace) -> None:
     if args.calibrate_images is not None and args.calibrate_images < MIN_CALIBRATION_IMAGES:
         raise UsageError(f"--calibrate-images {args.calibrate_images}: too few to set the activation ranges; use at "
                          f"least {MIN_CALIBRATION_IMAGES} (default {DEFAULT_CALIBRATION_IMAGES})")
+    if args.held_out_images is not None and (args.calibrate_method or DEFAULT_CALIBRATION_METHOD) != "auto":
+        raise UsageError("--held-out-images sets what --calibrate-method auto chooses on: add --calibrate-method auto, "
+                         "or drop it")
+    if args.held_out_images is not None and args.held_out_images < 1:
+        raise UsageError(f"--held-out-images {args.held_out_images}: must be >= 1 (default {DEFAULT_SELECTION_IMAGES})")
     if args.verify_images is not None and args.verify_images < 1:
         raise UsageError(f"--verify-images {args.verify_images}: must be >= 1; leave it out to score every test image")
     if args.verify_images is not None and not args.verify:
@@ -171,13 +194,14 @@ def _check_int8_arguments(args: argparse.Namespace) -> None:
 
 def _run_int8(args: argparse.Namespace, source, output, input_size) -> int:  # noqa: ANN001
     from ndeconv.convert import FoldWarning
-    from ndeconv.convert.quantize import DEFAULT_CALIBRATION_IMAGES, export_int8
+    from ndeconv.convert.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_CALIBRATION_METHOD, export_int8
 
     with warnings_to_stderr("export", FoldWarning):
         result = export_int8(
             source.model, output, calibrate_data=args.calibrate_data,
             calibrate_images=args.calibrate_images or DEFAULT_CALIBRATION_IMAGES,
-            per_channel=not args.per_tensor, method=args.calibrate_method or "minmax", data_dir=args.data_dir,
+            per_channel=not args.per_tensor, method=args.calibrate_method or DEFAULT_CALIBRATION_METHOD,
+            selection_images=args.held_out_images, data_dir=args.data_dir,
             verify=args.verify, verify_images=args.verify_images, opset=args.opset, static_batch=args.static_batch,
             input_size=input_size, force=True, config=_source_config(source), source=source.description)
     settings, check = result.settings, result.check
@@ -185,6 +209,11 @@ def _run_int8(args: argparse.Namespace, source, output, input_size) -> int:  # n
           f"{'static batch ' + str(args.static_batch) if args.static_batch else 'dynamic batch'})")
     print(f"quantization: weights {settings['weights']}; activations {settings['activations']}; calibrated by "
           f"{settings['calibration']} on {settings['calibration_images']} images of {settings['calibration_data']}")
+    if "calibration_choice" in settings:
+        choice = settings["calibration_choice"]
+        print(f"calibration method auto: agreement with the float32 file on {choice['held_out_images']} held-out "
+              "training images: " + ", ".join(f"{m} {s['agreement']:.2f}%" for m, s in choice["candidates"].items())
+              + f"; kept {settings['calibration']}")
     print(f"onnx.checker (full): ok; {check.quantized_layers} of {check.weighted_layers} conv/linear layers hold int8 "
           "weights; ops: " + ", ".join(f"{op} x{n}" for op, n in sorted(check.ops.items())))
     if check.top1_int8 is not None:
