@@ -323,6 +323,9 @@ def quantize_onnx(
             raise UsageError("calibration method auto chooses on held-out images: pass held_out (float32 N x C x H "
                              "x W training images that are not calibration images), or name a method")
         held_out = _image_batch(held_out, "held-out")
+    elif held_out is not None:
+        raise UsageError(f"held-out images are what calibration method auto chooses on; method {method!r} uses none: "
+                         "drop held_out or use method='auto'")
     activation_types = {8: QuantType.QUInt8, 16: QuantType.QUInt16}
     if activation_bits not in activation_types:
         raise UsageError(f"activation_bits {activation_bits}: choose 8 or 16")

@@ -367,6 +367,10 @@ def test_auto_calibration_needs_held_out_images(tmp_path) -> None:
     with pytest.raises(UsageError, match=r"held-out data of shape \(8, 32, 32\)"):
         quantize_module.quantize_onnx(tmp_path / "f.onnx", tmp_path / "q.onnx", images, method="auto",
                                       held_out=images[:8, 0])
+    with pytest.raises(UsageError, match="held-out images are what calibration method auto chooses on; method "
+                                         "'minmax' uses none"):
+        quantize_module.quantize_onnx(tmp_path / "f.onnx", tmp_path / "q.onnx", images, method="minmax",
+                                      held_out=images)
     with pytest.raises(UsageError, match="0 held-out images: calibration method auto needs at least 1"):
         export_int8(trained("resnet18_deconv", in_chans=1, num_classes=10), tmp_path / "m.onnx",
                     calibrate_data="fashion_mnist", method="auto", selection_images=0)
