@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def resumed_rows(out: Path, settings: dict, archs: list[str]) -> list[dict]:
-    """The records in ``out`` of networks in ``archs`` made with ``settings`` (none if it was made otherwise)."""
+    """The records in ``out`` of networks in ``archs`` (none without ``out``); an ``out`` made with other settings
+    than ``settings`` is refused, not mixed in."""
     if not out.is_file():
         return []
     recorded = json.loads(out.read_text())
