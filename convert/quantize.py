@@ -20,7 +20,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,23 +393,35 @@ def _image_batch(images: Any, what: str) -> np.ndarray:
     return images
 
 
-def _onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The first output of the ONNX file at ``path`` on ``images``, through onnxruntime, as float64."""
+def _onnx_runner(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], int | None]:
+    """A function running the ONNX file at ``path`` through onnxruntime on a float32 batch (its first output), and
+    the file's static batch size (None: dynamic). A static-batch file is fed its own batch: a shorter one is padded
+    with zeros, and only its own rows come back. ``threads``: onnxruntime's intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    shape = session.get_inputs()[0].shape
-    step = shape[0] if isinstance(shape[0], int) else batch_size  # a static-batch file is fed its own batch
+    batch = session.get_inputs()[0].shape[0]
+    static = batch if isinstance(batch, int) else None
     name = session.get_inputs()[0].name
-    outputs = []
-    for start in range(0, len(images), step):
-        x = images[start:start + step]
-        if len(x) < step and isinstance(shape[0], int):
-            x = np.concatenate([x, np.zeros((step - len(x), *x.shape[1:]), np.float32)])
-        outputs.append(session.run(None, {name: np.ascontiguousarray(x)})[0][: len(images) - start])
-    return np.concatenate(outputs).astype(np.float64)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        rows = len(x)
+        if static is not None and rows < static:
+            x = np.concatenate([x, np.zeros((static - rows, *x.shape[1:]), np.float32)])
+        return session.run(None, {name: np.ascontiguousarray(x)})[0][:rows]
+
+    return run, static
+
+
+def _onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The first output of the ONNX file at ``path`` on ``images``, through onnxruntime, as float64."""
+    run, static = _onnx_runner(path)
+    step = static or batch_size
+    return np.concatenate([run(images[i:i + step]) for i in range(0, len(images), step)]).astype(np.float64)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -438,28 +450,18 @@ def onnx_top1(
     """(top-1 in percent, images) of an exported classifier through onnxruntime on the first ``count`` (default:
     all) test images of ``dataset``, fed as the file's metadata_props say; ``threads``: onnxruntime's intra-op
     threads (default: its own choice)."""
-    import onnxruntime as ort
 
     path = Path(path)
     metadata = read_onnx_metadata(path)
     size, mean, std, crop_pct = _file_preprocessing(metadata, path)
     labels = json.loads(metadata["label_names"]) if "label_names" in metadata else None
     source = _image_source(dataset, "test", data_dir, size, crop_pct, labels).subset(count)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    shape = session.get_inputs()[0].shape
-    step = shape[0] if isinstance(shape[0], int) else batch_size  # a static-batch file is fed its own batch
-    name = session.get_inputs()[0].name
+    run, static = _onnx_runner(path, threads)
+    step = static or batch_size
     correct, total = 0, len(source)
     for start in range(0, total, step):
         stop = min(start + step, total)
-        x = _preprocessed(_uint8_batch(source, torch.arange(start, stop), size[0]), mean, std)
-        if len(x) < step and isinstance(shape[0], int):
-            x = np.concatenate([x, np.zeros((step - len(x), *x.shape[1:]), np.float32)])
-        logits = session.run(None, {name: x})[0][: stop - start]
+        logits = run(_preprocessed(_uint8_batch(source, torch.arange(start, stop), size[0]), mean, std))
         correct += int((logits.argmax(1) == source.labels[start:stop].numpy()).sum())
     return (100.0 * correct / total if total else 0.0), total
 

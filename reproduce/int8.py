@@ -235,9 +235,8 @@ def record_rows(rows: list[dict], command: str, threads: int, ort_version: str) 
         merged = {r["model"]: r for r in recorded}
         for r in rows:  # a run of some variants keeps the row's other variants, and the commands that made them
             before = merged.get(r["model"], {})
-            commands = before.get("commands") or ([before["command"]] if "command" in before else [])
-            before.pop("command", None)
-            merged[r["model"]] = {**before, **r, "commands": [*(c for c in commands if c != command), command]}
+            commands = [c for c in before.get("commands", []) if c != command]
+            merged[r["model"]] = {**before, **r, "commands": [*commands, command]}
         order = {form: i for i, form in enumerate(TAGS.values())}
         merged_rows = sorted(merged.values(), key=lambda r: (order.get(r["form"], 9), r["model"]))
         variants = {v: dict(zip(("per_channel", "method", "activation_bits"), spec, strict=True))

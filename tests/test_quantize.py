@@ -416,3 +416,19 @@ def test_a_batchnorm_left_in_the_graph_is_quantized_per_channel_without_warnings
     assert {a.name: a.i for a in scale.attribute}.get("axis") == 0
     initializer = next(t for t in graph.initializer if t.name == scale.input[1])
     assert list(initializer.dims) == [4]  # one scale per channel
+
+
+def test_a_static_batch_file_is_scored_on_every_image_with_its_own_batch(tmp_path) -> None:
+    """40 test images through a file of static batch 16: the last batch padded, only its own rows scored."""
+    from ndeconv.convert.export import export_onnx
+
+    data = write_fashion(tmp_path / "data")
+    model = trained("resnet18_deconv", in_chans=1, num_classes=10)
+    dynamic = export_onnx(model, tmp_path / "d.onnx", verify=False).path
+    static = export_onnx(model, tmp_path / "s.onnx", verify=False, static_batch=16).path
+    assert onnx_top1(static, "fashion_mnist", data_dir=str(data)) == onnx_top1(dynamic, "fashion_mnist",
+                                                                               data_dir=str(data))
+    images = np.random.default_rng(0).standard_normal((20, 1, 32, 32)).astype(np.float32)
+    out = quantize_module._onnx_outputs(static, images)
+    assert out.shape == (20, 10)
+    assert np.allclose(out, quantize_module._onnx_outputs(dynamic, images), atol=1e-4)
