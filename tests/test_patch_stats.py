@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ndeconv.layers import _patch_stats
 from ndeconv.layers._patch_stats import PatchSampler, patch_mean, patch_statistics, patch_statistics_reference
 
 CASES = [  # kernel, dilation, padding, sampling stride, channels per block, groups, input shape
@@ -88,3 +89,39 @@ def test_gradient_keeps_the_input_layout(kernel, dilation, padding, stride, bloc
         assert grad.is_contiguous(memory_format=fmt) and grad.stride() == xi.stride()
         grads.append(grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_patch_mean_of_a_bfloat16_input_sums_in_float32(kernel, dilation, padding, stride, block, groups, shape,
+                                                        layout, monkeypatch) -> None:
+    """Fast mode's mean of a bfloat16 batch (CPU bf16 autocast): summed in float32 a few rows at a time (a chunk of
+    7 elements here, so every case sums in several uneven partials), as exact as float32 allows, and its gradient is
+    the float64 one rounded to bfloat16, in the input's dtype."""
+    monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", 7)
+    torch.manual_seed(0)
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    x = torch.randn(*shape).to(torch.bfloat16).contiguous(memory_format=layout).requires_grad_()
+    exact = x.detach().double().requires_grad_()
+    want, _ = patch_statistics_reference(exact, sampler, 1e-5, groups)
+    probe = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad((want * probe).sum(), exact)
+    mean = patch_mean(x, sampler)
+    (grad,) = torch.autograd.grad((mean * probe.float()).sum(), x)
+    assert mean.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(mean.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), want_grad.to(torch.bfloat16).double(), rtol=8e-3, atol=1e-7)
+
+
+def test_column_sum_in_chunks_matches_one_sum(monkeypatch) -> None:
+    """``column_sum`` of a bfloat16 matrix in uneven chunks of rows: float32 sums, the float64 sum to float32
+    rounding; float64 stays float64 and exact to its own rounding."""
+    monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", 3 * 40)  # 3 rows per partial sum of 40 columns
+    torch.manual_seed(0)
+    matrix = torch.randn(50, 40).to(torch.bfloat16)
+    got = _patch_stats.column_sum(matrix)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), matrix.double().sum(0), rtol=1e-6, atol=1e-6)
+    wide = torch.randn(50, 40, dtype=torch.float64)
+    assert _patch_stats.column_sum(wide).dtype == torch.float64
+    torch.testing.assert_close(_patch_stats.column_sum(wide), wide.sum(0), rtol=1e-15, atol=1e-14)

@@ -186,3 +186,23 @@ def test_results_csv_is_timms_format_and_matches_the_shipped_cards() -> None:
     assert {r["model"] for r in rows} == shipped
     for r in rows:
         assert abs(float(r["top1"]) + float(r["top1_err"]) - 100) < 1e-6
+
+
+def test_bf16_whitening_table_reads_the_runs_and_keeps_recorded_rows_of_runs_not_here(tmp_path: Path) -> None:
+    import bf16_whitening
+
+    runs, fp32 = tmp_path / "bf16_whitening", tmp_path / "precision-check"
+    _run(runs / "resnet18-exact", 92.64)
+    _run(runs / "resnet18-fast8", 92.93)
+    _run(fp32, 92.65)
+    first = bf16_whitening.collect(runs, fp32, recorded={})
+    rows = {r["name"]: r for r in first["rows"]}
+    exact = first["float32_exact_top1"]
+    assert rows["bf16-whitening-exact"]["top1_minus_float32_exact"] == round(92.64 - exact, 2)
+    assert "test_top1" not in rows["fp32-whitening-exact"]  # no such run: speed only
+    assert all(r["nd_over_bn_train"] for r in first["rows"])  # every row's ratio from the committed benchmark
+    text = bf16_whitening.markdown(first)
+    assert f"| bf16 | fast, k=8 | 92.93 | {92.93 - exact:+.2f} |" in text
+    assert "| float32 | exact | not trained | – |" in text
+    later = bf16_whitening.collect(tmp_path / "elsewhere", tmp_path / "gone", recorded=rows)  # another machine
+    assert [r.get("test_top1") for r in later["rows"]] == [None, 92.65, 92.64, 92.93]

@@ -150,8 +150,9 @@ class FastDeconv(CachedEvalFold, _ConvNd):
     def _reused_statistics(self, x: torch.Tensor, kept: torch.Tensor,
                            reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast mode between refreshes: this batch's mean with the last refresh's whitening matrix (``reduced``: the
-        mean of a bfloat16 ``x`` summed in float32, without a float32 copy of it)."""
-        mean = patch_mean(x.to(torch.bfloat16) if reduced else x.to(kept.dtype), self._sampler())
+        mean of ``x`` rounded to bfloat16, as the bfloat16 statistics see it). A half-precision ``x`` is summed in
+        float32 (``kept``'s dtype) without a float32 copy of it."""
+        mean = patch_mean(x.to(torch.bfloat16) if reduced else x, self._sampler()).to(kept.dtype)
         ensure_finite(self._owner(), mean)
         if self.sync_stats:
             mean, _ = sync_statistics(mean, kept)

@@ -1,0 +1,94 @@
+"""bf16 whitening's cost, measured: Fashion-MNIST accuracy after one epoch against float32 exact, beside its speed.
+
+Reads the one-epoch ResNet-18 runs of ``reproduce/bf16_whitening.sh`` (``--runs``: resnet18-exact and
+resnet18-fast8, bf16 autocast with ``--bf16-whitening``), the same recipe under bf16 autocast with float32 whitening
+(``--fp32-whitening-fast8``: the converged queue's precision check, fast mode k=8), float32 exact's top-1 from
+``reproduce/results/fast_mode.json`` and the bf16 speed benchmark
+(``benchmarks/results/resnet18_b128_channels_last_bf16_whitening.json``), and regenerates from them:
+
+- ``reproduce/results/bf16_whitening.json``  every number below, with the run directories it came from
+- the table between the ``bf16-whitening`` markers (docs/layers.md)
+
+    python reproduce/bf16_whitening.py
+
+A run directory that is not on this machine keeps the row already recorded in the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paper_claim import ROOT, read_run  # noqa: E402
+from readme_block import write_results  # noqa: E402
+
+RUNS = Path.home() / ".cache" / "ndeconv" / "runs"
+SPEED = ROOT / "benchmarks" / "results" / "resnet18_b128_channels_last_bf16_whitening.json"
+FLOAT32_EXACT = ROOT / "reproduce" / "results" / "fast_mode.json"
+OUT = ROOT / "reproduce" / "results"
+
+# (row name, whitening precision, fast-mode k or 1, where the run lives, the speed benchmark's ratio key)
+ROWS = (
+    ("fp32-whitening-exact", "float32", 1, None, "nd_over_bn_train"),
+    ("fp32-whitening-fast8", "float32", 8, "fp32_fast8", "fast8_over_bn_train"),
+    ("bf16-whitening-exact", "bf16", 1, "resnet18-exact", "nd_bf16w_over_bn_train"),
+    ("bf16-whitening-fast8", "bf16", 8, "resnet18-fast8", "fast8_bf16w_over_bn_train"),
+)
+
+
+def collect(runs: Path, fp32_fast8: Path, recorded: dict[str, dict]) -> dict:
+    """Every row's numbers: top-1 of a finished run (or the recorded row where the run is not here), its
+    difference from float32 exact, and the ND/BN step ratio under bf16 autocast."""
+    float32 = json.loads(FLOAT32_EXACT.read_text())["rows"][0]
+    speed_file = json.loads(SPEED.read_text())
+    speed = speed_file["models"][0]
+    rows = []
+    for name, whitening, k, where, ratio in ROWS:
+        row = {"name": name, "whitening": whitening, "k": k, "nd_over_bn_train": speed.get(ratio)}
+        if where is not None:
+            run_dir = fp32_fast8 if where == "fp32_fast8" else runs / where
+            run = read_run(run_dir)
+            if run is None and name in recorded and "test_top1" in recorded[name]:
+                run = {key: recorded[name][key] for key in ("test_top1", "run_dir") if key in recorded[name]}
+            if run is not None and "test_top1" in run:
+                row.update(test_top1=run["test_top1"], run_dir=run["run_dir"].replace(str(Path.home()), "~"),
+                           top1_minus_float32_exact=round(run["test_top1"] - float32["test_top1"], 2))
+        rows.append(row)
+    return {"arch": "resnet18", "dataset": "fashion_mnist", "epochs": 1, "float32_exact_top1": float32["test_top1"],
+            "speed_command": speed_file["command"], "speed_cpu": speed_file["machine"]["cpu"], "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    exact = result["float32_exact_top1"]
+    lines = [f"| whitening under bf16 autocast | mode | test top-1 (1 epoch) | vs float32 exact ({exact:.2f}) "
+             "| ND/BN training step |",
+             "|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        mode = "exact" if r["k"] == 1 else f"fast, k={r['k']}"
+        top1 = f"{r['test_top1']:.2f}" if "test_top1" in r else "not trained"
+        diff = f"{r['top1_minus_float32_exact']:+.2f}" if "test_top1" in r else "–"
+        ratio = f"{r['nd_over_bn_train']:.2f}" if r.get("nd_over_bn_train") else "–"
+        lines.append(f"| {r['whitening']} | {mode} | {top1} | {diff} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=Path, default=RUNS / "bf16_whitening")
+    p.add_argument("--fp32-whitening-fast8", type=Path, default=RUNS / "converged" / "precision-check")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--readme", type=Path, default=None, help="the file holding the block (default: found by marker)")
+    args = p.parse_args(argv)
+    previous = args.out / "bf16_whitening.json"
+    recorded = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.is_file() else {}
+    result = collect(args.runs, args.fp32_whitening_fast8, recorded)
+    write_results("bf16-whitening", result, markdown(result), args.out, args.readme, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
