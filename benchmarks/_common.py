@@ -31,8 +31,12 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from ndeconv.runtime import native_amp_dtype
+
     return {
         "cpu": cpu,
+        # The CPU's name does not say which kind it is (an AMD EPYC comes with and without AVX512-BF16).
+        "native_bf16": native_amp_dtype("cpu") == torch.bfloat16,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

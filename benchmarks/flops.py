@@ -40,18 +40,52 @@ def _sampled_rows(m: FastDeconv, x: torch.Tensor) -> int:
     return n * grid[0] * grid[1] * blocks
 
 
-def _whitening_flops(n: int, d: int, matrices: int, weight_rows: int, split: bool) -> float:
+def _product_flops(n: int, d: int, matrices: int, weight_rows: int, split: bool) -> float:
+    """The whitening's products but the inverse square root's: Gram, its backward, the fold and its backward."""
     gram = (1.5 if split and d >= 256 else 2.0) * n * d * d
     backward = 2.0 * n * d * d
     fold = 3 * 2.0 * weight_rows * d * d
-    isqrt = 5 * 2.0 * d**3
-    return matrices * (gram + backward + isqrt) + fold
+    return matrices * (gram + backward) + fold
+
+
+def _isqrt_flops(d: int) -> float:
+    return 5 * 2.0 * d**3
+
+
+def whitening_layers(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """One record per whitening layer of a training step on ``x``: ``rows`` sampled, ``features`` (d), ``matrices``
+    (one per group), ``weight_rows`` of the fold, ``grouped`` (grouped convs whiten in float32 even with
+    ndeconv.set_bf16_whitening), and ``product_flops``: the whitening's products but the inverse square root's."""
+    model = copy.deepcopy(model).train()
+    split = x.device.type == "cpu"
+    layers: list[dict] = []
+
+    def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        inp = inputs[0]
+        if isinstance(m, FastDeconv):
+            n, d, matrices = _sampled_rows(m, inp), m.num_features, m.groups
+            rows = m.out_channels * (1 if m.groups > 1 else m.in_channels // m.block)
+            grouped = m.groups > 1
+        else:  # Delinear
+            d, matrices, grouped = m.block, 1, False
+            n = inp.shape[0] * (m.in_features // d)
+            rows = m.out_features * (m.in_features // d)
+        layers.append({"rows": n, "features": d, "matrices": matrices, "weight_rows": rows, "grouped": grouped,
+                       "product_flops": _product_flops(n, d, matrices, rows, split and isinstance(m, FastDeconv))})
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, FastDeconv | Delinear)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return layers
 
 
 def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """GFLOP of one training step on ``x``: ``conv`` (convs + linears), ``whitening`` (ND's addition)."""
     model = copy.deepcopy(model).train()
-    split = x.device.type == "cpu"
     totals = {"conv": 0.0, "whitening": 0.0}
 
     def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -60,15 +94,6 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
             totals["conv"] += 3 * _conv_flops(m, inp, out)
         elif isinstance(m, nn.Linear | Delinear):
             totals["conv"] += 3 * 2.0 * out.numel() * m.in_features
-        if isinstance(m, FastDeconv):
-            n, d = _sampled_rows(m, inp), m.num_features
-            matrices = m.groups  # one whitening matrix per group (1 for a plain conv)
-            rows = m.out_channels * (1 if m.groups > 1 else m.in_channels // m.block)
-            totals["whitening"] += _whitening_flops(n, d, matrices, rows, split)
-        elif isinstance(m, Delinear):
-            d = m.block
-            n = inp.shape[0] * (m.in_features // d)
-            totals["whitening"] += _whitening_flops(n, d, 1, m.out_features * (m.in_features // d), split=False)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, nn.Conv2d | nn.Linear | FastDeconv | Delinear)]
@@ -78,5 +103,7 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     finally:
         for h in handles:
             h.remove()
+    totals["whitening"] = sum(r["product_flops"] + r["matrices"] * _isqrt_flops(r["features"])
+                              for r in whitening_layers(model, x))
     return {"conv_gflop": round(totals["conv"] / 1e9, 2), "whitening_gflop": round(totals["whitening"] / 1e9, 2),
             "flop_ratio_nd_over_bn": round(1 + totals["whitening"] / max(totals["conv"], 1.0), 3)}

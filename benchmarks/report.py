@@ -1,5 +1,6 @@
 """Render the committed benchmark results (``benchmarks/results/*.json``) as the speed tables of docs/benchmarks.md
-and the bf16 sentence of docs/layers.md (wherever their markers are).
+(float32, and all ten under bf16 autocast against float32 on the same CPU) and the bf16 sentence of docs/layers.md
+(wherever their markers are).
 
 Every number comes from a results file, which records the command that made it:
 
@@ -179,6 +180,43 @@ def amp_speed_block(bf16: Path, fp32: Path) -> str:
             f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s.\n")
 
 
+BF16_ALL = RESULTS / "amp_bf16_all_archs.json"
+FP32_ALL = RESULTS / "amp_fp32_all_archs.json"
+
+
+def bf16_table(bf16: Path, fp32: Path) -> str:
+    """All ten under bf16 autocast against float32 on the same CPU (docs/benchmarks.md, bf16 block): the ND/BN
+    ratio with float32 and with bf16 whitening, the exact step's floor (benchmarks/floor.py) and the float32 ratio
+    the bf16-whitening one must not exceed."""
+    from benchmarks._models import ZOO_ARCHS
+
+    runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
+    rows = {k: {(r["arch"], r["batch"]): r for r in run["models"]} for k, run in runs.items()}
+    machines = {k: run["machine"] for k, run in runs.items()}
+    if machines["bf16"].get("cpu") != machines["fp32"].get("cpu"):
+        raise SystemExit(f"{bf16.name} and {fp32.name} ran on different CPUs ({machines['bf16'].get('cpu')}, "
+                         f"{machines['fp32'].get('cpu')}); measure both on one machine")
+    machine = machines["bf16"]
+    kind = "with native bf16" if machine.get("native_bf16") else "without native bf16"
+    lines = [f"All ten under bf16 autocast, channels-last, on {machine.get('cpu_count', '?')} cores of an "
+             f"{machine.get('cpu', 'unrecorded CPU')} {kind}; median of interleaved steps; `{runs['bf16']['command']}`"
+             f" and, in float32 on the same CPU, `{runs['fp32']['command']}`. Floor: the BN step plus the "
+             "whitening's products at the measured bf16 product rate (float32 for grouped layers) plus the inverse "
+             "square roots (benchmarks/floor.py). Target: the bf16-whitening ratio no higher than the float32 one.", "",
+             "| network | batch | BN step (bf16) | ND/BN, float32 whitening | ND/BN, bf16 whitening | floor | "
+             "ND/BN in float32 | met |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (arch, batch), row in sorted(rows["bf16"].items(), key=lambda kv: (ZOO_ARCHS.index(kv[0][0]), kv[0][1])):
+        fp32_row = rows["fp32"].get((arch, batch))
+        bf16w = row.get("nd_bf16w_over_bn_train")
+        reference = fp32_row["nd_over_bn_train"] if fp32_row else None
+        met = "–" if reference is None or bf16w is None else ("yes" if bf16w <= reference else "**no**")
+        cell = lambda v: f"{v:.2f}" if v is not None else "–"  # noqa: E731
+        lines.append(f"| {arch} | {batch} | {row['bn_train']['median_s']:.3f} s | {cell(row['nd_over_bn_train'])} | "
+                     f"**{cell(bf16w)}** | {cell(row.get('floor_over_bn_train'))} | {cell(reference)} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     from reproduce.readme_block import write_readme_block
@@ -186,6 +224,8 @@ def main() -> int:
     amp = [RESULTS / f"resnet18_b32_channels_last_{k}_quick.json" for k in ("bf16", "fp32")]
     if all(p.is_file() for p in amp):
         write_readme_block("amp-speed", amp_speed_block(*amp))
+    if BF16_ALL.is_file() and FP32_ALL.is_file():
+        write_readme_block("bench-bf16", bf16_table(BF16_ALL, FP32_ALL))
     parts = []
     for name, render in (("resnet18.json", training_table), ("inference.json", inference_table),
                          ("scaling.json", scaling_section)):

@@ -18,7 +18,9 @@ reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measur
 ``--memory`` measures each config's peak step memory in a fresh subprocess (ru_maxrss delta, see
 _common.peak_rss_probe). ``--profile`` adds torch.profiler's top ops of an ND step. Each model row
 also counts the step's arithmetic (benchmarks/flops.py): GFLOP of the convolutions and of the
-whitening, and the ND/BN ratio that arithmetic alone implies.
+whitening, and the ND/BN ratio that arithmetic alone implies; under ``--amp bf16`` also the exact step's floor
+(benchmarks/floor.py: the BN step plus the whitening's products at this CPU's measured product rate, in bf16 with
+``--bf16-whitening``, plus the inverse square roots, timed).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from torch import nn  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
 from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
-from benchmarks.flops import step_flops  # noqa: E402
+from benchmarks.floor import floor  # noqa: E402
+from benchmarks.flops import step_flops, whitening_layers  # noqa: E402
 from ndeconv import FastDeconv, keep_freed_memory, set_bf16_whitening, set_fast_mode  # noqa: E402
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,6 +158,8 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
             row["reference_nd_over_bn_train_median"] = ref.get(base)
             row["target_nd_over_bn_train"] = _target(arch, ref)
             row.update(step_flops(nets["nd"], x))  # conv vs whitening arithmetic (benchmarks/flops.py)
+            if args.amp == "bf16":  # the exact step's floor under bf16 (benchmarks/floor.py)
+                row.update(floor(row["bn_train"]["median_s"], whitening_layers(nets["nd"], x), args.bf16_whitening))
             if args.memory:
                 for form in ("nd", "bn"):
                     row[f"{form}_peak_step_mib"] = C.peak_rss_probe(

@@ -11,10 +11,12 @@ covariance refuses the batch (FloatingPointError): that counts as the step that 
 
     python reproduce/amp_stability.py --steps 200 --batch 128     # -> reproduce/results/amp_stability.json
     python reproduce/amp_stability.py --steps 200 --batch 128 --channels-last --bf16-whitening \
-        --out reproduce/results/amp_stability_bf16_whitening.json --resume
+        --out reproduce/results/amp_stability_bf16_whitening.json --resume --block amp-stability
 
 Each network's record is written as soon as it is measured; ``--resume`` keeps the records already in ``--out``
 that were made with the same settings and measures only the networks they lack (a sweep of the ten takes hours).
+``--block NAME`` also writes the table into the docs block of that name (docs/layers.md), at the start and after
+each network.
 """
 
 from __future__ import annotations
@@ -94,6 +96,24 @@ def stability(arch: str, steps: int, batch: int, amp: torch.dtype, device: str =
     return record
 
 
+def markdown(rows: list[dict], archs: list[str]) -> str:
+    """One line per network of ``archs``: the first failing step (or none), the last loss, the largest running
+    statistic, the wall time and the CPU; a network not measured yet is pending."""
+    lines = ["| network | steps | first non-finite step | last loss | largest running statistic | wall time | CPU |",
+             "|---|---:|---|---:|---:|---:|---|"]
+    by_arch = {r["arch"]: r for r in rows}
+    for arch in archs:
+        r = by_arch.get(arch)
+        if r is None:
+            lines.append(f"| {arch} | pending | – | – | – | – | – |")
+            continue
+        failed = "none" if r["failed_at_step"] is None else f"{r['failed_at_step']} ({r['failure']})"
+        loss = "–" if r.get("last_loss") is None else f"{r['last_loss']:.3f}"
+        lines.append(f"| {arch} | {r['steps']} | {failed} | {loss} | {r['max_abs_statistic']:.3g} | "
+                     f"{r['seconds'] / 60:.0f} min | {r.get('machine') or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="+", default=list(ZOO_ARCHS))
@@ -106,15 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "reproduce" / "results" / "amp_stability.json")
     p.add_argument("--resume", action="store_true", help="keep --out's records made with the same settings; measure "
                    "only the networks they lack")
+    p.add_argument("--block", help="also write the table into the README/docs block of this name after each network")
+    p.add_argument("--readme", type=Path, default=None, help="the file holding --block (default: found by marker)")
     args = p.parse_args(argv)
     from benchmarks._common import command_line, machine_info
     from ndeconv.io import save_json_atomic
+
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    from readme_block import write_readme_block
 
     settings = {"steps": args.steps, "batch": args.batch, "amp": args.amp, "device": args.device,
                 "bf16_whitening": args.bf16_whitening, "channels_last": args.channels_last}
     rows = resumed_rows(args.out, settings, args.arch) if args.resume else []
     machines = [r.pop("machine", None) for r in rows]
     done = {r["arch"] for r in rows}
+    if args.block:  # the kept records at once, the rest pending
+        write_readme_block(args.block, markdown([{**r, "machine": m} for r, m in zip(rows, machines, strict=True)],
+                                                args.arch), args.readme)
     for arch in args.arch:
         if arch in done:
             print(f"{arch}: kept from {args.out}", flush=True)
@@ -124,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         machines.append(machine_info()["cpu"])
         print(json.dumps(rows[-1]), flush=True)
         # Each row names the CPU it ran on: a resumed sweep may span machines.
+        recorded = [{**r, "machine": m} for r, m in zip(rows, machines, strict=True)]
         save_json_atomic({"command": command_line(), "settings": settings, "machine": machine_info(),
-                          "rows": [{**r, "machine": m} for r, m in zip(rows, machines, strict=True)]}, args.out)
+                          "rows": recorded}, args.out)
+        if args.block:
+            write_readme_block(args.block, markdown(recorded, args.arch), args.readme)
     return 0 if all(r["failed_at_step"] is None for r in rows) else 1
 
 

@@ -87,6 +87,28 @@ def test_amp_stability_sweep_resumes_only_with_the_same_settings(tmp_path: Path,
     assert len(json.loads(out.read_text())["rows"]) == 3  # a resumed run that measures nothing writes nothing
 
 
+def test_amp_stability_block_lists_every_network_and_marks_the_pending_ones(tmp_path: Path, monkeypatch) -> None:
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    import amp_stability
+
+    def fake(arch, steps, batch, amp, device, **kwargs) -> dict:
+        failed = 7 if arch == "b" else None
+        return {"arch": arch, "steps": steps, "failed_at_step": failed,
+                "failure": "non-finite loss" if failed else None, "last_loss": None if failed else 0.25,
+                "max_abs_statistic": 6.41, "seconds": 600.0}
+
+    monkeypatch.setattr(amp_stability, "stability", fake)
+    page = tmp_path / "page.md"
+    page.write_text("before\n<!-- sweep:start -->\n<!-- sweep:end -->\nafter\n")
+    out = tmp_path / "sweep.json"
+    assert amp_stability.main(["--steps", "3", "--batch", "4", "--out", str(out), "--arch", "a", "b",
+                               "--block", "sweep", "--readme", str(page)]) == 1  # b failed
+    text = page.read_text()
+    assert "| a | 3 | none | 0.250 | 6.41 | 10 min |" in text
+    assert "| b | 3 | 7 (non-finite loss) | – | 6.41 | 10 min |" in text
+    assert amp_stability.markdown([], ["a"]).endswith("| a | pending | – | – | – | – | – |\n")
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     from benchmarks.gpu_check import main

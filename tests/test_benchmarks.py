@@ -51,6 +51,35 @@ def test_channels_last_run_converts_both_forms(tmp_path: Path, monkeypatch: pyte
                              for p in convs)
 
 
+def test_floor_adds_the_whitening_products_at_their_precision_rate_and_the_inverse_square_roots(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 whitening: ungrouped layers' products at the bf16 rate, grouped ones' at float32's; one inverse square
+    root timed per (size, matrices) and counted per layer."""
+    from benchmarks import floor
+
+    rates = {torch.float32: 100.0, torch.bfloat16: 250.0}
+    timed = []
+    monkeypatch.setattr(floor, "product_rate", lambda dtype: rates[dtype])
+    monkeypatch.setattr(floor, "isqrt_seconds", lambda d, m: timed.append((d, m)) or d * m * 1e-4)
+    layers = [{"features": 576, "matrices": 1, "grouped": False, "product_flops": 50e9},
+              {"features": 576, "matrices": 1, "grouped": False, "product_flops": 25e9},
+              {"features": 9, "matrices": 32, "grouped": True, "product_flops": 1e9}]
+    got = floor.floor(2.0, layers, bf16_whitening=True)
+    assert sorted(timed) == [(9, 32), (576, 1)]
+    assert got["floor_products_s"] == round(75 / 250 + 1 / 100, 4)
+    assert got["floor_isqrt_s"] == round(2 * 576e-4 + 9 * 32e-4, 4)
+    assert got["floor_s"] == round(2.0 + got["floor_products_s"] + got["floor_isqrt_s"], 4)
+    assert got["floor_over_bn_train"] == round(got["floor_s"] / 2.0, 3)
+    assert floor.floor(2.0, layers, bf16_whitening=False)["floor_products_s"] == round(76 / 100, 4)
+
+
+def test_floor_times_the_real_kernels() -> None:
+    from benchmarks import floor
+
+    assert floor.product_rate(torch.float32, repeats=1) > 0
+    assert 0 < floor.isqrt_seconds(49, 4, repeats=1) < 5 and 0 < floor.isqrt_seconds(128, 1, repeats=1) < 5
+
+
 def _results(path: Path, channels_last: bool, nd: float, bn: float) -> Path:
     row = {"arch": "resnet18_deconv", "batch": 128, "nd_train": {"median_s": nd}, "bn_train": {"median_s": bn},
            "nd_over_bn_train": round(nd / bn, 3), "target_nd_over_bn_train": 1.5}
@@ -69,6 +98,31 @@ def test_report_keeps_channels_last_runs_out_of_the_nchw_table(tmp_path: Path) -
     assert "**2.00**" in table and "**3.00**" not in table
     (row,) = [line for line in report.channels_last_table([cl], [nchw]) if line.startswith("| resnet18")]
     assert "4.000 -> 3.000 s (-25%)" in row and "2.000 -> 1.000 s (-50%)" in row and "2.00 -> **3.00**" in row
+
+
+def _amp_results(path: Path, cpu: str, rows: list[dict]) -> Path:
+    models = [{"arch": arch, "batch": 128, "bn_train": {"median_s": bn}, **ratios} for arch, bn, ratios in rows]
+    path.write_text(json.dumps({"command": f"cmd {path.stem}", "models": models,
+                                "machine": {"cpu": cpu, "cpu_count": 2, "native_bf16": True}}))
+    return path
+
+
+def test_bf16_table_pairs_each_network_with_its_float32_ratio_on_the_same_cpu(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    bf16 = _amp_results(tmp_path / "bf16.json", "AMD EPYC", [
+        ("resnet18_deconv", 1.1, {"nd_over_bn_train": 2.7, "nd_bf16w_over_bn_train": 2.24,
+                                  "floor_over_bn_train": 1.9}),
+        ("vgg16_deconv", 0.6, {"nd_over_bn_train": 2.9, "nd_bf16w_over_bn_train": 2.5})])
+    fp32 = _amp_results(tmp_path / "fp32.json", "AMD EPYC", [
+        ("resnet18_deconv", 2.6, {"nd_over_bn_train": 1.73}), ("vgg16_deconv", 1.2, {"nd_over_bn_train": 2.6})])
+    table = report.bf16_table(bf16, fp32)
+    assert "| resnet18_deconv | 128 | 1.100 s | 2.70 | **2.24** | 1.90 | 1.73 | **no** |" in table
+    assert "| vgg16_deconv | 128 | 0.600 s | 2.90 | **2.50** | – | 2.60 | yes |" in table
+    assert table.index("resnet18_deconv") < table.index("vgg16_deconv") and "with native bf16" in table
+    other = _amp_results(tmp_path / "other.json", "Intel Xeon", [("resnet18_deconv", 2.0, {"nd_over_bn_train": 1.8})])
+    with pytest.raises(SystemExit, match="different CPUs"):
+        report.bf16_table(bf16, other)
 
 
 @pytest.mark.slow  # two ResNet-18s built and folded (about 50 s on two shared cores)

@@ -51,11 +51,11 @@ class _ColumnSum(torch.autograd.Function):
     def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.rows, ctx.dtype = matrix.shape[0], matrix.dtype
         dtype = torch.promote_types(matrix.dtype, torch.float32)
-        # torch's sum over the rows of a large reduced-precision matrix into float32 runs at 1-2 GB/s (11 ms for a
-        # (128, 64*32*32) bfloat16 batch, ResNet-18's first stage); a few rows at a time, partial sums added in
-        # float32, it takes 1-5 ms.
+        # On a CPU, torch's sum over the rows of a large reduced-precision matrix into float32 runs at 1-2 GB/s
+        # (11 ms for a (128, 64*32*32) bfloat16 batch, ResNet-18's first stage); a few rows at a time, partial sums
+        # added in float32, it takes 1-5 ms.
         rows = max(1, COLUMN_SUM_CHUNK // max(matrix.shape[1], 1))
-        if matrix.dtype == dtype or rows >= matrix.shape[0]:
+        if matrix.dtype == dtype or rows >= matrix.shape[0] or matrix.device.type != "cpu":
             return matrix.sum(0, dtype=dtype)
         out = matrix[:rows].sum(0, dtype=dtype)
         for start in range(rows, matrix.shape[0], rows):
