@@ -30,7 +30,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("features", [70, 300])  # 300: the upper block triangle by products, mirrored
+@pytest.mark.parametrize("features", [130, 300])  # 300: the upper block triangle by products, mirrored
 def test_reduced_gram_sums_rounded_partials_in_float32(features: int) -> None:
     torch.manual_seed(0)
     rows = torch.randn(1300, features).bfloat16()
@@ -44,6 +44,17 @@ def test_reduced_gram_sums_rounded_partials_in_float32(features: int) -> None:
     bound = 0.5 * sum(p.abs() for p in partials) * 2 ** -7
     assert ((gram.double() - (0.5 * exact + 2.0 * eye)).abs() <= bound + 1e-6).all()
     assert rel(gram, 0.5 * exact + 2.0 * eye) < 2 ** -8
+
+
+def test_reduced_gram_of_few_features_is_one_float32_product() -> None:
+    """Below REDUCED_GRAM_MIN_FEATURES the rows are multiplied in float32: exact to float32 rounding, no bfloat16
+    partials."""
+    torch.manual_seed(0)
+    rows = torch.randn(3000, 64).bfloat16()
+    want = 0.5 * rows.double().mT @ rows.double() + 2.0 * torch.eye(64, dtype=torch.float64)
+    gram = reduced_gram(rows, 0.5, 2.0, chunk=512)
+    assert gram.dtype == torch.float32
+    assert rel(gram, want) < 1e-6  # bfloat16 partials would be off by about 2**-9
 
 
 @pytest.mark.parametrize("kernel,padding,stride,block,shape", CASES)

@@ -304,13 +304,20 @@ def symmetric_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
 # 1e-3 with one product, 2.5-5e-4 with 512-row partials, 2-3e-4 for float32 sums of exact products) while
 # products of 512 rows still run at about twice the float32 rate (benchmarks/precision.py, docs/layers.md).
 REDUCED_GRAM_ROWS = 512
+# Below this many features a Gram product is too small for bfloat16 to pay: the chunks' many small products cost
+# more than one float32 product of the rows (measured: 7.9 against 0.9 ms at 16 features, 2.8 against 2.1 at 64,
+# 2.7 against 3.5 at 144; MobileNetV2's and EfficientNet-B0's 1x1 layers trained slower with bf16 whitening).
+REDUCED_GRAM_MIN_FEATURES = 128
 
 
 def reduced_gram(rows: torch.Tensor, alpha: float, beta: float, chunk: int = REDUCED_GRAM_ROWS) -> torch.Tensor:
     """``alpha * X^T X + beta * I`` in float32 for bfloat16 rows ``X`` (n, d). A CPU bfloat16 product returns
     bfloat16 (torch has no float32-output one on CPU), so the product is taken over ``chunk`` rows at a time and
-    the rounded partial Grams are summed in float32."""
+    the rounded partial Grams are summed in float32; below ``REDUCED_GRAM_MIN_FEATURES`` features, one float32
+    product of the rows."""
     d = rows.shape[1]
+    if d < REDUCED_GRAM_MIN_FEATURES:
+        return symmetric_gram(rows.float(), alpha, beta)
     out = torch.zeros(d, d, dtype=torch.float32, device=rows.device)
     h = d // 2 if d >= 256 else d  # as symmetric_gram: the upper block triangle by products, mirrored below
     for start in range(0, rows.shape[0], chunk):
