@@ -52,48 +52,32 @@ def _isqrt_flops(d: int) -> float:
     return 5 * 2.0 * d**3
 
 
-def whitening_layers(model: nn.Module, x: torch.Tensor) -> list[dict]:
-    """One record per whitening layer of a training step on ``x``: ``rows`` sampled, ``features`` (d), ``matrices``
-    (one per group), ``weight_rows`` of the fold, ``grouped`` (grouped convs whiten in float32 even with
-    ndeconv.set_bf16_whitening), and ``product_flops``: the whitening's products but the inverse square root's."""
+def _trace(model: nn.Module, x: torch.Tensor) -> tuple[float, list[dict]]:
+    """One forward pass of a training-mode copy of ``model`` on ``x``: FLOP of the convolutions and linears (forward,
+    input and weight gradient), and one ``whitening_layers`` record per whitening layer."""
     model = copy.deepcopy(model).train()
     split = x.device.type == "cpu"
+    conv = 0.0
     layers: list[dict] = []
 
     def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal conv
         inp = inputs[0]
+        if isinstance(m, nn.Conv2d | FastDeconv):
+            conv += 3 * _conv_flops(m, inp, out)
+        else:  # nn.Linear | Delinear
+            conv += 3 * 2.0 * out.numel() * m.in_features
         if isinstance(m, FastDeconv):
             n, d, matrices = _sampled_rows(m, inp), m.num_features, m.groups
             rows = m.out_channels * (1 if m.groups > 1 else m.in_channels // m.block)
-            grouped = m.groups > 1
-        else:  # Delinear
-            d, matrices, grouped = m.block, 1, False
+        elif isinstance(m, Delinear):
+            d, matrices = m.block, 1
             n = inp.shape[0] * (m.in_features // d)
             rows = m.out_features * (m.in_features // d)
-        layers.append({"rows": n, "features": d, "matrices": matrices, "weight_rows": rows, "grouped": grouped,
+        else:
+            return
+        layers.append({"rows": n, "features": d, "matrices": matrices, "weight_rows": rows, "grouped": matrices > 1,
                        "product_flops": _product_flops(n, d, matrices, rows, split and isinstance(m, FastDeconv))})
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, FastDeconv | Delinear)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return layers
-
-
-def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """GFLOP of one training step on ``x``: ``conv`` (convs + linears), ``whitening`` (ND's addition)."""
-    model = copy.deepcopy(model).train()
-    totals = {"conv": 0.0, "whitening": 0.0}
-
-    def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        inp = inputs[0]
-        if isinstance(m, nn.Conv2d | FastDeconv):
-            totals["conv"] += 3 * _conv_flops(m, inp, out)
-        elif isinstance(m, nn.Linear | Delinear):
-            totals["conv"] += 3 * 2.0 * out.numel() * m.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, nn.Conv2d | nn.Linear | FastDeconv | Delinear)]
@@ -103,7 +87,19 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     finally:
         for h in handles:
             h.remove()
-    totals["whitening"] = sum(r["product_flops"] + r["matrices"] * _isqrt_flops(r["features"])
-                              for r in whitening_layers(model, x))
-    return {"conv_gflop": round(totals["conv"] / 1e9, 2), "whitening_gflop": round(totals["whitening"] / 1e9, 2),
-            "flop_ratio_nd_over_bn": round(1 + totals["whitening"] / max(totals["conv"], 1.0), 3)}
+    return conv, layers
+
+
+def whitening_layers(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """One record per whitening layer of a training step on ``x``: ``rows`` sampled, ``features`` (d), ``matrices``
+    (one per group), ``weight_rows`` of the fold, ``grouped`` (grouped convs whiten in float32 even with
+    ndeconv.set_bf16_whitening), and ``product_flops``: the whitening's products but the inverse square root's."""
+    return _trace(model, x)[1]
+
+
+def step_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """GFLOP of one training step on ``x``: ``conv`` (convs + linears), ``whitening`` (ND's addition)."""
+    conv, layers = _trace(model, x)
+    whitening = sum(r["product_flops"] + r["matrices"] * _isqrt_flops(r["features"]) for r in layers)
+    return {"conv_gflop": round(conv / 1e9, 2), "whitening_gflop": round(whitening / 1e9, 2),
+            "flop_ratio_nd_over_bn": round(1 + whitening / max(conv, 1.0), 3)}

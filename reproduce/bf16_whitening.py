@@ -8,6 +8,7 @@ resnet18-fast8, bf16 autocast with ``--bf16-whitening``), the same recipe under 
 
 - ``reproduce/results/bf16_whitening.json``  every number below, with the run directories it came from
 - the table between the ``bf16-whitening`` markers (docs/layers.md)
+- the sentence between the ``bf16-summary`` markers (README.md)
 
     python reproduce/bf16_whitening.py
 
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_claim import ROOT, read_run  # noqa: E402
-from readme_block import write_results  # noqa: E402
+from readme_block import write_readme_block, write_results  # noqa: E402
 
 RUNS = Path.home() / ".cache" / "ndeconv" / "runs"
 SPEED = ROOT / "benchmarks" / "results" / "resnet18_b128_channels_last_bf16_whitening.json"
@@ -76,17 +77,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(result: dict) -> str:
+    """The README's sentence: bf16 whitening's ND/BN ratios and one-epoch top-1, exact and fast."""
+    rows = {r["name"]: r for r in result["rows"]}
+    exact, fast = rows["bf16-whitening-exact"], rows["bf16-whitening-fast8"]
+    top1 = (f", with one-epoch top-1 of {exact['test_top1']:.2f}% (exact) and {fast['test_top1']:.2f}% (fast) against "
+            f"float32 exact's {result['float32_exact_top1']:.2f}%" if "test_top1" in exact and "test_top1" in fast
+            else "")
+    return (f"On a CPU that computes bf16 natively, `--amp bf16 --bf16-whitening` trains it at "
+            f"{exact['nd_over_bn_train']:.2f}x a bf16 BatchNorm step, {fast['nd_over_bn_train']:.2f}x in fast mode"
+            f"{top1} ([docs/layers.md](docs/layers.md#mixed-precision)).\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=Path, default=RUNS / "bf16_whitening")
     p.add_argument("--fp32-whitening-fast8", type=Path, default=RUNS / "converged" / "precision-check")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--readme", type=Path, default=None, help="the file holding the block (default: found by marker)")
+    p.add_argument("--readme", type=Path, default=None, help="the file holding the table (default: found by marker)")
+    p.add_argument("--summary-readme", type=Path, default=None,
+                   help="the file holding the one-sentence summary (default: found by marker)")
     args = p.parse_args(argv)
     previous = args.out / "bf16_whitening.json"
     recorded = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.is_file() else {}
     result = collect(args.runs, args.fp32_whitening_fast8, recorded)
     write_results("bf16-whitening", result, markdown(result), args.out, args.readme, argv)
+    write_readme_block("bf16-summary", summary(result), args.summary_readme)
     return 0
 
 

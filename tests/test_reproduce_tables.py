@@ -204,5 +204,10 @@ def test_bf16_whitening_table_reads_the_runs_and_keeps_recorded_rows_of_runs_not
     text = bf16_whitening.markdown(first)
     assert f"| bf16 | fast, k=8 | 92.93 | {92.93 - exact:+.2f} |" in text
     assert "| float32 | exact | not trained | – |" in text
+    sentence = bf16_whitening.summary(first)
+    speed = {r["name"]: r["nd_over_bn_train"] for r in first["rows"]}
+    assert f"at {speed['bf16-whitening-exact']:.2f}x a bf16 BatchNorm step, " in sentence
+    assert f"{speed['bf16-whitening-fast8']:.2f}x in fast mode" in sentence
+    assert "92.64% (exact) and 92.93% (fast)" in sentence
     later = bf16_whitening.collect(tmp_path / "elsewhere", tmp_path / "gone", recorded=rows)  # another machine
     assert [r.get("test_top1") for r in later["rows"]] == [None, 92.65, 92.64, 92.93]
