@@ -202,18 +202,21 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
              f"{machine.get('cpu', 'unrecorded CPU')} {kind}; median of interleaved steps; `{runs['bf16']['command']}`"
              f" and, in float32 on the same CPU, `{runs['fp32']['command']}`. Floor: the BN step plus the "
              "whitening's products at the measured bf16 product rate (float32 for grouped layers) plus the inverse "
-             "square roots (benchmarks/floor.py). Target: the bf16-whitening ratio no higher than the float32 one.", "",
+             "square roots (benchmarks/floor.py), which are also shown alone, in BN steps. Target: the "
+             "bf16-whitening ratio no higher than the float32 one.", "",
              "| network | batch | BN step (bf16) | ND/BN, float32 whitening | ND/BN, bf16 whitening | floor | "
-             "ND/BN in float32 | met |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "of which inverse square roots | ND/BN in float32 | met |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (arch, batch), row in sorted(rows["bf16"].items(), key=lambda kv: (ZOO_ARCHS.index(kv[0][0]), kv[0][1])):
         fp32_row = rows["fp32"].get((arch, batch))
         bf16w = row.get("nd_bf16w_over_bn_train")
         reference = fp32_row["nd_over_bn_train"] if fp32_row else None
         met = "–" if reference is None or bf16w is None else ("yes" if bf16w <= reference else "**no**")
         cell = lambda v: f"{v:.2f}" if v is not None else "–"  # noqa: E731
-        lines.append(f"| {arch} | {batch} | {row['bn_train']['median_s']:.3f} s | {cell(row['nd_over_bn_train'])} | "
-                     f"**{cell(bf16w)}** | {cell(row.get('floor_over_bn_train'))} | {cell(reference)} | {met} |")
+        bn = row["bn_train"]["median_s"]
+        isqrt = row["floor_isqrt_s"] / bn if "floor_isqrt_s" in row else None  # in BN steps, as the ratios
+        lines.append(f"| {arch} | {batch} | {bn:.3f} s | {cell(row['nd_over_bn_train'])} | **{cell(bf16w)}** | "
+                     f"{cell(row.get('floor_over_bn_train'))} | {cell(isqrt)} | {cell(reference)} | {met} |")
     return "\n".join(lines) + "\n"
 
 

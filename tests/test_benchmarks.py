@@ -112,13 +112,13 @@ def test_bf16_table_pairs_each_network_with_its_float32_ratio_on_the_same_cpu(tm
 
     bf16 = _amp_results(tmp_path / "bf16.json", "AMD EPYC", [
         ("resnet18_deconv", 1.1, {"nd_over_bn_train": 2.7, "nd_bf16w_over_bn_train": 2.24,
-                                  "floor_over_bn_train": 1.9}),
+                                  "floor_over_bn_train": 1.9, "floor_isqrt_s": 0.44}),
         ("vgg16_deconv", 0.6, {"nd_over_bn_train": 2.9, "nd_bf16w_over_bn_train": 2.5})])
     fp32 = _amp_results(tmp_path / "fp32.json", "AMD EPYC", [
         ("resnet18_deconv", 2.6, {"nd_over_bn_train": 1.73}), ("vgg16_deconv", 1.2, {"nd_over_bn_train": 2.6})])
     table = report.bf16_table(bf16, fp32)
-    assert "| resnet18_deconv | 128 | 1.100 s | 2.70 | **2.24** | 1.90 | 1.73 | **no** |" in table
-    assert "| vgg16_deconv | 128 | 0.600 s | 2.90 | **2.50** | – | 2.60 | yes |" in table
+    assert "| resnet18_deconv | 128 | 1.100 s | 2.70 | **2.24** | 1.90 | 0.40 | 1.73 | **no** |" in table
+    assert "| vgg16_deconv | 128 | 0.600 s | 2.90 | **2.50** | – | – | 2.60 | yes |" in table
     assert table.index("resnet18_deconv") < table.index("vgg16_deconv") and "with native bf16" in table
     other = _amp_results(tmp_path / "other.json", "Intel Xeon", [("resnet18_deconv", 2.0, {"nd_over_bn_train": 1.8})])
     with pytest.raises(SystemExit, match="different CPUs"):
@@ -169,3 +169,20 @@ def test_inference_quick_run_times_the_int8_files(tmp_path: Path) -> None:
     assert onnx_rows and all(s["nd_folded_int8_over_float32"] > 0 and s["bn_fused_int8_over_float32"] > 0
                              for s in onnx_rows)
     assert result["environment"]["cpu"] and isinstance(result["environment"]["cpu_flags"], list)
+
+
+def test_isqrt_benchmark_measures_every_method_against_float64(tmp_path: Path) -> None:
+    from benchmarks import isqrt
+
+    cov = isqrt.covariance(32)
+    eigenvalues = torch.linalg.eigvalsh(cov)
+    assert torch.allclose(cov, cov.T) and eigenvalues.min() > isqrt.EPS / 2 and eigenvalues.max() < 1 + 2 * isqrt.EPS
+    row = isqrt.measure(32, repeats=1)
+    assert set(row) == {"features", *isqrt.METHODS}
+    for method in ("eigh", "eigh_batched", "matmul"):  # float32 evaluations of one polynomial
+        assert row[method]["output_error"] < 1e-4 and row[method]["grad_error"] < 1e-4, method
+    assert 1e-4 < row["matmul_bf16"]["output_error"] < 0.1  # bf16 products: measurably worse, still the function
+    assert all(row[m]["ms"] > 0 for m in isqrt.METHODS)
+    table = isqrt.table({"command": "python benchmarks/isqrt.py", "results": [row],
+                         "machine": {"cpu": "AMD EPYC", "native_bf16": True, "torch_threads": 2}})
+    assert "| 32 | " in table and "with native bf16" in table and table.count("\n| 32 |") == 1
