@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ndeconv import FastDeconv, FastDeconv1d, set_bf16_whitening
+from ndeconv.layers import _patch_stats
 from ndeconv.layers._patch_stats import (
     PatchSampler,
     patch_statistics_reference,
@@ -58,7 +59,12 @@ def test_reduced_gram_of_few_features_is_one_float32_product() -> None:
 
 
 @pytest.mark.parametrize("kernel,padding,stride,block,shape", CASES)
-def test_reduced_statistics_match_the_plain_formula_on_the_rounded_input(kernel, padding, stride, block, shape) -> None:
+@pytest.mark.parametrize("chunk", [1 << 20, 100], ids=["one-sum", "chunked"])
+def test_reduced_statistics_match_the_plain_formula_on_the_rounded_input(kernel, padding, stride, block, shape, chunk,
+                                                                         monkeypatch) -> None:
+    """Against float64 on the same bfloat16 input; ``chunk`` elements per partial sum of the mean and per widened add
+    of the mean's gradient (the defaults take small inputs in one piece)."""
+    monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", chunk)
     torch.manual_seed(0)
     sampler = PatchSampler(kernel, (1, 1), padding, stride, kernel[0] * kernel[1] * block, False)
     x = torch.randn(*shape).relu().bfloat16()

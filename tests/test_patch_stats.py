@@ -125,3 +125,17 @@ def test_column_sum_in_chunks_matches_one_sum(monkeypatch) -> None:
     wide = torch.randn(50, 40, dtype=torch.float64)
     assert _patch_stats.column_sum(wide).dtype == torch.float64
     torch.testing.assert_close(_patch_stats.column_sum(wide), wide.sum(0), rtol=1e-15, atol=1e-14)
+
+
+def test_add_row_in_chunks_gives_the_bits_of_one_add(monkeypatch) -> None:
+    """``add_row_`` of a float32 row to a bfloat16 matrix, widened a few rows at a time (uneven chunks here): bit for
+    bit what ``matrix.add_(row)`` gives; same-dtype adds are that add."""
+    monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", 3 * 40)
+    torch.manual_seed(0)
+    matrix, row = torch.randn(50, 40).to(torch.bfloat16), torch.randn(40) * 1e-2
+    want = matrix.clone().add_(row)
+    got = matrix.clone()
+    assert _patch_stats.add_row_(got, row) is got and got.dtype == torch.bfloat16
+    assert torch.equal(got, want) and not torch.equal(got, matrix)
+    wide = torch.randn(50, 40, dtype=torch.float64)
+    torch.testing.assert_close(_patch_stats.add_row_(wide.clone(), row.double()), wide + row.double(), rtol=0, atol=0)
