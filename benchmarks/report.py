@@ -1,6 +1,6 @@
 """Render the committed benchmark results (``benchmarks/results/*.json``) as the speed tables of docs/benchmarks.md
-(float32, and all ten under bf16 autocast against float32 on the same CPU) and the bf16 sentence of docs/layers.md
-(wherever their markers are).
+(float32, and all ten under bf16 autocast against float32 on the same CPU), the bf16 sentence of docs/layers.md and
+the README's speed sentence (wherever their markers are).
 
 Every number comes from a results file, which records the command that made it:
 
@@ -180,6 +180,20 @@ def amp_speed_block(bf16: Path, fp32: Path) -> str:
             f"{fastest['bf16', 'nd']:.1f} s against {fastest['fp32', 'nd']:.1f} s.\n")
 
 
+def speed_summary(training: Path, inference: Path) -> str:
+    """The README's float32 speed sentence: ResNet-18's training-step ratios (exact and fast mode k=8) from the
+    training run, and the folded network's inference time against the fused BatchNorm one from the inference run."""
+    data = json.loads(training.read_text())
+    row = next(r for r in data["models"] if r["arch"] == "resnet18_deconv")
+    folded = [s["nd_folded_over_bn_fused"] for s in json.loads(inference.read_text())["summary"]
+              if s["arch"] == "resnet18_deconv" and "nd_folded_over_bn_fused" in s]
+    fast = f", {row['fast8_over_bn_train']:.2f}x in fast mode k=8" if "fast8_over_bn_train" in row else ""
+    spread = f"{min(folded):.2f}-{max(folded):.2f}x" if min(folded) != max(folded) else f"{folded[0]:.2f}x"
+    return (f"Speed: in exact mode a ResNet-18 training step costs {row['nd_over_bn_train']:.2f}x its BatchNorm "
+            f"twin's on {data['machine'].get('torch_threads', '?')} CPU cores{fast}; folded for inference it takes "
+            f"{spread} the fused BatchNorm network's time ([docs/benchmarks.md](docs/benchmarks.md)).\n")
+
+
 BF16_ALL = RESULTS / "amp_bf16_all_archs.json"
 FP32_ALL = RESULTS / "amp_fp32_all_archs.json"
 
@@ -227,6 +241,8 @@ def main() -> int:
     amp = [RESULTS / f"resnet18_b32_channels_last_{k}_quick.json" for k in ("bf16", "fp32")]
     if all(p.is_file() for p in amp):
         write_readme_block("amp-speed", amp_speed_block(*amp))
+    if (RESULTS / "resnet18.json").is_file() and (RESULTS / "inference.json").is_file():
+        write_readme_block("speed-summary", speed_summary(RESULTS / "resnet18.json", RESULTS / "inference.json"))
     if BF16_ALL.is_file() and FP32_ALL.is_file():
         write_readme_block("bench-bf16", bf16_table(BF16_ALL, FP32_ALL))
     parts = []

@@ -125,6 +125,23 @@ def test_bf16_table_pairs_each_network_with_its_float32_ratio_on_the_same_cpu(tm
         report.bf16_table(bf16, other)
 
 
+
+def test_speed_summary_reads_both_results_files(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    training = tmp_path / "resnet18.json"
+    training.write_text(json.dumps({"machine": {"torch_threads": 2}, "models": [
+        {"arch": "resnet18_deconv", "nd_over_bn_train": 1.854, "fast8_over_bn_train": 1.152}]}))
+    inference = tmp_path / "inference.json"
+    inference.write_text(json.dumps({"summary": [
+        {"arch": "resnet18_deconv", "nd_folded_over_bn_fused": 0.982},
+        {"arch": "resnet18_deconv", "nd_folded_over_bn_fused": 1.008, "nd_folded_int8_over_float32": 0.3},
+        {"arch": "mobilenetv2_deconv", "nd_folded_over_bn_fused": 1.2}, {"arch": "resnet18_deconv"}]}))
+    sentence = report.speed_summary(training, inference)
+    assert sentence.startswith("Speed: in exact mode a ResNet-18 training step costs 1.85x its BatchNorm twin's on 2 "
+                               "CPU cores, 1.15x in fast mode k=8; folded for inference it takes 0.98-1.01x the fused")
+
+
 @pytest.mark.slow  # two ResNet-18s built and folded (about 50 s on two shared cores)
 def test_inference_benchmark_times_the_batchnorm_twin_fused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``bn_fused`` is the BatchNorm network with its BatchNorms fused into the convs (fold fuses them only when
