@@ -62,8 +62,8 @@ def test_reduced_gram_of_few_features_is_one_float32_product() -> None:
 @pytest.mark.parametrize("chunk", [1 << 20, 100], ids=["one-sum", "chunked"])
 def test_reduced_statistics_match_the_plain_formula_on_the_rounded_input(kernel, padding, stride, block, shape, chunk,
                                                                          monkeypatch) -> None:
-    """Against float64 on the same bfloat16 input; ``chunk`` elements per partial sum of the mean and per widened add
-    of the mean's gradient (the defaults take small inputs in one piece)."""
+    """Against float64 on the same bfloat16 input; ``chunk`` elements per widened add of the mean's gradient to the
+    rows' (the default takes small inputs in one piece)."""
     monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", chunk)
     torch.manual_seed(0)
     sampler = PatchSampler(kernel, (1, 1), padding, stride, kernel[0] * kernel[1] * block, False)

@@ -44,22 +44,8 @@ COLUMN_SUM_CHUNK = 1 << 20
 
 
 def _chunk_rows(matrix: torch.Tensor) -> int:
+    """Rows per piece of a chunked pass over ``matrix`` (``COLUMN_SUM_CHUNK`` elements)."""
     return max(1, COLUMN_SUM_CHUNK // max(matrix.shape[1], 1))
-
-
-def _column_sum(matrix: torch.Tensor) -> torch.Tensor:
-    """``column_sum`` without autograd."""
-    dtype = torch.promote_types(matrix.dtype, torch.float32)
-    # On a CPU, torch's sum over the rows of a large reduced-precision matrix into float32 runs at 1-2 GB/s
-    # (11 ms for a (128, 64*32*32) bfloat16 batch, ResNet-18's first stage); a few rows at a time, partial sums
-    # added in float32, it takes 1-5 ms.
-    rows = _chunk_rows(matrix)
-    if matrix.dtype == dtype or rows >= matrix.shape[0] or matrix.device.type != "cpu":
-        return matrix.sum(0, dtype=dtype)
-    out = matrix[:rows].sum(0, dtype=dtype)
-    for start in range(rows, matrix.shape[0], rows):
-        out.add_(matrix[start:start + rows].sum(0, dtype=dtype))
-    return out
 
 
 def add_row_(matrix: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -84,7 +70,17 @@ class _ColumnSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.rows, ctx.dtype = matrix.shape[0], matrix.dtype
-        return _column_sum(matrix)
+        dtype = torch.promote_types(matrix.dtype, torch.float32)
+        # On a CPU, torch's sum over the rows of a large reduced-precision matrix into float32 runs at 1-2 GB/s
+        # (11 ms for a (128, 64*32*32) bfloat16 batch, ResNet-18's first stage); a few rows at a time, partial sums
+        # added in float32, it takes 1-5 ms.
+        rows = _chunk_rows(matrix)
+        if matrix.dtype == dtype or rows >= matrix.shape[0] or matrix.device.type != "cpu":
+            return matrix.sum(0, dtype=dtype)
+        out = matrix[:rows].sum(0, dtype=dtype)
+        for start in range(rows, matrix.shape[0], rows):
+            out.add_(matrix[start:start + rows].sum(0, dtype=dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
