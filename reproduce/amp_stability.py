@@ -97,12 +97,13 @@ def stability(arch: str, steps: int, batch: int, amp: torch.dtype, device: str =
 
 
 def markdown(rows: list[dict], archs: list[str]) -> str:
-    """One line per network of ``archs``: the first failing step (or none), the last loss, the largest running
-    statistic, the wall time and the CPU; a network not measured yet is pending."""
+    """One line per network of ``archs``, the zoo's networks in the zoo's order whatever order they were measured in:
+    the first failing step (or none), the last loss, the largest running statistic, the wall time and the CPU; a
+    network not measured yet is pending."""
     lines = ["| network | steps | first non-finite step | last loss | largest running statistic | wall time | CPU |",
              "|---|---:|---|---:|---:|---:|---|"]
     by_arch = {r["arch"]: r for r in rows}
-    for arch in archs:
+    for arch in sorted(archs, key=lambda a: ZOO_ARCHS.index(a) if a in ZOO_ARCHS else len(ZOO_ARCHS)):
         r = by_arch.get(arch)
         if r is None:
             lines.append(f"| {arch} | pending | – | – | – | – | – |")

@@ -107,6 +107,10 @@ def test_amp_stability_block_lists_every_network_and_marks_the_pending_ones(tmp_
     assert "| a | 3 | none | 0.250 | 6.41 | 10 min |" in text
     assert "| b | 3 | 7 (non-finite loss) | – | 6.41 | 10 min |" in text
     assert amp_stability.markdown([], ["a"]).endswith("| a | pending | – | – | – | – | – |\n")
+    # Measured in another order (a heavy network last), the table keeps the zoo's order.
+    table = amp_stability.markdown([], ["dpn92_deconv", "zzz", "resnet18_deconv", "vgg16_deconv"])
+    assert [line.split(" | ")[0][2:] for line in table.splitlines()[2:]] == [
+        "resnet18_deconv", "vgg16_deconv", "dpn92_deconv", "zzz"]
 
 
 @pytest.mark.slow
