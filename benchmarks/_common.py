@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -35,8 +36,10 @@ def machine_info() -> dict:
 
     return {
         "cpu": cpu,
-        # The CPU's name does not say which kind it is (an AMD EPYC comes with and without AVX512-BF16).
+        # The CPU's name does not say which kind it is (an AMD EPYC comes with and without AVX512-BF16, and a
+        # virtual Intel Xeon is named "Intel(R) Xeon(R) Processor" whatever its generation): its bf16 flags do.
         "native_bf16": native_amp_dtype("cpu") == torch.bfloat16,
+        "bf16_flags": cpu_flags(BF16_FLAGS),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -46,17 +49,46 @@ def machine_info() -> dict:
     }
 
 
-def int8_flags() -> list[str]:
-    """The CPU's instruction sets that decide onnxruntime's int8 kernels (VNNI: int8 dot products in one
-    instruction; AMX: int8 tiles)."""
+# The instruction sets that decide onnxruntime's int8 kernels (VNNI: int8 dot products in one instruction; AMX:
+# int8 tiles) and oneDNN's bf16 ones (AVX512-BF16: bf16 dot products; AMX: bf16 tiles).
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the CPU has, from /proc/cpuinfo's flags ([] where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+                return [f for f in names if f in flags]
     except OSError:
         pass
     return []
+
+
+def int8_flags() -> list[str]:
+    return cpu_flags(INT8_FLAGS)
+
+
+def cpu_name(model_name: str) -> str:
+    """/proc/cpuinfo's model name without its trademark signs and filler: "Intel(R) Xeon(R) Processor" -> "Intel
+    Xeon"."""
+    return re.sub(r"\s+", " ", re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", model_name)).strip()
+
+
+def cpu_label(machine: dict) -> str:
+    """A results file's CPU in words, with what decides its bf16 speed: "Intel Xeon with AMX-BF16",
+    "AMD EPYC with native bf16" (a file from before the flags were recorded), "AMD EPYC without native bf16"."""
+    name = cpu_name(machine.get("cpu") or "")
+    flags = machine.get("bf16_flags")
+    if flags is not None and "amx_bf16" in flags:
+        kind = "with AMX-BF16"
+    elif flags is not None and "avx512_bf16" in flags:
+        kind = "with AVX512-BF16"
+    else:
+        kind = "with native bf16" if machine.get("native_bf16") else "without native bf16"
+    return f"{name or 'unrecorded CPU'} {kind}"
 
 
 def command_line() -> str:

@@ -194,14 +194,23 @@ def speed_summary(training: Path, inference: Path) -> str:
             f"{spread} the fused BatchNorm network's time ([docs/benchmarks.md](docs/benchmarks.md)).\n")
 
 
-BF16_ALL = RESULTS / "amp_bf16_all_archs.json"
-FP32_ALL = RESULTS / "amp_fp32_all_archs.json"
+# The all-ten bf16 table, once per kind of native-bf16 CPU: (block, bf16 results, float32 results on the same CPU).
+BF16_TABLES = tuple((f"bench-bf16{suffix.replace('_', '-')}", RESULTS / f"amp_bf16_all_archs{suffix}.json",
+                     RESULTS / f"amp_fp32_all_archs{suffix}.json") for suffix in ("", "_amx"))
+
+
+def _rates(run: dict) -> str:
+    """The floor's product rates as measured for the first network (the same CPU for all): "bf16 950 GFLOP/s,
+    float32 237; " (empty for a results file without them)."""
+    rates = next((r["product_gflop_per_s"] for r in run["models"] if "product_gflop_per_s" in r), None)
+    return f"bf16 {rates['bf16']:.0f} GFLOP/s, float32 {rates['float32']:.0f}; " if rates else ""
 
 
 def bf16_table(bf16: Path, fp32: Path) -> str:
     """All ten under bf16 autocast against float32 on the same CPU (docs/benchmarks.md, bf16 block): the ND/BN
     ratio with float32 and with bf16 whitening, the exact step's floor (benchmarks/floor.py) and the float32 ratio
     the bf16-whitening one must not exceed."""
+    from benchmarks._common import cpu_label
     from benchmarks._models import ZOO_ARCHS
 
     runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
@@ -211,13 +220,12 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
         raise SystemExit(f"{bf16.name} and {fp32.name} ran on different CPUs ({machines['bf16'].get('cpu')}, "
                          f"{machines['fp32'].get('cpu')}); measure both on one machine")
     machine = machines["bf16"]
-    kind = "with native bf16" if machine.get("native_bf16") else "without native bf16"
     lines = [f"All ten under bf16 autocast, channels-last, on {machine.get('cpu_count', '?')} cores of an "
-             f"{machine.get('cpu', 'unrecorded CPU')} {kind}; median of interleaved steps; `{runs['bf16']['command']}`"
+             f"{cpu_label(machine)}; median of interleaved steps; `{runs['bf16']['command']}`"
              f" and, in float32 on the same CPU, `{runs['fp32']['command']}`. Floor: the BN step plus the "
-             "whitening's products at the measured bf16 product rate (float32 for grouped layers) plus the inverse "
-             "square roots (benchmarks/floor.py), which are also shown alone, in BN steps. Target: the "
-             "bf16-whitening ratio no higher than the float32 one.", "",
+             f"whitening's products at the measured bf16 product rate ({_rates(runs['bf16'])}float32 for grouped "
+             "layers) plus the inverse square roots (benchmarks/floor.py), which are also shown alone, in BN steps. "
+             "Target: the bf16-whitening ratio no higher than the float32 one.", "",
              "| network | batch | BN step (bf16) | ND/BN, float32 whitening | ND/BN, bf16 whitening | floor | "
              "of which inverse square roots | ND/BN in float32 | met |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -243,8 +251,9 @@ def main() -> int:
         write_readme_block("amp-speed", amp_speed_block(*amp))
     if (RESULTS / "resnet18.json").is_file() and (RESULTS / "inference.json").is_file():
         write_readme_block("speed-summary", speed_summary(RESULTS / "resnet18.json", RESULTS / "inference.json"))
-    if BF16_ALL.is_file() and FP32_ALL.is_file():
-        write_readme_block("bench-bf16", bf16_table(BF16_ALL, FP32_ALL))
+    for block, bf16, fp32 in BF16_TABLES:
+        if bf16.is_file() and fp32.is_file():
+            write_readme_block(block, bf16_table(bf16, fp32))
     parts = []
     for name, render in (("resnet18.json", training_table), ("inference.json", inference_table),
                          ("scaling.json", scaling_section)):

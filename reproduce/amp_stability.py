@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import timm  # noqa: E402
 
 import ndeconv  # noqa: E402,F401  (registers the zoo)
+from benchmarks._common import cpu_name  # noqa: E402
 from benchmarks._models import ZOO_ARCHS  # noqa: E402
 from ndeconv.datasets import get_spec, load_split  # noqa: E402
 from ndeconv.training.data import Preprocess, default_crop_padding  # noqa: E402
@@ -111,7 +112,7 @@ def markdown(rows: list[dict], archs: list[str]) -> str:
         failed = "none" if r["failed_at_step"] is None else f"{r['failed_at_step']} ({r['failure']})"
         loss = "–" if r.get("last_loss") is None else f"{r['last_loss']:.3f}"
         lines.append(f"| {arch} | {r['steps']} | {failed} | {loss} | {r['max_abs_statistic']:.3g} | "
-                     f"{r['seconds'] / 60:.0f} min | {r.get('machine') or '–'} |")
+                     f"{r['seconds'] / 60:.0f} min | {cpu_name(r['machine']) if r.get('machine') else '–'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,8 +3,9 @@
 Reads the one-epoch ResNet-18 runs of ``reproduce/bf16_whitening.sh`` (``--runs``: resnet18-exact and
 resnet18-fast8, bf16 autocast with ``--bf16-whitening``), the same recipe under bf16 autocast with float32 whitening
 (``--fp32-whitening-fast8``: the converged queue's precision check, fast mode k=8), float32 exact's top-1 from
-``reproduce/results/fast_mode.json`` and the bf16 speed benchmark
-(``benchmarks/results/resnet18_b128_channels_last_bf16_whitening.json``), and regenerates from them:
+``reproduce/results/fast_mode.json`` and the bf16 speed benchmark on each kind of CPU with native bf16
+(``benchmarks/results/resnet18_b128_channels_last_bf16_whitening*.json``: AVX512-BF16, AMX), and regenerates from
+them:
 
 - ``reproduce/results/bf16_whitening.json``  every number below, with the run directories it came from
 - the table between the ``bf16-whitening`` markers (docs/layers.md)
@@ -25,10 +26,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_claim import ROOT, read_run  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
 from readme_block import write_readme_block, write_results  # noqa: E402
 
+from benchmarks._common import cpu_label  # noqa: E402
+
 RUNS = Path.home() / ".cache" / "ndeconv" / "runs"
-SPEED = ROOT / "benchmarks" / "results" / "resnet18_b128_channels_last_bf16_whitening.json"
+# One speed benchmark per kind of native-bf16 CPU: the AMD EPYC with AVX512-BF16, the Intel Xeon with AMX-BF16.
+SPEEDS = tuple(ROOT / "benchmarks" / "results" / f"resnet18_b128_channels_last_bf16_whitening{suffix}.json"
+               for suffix in ("", "_amx"))
 FLOAT32_EXACT = ROOT / "reproduce" / "results" / "fast_mode.json"
 OUT = ROOT / "reproduce" / "results"
 
@@ -41,15 +48,16 @@ ROWS = (
 )
 
 
-def collect(runs: Path, fp32_fast8: Path, recorded: dict[str, dict]) -> dict:
+def collect(runs: Path, fp32_fast8: Path, recorded: dict[str, dict], speeds: tuple[Path, ...] = SPEEDS) -> dict:
     """Every row's numbers: top-1 of a finished run (or the recorded row where the run is not here), its
-    difference from float32 exact, and the ND/BN step ratio under bf16 autocast."""
+    difference from float32 exact, and the ND/BN step ratio under bf16 autocast on each CPU of ``speeds``."""
     float32 = json.loads(FLOAT32_EXACT.read_text())["rows"][0]
-    speed_file = json.loads(SPEED.read_text())
-    speed = speed_file["models"][0]
+    speed_files = [json.loads(p.read_text()) for p in speeds]
+    models = [f["models"][0] for f in speed_files]
     rows = []
     for name, whitening, k, where, ratio in ROWS:
-        row = {"name": name, "whitening": whitening, "k": k, "nd_over_bn_train": speed.get(ratio)}
+        # One ratio per CPU, in the order of "speed".
+        row = {"name": name, "whitening": whitening, "k": k, "nd_over_bn_train": [m.get(ratio) for m in models]}
         if where is not None:
             run_dir = fp32_fast8 if where == "fp32_fast8" else runs / where
             run = read_run(run_dir)
@@ -60,21 +68,27 @@ def collect(runs: Path, fp32_fast8: Path, recorded: dict[str, dict]) -> dict:
                            top1_minus_float32_exact=round(run["test_top1"] - float32["test_top1"], 2))
         rows.append(row)
     return {"arch": "resnet18", "dataset": "fashion_mnist", "epochs": 1, "float32_exact_top1": float32["test_top1"],
-            "speed_command": speed_file["command"], "speed_cpu": speed_file["machine"]["cpu"], "rows": rows}
+            "speed": [{"cpu": cpu_label(f["machine"]), "command": f["command"],
+                       "bf16_product_gflop_per_s": m.get("product_gflop_per_s", {}).get("bf16")}
+                      for f, m in zip(speed_files, models, strict=True)], "rows": rows}
 
 
 def markdown(result: dict) -> str:
     exact = result["float32_exact_top1"]
-    lines = [f"| whitening under bf16 autocast | mode | test top-1 (1 epoch) | vs float32 exact ({exact:.2f}) "
-             "| ND/BN training step |",
-             "|---|---|---:|---:|---:|"]
+    cpus = [s["cpu"] for s in result["speed"]]
+    lines = [f"| whitening under bf16 autocast | mode | test top-1 (1 epoch) | vs float32 exact ({exact:.2f}) | "
+             + " | ".join(f"ND/BN training step, {cpu}" for cpu in cpus) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(cpus)]
     for r in result["rows"]:
         mode = "exact" if r["k"] == 1 else f"fast, k={r['k']}"
         top1 = f"{r['test_top1']:.2f}" if "test_top1" in r else "not trained"
         diff = f"{r['top1_minus_float32_exact']:+.2f}" if "test_top1" in r else "–"
-        ratio = f"{r['nd_over_bn_train']:.2f}" if r.get("nd_over_bn_train") else "–"
-        lines.append(f"| {r['whitening']} | {mode} | {top1} | {diff} | {ratio} |")
-    return "\n".join(lines) + "\n"
+        ratios = " | ".join(f"{v:.2f}" if v else "–" for v in r["nd_over_bn_train"])
+        lines.append(f"| {r['whitening']} | {mode} | {top1} | {diff} | {ratios} |")
+    rates = [f"{s['cpu']}, {s['bf16_product_gflop_per_s']:.0f} GFLOP/s" for s in result["speed"]
+             if s.get("bf16_product_gflop_per_s")]
+    note = f"\nbf16 product rate measured in the speed runs: {'; '.join(rates)}.\n" if rates else ""
+    return "\n".join(lines) + "\n" + note
 
 
 def summary(result: dict) -> str:
@@ -84,8 +98,10 @@ def summary(result: dict) -> str:
     top1 = (f", with one-epoch top-1 of {exact['test_top1']:.2f}% (exact) and {fast['test_top1']:.2f}% (fast) against "
             f"float32 exact's {result['float32_exact_top1']:.2f}%" if "test_top1" in exact and "test_top1" in fast
             else "")
-    return (f"On a CPU that computes bf16 natively, `--amp bf16 --bf16-whitening` trains it at "
-            f"{exact['nd_over_bn_train']:.2f}x a bf16 BatchNorm step, {fast['nd_over_bn_train']:.2f}x in fast mode"
+    speeds = [f"{e:.2f}x{' a bf16 BatchNorm step' if i == 0 else ''} ({f:.2f}x{' in fast mode' if i == 0 else ''}) "
+              f"on an {s['cpu']}" for i, (e, f, s)
+              in enumerate(zip(exact["nd_over_bn_train"], fast["nd_over_bn_train"], result["speed"], strict=True))]
+    return (f"On a CPU that computes bf16 natively, `--amp bf16 --bf16-whitening` trains it at {' and '.join(speeds)}"
             f"{top1} ([docs/layers.md](docs/layers.md#mixed-precision)).\n")
 
 

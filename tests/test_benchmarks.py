@@ -203,3 +203,15 @@ def test_isqrt_benchmark_measures_every_method_against_float64(tmp_path: Path) -
     table = isqrt.table({"command": "python benchmarks/isqrt.py", "results": [row],
                          "machine": {"cpu": "AMD EPYC", "native_bf16": True, "torch_threads": 2}})
     assert "| 32 | " in table and "with native bf16" in table and table.count("\n| 32 |") == 1
+
+
+def test_cpu_label_names_what_decides_the_bf16_speed() -> None:
+    from benchmarks._common import cpu_label
+
+    # A virtual Intel Xeon and an AMD EPYC come with and without native bf16; the flags say which.
+    assert cpu_label({"cpu": "Intel(R) Xeon(R) Processor", "native_bf16": True,
+                      "bf16_flags": ["avx512_bf16", "amx_bf16"]}) == "Intel Xeon with AMX-BF16"
+    assert cpu_label({"cpu": "AMD EPYC 9R14 96-Core Processor", "native_bf16": True,
+                      "bf16_flags": ["avx512_bf16"]}) == "AMD EPYC 9R14 96-Core with AVX512-BF16"
+    assert cpu_label({"cpu": "AMD EPYC", "native_bf16": False, "bf16_flags": []}) == "AMD EPYC without native bf16"
+    assert cpu_label({"cpu": "AMD EPYC", "native_bf16": True}) == "AMD EPYC with native bf16"  # flags not recorded

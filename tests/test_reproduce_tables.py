@@ -200,14 +200,19 @@ def test_bf16_whitening_table_reads_the_runs_and_keeps_recorded_rows_of_runs_not
     exact = first["float32_exact_top1"]
     assert rows["bf16-whitening-exact"]["top1_minus_float32_exact"] == round(92.64 - exact, 2)
     assert "test_top1" not in rows["fp32-whitening-exact"]  # no such run: speed only
-    assert all(r["nd_over_bn_train"] for r in first["rows"])  # every row's ratio from the committed benchmark
+    cpus = [s["cpu"] for s in first["speed"]]
+    assert len(cpus) == 2 and "AMX-BF16" in cpus[1]  # one committed benchmark per kind of native-bf16 CPU
+    # every row's ratio from each committed benchmark
+    assert all(len(r["nd_over_bn_train"]) == 2 and all(r["nd_over_bn_train"]) for r in first["rows"])
     text = bf16_whitening.markdown(first)
     assert f"| bf16 | fast, k=8 | 92.93 | {92.93 - exact:+.2f} |" in text
     assert "| float32 | exact | not trained | – |" in text
+    assert all(f"ND/BN training step, {cpu} |" in text for cpu in cpus)
     sentence = bf16_whitening.summary(first)
     speed = {r["name"]: r["nd_over_bn_train"] for r in first["rows"]}
-    assert f"at {speed['bf16-whitening-exact']:.2f}x a bf16 BatchNorm step, " in sentence
-    assert f"{speed['bf16-whitening-fast8']:.2f}x in fast mode" in sentence
+    exact_speed, fast_speed = speed["bf16-whitening-exact"], speed["bf16-whitening-fast8"]
+    assert (f"at {exact_speed[0]:.2f}x a bf16 BatchNorm step ({fast_speed[0]:.2f}x in fast mode) on an {cpus[0]} and "
+            f"{exact_speed[1]:.2f}x ({fast_speed[1]:.2f}x) on an {cpus[1]}, with") in sentence
     assert "92.64% (exact) and 92.93% (fast)" in sentence
     later = bf16_whitening.collect(tmp_path / "elsewhere", tmp_path / "gone", recorded=rows)  # another machine
     assert [r.get("test_top1") for r in later["rows"]] == [None, 92.65, 92.64, 92.93]
