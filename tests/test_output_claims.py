@@ -96,6 +96,18 @@ def test_sigterm_during_export_is_one_line_and_leaves_no_debris(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_command_started_with_sigint_ignored_leaves_it_ignored() -> None:
+    # nohup and a background job (&) start a command with SIGINT ignored: Ctrl-C at the terminal is not for it.
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _signals_interrupt("export"):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM still ends it cleanly
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 @pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
 def test_a_signal_during_an_import_waits_for_the_import_to_end(tmp_path: Path, monkeypatch, signum, raised) -> None:
     # A module whose import is under way when the signal comes, as torch.onnx.export's lazy import of onnx's
@@ -105,12 +117,18 @@ def test_a_signal_during_an_import_waits_for_the_import_to_end(tmp_path: Path, m
         f"import os, time\nos.kill(os.getpid(), {int(signum)})\ntime.sleep(0.3)\nCOMPLETE = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "slow_import_for_signal_test", raising=False)
-    with pytest.raises(raised), _signals_interrupt("export"):
-        import slow_import_for_signal_test  # noqa: F401
-        time.sleep(10)  # the signal is delivered again here
-    assert sys.modules["slow_import_for_signal_test"].COMPLETE
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Ctrl-C's handler as a foreground shell leaves it: a suite started in the background (&, nohup) inherits an
+    # ignored SIGINT, which the command rightly leaves ignored.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(raised), _signals_interrupt("export"):
+            import slow_import_for_signal_test  # noqa: F401
+            time.sleep(10)  # the signal is delivered again here
+        assert sys.modules["slow_import_for_signal_test"].COMPLETE
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.mark.parametrize("folder", [False, True])
