@@ -71,7 +71,7 @@ def decide(runs: Path, native_bf16: bool, paper_claim: Path = PAPER_CLAIM) -> di
     record.update(check_top1=top1, check_seconds=check["seconds"], check_minus_float32=round(top1 - reference, 2))
     if top1 >= reference - TOLERANCE:
         return {**record, "precision": "bf16", "args": BF16_ARGS,
-                "reason": f"bf16 check {top1:.2f} is within {TOLERANCE} of float32 exact {reference:.2f}"}
+                "reason": f"bf16 check {top1:.2f} is no more than {TOLERANCE} below float32 exact {reference:.2f}"}
     return {**record, "precision": "float32", "args": [],
             "reason": f"bf16 check {top1:.2f} is more than {TOLERANCE} below float32 exact {reference:.2f}"}
 

@@ -6,8 +6,8 @@
 #
 # Precision, decided once per run folder and recorded in $OUT/precision.json: where the CPU computes bf16
 # natively (ndeconv.runtime.native_amp_dtype), a one-epoch ResNet-18 (ND, fast 8, bf16 autocast, channels-last)
-# is trained first into $OUT/precision-check; if its test top-1 is within 0.3 points of the float32 exact
-# one-epoch run (92.59%), every run trains in that mode, otherwise (or without native bf16) in float32.
+# is trained first into $OUT/precision-check; if its test top-1 is no more than 0.3 points below the float32
+# exact one-epoch run (92.59%), every run trains in that mode, otherwise (or without native bf16) in float32.
 # An ND run and its BN pair always share the decision; a run keeps the precision it started with on resume.
 #
 # Two lanes train side by side with one thread each (measured: a pair finishes about 1.25x sooner than one run
