@@ -49,6 +49,24 @@ def machine_info() -> dict:
     }
 
 
+# What a bf16-whitening speed benchmark that does not record its bf16 products ran: the kernels from before the
+# inverse square root's backward went to bf16.
+EARLIER_BF16_PRODUCTS = ("patch Gram", "patch Gram backward", "fold W·D", "fold W·D backward")
+
+
+def earlier_kernels_note(result: dict, machine_label: str) -> str:
+    """A sentence naming what a bf16-whitening benchmark ``result`` lacked of today's bf16 kernels
+    (``ndeconv.layers.fast_deconv.BF16_WHITENING_PRODUCTS``), or "" when it timed them all."""
+    from ndeconv.layers.fast_deconv import BF16_WHITENING_PRODUCTS
+
+    timed = result.get("settings", {}).get("bf16_whitening_products", EARLIER_BF16_PRODUCTS)
+    missing = [p for p in BF16_WHITENING_PRODUCTS if p not in timed]
+    if not missing:
+        return ""
+    return (f"Speeds on the {machine_label} were timed with an earlier version of the bf16 kernels, which left the "
+            f"{', '.join(missing)} in float32.")
+
+
 # The instruction sets that decide onnxruntime's int8 kernels (VNNI: int8 dot products in one instruction; AMX:
 # int8 tiles) and oneDNN's bf16 ones (AVX512-BF16: bf16 dot products; AMX: bf16 tiles).
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")

@@ -8,7 +8,8 @@
   576) @ (576 x 576), ResNet-18's first stage: in bf16 for the layers ``ndeconv.set_bf16_whitening`` takes to bf16
   (ungrouped, under bf16 autocast), in float32 for the rest;
 - the inverse square roots: ``isqrt_newton_schulz`` (grouped layers: ``isqrt_newton_schulz_batch``) timed
-  forward and backward at each layer's size, as the layers run them.
+  forward and backward at each layer's size, as the layers run them (the backward's products in bf16 for the layers
+  ``set_bf16_whitening`` takes).
 
 Nothing else a real step does is counted: gathering and scattering the patches, the mean, the elementwise work, and
 grouped layers' small batched products, which run far below the large product's rate. It assumes the deconvolution
@@ -45,15 +46,18 @@ def product_rate(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2.0 * rows * d * d / _best_seconds(lambda: a @ b, repeats) / 1e9
 
 
-def isqrt_seconds(features: int, matrices: int, n_iter: int = 5, repeats: int = 5) -> float:
-    """Seconds of one layer's inverse square root, forward and backward, in float32 (best of ``repeats``)."""
+def isqrt_seconds(features: int, matrices: int, n_iter: int = 5, repeats: int = 5,
+                  backward_dtype: torch.dtype | None = None) -> float:
+    """Seconds of one layer's inverse square root, forward and backward, in float32 (``backward_dtype``: the
+    backward's products in that dtype, one matrix only), best of ``repeats``."""
     torch.manual_seed(0)
     x = torch.randn(matrices, 4 * features, features)
     cov = (x.mT @ x / x.shape[1] + 1e-5 * torch.eye(features)).requires_grad_()
     grad = torch.randn(matrices, features, features)
 
     def run() -> None:
-        z = isqrt_newton_schulz(cov[0], n_iter) if matrices == 1 else isqrt_newton_schulz_batch(cov, n_iter)
+        z = (isqrt_newton_schulz(cov[0], n_iter, backward_dtype=backward_dtype) if matrices == 1
+             else isqrt_newton_schulz_batch(cov, n_iter))
         z.backward(grad[0] if matrices == 1 else grad)
 
     return _best_seconds(run, repeats)
@@ -67,11 +71,12 @@ def floor(bn_seconds: float, layers: list[dict], bf16_whitening: bool) -> dict:
         rates["bf16"] = product_rate(torch.bfloat16)
     products = sum(layer["product_flops"] / 1e9 / rates["bf16" if bf16_whitening and not layer["grouped"] else
                                                          "float32"] for layer in layers)
-    sizes: dict[tuple[int, int], int] = {}
+    sizes: dict[tuple[int, int, bool], int] = {}
     for layer in layers:
-        key = (layer["features"], layer["matrices"])
+        key = (layer["features"], layer["matrices"], bf16_whitening and not layer["grouped"])
         sizes[key] = sizes.get(key, 0) + 1
-    isqrt = sum(count * isqrt_seconds(d, matrices) for (d, matrices), count in sizes.items())
+    isqrt = sum(count * isqrt_seconds(d, matrices, backward_dtype=torch.bfloat16 if reduced else None)
+                for (d, matrices, reduced), count in sizes.items())
     total = bn_seconds + products + isqrt
     return {"floor_s": round(total, 4), "floor_over_bn_train": round(total / bn_seconds, 3),
             "floor_products_s": round(products, 4), "floor_isqrt_s": round(isqrt, 4),

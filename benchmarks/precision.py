@@ -20,7 +20,10 @@ multiplying in float32 computes what a bf16/fp16 GEMM with float32 accumulation 
 of the sums. (See docs/layers.md, Mixed precision.)
 
 Reported per layer: relative Frobenius error of the whitening matrix ``D`` and of the layer output,
-against float64. Run from the project root::
+against float64; for bf16 also of the gradients a training step takes through the layer (input and weight,
+for a fixed random upstream gradient rounded to bf16), the layer run as it trains: under bf16 autocast with
+the float32 whitening, with ``set_bf16_whitening``'s kernels (their backward included), and in float32 without
+autocast. Run from the project root::
 
     python benchmarks/precision.py            # -> benchmarks/results/precision.json and precision.md
 """
@@ -28,6 +31,7 @@ against float64. Run from the project root::
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -87,6 +91,37 @@ def _conv(layer: FastDeconv, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, 
     return _round(out, dtype)
 
 
+def _training_grads(layer: FastDeconv, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype,
+                    autocast: bool = False, bf16_whitening: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradient of ``sum(layer(x) * upstream)`` on a training-mode copy of the layer in ``dtype``
+    (batch statistics; the layer itself and its running statistics are left alone)."""
+    twin = copy.deepcopy(layer).train().to(dtype)
+    twin.bf16_whitening = bf16_whitening
+    # Under autocast the input arrives in bf16 (the previous layer's output) and its gradient accumulates in bf16.
+    x = x.detach().to(torch.bfloat16 if autocast else dtype).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = twin(x)
+    (out.to(upstream.dtype) * upstream).sum().backward()
+    return x.grad, twin.weight.grad
+
+
+def gradient_errors(layer: FastDeconv, x: torch.Tensor) -> dict[str, float]:
+    """bf16 only: the training gradients under bf16 autocast (float32 whitening, and the bf16 kernels) and in
+    float32 without autocast, against float64; ``x`` as the layer receives it under autocast."""
+    with torch.no_grad():
+        shape = copy.deepcopy(layer).train()(x.float()).shape
+    upstream = _round(torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.bfloat16)
+    want_x, want_w = _training_grads(layer, x, upstream.double(), torch.float64)
+    row = {}
+    runs = (("fp32", True, False), ("kernels", True, True), ("float32_no_autocast", False, False))
+    for key, autocast, kernels in runs:
+        if kernels and layer.groups != 1:
+            continue
+        got_x, got_w = _training_grads(layer, x, upstream, torch.float32, autocast, kernels)
+        row[f"{key}_grad_x"], row[f"{key}_grad_w"] = _rel(got_x, want_x), _rel(got_w, want_w)
+    return row
+
+
 def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
     x = _round(x.float(), dtype)  # as the layer receives it under autocast
     sampler = layer._sampler()
@@ -115,6 +150,8 @@ def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict
         with torch.no_grad():
             w, b = layer.folded_weight_bias(mean_k, d_k, reduced=True)
         row["kernels_D"], row["kernels_out"] = _rel(d_k, d64), _rel(_conv(layer, x, w.float(), b, dtype), out64)
+    if dtype == torch.bfloat16:
+        row.update(gradient_errors(layer, x))
     return row
 
 
@@ -190,7 +227,19 @@ def markdown(payload: dict) -> str:
                          f"{r['gram_fold_out']:.1e} | {_cell(r, 'kernels_out')} | "
                          f"{r['float32_no_autocast_out']:.1e} |")
         lines.append("")
+        if any(GRAD_COLUMNS[0][0] in r for r in rows):
+            lines += [f"**{key}, training gradients** (input x, weight w)", "",
+                      "| layer | nf | " + " | ".join(c[1] for c in GRAD_COLUMNS) + " |",
+                      "|---|---:|" + "---:|" * len(GRAD_COLUMNS)]
+            lines += [f"| {r['layer']} | {r['features']} | " + " | ".join(_cell(r, c) for c, _ in GRAD_COLUMNS) + " |"
+                      for r in rows]
+            lines.append("")
     return "\n".join(lines)
+
+
+GRAD_COLUMNS = [("fp32_grad_x", "x, fp32 whitening"), ("kernels_grad_x", "x, bf16 kernels"),
+                ("float32_no_autocast_grad_x", "x, no autocast"), ("fp32_grad_w", "w, fp32 whitening"),
+                ("kernels_grad_w", "w, bf16 kernels"), ("float32_no_autocast_grad_w", "w, no autocast")]
 
 
 def summary(payload: dict) -> str:
@@ -204,12 +253,21 @@ def summary(payload: dict) -> str:
              "ResNet-18, a batch of Fashion-MNIST training images, median (worst layer):", "",
              "| autocast | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, rows in payload["results"].items():
-        cells = []
-        for col, _ in cols:
-            values = sorted(r[col] for r in rows if col in r)
-            cells.append(f"{values[len(values) // 2]:.1e} ({values[-1]:.1e})" if values else "–")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key} | " + " | ".join(_median_worst(rows, col) for col, _ in cols) + " |")
+    grads = {key: rows for key, rows in payload["results"].items() if any(GRAD_COLUMNS[0][0] in r for r in rows)}
+    if grads:
+        lines += ["", "The gradients of a training step through each layer (input x, weight w), against float64, "
+                  "median (worst layer):", "",
+                  "| autocast | " + " | ".join(c[1] for c in GRAD_COLUMNS) + " |",
+                  "|---|" + "---:|" * len(GRAD_COLUMNS)]
+        for key, rows in grads.items():
+            lines.append(f"| {key} | " + " | ".join(_median_worst(rows, col) for col, _ in GRAD_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _median_worst(rows: list[dict], col: str) -> str:
+    values = sorted(r[col] for r in rows if col in r)
+    return f"{values[len(values) // 2]:.1e} ({values[-1]:.1e})" if values else "–"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,7 +210,7 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
     """All ten under bf16 autocast against float32 on the same CPU (docs/benchmarks.md, bf16 block): the ND/BN
     ratio with float32 and with bf16 whitening, the exact step's floor (benchmarks/floor.py) and the float32 ratio
     the bf16-whitening one must not exceed."""
-    from benchmarks._common import cpu_label
+    from benchmarks._common import cpu_label, earlier_kernels_note
     from benchmarks._models import ZOO_ARCHS
 
     runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
@@ -239,7 +239,8 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
         isqrt = row["floor_isqrt_s"] / bn if "floor_isqrt_s" in row else None  # in BN steps, as the ratios
         lines.append(f"| {arch} | {batch} | {bn:.3f} s | {cell(row['nd_over_bn_train'])} | **{cell(bf16w)}** | "
                      f"{cell(row.get('floor_over_bn_train'))} | {cell(isqrt)} | {cell(reference)} | {met} |")
-    return "\n".join(lines) + "\n"
+    note = earlier_kernels_note(runs["bf16"], cpu_label(machine))
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
 def main() -> int:

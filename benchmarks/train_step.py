@@ -41,6 +41,7 @@ from benchmarks._models import ZOO_ARCHS, build  # noqa: E402
 from benchmarks.floor import floor  # noqa: E402
 from benchmarks.flops import step_flops, whitening_layers  # noqa: E402
 from ndeconv import FastDeconv, keep_freed_memory, set_bf16_whitening, set_fast_mode  # noqa: E402
+from ndeconv.layers.fast_deconv import BF16_WHITENING_PRODUCTS  # noqa: E402
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                    k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast",
                                                "keep_freed_memory", "channels_last", "amp",
                                                "bf16_whitening")}}
+    if args.bf16_whitening:
+        payload["settings"]["bf16_whitening_products"] = list(BF16_WHITENING_PRODUCTS)
     payload["models"] = run_models(args, ref)
     if args.layers:
         payload["layers"] = run_layers(args)

@@ -30,7 +30,7 @@ from paper_claim import ROOT, read_run  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from readme_block import write_readme_block, write_results  # noqa: E402
 
-from benchmarks._common import cpu_label  # noqa: E402
+from benchmarks._common import cpu_label, earlier_kernels_note  # noqa: E402
 
 RUNS = Path.home() / ".cache" / "ndeconv" / "runs"
 # One speed benchmark per kind of native-bf16 CPU: the AMD EPYC with AVX512-BF16, the Intel Xeon with AMX-BF16.
@@ -69,7 +69,8 @@ def collect(runs: Path, fp32_fast8: Path, recorded: dict[str, dict], speeds: tup
         rows.append(row)
     return {"arch": "resnet18", "dataset": "fashion_mnist", "epochs": 1, "float32_exact_top1": float32["test_top1"],
             "speed": [{"cpu": cpu_label(f["machine"]), "command": f["command"],
-                       "bf16_product_gflop_per_s": m.get("product_gflop_per_s", {}).get("bf16")}
+                       "bf16_product_gflop_per_s": m.get("product_gflop_per_s", {}).get("bf16"),
+                       "earlier_kernels": earlier_kernels_note(f, cpu_label(f["machine"]))}
                       for f, m in zip(speed_files, models, strict=True)], "rows": rows}
 
 
@@ -88,6 +89,7 @@ def markdown(result: dict) -> str:
     rates = [f"{s['cpu']}, {s['bf16_product_gflop_per_s']:.0f} GFLOP/s" for s in result["speed"]
              if s.get("bf16_product_gflop_per_s")]
     note = f"\nbf16 product rate measured in the speed runs: {'; '.join(rates)}.\n" if rates else ""
+    note += "".join(f"\n{s['earlier_kernels']}\n" for s in result["speed"] if s.get("earlier_kernels"))
     return "\n".join(lines) + "\n" + note
 
 
@@ -99,7 +101,8 @@ def summary(result: dict) -> str:
             f"float32 exact's {result['float32_exact_top1']:.2f}%" if "test_top1" in exact and "test_top1" in fast
             else "")
     speeds = [f"{e:.2f}x{' a bf16 BatchNorm step' if i == 0 else ''} ({f:.2f}x{' in fast mode' if i == 0 else ''}) "
-              f"on an {s['cpu']}" for i, (e, f, s)
+              f"on an {s['cpu']}{' (an earlier version of the kernels)' if s.get('earlier_kernels') else ''}"
+              for i, (e, f, s)
               in enumerate(zip(exact["nd_over_bn_train"], fast["nd_over_bn_train"], result["speed"], strict=True))]
     return (f"On a CPU that computes bf16 natively, `--amp bf16 --bf16-whitening` trains it at {' and '.join(speeds)}"
             f"{top1} ([docs/layers.md](docs/layers.md#mixed-precision)).\n")

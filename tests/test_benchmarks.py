@@ -54,23 +54,26 @@ def test_channels_last_run_converts_both_forms(tmp_path: Path, monkeypatch: pyte
 def test_floor_adds_the_whitening_products_at_their_precision_rate_and_the_inverse_square_roots(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 whitening: ungrouped layers' products at the bf16 rate, grouped ones' at float32's; one inverse square
-    root timed per (size, matrices) and counted per layer."""
+    root timed per (size, matrices) and counted per layer, its backward in bf16 for the ungrouped layers only."""
     from benchmarks import floor
 
     rates = {torch.float32: 100.0, torch.bfloat16: 250.0}
     timed = []
     monkeypatch.setattr(floor, "product_rate", lambda dtype: rates[dtype])
-    monkeypatch.setattr(floor, "isqrt_seconds", lambda d, m: timed.append((d, m)) or d * m * 1e-4)
+    monkeypatch.setattr(floor, "isqrt_seconds",
+                        lambda d, m, backward_dtype=None: timed.append((d, m, backward_dtype)) or d * m * 1e-4)
     layers = [{"features": 576, "matrices": 1, "grouped": False, "product_flops": 50e9},
               {"features": 576, "matrices": 1, "grouped": False, "product_flops": 25e9},
               {"features": 9, "matrices": 32, "grouped": True, "product_flops": 1e9}]
     got = floor.floor(2.0, layers, bf16_whitening=True)
-    assert sorted(timed) == [(9, 32), (576, 1)]
+    assert sorted(timed, key=str) == [(576, 1, torch.bfloat16), (9, 32, None)]
     assert got["floor_products_s"] == round(75 / 250 + 1 / 100, 4)
     assert got["floor_isqrt_s"] == round(2 * 576e-4 + 9 * 32e-4, 4)
     assert got["floor_s"] == round(2.0 + got["floor_products_s"] + got["floor_isqrt_s"], 4)
     assert got["floor_over_bn_train"] == round(got["floor_s"] / 2.0, 3)
+    timed.clear()
     assert floor.floor(2.0, layers, bf16_whitening=False)["floor_products_s"] == round(76 / 100, 4)
+    assert sorted(timed, key=str) == [(576, 1, None), (9, 32, None)]
 
 
 def test_floor_times_the_real_kernels() -> None:
@@ -78,6 +81,7 @@ def test_floor_times_the_real_kernels() -> None:
 
     assert floor.product_rate(torch.float32, repeats=1) > 0
     assert 0 < floor.isqrt_seconds(49, 4, repeats=1) < 5 and 0 < floor.isqrt_seconds(128, 1, repeats=1) < 5
+    assert 0 < floor.isqrt_seconds(128, 1, repeats=1, backward_dtype=torch.bfloat16) < 5
 
 
 def _results(path: Path, channels_last: bool, nd: float, bn: float) -> Path:
@@ -120,6 +124,14 @@ def test_bf16_table_pairs_each_network_with_its_float32_ratio_on_the_same_cpu(tm
     assert "| resnet18_deconv | 128 | 1.100 s | 2.70 | **2.24** | 1.90 | 0.40 | 1.73 | **no** |" in table
     assert "| vgg16_deconv | 128 | 0.600 s | 2.90 | **2.50** | – | – | 2.60 | yes |" in table
     assert table.index("resnet18_deconv") < table.index("vgg16_deconv") and "with native bf16" in table
+    # No record of its bf16 products: timed before the inverse square root's backward went to bf16, and says so.
+    assert table.endswith("which left the inverse square root backward in float32.\n")
+    from ndeconv.layers.fast_deconv import BF16_WHITENING_PRODUCTS
+
+    payload = json.loads(bf16.read_text())
+    payload["settings"] = {"bf16_whitening_products": list(BF16_WHITENING_PRODUCTS)}
+    bf16.write_text(json.dumps(payload))
+    assert "earlier version" not in report.bf16_table(bf16, fp32)
     other = _amp_results(tmp_path / "other.json", "Intel Xeon", [("resnet18_deconv", 2.0, {"nd_over_bn_train": 1.8})])
     with pytest.raises(SystemExit, match="different CPUs"):
         report.bf16_table(bf16, other)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ndeconv import FastDeconv, FastDeconv1d, set_bf16_whitening
-from ndeconv.layers import _patch_stats
 from ndeconv.layers._patch_stats import (
     PatchSampler,
     patch_statistics_reference,
@@ -59,12 +58,9 @@ def test_reduced_gram_of_few_features_is_one_float32_product() -> None:
 
 
 @pytest.mark.parametrize("kernel,padding,stride,block,shape", CASES)
-@pytest.mark.parametrize("chunk", [1 << 20, 100], ids=["one-sum", "chunked"])
-def test_reduced_statistics_match_the_plain_formula_on_the_rounded_input(kernel, padding, stride, block, shape, chunk,
-                                                                         monkeypatch) -> None:
-    """Against float64 on the same bfloat16 input; ``chunk`` elements per widened add of the mean's gradient to the
-    rows' (the default takes small inputs in one piece)."""
-    monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", chunk)
+def test_reduced_statistics_match_the_plain_formula_on_the_rounded_input(kernel, padding, stride, block,
+                                                                         shape) -> None:
+    """Against float64 on the same bfloat16 input."""
     torch.manual_seed(0)
     sampler = PatchSampler(kernel, (1, 1), padding, stride, kernel[0] * kernel[1] * block, False)
     x = torch.randn(*shape).relu().bfloat16()
@@ -160,3 +156,43 @@ def test_fast_mode_reuse_steps_take_the_mean_of_the_bf16_input_in_float32() -> N
         assert rel(y, y_plain) < 1.5e-2 and rel(dx, dx_plain) < 1.5e-2
         # The same batch means on both paths (float32 sums of the same bfloat16 values), up to summation order.
         assert rel(reduced.running_mean, plain.running_mean) < 1e-6
+
+
+@pytest.mark.parametrize("spectrum", ["spread", "cluster", "repeated", "batch"])
+def test_divided_differences_from_values_match_the_recursion_in_float64(spectrum: str) -> None:
+    """The bf16 backward's divided differences ``[p](a, b)``: straight from float64 values where a pair is well
+    apart, by the recursion elsewhere; against the recursion run in float64, to float32 rounding (the float32
+    recursion itself is off by about 5e-7)."""
+    from ndeconv.layers.isqrt import _divided_differences, _scalar_iterations
+
+    torch.manual_seed(0)
+    lam = {
+        "spread": torch.logspace(-9, 0, 200, dtype=torch.float64),
+        "cluster": torch.cat([1e-7 + 1e-13 * torch.rand(40, dtype=torch.float64),
+                              torch.rand(160, dtype=torch.float64)]),
+        "repeated": torch.rand(100, dtype=torch.float64).repeat(2),
+        "batch": torch.rand(3, 150, dtype=torch.float64),
+    }[spectrum].sort(-1).values.float()
+    _, want = _scalar_iterations(lam.double(), 5, divided_differences=True)
+    got = _divided_differences(lam, 5)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert ((got.double() - want).abs() <= 2e-7 * want.abs()).all()
+
+
+def test_bf16_isqrt_backward_is_close_to_float64_and_leaves_the_forward_alone() -> None:
+    """``isqrt_newton_schulz(..., backward_dtype=torch.bfloat16)``: the same forward, bit for bit, and a gradient
+    within bfloat16 rounding of the float64 iterations' own (autograd through the matrix products)."""
+    from ndeconv.layers.isqrt import isqrt_newton_schulz
+
+    torch.manual_seed(0)
+    rows = torch.randn(2000, 150) @ torch.randn(150, 150)  # a spread spectrum, as a patch covariance has
+    cov = rows.mT @ rows / 2000 + 1e-5 * torch.eye(150)
+    probe = torch.randn(150, 150)
+    a64 = cov.double().requires_grad_()
+    (want,) = torch.autograd.grad((isqrt_newton_schulz(a64, 5, method="matmul") * probe.double()).sum(), a64)
+    a = cov.clone().requires_grad_()
+    out = isqrt_newton_schulz(a, 5, backward_dtype=torch.bfloat16)
+    assert torch.equal(out, isqrt_newton_schulz(cov, 5))
+    (got,) = torch.autograd.grad((out * probe).sum(), a)
+    assert got.dtype == torch.float32
+    assert rel(got, want) < 1.5e-2  # bfloat16 products: measured 5e-3; float32: 1.5e-6

@@ -127,15 +127,22 @@ def test_column_sum_in_chunks_matches_one_sum(monkeypatch) -> None:
     torch.testing.assert_close(_patch_stats.column_sum(wide), wide.sum(0), rtol=1e-15, atol=1e-14)
 
 
-def test_add_row_in_chunks_gives_the_bits_of_one_add(monkeypatch) -> None:
-    """``add_row_`` of a float32 row to a bfloat16 matrix, widened a few rows at a time (uneven chunks here): bit for
-    bit what ``matrix.add_(row)`` gives; same-dtype adds are that add."""
-    monkeypatch.setattr(_patch_stats, "COLUMN_SUM_CHUNK", 3 * 40)
+def test_reduced_rows_gradient_adds_the_mean_gradient_before_its_one_rounding() -> None:
+    """The bfloat16 rows' gradient ``rows @ M + d_mean / n`` is one product with the mean's row as its bias: each
+    entry is the float32 sum rounded to bfloat16 once, so within one bfloat16 rounding (2**-8 relative) of the exact
+    value of what the kernel multiplies (``M`` and the row rounded to bfloat16), also where the product and the row
+    nearly cancel; the product rounded first and the row added after were off by a rounding of the product there."""
     torch.manual_seed(0)
-    matrix, row = torch.randn(50, 40).to(torch.bfloat16), torch.randn(40) * 1e-2
-    want = matrix.clone().add_(row)
-    got = matrix.clone()
-    assert _patch_stats.add_row_(got, row) is got and got.dtype == torch.bfloat16
-    assert torch.equal(got, want) and not torch.equal(got, matrix)
-    wide = torch.randn(50, 40, dtype=torch.float64)
-    torch.testing.assert_close(_patch_stats.add_row_(wide.clone(), row.double()), wide + row.double(), rtol=0, atol=0)
+    n, d = 400, 48
+    rows = torch.randn(n, d).bfloat16()
+    d_cov = torch.randn(d, d)
+    m = ((d_cov + d_cov.mT) / n).bfloat16().double()
+    product = rows.double() @ m
+    d_mean = -(product[0] * n).float()  # the first row cancels to about zero
+    got = _patch_stats._reduced_rows_grad(rows, d_mean, d_cov, n)
+    assert got.dtype == torch.bfloat16 and got.shape == rows.shape
+    want = product + (d_mean / n).bfloat16().double()
+    scale = rows.double().abs() @ m.abs() + want.abs()
+    assert ((got.double() - want).abs() <= 2 ** -8 * want.abs() + 4e-6 * scale).all()  # + float32 sums
+    only_mean = _patch_stats._reduced_rows_grad(rows, d_mean, None, n)
+    assert torch.equal(only_mean, (d_mean / n).bfloat16().expand(n, d))

@@ -211,8 +211,36 @@ def test_bf16_whitening_table_reads_the_runs_and_keeps_recorded_rows_of_runs_not
     sentence = bf16_whitening.summary(first)
     speed = {r["name"]: r["nd_over_bn_train"] for r in first["rows"]}
     exact_speed, fast_speed = speed["bf16-whitening-exact"], speed["bf16-whitening-fast8"]
-    assert (f"at {exact_speed[0]:.2f}x a bf16 BatchNorm step ({fast_speed[0]:.2f}x in fast mode) on an {cpus[0]} and "
-            f"{exact_speed[1]:.2f}x ({fast_speed[1]:.2f}x) on an {cpus[1]}, with") in sentence
+    earlier = [" (an earlier version of the kernels)" if s["earlier_kernels"] else "" for s in first["speed"]]
+    assert (f"at {exact_speed[0]:.2f}x a bf16 BatchNorm step ({fast_speed[0]:.2f}x in fast mode) on an {cpus[0]}"
+            f"{earlier[0]} and {exact_speed[1]:.2f}x ({fast_speed[1]:.2f}x) on an {cpus[1]}{earlier[1]}, "
+            "with") in sentence
     assert "92.64% (exact) and 92.93% (fast)" in sentence
     later = bf16_whitening.collect(tmp_path / "elsewhere", tmp_path / "gone", recorded=rows)  # another machine
     assert [r.get("test_top1") for r in later["rows"]] == [None, 92.65, 92.64, 92.93]
+
+
+def test_bf16_whitening_table_says_which_speeds_timed_earlier_kernels(tmp_path: Path) -> None:
+    """A speed benchmark records the products it ran in bf16; one that timed another set (or, from before the
+    record, the earlier set) is named under the table with what it lacked."""
+    import bf16_whitening
+
+    from ndeconv.layers.fast_deconv import BF16_WHITENING_PRODUCTS
+
+    speeds = []
+    for i, path in enumerate(bf16_whitening.SPEEDS):
+        payload = json.loads(path.read_text())
+        if i == 0:
+            payload["settings"].pop("bf16_whitening_products", None)  # written before the products were recorded
+        else:
+            payload["settings"]["bf16_whitening_products"] = list(BF16_WHITENING_PRODUCTS)
+        speeds.append(tmp_path / path.name)
+        speeds[-1].write_text(json.dumps(payload))
+    result = bf16_whitening.collect(tmp_path / "none", tmp_path / "none", recorded={}, speeds=tuple(speeds))
+    text = bf16_whitening.markdown(result)
+    old, new = (s["cpu"] for s in result["speed"])
+    assert (f"Speeds on the {old} were timed with an earlier version of the bf16 kernels, which left the inverse "
+            "square root backward in float32.") in text
+    assert f"Speeds on the {new}" not in text
+    sentence = bf16_whitening.summary(result)
+    assert f"on an {old} (an earlier version of the kernels) and" in sentence and sentence.count("earlier") == 1

@@ -38,6 +38,11 @@ from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 __all__ = ["FastDeconv", "set_bf16_whitening", "set_fast_mode"]
 
+# The whitening's products ``set_bf16_whitening`` takes to bfloat16, by name: speed benchmarks record them, so a
+# result says which kernels it timed.
+BF16_WHITENING_PRODUCTS = ("patch Gram", "patch Gram backward", "inverse square root backward", "fold W·D",
+                           "fold W·D backward")
+
 
 def _like(weight: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     """``weight`` with the strides of ``layout`` (the layer's own weight).
@@ -166,7 +171,8 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 
     def _batch_statistics(self, x: torch.Tensor, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable); ``reduced``: the patch products
-        in bfloat16 (``reduced_patch_statistics``), mean, covariance and its inverse square root in float32."""
+        and the inverse square root's backward products in bfloat16 (``reduced_patch_statistics``), mean, covariance
+        and its inverse square root in float32."""
         if reduced:
             mean, cov = reduced_patch_statistics(x, self._sampler(), self.eps)
         else:
@@ -175,7 +181,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)
         if self.groups == 1:
-            return mean, isqrt_newton_schulz(cov, self.n_iter)
+            return mean, isqrt_newton_schulz(cov, self.n_iter, backward_dtype=torch.bfloat16 if reduced else None)
         return mean, isqrt_newton_schulz_batch(cov, self.n_iter)
 
     # -- folding ------------------------------------------------------------------------------
@@ -301,9 +307,9 @@ class FastDeconv(CachedEvalFold, _ConvNd):
 def set_bf16_whitening(model: nn.Module, enabled: bool = True) -> int:
     """Opt-in: under CPU bf16 autocast, every ungrouped FastDeconv of ``model`` takes its whitening's heavy products
     in bfloat16 while training: the sampled-patch Gram matrix (float32 sums of bfloat16 partial products,
-    ``reduced_gram``) and its backward, and the fold ``W·D`` and its backward. The inverse square root, the mean,
-    the running statistics and the bias stay float32; grouped convs, eval, other devices and float32 training are
-    unchanged. Returns the number of layers set.
+    ``reduced_gram``) and its backward, the inverse square root's backward products, and the fold ``W·D`` and its
+    backward. The inverse square root itself, the mean, the running statistics and the bias stay float32; grouped
+    convs, eval, other devices and float32 training are unchanged. Returns the number of layers set.
 
     What it costs in precision, per layer on real activations, is in docs/layers.md (Mixed precision).
     """

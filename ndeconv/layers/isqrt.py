@@ -87,23 +87,78 @@ def _scalar_iterations(lam: torch.Tensor, n_iter: int, divided_differences: bool
     return z
 
 
+# Eigenvalue pairs whose values p(a), p(b) differ by more than this fraction of |p(a)| + |p(b)| take their divided
+# difference straight from the values, (p(a) - p(b)) / (a - b) in float64: the subtraction loses at most 6 of
+# float64's 16 digits (about 1e-10 relative); closer pairs (the diagonal, clusters, a flat stretch of p) go through
+# the product-rule recursion.
+DIRECT_MIN_GAP = 1e-6
+
+
+def _pair_iterations(a: torch.Tensor, b: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """``[p](a, b)`` for pairs given as two vectors: ``_scalar_iterations``' recursion, one entry per pair."""
+    def mul(f, g):
+        return f[0] * g[0], f[1] * g[1], f[2] * g[1] + f[0] * g[2]
+
+    def half_three_minus(f):
+        return 0.5 * (3.0 - f[0]), 0.5 * (3.0 - f[1]), -0.5 * f[2]
+
+    y = (a, b, torch.ones_like(a))
+    t = half_three_minus(y)
+    z = t
+    if n_iter > 1:
+        y = mul(y, t)
+    for i in range(1, n_iter):
+        t = half_three_minus(mul(z, y))
+        if i < n_iter - 1:
+            y = mul(y, t)
+        z = mul(t, z)
+    return z[2]
+
+
+def _divided_differences(lam: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """``[p](lambda_i, lambda_j)`` in ``lam``'s dtype, from float64 values where the pair is well apart
+    (``DIRECT_MIN_GAP``) and by the recursion on the other pairs only (the diagonal, and any cluster): the full
+    recursion builds every n x n intermediate, about 40 passes over the matrix (at 576 features 1.5-3x as long)."""
+    lam64 = lam.double()
+    p, _ = _scalar_iterations(lam64, n_iter, divided_differences=False)
+    gap = p.unsqueeze(-1) - p.unsqueeze(-2)
+    dd = gap / (lam64.unsqueeze(-1) - lam64.unsqueeze(-2))  # the diagonal: 0 / 0, replaced below
+    tolerance = DIRECT_MIN_GAP * p.abs()
+    close = gap.abs_() <= tolerance.unsqueeze(-1) + tolerance.unsqueeze(-2)
+    close.diagonal(dim1=-2, dim2=-1).fill_(False)
+    dd.diagonal(dim1=-2, dim2=-1).copy_(_pair_iterations(lam64, lam64, n_iter))
+    where = close.nonzero(as_tuple=True)  # (batch..., row, column) indices
+    if where[0].numel():
+        a, b = lam64[where[:-2] + (where[-2],)], lam64[where[:-2] + (where[-1],)]
+        dd[where] = _pair_iterations(a, b, n_iter)
+    return dd.to(lam.dtype)
+
+
 class _EighIterations(torch.autograd.Function):
-    """``Z_n = p(Y_0)`` through an eigendecomposition, with the iterations' exact gradient."""
+    """``Z_n = p(Y_0)`` through an eigendecomposition, with the iterations' exact gradient. ``backward_dtype``: the
+    dtype of the backward's four matrix products, the divided differences then taken by ``_divided_differences``
+    (float64 values, in ``y``'s dtype); without it the backward is all in ``y``'s dtype, by the recursion."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, n_iter: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, y: torch.Tensor, n_iter: int,  # type: ignore[override]
+                backward_dtype: torch.dtype | None = None) -> torch.Tensor:
         lam, vec = torch.linalg.eigh(y)
         p, _ = _scalar_iterations(lam, n_iter, divided_differences=False)
         ctx.save_for_backward(lam, vec)
-        ctx.n_iter = n_iter
+        ctx.n_iter, ctx.backward_dtype = n_iter, backward_dtype
         return (vec * p.unsqueeze(-2)) @ vec.mT
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         lam, vec = ctx.saved_tensors
-        _, dd = _scalar_iterations(lam, ctx.n_iter, divided_differences=True)
-        inner = vec.mT @ grad @ vec
-        return vec @ (dd * inner) @ vec.mT, None
+        if ctx.backward_dtype is None:
+            _, dd = _scalar_iterations(lam, ctx.n_iter, divided_differences=True)
+            dtype = vec.dtype
+        else:
+            dd, dtype = _divided_differences(lam, ctx.n_iter), ctx.backward_dtype
+        v = vec.to(dtype)
+        inner = (v.mT @ grad.to(dtype) @ v).to(vec.dtype)
+        return (v @ (dd * inner).to(dtype) @ v.mT).to(vec.dtype), None, None
 
 
 # Below this size a CPU runs the iterations' small products faster than LAPACK's eigh (measured: 2x at 49,
@@ -111,24 +166,30 @@ class _EighIterations(torch.autograd.Function):
 EIGH_MIN_SIZE = 97
 
 
-def _iterate(y: torch.Tensor, n_iter: int, method: Method) -> torch.Tensor:
+def _iterate(y: torch.Tensor, n_iter: int, method: Method, backward_dtype: torch.dtype | None = None) -> torch.Tensor:
     if method == "auto":
         method = "eigh" if y.device.type == "cpu" and y.shape[-1] >= EIGH_MIN_SIZE else "matmul"
     if method == "eigh":
-        return _EighIterations.apply(y, n_iter)
+        return _EighIterations.apply(y, n_iter, backward_dtype)
     if method == "matmul":
         return _coupled_iterations(y, n_iter)
     raise ValueError(f"isqrt: method must be 'auto', 'eigh' or 'matmul', got {method!r}")
 
 
-def isqrt_newton_schulz(a: torch.Tensor, n_iter: int, method: Method = "auto") -> torch.Tensor:
-    """``A^{-1/2}`` of one symmetric positive definite matrix ``a`` (d x d)."""
+def isqrt_newton_schulz(a: torch.Tensor, n_iter: int, method: Method = "auto",
+                        backward_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``A^{-1/2}`` of one symmetric positive definite matrix ``a`` (d x d).
+
+    ``backward_dtype`` (``"eigh"`` only; the ``"matmul"`` form ignores it): the dtype of the backward's matrix
+    products, whose result comes back in ``a``'s dtype. ``torch.bfloat16`` is what ``ndeconv.set_bf16_whitening``
+    runs, where the incoming gradient went through a bfloat16 fold and the outgoing one goes into a bfloat16 product
+    anyway; the default is ``a``'s dtype."""
     if a.dim() != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"isqrt_newton_schulz: expected a square matrix, got shape {tuple(a.shape)}")
     if n_iter < 1:
         raise ValueError(f"isqrt_newton_schulz: n_iter must be >= 1, got {n_iter}")
     norm = a.norm()
-    z = _iterate(a.div(norm), n_iter, method)
+    z = _iterate(a.div(norm), n_iter, method, backward_dtype)
     return z / torch.sqrt(norm)
 
 
