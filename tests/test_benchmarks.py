@@ -227,3 +227,20 @@ def test_cpu_label_names_what_decides_the_bf16_speed() -> None:
                       "bf16_flags": ["avx512_bf16"]}) == "AMD EPYC 9R14 96-Core with AVX512-BF16"
     assert cpu_label({"cpu": "AMD EPYC", "native_bf16": False, "bf16_flags": []}) == "AMD EPYC without native bf16"
     assert cpu_label({"cpu": "AMD EPYC", "native_bf16": True}) == "AMD EPYC with native bf16"  # flags not recorded
+
+
+def test_precision_gradient_errors_compare_each_way_of_training_with_float64() -> None:
+    """The precision table's gradient columns: each way a layer trains (bf16 autocast with the float32 whitening, the
+    bf16 kernels, float32 without autocast) against float64, each on a fresh copy of the same input (a gradient
+    left on a shared input would add up across the runs)."""
+    from benchmarks import precision
+    from ndeconv import FastDeconv
+
+    torch.manual_seed(0)
+    layer = FastDeconv(64, 32, 3, padding=1)
+    x = torch.randn(8, 64, 12, 12).relu().bfloat16().float()
+    row = precision.gradient_errors(layer, x)
+    assert set(row) == {f"{k}_grad_{g}" for k in ("fp32", "kernels", "float32_no_autocast") for g in "xw"}
+    assert all(row[f"float32_no_autocast_grad_{g}"] < 1e-5 for g in "xw")
+    assert all(1e-4 < row[f"{k}_grad_{g}"] < 2e-2 for k in ("fp32", "kernels") for g in "xw")
+    assert layer.training and torch.equal(layer.running_deconv, torch.eye(576))  # the layer itself left alone
