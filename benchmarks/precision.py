@@ -91,9 +91,14 @@ def _conv(layer: FastDeconv, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, 
     return _round(out, dtype)
 
 
-def _training_grads(layer: FastDeconv, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype,
-                    autocast: bool = False, bf16_whitening: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and weight gradient of ``sum(layer(x) * upstream)`` on a training-mode copy of the layer in ``dtype``
+def _upstream(shape: torch.Size) -> torch.Tensor:
+    """The fixed upstream gradient of every training run: seeded, rounded to bf16 (as autocast delivers it)."""
+    return _round(torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.bfloat16)
+
+
+def _training_grads(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype, autocast: bool = False,
+                    bf16_whitening: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradient of ``sum(layer(x) * _upstream)`` on a training-mode copy of the layer in ``dtype``
     (batch statistics; the layer itself and its running statistics are left alone)."""
     twin = copy.deepcopy(layer).train().to(dtype)
     twin.bf16_whitening = bf16_whitening
@@ -101,23 +106,20 @@ def _training_grads(layer: FastDeconv, x: torch.Tensor, upstream: torch.Tensor, 
     x = x.detach().to(torch.bfloat16 if autocast else dtype).requires_grad_()
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         out = twin(x)
-    (out.to(upstream.dtype) * upstream).sum().backward()
+    (out.to(dtype) * _upstream(out.shape).to(dtype)).sum().backward()
     return x.grad, twin.weight.grad
 
 
 def gradient_errors(layer: FastDeconv, x: torch.Tensor) -> dict[str, float]:
     """bf16 only: the training gradients under bf16 autocast (float32 whitening, and the bf16 kernels) and in
     float32 without autocast, against float64; ``x`` as the layer receives it under autocast."""
-    with torch.no_grad():
-        shape = copy.deepcopy(layer).train()(x.float()).shape
-    upstream = _round(torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.bfloat16)
-    want_x, want_w = _training_grads(layer, x, upstream.double(), torch.float64)
+    want_x, want_w = _training_grads(layer, x, torch.float64)
     row = {}
     runs = (("fp32", True, False), ("kernels", True, True), ("float32_no_autocast", False, False))
     for key, autocast, kernels in runs:
         if kernels and layer.groups != 1:
             continue
-        got_x, got_w = _training_grads(layer, x, upstream, torch.float32, autocast, kernels)
+        got_x, got_w = _training_grads(layer, x, torch.float32, autocast, kernels)
         row[f"{key}_grad_x"], row[f"{key}_grad_w"] = _rel(got_x, want_x), _rel(got_w, want_w)
     return row
 

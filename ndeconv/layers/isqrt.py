@@ -70,21 +70,26 @@ def _half_three_minus(f: _Scalar) -> _Scalar:
     return 0.5 * (3.0 - fv), (None if fd is None else -0.5 * fd)
 
 
-def _scalar_iterations(lam: torch.Tensor, n_iter: int, divided_differences: bool) -> _Scalar:
-    """The coupled iteration on the eigenvalues: ``p(lambda)`` and, if asked, ``[p](lambda_i, lambda_j)``."""
-    ones = lam.new_ones(*lam.shape, lam.shape[-1]) if divided_differences else None
-    y: _Scalar = (lam, ones)  # [identity](a, b) = 1
-    t = _half_three_minus(y)
+def _run_iterations(y, n_iter: int, mul, half_three_minus):
+    """The coupled iteration's recursion on scalars ``y`` (values with divided differences), given their product and
+    ``(3 - f) / 2``; returns Z_n. ``_coupled_iterations`` is the same on matrices."""
+    t = half_three_minus(y)
     z = t
     if n_iter == 1:
         return z
-    y = _mul(y, t)
+    y = mul(y, t)
     for i in range(1, n_iter):
-        t = _half_three_minus(_mul(z, y))
+        t = half_three_minus(mul(z, y))
         if i < n_iter - 1:
-            y = _mul(y, t)
-        z = _mul(t, z)
+            y = mul(y, t)
+        z = mul(t, z)
     return z
+
+
+def _scalar_iterations(lam: torch.Tensor, n_iter: int, divided_differences: bool) -> _Scalar:
+    """The coupled iteration on the eigenvalues: ``p(lambda)`` and, if asked, ``[p](lambda_i, lambda_j)``."""
+    ones = lam.new_ones(*lam.shape, lam.shape[-1]) if divided_differences else None
+    return _run_iterations((lam, ones), n_iter, _mul, _half_three_minus)  # [identity](a, b) = 1
 
 
 # Eigenvalue pairs whose values p(a), p(b) differ by more than this fraction of |p(a)| + |p(b)| take their divided
@@ -102,17 +107,7 @@ def _pair_iterations(a: torch.Tensor, b: torch.Tensor, n_iter: int) -> torch.Ten
     def half_three_minus(f):
         return 0.5 * (3.0 - f[0]), 0.5 * (3.0 - f[1]), -0.5 * f[2]
 
-    y = (a, b, torch.ones_like(a))
-    t = half_three_minus(y)
-    z = t
-    if n_iter > 1:
-        y = mul(y, t)
-    for i in range(1, n_iter):
-        t = half_three_minus(mul(z, y))
-        if i < n_iter - 1:
-            y = mul(y, t)
-        z = mul(t, z)
-    return z[2]
+    return _run_iterations((a, b, torch.ones_like(a)), n_iter, mul, half_three_minus)[2]
 
 
 def _divided_differences(lam: torch.Tensor, n_iter: int) -> torch.Tensor:
