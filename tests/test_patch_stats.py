@@ -113,6 +113,27 @@ def test_patch_mean_of_a_bfloat16_input_sums_in_float32(kernel, dilation, paddin
     torch.testing.assert_close(grad.double(), want_grad.to(torch.bfloat16).double(), rtol=8e-3, atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_statistics_of_a_bfloat16_input_are_the_float32_ones(kernel, dilation, padding, stride, block, groups, shape,
+                                                              layout) -> None:
+    """A bfloat16 batch (CPU bf16 autocast, float32 whitening) is read as it is and its patches converted as they are
+    gathered: the statistics are bit for bit those of the batch converted to float32 first, and the gradient is that
+    float32 gradient rounded to bfloat16, in the input's dtype and layout."""
+    torch.manual_seed(0)
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    x = torch.randn(*shape).to(torch.bfloat16).contiguous(memory_format=layout).requires_grad_()
+    wide = x.detach().float().contiguous(memory_format=layout).requires_grad_()
+    want_mean, want_cov = patch_statistics(wide, sampler, 1e-5, groups)
+    probe_mean, probe_cov = torch.randn_like(want_mean), torch.randn_like(want_cov)
+    (want_grad,) = torch.autograd.grad((want_mean * probe_mean).sum() + (want_cov * probe_cov).sum(), wide)
+    mean, cov = patch_statistics(x, sampler, 1e-5, groups)
+    (grad,) = torch.autograd.grad((mean * probe_mean).sum() + (cov * probe_cov).sum(), x)
+    assert mean.dtype == cov.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.equal(mean, want_mean) and torch.equal(cov, want_cov)
+    assert torch.equal(grad, want_grad.to(torch.bfloat16)) and grad.stride() == x.stride()
+
+
 def test_column_sum_in_chunks_matches_one_sum(monkeypatch) -> None:
     """``column_sum`` of a bfloat16 matrix in uneven chunks of rows: float32 sums, the float64 sum to float32
     rounding; float64 stays float64 and exact to its own rounding."""

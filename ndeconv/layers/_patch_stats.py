@@ -13,12 +13,12 @@ the whole matrix, ``col2im``) as on the product. Written out:
   copies reversed, no ``col2im``, no zero-filled gradient where the patches tile the whole input; interleaved
   blocks in NCHW: ``col2im``, as fast there as ``9 * blocks`` small copies).
 
-Grouped convs with overlapping patches (PNASNet-A's 7x7 depthwise layers) keep them as ``(groups, nf, n)``:
-``unfold`` already puts a group's features next to each other, so one centring copy makes every per-group
-product a contiguous batched one, and the backward undoes the permute before ``col2im`` (7-13% off
-PNASNet-A's training step, interleaved A/B, against the transposed ``(n, C*49)`` matrix with strided
-per-group views). Disjoint grouped patches (3x3 depthwise, sampling stride 3) stay on the strided copies,
-measured faster there.
+Grouped convs keep their patches as ``(groups, nf, n)``, so every per-group product is a contiguous batched
+one. Overlapping patches (PNASNet-A's 7x7 depthwise layers): ``unfold`` already puts a group's features next to
+each other, one centring copy does the rest, and the backward undoes the permute before ``col2im`` (7-13% off
+PNASNet-A's training step, interleaved A/B, against the transposed ``(n, C*49)`` matrix with strided per-group
+views). Disjoint patches (3x3 depthwise and grouped layers, sampling stride 3): one strided copy per kernel tap
+straight into that layout, and back (``_gather_disjoint_groups``). Grouped 1x1 layers keep ``(n, C)`` rows.
 
 Autograd's backward also subtracts the column means of ``Xc (G + G^T) / n``; those are zero up to
 rounding (``Xc``'s columns sum to zero), so leaving them out changes gradients by rounding only
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ._common import stats_dtype
 
 
 def channels_last(x: torch.Tensor) -> bool:
@@ -195,14 +197,19 @@ class PatchSampler:
     def _blocks(self, channels: int) -> int:
         return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The sampled patches as a fresh contiguous matrix in the block layout."""
+    def gather(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The sampled patches as a fresh contiguous matrix in the block layout, in ``dtype`` (default: ``x``'s).
+
+        The patches are converted as they are copied: a float32 matrix from a bfloat16 batch costs no float32 copy
+        of the whole batch first (MobileNetV2's depthwise layers under bf16 autocast spent 18 ms a layer on it).
+        Overlapping patches outnumber the input's elements, so there the input is converted before ``unfold``."""
+        dtype = x.dtype if dtype is None else dtype
         if self._disjoint():
             n, c, h, w = x.shape
             blocks = self._blocks(c)
             grid = self._grid((h, w))
             nf = c * self.kernel[0] * self.kernel[1] // blocks
-            rows = x.new_empty(n, grid[0], grid[1], blocks, nf)
+            rows = x.new_empty(n, grid[0], grid[1], blocks, nf, dtype=dtype)
             # Border patches reach into the zero padding: zero them first, the taps then fill what is inside.
             hs = [self._valid(h, grid[0], a * self.dilation[0] - self.padding[0]) for a in range(self.kernel[0])]
             ws = [self._valid(w, grid[1], b * self.dilation[1] - self.padding[1]) for b in range(self.kernel[1])]
@@ -213,9 +220,9 @@ class PatchSampler:
                 rows[:, ph, pw, g, f].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
             return rows.view(-1, nf)
         if self.kernel == (1, 1):  # every pixel a patch: the authors sample every stride**2-th pixel of the batch
-            rows = self._sampled_pixels(x)
+            rows = self._sampled_pixels(x).to(dtype)
         else:
-            rows = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride).transpose(1, 2)
+            rows = F.unfold(x.to(dtype), self.kernel, self.dilation, self.padding, self.stride).transpose(1, 2)
             rows = rows.reshape(-1, rows.shape[-1])
         blocks = self._blocks(x.shape[1])
         if blocks > 1:
@@ -226,30 +233,92 @@ class PatchSampler:
         return rows
 
     def group_major(self) -> bool:
-        """Whether a grouped conv's patches overlap, so ``gather_groups`` (unfold, no transpose) is used."""
-        return self.grouped and self.kernel != (1, 1) and not self._disjoint()
+        """Whether a grouped conv's patches are gathered group by group (``gather_groups``): every grouped kernel
+        but 1x1."""
+        return self.grouped and self.kernel != (1, 1)
 
-    def gather_groups(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Overlapping patches of a grouped conv, centred, as a fresh ``(groups, nf, n)`` tensor, and their mean."""
+    def gather_groups(self, x: torch.Tensor, groups: int,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A grouped conv's patches, centred, as a fresh ``(groups, nf, n)`` tensor in ``dtype`` (default: ``x``'s),
+        and their mean."""
+        if self._disjoint():
+            return self._gather_disjoint_groups(x, groups, dtype)
         n, c = x.shape[:2]
         # unfold's (N, C*kh*kw, L) holds group g's features at [g*nf, (g+1)*nf): only N moves inwards.
-        cols = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)
+        cols = F.unfold(x.to(x.dtype if dtype is None else dtype), self.kernel, self.dilation, self.padding,
+                        self.stride)
         patches = cols.view(n, groups, -1, cols.shape[-1]).permute(1, 2, 0, 3)
         mean = patches.mean((2, 3))
         rows = patches.new_empty(patches.shape)  # contiguous (an elementwise op would keep the permuted strides)
         torch.sub(patches, mean[:, :, None, None], out=rows)
         return rows.view(groups, patches.shape[1], -1), mean.reshape(-1)
 
-    def scatter_groups(self, rows: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
-        """The input-shaped gradient of ``gather_groups`` for the ``(groups, nf, n)`` row gradients."""
+    def _gather_disjoint_groups(self, x: torch.Tensor, groups: int,
+                                dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gather_groups`` for disjoint patches: one strided copy per kernel tap into a ``(C, kh*kw, N, Hs, Ws)``
+        tensor, which is ``(groups, nf, n)`` as it lies (group g's features ``c*kh*kw + tap`` for its channels c).
+
+        Against the ``(n, C*kh*kw)`` rows of ``gather`` and per-group products on their strided views, the batched
+        Gram product and its backward read and write contiguous memory and the backward needs no transposing copy
+        back to rows (MobileNetV2's first 144-channel depthwise layer under bf16 autocast, channels-last: 142 against
+        234 ms for gather, statistics, backward products and scatter)."""
+        n, c, h, w = x.shape
+        grid = self._grid((h, w))
+        taps = self.kernel[0] * self.kernel[1]
+        rows = x.new_empty(c, taps, n, grid[0], grid[1], dtype=x.dtype if dtype is None else dtype)
+        for tap, (rows_out, cols_out) in enumerate(self._tap_ranges(grid, (h, w))):
+            # The grid positions whose tap falls on the zero padding (all of them for a tap that only reads padding).
+            rows[:, tap, :, :rows_out[0]].zero_(), rows[:, tap, :, rows_out[1]:].zero_()
+            rows[:, tap, :, :, :cols_out[0]].zero_(), rows[:, tap, :, :, cols_out[1]:].zero_()
+        kw = self.kernel[1]
+        for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(x.shape):
+            rows[:, a * kw + b, :, grid_rows, grid_cols].copy_(x[:, :, rows_in, cols_in].transpose(0, 1))
+        rows = rows.view(groups, -1, n * grid[0] * grid[1])
+        mean = rows.mean(2)
+        rows.sub_(mean.unsqueeze(2))
+        return rows, mean.reshape(-1)
+
+    def _tap_ranges(self, grid: tuple[int, int], size: tuple[int, int]):
+        """For each kernel tap in order: the grid rows and columns [lo, hi) whose tap lies inside the input."""
+        for a in range(self.kernel[0]):
+            for b in range(self.kernel[1]):
+                yield (self._valid(size[0], grid[0], a * self.dilation[0] - self.padding[0]),
+                       self._valid(size[1], grid[1], b * self.dilation[1] - self.padding[1]))
+
+    def _covered(self, grid: tuple[int, int], size: tuple[int, int]) -> bool:
+        """Whether the disjoint sampled patches tile the whole input (so a gradient written through them needs no
+        zero fill first)."""
+        return all(
+            self.stride == k and d == 1 and g * self.stride - p >= s and p < self.stride
+            for k, d, g, p, s in zip(self.kernel, self.dilation, grid, self.padding, size, strict=True)
+        )
+
+    def scatter_groups(self, rows: torch.Tensor, shape: torch.Size, layout: torch.memory_format,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The input-shaped gradient of ``gather_groups`` for the ``(groups, nf, n)`` row gradients, in ``dtype``
+        (default: ``rows``'s), converted as it is copied."""
         n, c, h, w = shape
+        if self._disjoint():
+            grid = self._grid((h, w))
+            rows = rows.view(c, -1, n, grid[0], grid[1])
+            grad = torch.empty(shape, dtype=rows.dtype if dtype is None else dtype, device=rows.device,
+                               memory_format=layout)
+            if not self._covered(grid, (h, w)):
+                grad.zero_()
+            kw = self.kernel[1]
+            for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(shape):
+                grad[:, :, rows_in, cols_in].copy_(rows[:, a * kw + b, :, grid_rows, grid_cols].transpose(0, 1))
+            return grad
         cols = rows.view(*rows.shape[:2], n, -1).permute(2, 0, 1, 3).reshape(n, c * self.kernel[0] * self.kernel[1], -1)
         grad = F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
-        return grad.contiguous(memory_format=layout)
+        return grad.to(rows.dtype if dtype is None else dtype, memory_format=layout)
 
-    def scatter(self, rows: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
+    def scatter(self, rows: torch.Tensor, shape: torch.Size, layout: torch.memory_format,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """The input-shaped gradient of ``gather`` for the row gradients ``rows`` (gather's adjoint), in the
-        input's memory ``layout`` (a gradient in another format slows every op it meets later)."""
+        input's memory ``layout`` (a gradient in another format slows every op it meets later) and in ``dtype``
+        (default: ``rows``'s), converted as it is copied."""
+        dtype = rows.dtype if dtype is None else dtype
         n, c, h, w = shape
         blocks = self._blocks(c)
         width = c * self.kernel[0] * self.kernel[1]
@@ -260,12 +329,8 @@ class PatchSampler:
         if self._disjoint() and (blocks == 1 or layout == torch.channels_last):
             grid = self._grid((h, w))
             rows = rows.view(n, grid[0], grid[1], blocks, width // blocks)
-            covered = all(
-                self.stride == k and d == 1 and g * self.stride - p >= size and p < self.stride
-                for k, d, g, p, size in zip(self.kernel, self.dilation, grid, self.padding, (h, w), strict=True)
-            )
-            grad = torch.empty(shape, dtype=rows.dtype, device=rows.device, memory_format=layout)
-            if not covered:
+            grad = torch.empty(shape, dtype=dtype, device=rows.device, memory_format=layout)
+            if not self._covered(grid, (h, w)):
                 grad.zero_()
             for (ph, pw, g, f), (cs, hi, wi) in self._taps(shape, blocks):
                 grad[:, cs, hi, wi].copy_(rows[:, ph, pw, g, f].permute(0, 3, 1, 2))
@@ -275,17 +340,17 @@ class PatchSampler:
         rows = rows.reshape(-1, width)
         if self.kernel == (1, 1):  # straight into the input's layout (no permuted copy of the whole gradient)
             if layout == torch.channels_last:
-                grad = rows.new_zeros(n, h, w, c)
+                grad = rows.new_zeros(n, h, w, c, dtype=dtype)
                 grad.view(-1, c)[:: self.stride**2] = rows
                 return grad.permute(0, 3, 1, 2)
-            grad = rows.new_zeros(n, c, h * w)
+            grad = rows.new_zeros(n, c, h * w, dtype=dtype)
             image, pixel = self._pixel_index(shape, rows.device)
-            grad[image, :, pixel] = rows
+            grad[image, :, pixel] = rows.to(dtype)
             return grad.view(shape)
         grid = self._grid((h, w))
         cols = rows.view(n, grid[0] * grid[1], width).transpose(1, 2)
         grad = F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
-        return grad.contiguous(memory_format=layout)
+        return grad.to(dtype, memory_format=layout)
 
 
 def symmetric_gram(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -354,24 +419,28 @@ def _reduced_rows_grad(rows: torch.Tensor, d_mean: torch.Tensor | None, d_cov: t
 
 
 class _PatchStatistics(torch.autograd.Function):
+    """Mean and covariance of ``x``'s sampled patches, taken from patch rows in ``dtype``: the input is read as it is
+    (a bfloat16 batch under autocast is not copied to float32 first) and its gradient comes back in its own dtype."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sampler: PatchSampler, eps: float, groups: int):  # type: ignore[override]
-        if x.dtype == torch.bfloat16:  # reduced_patch_statistics: one whitening group, products in bfloat16
-            rows = sampler.gather(x)
-            n = rows.shape[0]
+    def forward(ctx, x: torch.Tensor, sampler: PatchSampler, eps: float, groups: int,  # type: ignore[override]
+                dtype: torch.dtype):
+        ctx.sampler, ctx.groups, ctx.shape, ctx.dtype = sampler, groups, x.shape, x.dtype
+        ctx.layout = torch.channels_last if channels_last(x) else torch.contiguous_format
+        if dtype == torch.bfloat16:  # reduced_patch_statistics: one whitening group, products in bfloat16
+            rows = sampler.gather(x, dtype)
+            n = ctx.n = rows.shape[0]
             mean = rows.mean(0, dtype=torch.float32)
             rows.sub_(mean.to(rows.dtype))
             cov = reduced_gram(rows, 1.0 / n, eps)
             ctx.save_for_backward(rows)
-            ctx.sampler, ctx.groups, ctx.shape, ctx.n = sampler, groups, x.shape, n
-            ctx.layout = torch.channels_last if channels_last(x) else torch.contiguous_format
             return mean, cov
         if sampler.group_major():
-            rows, mean = sampler.gather_groups(x, groups)  # (groups, nf, n), centred
+            rows, mean = sampler.gather_groups(x, groups, dtype)  # (groups, nf, n), centred
             n = rows.shape[2]
             per_group = rows
         else:
-            rows = sampler.gather(x)
+            rows = sampler.gather(x, dtype)
             mean = rows.mean(0)
             rows.sub_(mean)  # `rows` is this Function's own copy: centre it in place
             n = rows.shape[0]
@@ -382,8 +451,7 @@ class _PatchStatistics(torch.autograd.Function):
             eye = torch.eye(per_group.shape[1], dtype=rows.dtype, device=rows.device)
             cov = torch.baddbmm(eye.expand(groups, -1, -1), per_group, per_group.mT, beta=eps, alpha=1.0 / n)
         ctx.save_for_backward(rows)
-        ctx.sampler, ctx.groups, ctx.shape, ctx.n = sampler, groups, x.shape, n
-        ctx.layout = torch.channels_last if channels_last(x) else torch.contiguous_format
+        ctx.n = n
         return mean, cov
 
     @staticmethod
@@ -404,7 +472,7 @@ class _PatchStatistics(torch.autograd.Function):
         if d_mean is not None and rows.dtype != torch.bfloat16:
             d_rows.add_((d_mean / n).view(groups, -1, 1) if group_major else d_mean / n)
         scatter = ctx.sampler.scatter_groups if group_major else ctx.sampler.scatter
-        return scatter(d_rows, ctx.shape, ctx.layout), None, None, None
+        return scatter(d_rows, ctx.shape, ctx.layout, ctx.dtype), None, None, None, None
 
 
 def patch_statistics_reference(x: torch.Tensor, sampler: PatchSampler, eps: float,
@@ -442,10 +510,10 @@ def reduced_patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float)
     """``patch_statistics`` of one whitening group with the heavy products in bfloat16: the patches gathered and
     centred in bfloat16 (from ``x`` rounded to bfloat16, as a conv under CPU bf16 autocast reads it), the Gram
     matrix by ``reduced_gram`` (float32 sums of bfloat16 partial products) and its backward as one bfloat16
-    product; mean and covariance come out in float32."""
+    product; mean and covariance come out in float32, the gradient in ``x``'s dtype."""
     if sampler.grouped:
         raise ValueError("reduced_patch_statistics: grouped convolutions keep float32 statistics")
-    return _PatchStatistics.apply(x.to(torch.bfloat16), sampler, eps, 1)
+    return _PatchStatistics.apply(x, sampler, eps, 1, torch.bfloat16)
 
 
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:
@@ -456,5 +524,6 @@ def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:
 def patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float,
                      groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (``nf``, or ``C*kh*kw`` grouped) and ``Cov + eps I`` (``nf x nf``, or ``groups x nf x nf``) of the
-    sampled patches."""
-    return _PatchStatistics.apply(x, sampler, eps, groups)
+    sampled patches, in float32 at least (``stats_dtype``): a half-precision ``x`` is read as it is, its patches
+    converted as they are gathered, and its gradient comes back in its own dtype."""
+    return _PatchStatistics.apply(x, sampler, eps, groups, stats_dtype(x.dtype))

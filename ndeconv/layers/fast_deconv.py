@@ -176,7 +176,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         if reduced:
             mean, cov = reduced_patch_statistics(x, self._sampler(), self.eps)
         else:
-            mean, cov = patch_statistics(x.to(stats_dtype(x.dtype)), self._sampler(), self.eps, self.groups)
+            mean, cov = patch_statistics(x, self._sampler(), self.eps, self.groups)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)
