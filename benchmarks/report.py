@@ -206,23 +206,34 @@ def _rates(run: dict) -> str:
     return f"bf16 {rates['bf16']:.0f} GFLOP/s, float32 {rates['float32']:.0f}; " if rates else ""
 
 
+def _float32_pair(run: dict) -> bool:
+    """Whether a bf16 run also timed ND and BN in float32 in its own interleaved rounds (``--float32-pair``)."""
+    return bool(run.get("settings", {}).get("float32_pair"))
+
+
 def bf16_table(bf16: Path, fp32: Path) -> str:
     """All ten under bf16 autocast against float32 on the same CPU (docs/benchmarks.md, bf16 block): the ND/BN
     ratio with float32 and with bf16 whitening, the exact step's floor (benchmarks/floor.py) and the float32 ratio
-    the bf16-whitening one must not exceed."""
+    the bf16-whitening one must not exceed: from the bf16 run's own rounds where it timed the float32 pair
+    (``--float32-pair``), else from the separate float32 run ``fp32``."""
     from benchmarks._common import cpu_label, earlier_kernels_note
     from benchmarks._models import ZOO_ARCHS
 
-    runs = {k: json.loads(p.read_text()) for k, p in (("bf16", bf16), ("fp32", fp32))}
+    runs = {"bf16": json.loads(bf16.read_text())}
+    paired = _float32_pair(runs["bf16"])
+    if not paired:
+        runs["fp32"] = json.loads(fp32.read_text())
     rows = {k: {(r["arch"], r["batch"]): r for r in run["models"]} for k, run in runs.items()}
     machines = {k: run["machine"] for k, run in runs.items()}
-    if machines["bf16"].get("cpu") != machines["fp32"].get("cpu"):
+    if not paired and machines["bf16"].get("cpu") != machines["fp32"].get("cpu"):
         raise SystemExit(f"{bf16.name} and {fp32.name} ran on different CPUs ({machines['bf16'].get('cpu')}, "
                          f"{machines['fp32'].get('cpu')}); measure both on one machine")
     machine = machines["bf16"]
+    float32 = (" The float32 pair (ND and BN without autocast) ran in the same interleaved rounds." if paired
+               else f" and, in float32 on the same CPU, `{runs['fp32']['command']}`.")
     lines = [f"All ten under bf16 autocast, channels-last, on {machine.get('cpu_count', '?')} cores of an "
              f"{cpu_label(machine)}; median of interleaved steps; `{runs['bf16']['command']}`"
-             f" and, in float32 on the same CPU, `{runs['fp32']['command']}`. Floor: the BN step plus the "
+             f"{'.' if paired else ''}{float32} Floor: the BN step plus the "
              f"whitening's products at the measured bf16 product rate ({_rates(runs['bf16'])}float32 for grouped "
              "layers) plus the inverse square roots (benchmarks/floor.py), which are also shown alone, in BN steps. "
              "Target: the bf16-whitening ratio no higher than the float32 one.", "",
@@ -230,9 +241,12 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
              "of which inverse square roots | ND/BN in float32 | met |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (arch, batch), row in sorted(rows["bf16"].items(), key=lambda kv: (ZOO_ARCHS.index(kv[0][0]), kv[0][1])):
-        fp32_row = rows["fp32"].get((arch, batch))
         bf16w = row.get("nd_bf16w_over_bn_train")
-        reference = fp32_row["nd_over_bn_train"] if fp32_row else None
+        if paired:
+            reference = row.get("nd_fp32_over_bn_fp32_train")
+        else:
+            fp32_row = rows["fp32"].get((arch, batch))
+            reference = fp32_row["nd_over_bn_train"] if fp32_row else None
         met = "–" if reference is None or bf16w is None else ("yes" if bf16w <= reference else "**no**")
         cell = lambda v: f"{v:.2f}" if v is not None else "–"  # noqa: E731
         bn = row["bn_train"]["median_s"]
@@ -253,7 +267,7 @@ def main() -> int:
     if (RESULTS / "resnet18.json").is_file() and (RESULTS / "inference.json").is_file():
         write_readme_block("speed-summary", speed_summary(RESULTS / "resnet18.json", RESULTS / "inference.json"))
     for block, bf16, fp32 in BF16_TABLES:
-        if bf16.is_file() and fp32.is_file():
+        if bf16.is_file() and (fp32.is_file() or _float32_pair(json.loads(bf16.read_text()))):
             write_readme_block(block, bf16_table(bf16, fp32))
     parts = []
     for name, render in (("resnet18.json", training_table), ("inference.json", inference_table),

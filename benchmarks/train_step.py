@@ -14,7 +14,9 @@ a no-grad forward in eval mode; fast mode (``--fast K``) is timed over whole ref
 per step. Like ``ndeconv train``, the benchmark first lets glibc's malloc
 reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
 ``--channels-last`` puts every network and input in channels-last memory format (both forms alike);
-``--amp bf16`` times both forms under ``torch.autocast`` (the loss in float32, as ``ndeconv train``).
+``--amp bf16`` times both forms under ``torch.autocast`` (the loss in float32, as ``ndeconv train``);
+with ``--float32-pair`` the same ND and BN networks also run in float32 in the same interleaved rounds
+(``nd_fp32``, ``bn_fp32``), so the float32 ratio the autocast ratios are held against drifts with them.
 ``--memory`` measures each config's peak step memory in a fresh subprocess (ru_maxrss delta, see
 _common.peak_rss_probe). ``--profile`` adds torch.profiler's top ops of an ND step. Each model row
 also counts the step's arithmetic (benchmarks/flops.py): GFLOP of the convolutions and of the
@@ -98,19 +100,34 @@ def _steps(step: Callable[[], None], count: int) -> Callable[[], None]:
     return run
 
 
+FLOAT32 = "_fp32"  # suffix of the networks ``--float32-pair`` times in float32 beside the autocast ones
+
+
+def _amp(net: str, args: argparse.Namespace) -> torch.dtype | None:
+    return None if net.endswith(FLOAT32) else AMP[args.amp]
+
+
+def _baseline(net: str) -> str:
+    """The BN network ``net`` is held against: the one in its own precision."""
+    return "bn" + FLOAT32 if net.endswith(FLOAT32) else "bn"
+
+
 def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
-    amp = AMP[args.amp]
-    train = {k: _steps(C.make_train_step(m, x, y, amp), _refresh_cycle(k)) for k, m in nets.items()}
-    evals = {k: C.make_eval_forward(m, x, amp) for k, m in nets.items()}
+    """Interleaved training steps and eval forwards of ``nets``: medians, and each ND network's ratio to the BN one of
+    its precision (``<net>_over_bn_train``; ``nd_fp32_over_bn_fp32_train`` for the float32 pair)."""
+    train = {k: _steps(C.make_train_step(m, x, y, _amp(k, args)), _refresh_cycle(k)) for k, m in nets.items()}
+    evals = {k: C.make_eval_forward(m, x, _amp(k, args)) for k, m in nets.items()}
     t = C.interleaved(train, args.warmup, args.repeats)
     t = {k: [s / _refresh_cycle(k) for s in v] for k, v in t.items()}  # seconds per training step
     e = C.interleaved(evals, 1, args.eval_repeats)
     out = {f"{k}_train": C.summary(v) for k, v in t.items()}
     out.update({f"{k}_eval": C.summary(v) for k, v in e.items()})
     for k in nets:
-        if k != "bn":
-            out[f"{k}_over_bn_train"] = round(out[f"{k}_train"]["median_s"] / out["bn_train"]["median_s"], 3)
-            out[f"{k}_over_bn_eval"] = round(out[f"{k}_eval"]["median_s"] / out["bn_eval"]["median_s"], 3)
+        base = _baseline(k)
+        if k != base:
+            for phase in ("train", "eval"):
+                out[f"{k}_over_{base}_{phase}"] = round(
+                    out[f"{k}_{phase}"]["median_s"] / out[f"{base}_{phase}"]["median_s"], 3)
     return out
 
 
@@ -118,10 +135,11 @@ def _layout(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _models(arch: str, fast: list[int], channels_last: bool = False,
-            bf16_whitening: bool = False) -> tuple[dict[str, nn.Module], str]:
+def _models(arch: str, fast: list[int], channels_last: bool = False, bf16_whitening: bool = False,
+            float32_pair: bool = False) -> tuple[dict[str, nn.Module], str]:
     """The networks timed side by side: ``nd``, ``fast<K>`` for each K, with ``bf16_whitening`` a ``<name>_bf16w``
-    twin of each (ndeconv.set_bf16_whitening), and ``bn``."""
+    twin of each (ndeconv.set_bf16_whitening), ``bn``, and with ``float32_pair`` an ``nd_fp32`` and a ``bn_fp32``
+    (timed without autocast)."""
     torch.manual_seed(0)
     nd, source = build(arch, deconv=True)
     nets = {"nd": nd}
@@ -136,6 +154,9 @@ def _models(arch: str, fast: list[int], channels_last: bool = False,
             set_bf16_whitening(twin)
             nets[f"{name}_bf16w"] = twin
     nets["bn"], _ = build(arch, deconv=False)
+    if float32_pair:
+        nets["nd" + FLOAT32], _ = build(arch, deconv=True)
+        nets["bn" + FLOAT32], _ = build(arch, deconv=False)
     return {k: m.to(memory_format=_layout(channels_last)) for k, m in nets.items()}, source
 
 
@@ -145,7 +166,7 @@ def run_models(args: argparse.Namespace, ref: dict[str, float]) -> list[dict]:
     for arch in archs:
         for batch in args.batch:
             try:
-                nets, source = _models(arch, args.fast, args.channels_last, args.bf16_whitening)
+                nets, source = _models(arch, args.fast, args.channels_last, args.bf16_whitening, args.float32_pair)
             except SystemExit as exc:
                 print(f"skip {arch}: {exc}", flush=True)
                 continue
@@ -200,6 +221,8 @@ def _line(row: dict) -> str:
         if k.endswith("_train") and isinstance(row[k], dict):
             parts.append(f"{k} {row[k]['median_s']:.3f}s")
     parts.append(f"ND/BN train {row['nd_over_bn_train']:.2f} eval {row['nd_over_bn_eval']:.2f}")
+    if row.get(f"nd{FLOAT32}_over_bn{FLOAT32}_train"):
+        parts.append(f"in float32 {row[f'nd{FLOAT32}_over_bn{FLOAT32}_train']:.2f}")
     if row.get("reference_nd_over_bn_train_median"):
         parts.append(f"(reference {row['reference_nd_over_bn_train_median']:.2f})")
     if row.get("nd_over_bn_peak_memory"):
@@ -245,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the steps under torch.autocast in this dtype (default: off, float32)")
     p.add_argument("--bf16-whitening", action="store_true",
                    help="also time each deconvolution network with ndeconv.set_bf16_whitening (with --amp bf16)")
+    p.add_argument("--float32-pair", action="store_true",
+                   help="with --amp: also time ND and BN in float32 in the same interleaved rounds")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up round, 2 timed steps, no layers")
     p.add_argument("--name", default=None, help="results file name (default from the arch)")
     p.add_argument("--probe", nargs=4, metavar=("ARCH", "FORM", "BATCH", "IMAGE"), help=argparse.SUPPRESS)
@@ -256,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         probe(args.probe[0], args.probe[1], int(args.probe[2]), int(args.probe[3]), args.channels_last, args.amp)
         return 0
+    if args.float32_pair and args.amp == "off":
+        p.error("--float32-pair compares autocast with float32: give --amp bf16 or --amp fp16")
     if args.quick:
         args.warmup, args.repeats, args.eval_repeats = 1, 2, 1
     if args.layers is None:
@@ -265,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                "method": __doc__.split("Method: ", 1)[1].strip(), "settings": {
                    k: getattr(args, k) for k in ("batch", "image", "warmup", "repeats", "eval_repeats", "fast",
                                                "keep_freed_memory", "channels_last", "amp",
-                                               "bf16_whitening")}}
+                                               "bf16_whitening", "float32_pair")}}
     if args.bf16_whitening:
         payload["settings"]["bf16_whitening_products"] = list(BF16_WHITENING_PRODUCTS)
     payload["models"] = run_models(args, ref)

@@ -29,6 +29,42 @@ def test_quick_run_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monkey
     assert sorted(cycles) == [1, 1, 3]  # fast mode's timed unit is its whole refresh cycle
 
 
+def test_float32_pair_times_nd_and_bn_without_autocast_in_the_same_rounds(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--float32-pair``: an ND and a BN twin run in float32 beside the autocast pair, each ratio against the BN
+    network of its own precision."""
+    from benchmarks import _common
+
+    amps = {}
+    real_step = _common.make_train_step
+
+    def recording_step(model, x, y, amp=None):
+        amps[id(model)] = amp
+        return real_step(model, x, y, amp)
+
+    monkeypatch.setattr(_common, "make_train_step", recording_step)
+    seen = []
+    real_bench = train_step.bench_pair
+    monkeypatch.setattr(train_step, "bench_pair", lambda nets, x, y, args: seen.append(nets) or
+                        real_bench(nets, x, y, args))
+    out = tmp_path / "pair"
+    assert train_step.main(["--arch", "efficientnet_b0_deconv", "--batch", "4", "--quick", "--no-layers",
+                            "--amp", "bf16", "--float32-pair", "--no-keep-freed-memory", "--name", str(out)]) == 0
+    (nets,) = seen
+    assert {k: amps[id(m)] for k, m in nets.items()} == {
+        "nd": torch.bfloat16, "bn": torch.bfloat16, "nd_fp32": None, "bn_fp32": None}
+    data = json.loads(out.with_suffix(".json").read_text())
+    (row,) = data["models"]
+    assert data["settings"]["float32_pair"] is True
+    want = row["nd_fp32_train"]["median_s"] / row["bn_fp32_train"]["median_s"]
+    assert row["nd_fp32_over_bn_fp32_train"] == pytest.approx(want, abs=1e-3)
+    assert row["nd_over_bn_train"] == pytest.approx(row["nd_train"]["median_s"] / row["bn_train"]["median_s"],
+                                                    abs=1e-3)
+    assert "bn_fp32_over_bn_train" not in row and "nd_fp32_over_bn_train" not in row
+    with pytest.raises(SystemExit):
+        train_step.main(["--arch", "efficientnet_b0_deconv", "--float32-pair", "--name", str(tmp_path / "x")])
+
+
 def test_refresh_cycle() -> None:
     assert train_step._refresh_cycle("fast4") == 4 and train_step._refresh_cycle("nd") == 1
 
@@ -136,6 +172,23 @@ def test_bf16_table_pairs_each_network_with_its_float32_ratio_on_the_same_cpu(tm
     with pytest.raises(SystemExit, match="different CPUs"):
         report.bf16_table(bf16, other)
 
+
+
+def test_bf16_table_takes_the_float32_ratio_from_the_same_rounds_when_the_run_timed_the_pair(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    bf16 = _amp_results(tmp_path / "bf16.json", "Intel Xeon", [
+        ("resnet18_deconv", 1.5, {"nd_over_bn_train": 2.5, "nd_bf16w_over_bn_train": 1.9,
+                                  "nd_fp32_over_bn_fp32_train": 1.95}),
+        ("vgg16_deconv", 1.2, {"nd_over_bn_train": 2.1, "nd_bf16w_over_bn_train": 1.8,
+                               "nd_fp32_over_bn_fp32_train": 1.7})])
+    payload = json.loads(bf16.read_text())
+    payload["settings"] = {"float32_pair": True}
+    bf16.write_text(json.dumps(payload))
+    table = report.bf16_table(bf16, tmp_path / "absent.json")  # no separate float32 run is read
+    assert "| resnet18_deconv | 128 | 1.500 s | 2.50 | **1.90** | – | – | 1.95 | yes |" in table
+    assert "| vgg16_deconv | 128 | 1.200 s | 2.10 | **1.80** | – | – | 1.70 | **no** |" in table
+    assert "`cmd bf16`. The float32 pair (ND and BN without autocast) ran in the same interleaved rounds." in table
 
 
 def test_speed_summary_reads_both_results_files(tmp_path: Path) -> None:
