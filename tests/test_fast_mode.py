@@ -36,7 +36,7 @@ def test_fast_mode_refreshes_every_k_steps_and_reuses_in_between(groups, monkeyp
     calls = []
     original = FastDeconv._batch_statistics
     monkeypatch.setattr(FastDeconv, "_batch_statistics",
-                        lambda self, x, *args: calls.append(1) or original(self, x, *args))
+                        lambda self, x, *args, **kwargs: calls.append(1) or original(self, x, *args, **kwargs))
 
     for step in range(6):
         x = _batch(step)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from ndeconv.layers import _patch_stats
-from ndeconv.layers._patch_stats import PatchSampler, patch_mean, patch_statistics, patch_statistics_reference
+from ndeconv.layers._patch_stats import (
+    PatchSampler,
+    patch_mean,
+    patch_statistics,
+    patch_statistics_reference,
+    patch_statistics_through,
+)
 
 CASES = [  # kernel, dilation, padding, sampling stride, channels per block, groups, input shape
     ((3, 3), (1, 1), (1, 1), 3, 64, 1, (4, 64, 11, 10)),  # the default: disjoint patches, one block
@@ -132,6 +138,47 @@ def test_statistics_of_a_bfloat16_input_are_the_float32_ones(kernel, dilation, p
     assert mean.dtype == cov.dtype == torch.float32 and grad.dtype == torch.bfloat16
     assert torch.equal(mean, want_mean) and torch.equal(cov, want_cov)
     assert torch.equal(grad, want_grad.to(torch.bfloat16)) and grad.stride() == x.stride()
+
+
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_a_conv_of_the_passed_through_input_takes_the_patch_gradient_in_place(kernel, dilation, padding, stride,
+                                                                               block, groups, shape, layout,
+                                                                               dtype) -> None:
+    """``patch_statistics_through``: a convolution of the passed-through input gives ``x`` the gradient it gets from
+    the statistics and a convolution of ``x`` itself. Where the patches leave gaps, that gradient is the convolution's
+    own input gradient with the patches' gradient added in place (no second, zero-filled input-sized gradient); in
+    bfloat16 it is then rounded once instead of twice. Patches that tile the input write a fresh gradient."""
+    torch.manual_seed(0)
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=layout)
+    weight = torch.randn(2 * groups, shape[1] // groups, 3, 3, dtype=dtype).contiguous(memory_format=layout)
+
+    def gradient(through: bool) -> tuple[torch.Tensor, list[int]]:
+        xi = x.clone().requires_grad_()
+        seen = []
+        if through:
+            mean, cov, passed = patch_statistics_through(xi, sampler, 1e-5, groups)
+            passed.register_hook(lambda g: seen.append(g.data_ptr()))
+        else:
+            (mean, cov), passed = patch_statistics(xi, sampler, 1e-5, groups), xi
+        out = torch.nn.functional.conv2d(passed, weight, padding=1, groups=groups)
+        g = torch.Generator().manual_seed(1)
+        probes = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (mean, cov, out)]
+        loss = sum((t.double() * p).sum() for t, p in zip((mean, cov, out), probes, strict=True))
+        (grad,) = torch.autograd.grad(loss, xi)
+        return grad, seen
+
+    want, _ = gradient(through=False)
+    got, seen = gradient(through=True)
+    assert got.dtype == dtype and got.stride() == x.stride()
+    in_place = [got.data_ptr()] == seen  # the convolution's input gradient, added into
+    assert len(seen) == 1 and in_place != sampler.tiles(x.shape)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
 
 
 def test_column_sum_in_chunks_matches_one_sum(monkeypatch) -> None:

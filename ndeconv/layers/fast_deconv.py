@@ -32,7 +32,7 @@ from ._common import (
     sync_statistics,
     update_running,
 )
-from ._patch_stats import PatchSampler, patch_mean, patch_statistics, reduced_patch_statistics
+from ._patch_stats import PatchSampler, patch_mean, patch_statistics_through
 from .grad_checkpoint import record_or_replay
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
@@ -169,20 +169,21 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         return (self.bf16_whitening and self.groups == 1 and x.device.type == "cpu"
                 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
-    def _batch_statistics(self, x: torch.Tensor, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_statistics(self, x: torch.Tensor, reduced: bool = False,
+                          through: bool = False) -> tuple[torch.Tensor, ...]:
         """Mean and Cov^{-1/2} of the sampled patches of ``x`` (differentiable); ``reduced``: the patch products
         and the inverse square root's backward products in bfloat16 (``reduced_patch_statistics``), mean, covariance
-        and its inverse square root in float32."""
-        if reduced:
-            mean, cov = reduced_patch_statistics(x, self._sampler(), self.eps)
-        else:
-            mean, cov = patch_statistics(x, self._sampler(), self.eps, self.groups)
+        and its inverse square root in float32. ``through``: also ``x`` passed through (``patch_statistics_through``),
+        for the convolution to read so the patches' gradient is added into its input gradient in place."""
+        mean, cov, passed = patch_statistics_through(x, self._sampler(), self.eps, self.groups, reduced)
         ensure_finite(self._owner(), cov)
         if self.sync_stats:
             mean, cov = sync_statistics(mean, cov)
         if self.groups == 1:
-            return mean, isqrt_newton_schulz(cov, self.n_iter, backward_dtype=torch.bfloat16 if reduced else None)
-        return mean, isqrt_newton_schulz_batch(cov, self.n_iter)
+            deconv = isqrt_newton_schulz(cov, self.n_iter, backward_dtype=torch.bfloat16 if reduced else None)
+        else:
+            deconv = isqrt_newton_schulz_batch(cov, self.n_iter)
+        return (mean, deconv, passed) if through else (mean, deconv)
 
     # -- folding ------------------------------------------------------------------------------
 
@@ -267,8 +268,12 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         with full_precision(x.device):
             if self.training and not frozen:
                 view = self._statistics_input(x)
-                mean, deconv = (self._batch_statistics(view, reduced) if kept is None
-                                else self._reused_statistics(view, kept, reduced))
+                if kept is not None:
+                    mean, deconv = self._reused_statistics(view, kept, reduced)
+                elif view is x:  # the conv reads x passed through the statistics: one input gradient, added to
+                    mean, deconv, x = self._batch_statistics(x, reduced, through=True)
+                else:
+                    mean, deconv = self._batch_statistics(view, reduced)
                 if self.refresh_every > 1 and not replaying:
                     if kept is None:
                         self._fast_deconv = deconv.detach()
