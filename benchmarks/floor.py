@@ -6,7 +6,7 @@
 - the whitening's products (benchmarks/flops.py ``whitening_layers``: the patch Gram matrix, its backward, the fold
   ``W·D`` and its backward) at the rate this CPU reaches on one large product of the whitening's shape, (15488 x
   576) @ (576 x 576), ResNet-18's first stage: in bf16 for the layers ``ndeconv.set_bf16_whitening`` takes to bf16
-  (ungrouped, under bf16 autocast), in float32 for the rest;
+  (ungrouped, at least ``BF16_WHITENING_MIN_FEATURES`` features, under bf16 autocast), in float32 for the rest;
 - the inverse square roots: ``isqrt_newton_schulz`` (grouped layers: ``isqrt_newton_schulz_batch``) timed
   forward and backward at each layer's size, as the layers run them (the backward's products in bf16 for the layers
   ``set_bf16_whitening`` takes).
@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from ndeconv.layers.fast_deconv import BF16_WHITENING_MIN_FEATURES
 from ndeconv.layers.isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 PRODUCT_SHAPE = (15488, 576)  # ResNet-18's first stage at batch 128: sampled rows x features
@@ -63,17 +64,22 @@ def isqrt_seconds(features: int, matrices: int, n_iter: int = 5, repeats: int = 
     return _best_seconds(run, repeats)
 
 
+def _reduced(layer: dict, bf16_whitening: bool) -> bool:
+    """Whether ``set_bf16_whitening`` takes this layer's products to bf16 (ndeconv's ``FastDeconv._reduced``)."""
+    return bf16_whitening and not layer["grouped"] and layer["features"] >= BF16_WHITENING_MIN_FEATURES
+
+
 def floor(bn_seconds: float, layers: list[dict], bf16_whitening: bool) -> dict:
     """The floor of one ND training step beside a BN step of ``bn_seconds``; ``layers``: ``whitening_layers``
-    records; ``bf16_whitening``: the ungrouped layers' products at the bf16 rate."""
+    records; ``bf16_whitening``: the products of the layers bf16 whitening takes at the bf16 rate."""
     rates = {"float32": product_rate(torch.float32)}
     if bf16_whitening:
         rates["bf16"] = product_rate(torch.bfloat16)
-    products = sum(layer["product_flops"] / 1e9 / rates["bf16" if bf16_whitening and not layer["grouped"] else
-                                                         "float32"] for layer in layers)
+    products = sum(layer["product_flops"] / 1e9 / rates["bf16" if _reduced(layer, bf16_whitening) else "float32"]
+                   for layer in layers)
     sizes: dict[tuple[int, int, bool], int] = {}
     for layer in layers:
-        key = (layer["features"], layer["matrices"], bf16_whitening and not layer["grouped"])
+        key = (layer["features"], layer["matrices"], _reduced(layer, bf16_whitening))
         sizes[key] = sizes.get(key, 0) + 1
     isqrt = sum(count * isqrt_seconds(d, matrices, backward_dtype=torch.bfloat16 if reduced else None)
                 for (d, matrices, reduced), count in sizes.items())

@@ -12,7 +12,8 @@ whitening is computed several ways against a float64 computation on the *same* r
 - ``gram+fold``: also the fold ``W·D`` as a reduced-precision product (``W`` and ``D`` rounded, float32 sum);
 - ``kernels`` (bf16 only): the kernels ``ndeconv.set_bf16_whitening`` runs, not an emulation: patches gathered and
   centred in bfloat16, the Gram matrix as float32 sums of bfloat16 partial products of 512 rows (a CPU bfloat16
-  product returns bfloat16), the fold ``W·D`` as a bfloat16 product.
+  product returns bfloat16), the fold ``W·D`` as a bfloat16 product; for the layers it takes (ungrouped, at least
+  ``BF16_WHITENING_MIN_FEATURES`` features: the others keep the ``fp32`` whitening, and their cells stay empty).
 
 A reduced-precision product with float32 accumulation is emulated exactly here: the product of two bf16
 (8-bit significand) or fp16 (11-bit) numbers is exact in float32 (24 bits), so rounding the operands and
@@ -46,6 +47,7 @@ from benchmarks import _common as C  # noqa: E402
 from ndeconv import FastDeconv  # noqa: E402
 from ndeconv.datasets import get_spec, load_split  # noqa: E402
 from ndeconv.layers._patch_stats import patch_statistics, reduced_patch_statistics  # noqa: E402
+from ndeconv.layers.fast_deconv import BF16_WHITENING_MIN_FEATURES  # noqa: E402
 from ndeconv.layers.isqrt import isqrt_newton_schulz  # noqa: E402
 from ndeconv.training.data import Preprocess  # noqa: E402
 
@@ -117,11 +119,16 @@ def gradient_errors(layer: FastDeconv, x: torch.Tensor) -> dict[str, float]:
     row = {}
     runs = (("fp32", True, False), ("kernels", True, True), ("float32_no_autocast", False, False))
     for key, autocast, kernels in runs:
-        if kernels and layer.groups != 1:
+        if kernels and not _takes_bf16_kernels(layer):
             continue
         got_x, got_w = _training_grads(layer, x, torch.float32, autocast, kernels)
         row[f"{key}_grad_x"], row[f"{key}_grad_w"] = _rel(got_x, want_x), _rel(got_w, want_w)
     return row
+
+
+def _takes_bf16_kernels(layer: FastDeconv) -> bool:
+    """Whether ``ndeconv.set_bf16_whitening`` runs this layer's whitening in bf16 (``FastDeconv._reduced``)."""
+    return layer.groups == 1 and layer.num_features >= BF16_WHITENING_MIN_FEATURES
 
 
 def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
@@ -146,7 +153,7 @@ def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict
     row["gram_fold_out"] = _rel(_conv(layer, x, w, b, dtype), out64)
     row["float32_no_autocast_out"] = _rel(_conv(layer, x.float(), *_fold(layer, mean32, d32, torch.float32), None),
                                           out64)
-    if dtype == torch.bfloat16 and layer.groups == 1:  # what ndeconv.set_bf16_whitening runs
+    if dtype == torch.bfloat16 and _takes_bf16_kernels(layer):  # what ndeconv.set_bf16_whitening runs
         mean_k, cov_k = reduced_patch_statistics(x, sampler, layer.eps)
         d_k = isqrt_newton_schulz(cov_k, layer.n_iter)
         with torch.no_grad():
@@ -216,7 +223,9 @@ def markdown(payload: dict) -> str:
              "float64 on the same autocast-rounded input; `fp32`: the whitening in float32 as today (the conv "
              "in the autocast dtype); `gram`: the patch Gram matrix as a reduced-precision product with float32 "
              "accumulation; `+fold`: the fold W·D too; `kernels`: what `ndeconv.set_bf16_whitening` runs (bf16 "
-             "partial Grams of 512 rows summed in float32, a bf16 fold). Last column: the layer with no autocast at "
+             f"partial Grams of 512 rows summed in float32, a bf16 fold; layers under {BF16_WHITENING_MIN_FEATURES} "
+             "features keep the fp32 "
+             "whitening, so their kernels cells are empty). Last column: the layer with no autocast at "
              "all.", ""]
     for key, rows in payload["results"].items():
         lines += [f"**{key}**", "",

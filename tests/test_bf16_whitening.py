@@ -96,8 +96,8 @@ def _step(layer: torch.nn.Module, x: torch.Tensor, autocast: bool) -> tuple[torc
 
 @pytest.mark.parametrize("make,shape", [
     (lambda: FastDeconv(64, 32, 3, padding=1), (8, 64, 12, 12)),
-    (lambda: FastDeconv(128, 64, 1, stride=2), (8, 128, 10, 10)),
-    (lambda: FastDeconv1d(32, 16, 3, padding=1), (8, 32, 40)),
+    (lambda: FastDeconv(128, 64, 1, stride=2, block=128), (8, 128, 10, 10)),
+    (lambda: FastDeconv1d(64, 16, 3, padding=1), (8, 64, 40)),
 ])
 def test_layer_under_bf16_autocast_is_close_to_the_float32_whitening(make, shape, monkeypatch) -> None:
     import ndeconv.layers._patch_stats as patch_stats
@@ -121,8 +121,10 @@ def test_layer_under_bf16_autocast_is_close_to_the_float32_whitening(make, shape
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_everything_else_is_the_float32_path_bit_for_bit(autocast: bool) -> None:
-    # No autocast: float32 training. Under autocast: a grouped conv (many small matrices stay float32), and eval.
-    cases = [(lambda: FastDeconv(16, 16, 3, padding=1, groups=4 if autocast else 1, block=4), (4, 16, 9, 9))]
+    # No autocast: float32 training. Under autocast: a grouped conv (many small matrices stay float32), a layer
+    # whitening fewer than BF16_WHITENING_MIN_FEATURES features (too small for bfloat16 to pay), and eval.
+    cases = [(lambda: FastDeconv(16, 16, 3, padding=1, groups=4 if autocast else 1, block=4), (4, 16, 9, 9)),
+             (lambda: FastDeconv(128, 32, 1, block=64), (4, 128, 9, 9))]
     for make, shape in cases:
         plain, reduced = _twins(make)
         x = torch.randn(*shape)
