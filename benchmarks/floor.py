@@ -6,7 +6,7 @@
 - the whitening's products (benchmarks/flops.py ``whitening_layers``: the patch Gram matrix, its backward, the fold
   ``W·D`` and its backward) at the rate this CPU reaches on one large product of the whitening's shape, (15488 x
   576) @ (576 x 576), ResNet-18's first stage: in bf16 for the layers ``ndeconv.set_bf16_whitening`` takes to bf16
-  (ungrouped, at least ``BF16_WHITENING_MIN_FEATURES`` features, under bf16 autocast), in float32 for the rest;
+  (``takes_bf16_whitening``: ungrouped, at least 128 features, under bf16 autocast), in float32 for the rest;
 - the inverse square roots: ``isqrt_newton_schulz`` (grouped layers: ``isqrt_newton_schulz_batch``) timed
   forward and backward at each layer's size, as the layers run them (the backward's products in bf16 for the layers
   ``set_bf16_whitening`` takes).
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from ndeconv.layers.fast_deconv import BF16_WHITENING_MIN_FEATURES
+from ndeconv.layers.fast_deconv import takes_bf16_whitening
 from ndeconv.layers.isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
 
 PRODUCT_SHAPE = (15488, 576)  # ResNet-18's first stage at batch 128: sampled rows x features
@@ -66,7 +66,7 @@ def isqrt_seconds(features: int, matrices: int, n_iter: int = 5, repeats: int = 
 
 def _reduced(layer: dict, bf16_whitening: bool) -> bool:
     """Whether ``set_bf16_whitening`` takes this layer's products to bf16 (ndeconv's ``FastDeconv._reduced``)."""
-    return bf16_whitening and not layer["grouped"] and layer["features"] >= BF16_WHITENING_MIN_FEATURES
+    return bf16_whitening and takes_bf16_whitening(layer["grouped"], layer["features"])
 
 
 def floor(bn_seconds: float, layers: list[dict], bf16_whitening: bool) -> dict:

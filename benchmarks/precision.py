@@ -47,7 +47,7 @@ from benchmarks import _common as C  # noqa: E402
 from ndeconv import FastDeconv  # noqa: E402
 from ndeconv.datasets import get_spec, load_split  # noqa: E402
 from ndeconv.layers._patch_stats import patch_statistics, reduced_patch_statistics  # noqa: E402
-from ndeconv.layers.fast_deconv import BF16_WHITENING_MIN_FEATURES  # noqa: E402
+from ndeconv.layers.fast_deconv import BF16_WHITENING_MIN_FEATURES, takes_bf16_whitening  # noqa: E402
 from ndeconv.layers.isqrt import isqrt_newton_schulz  # noqa: E402
 from ndeconv.training.data import Preprocess  # noqa: E402
 
@@ -128,7 +128,7 @@ def gradient_errors(layer: FastDeconv, x: torch.Tensor) -> dict[str, float]:
 
 def _takes_bf16_kernels(layer: FastDeconv) -> bool:
     """Whether ``ndeconv.set_bf16_whitening`` runs this layer's whitening in bf16 (``FastDeconv._reduced``)."""
-    return layer.groups == 1 and layer.num_features >= BF16_WHITENING_MIN_FEATURES
+    return takes_bf16_whitening(layer.groups > 1, layer.num_features)
 
 
 def layer_errors(layer: FastDeconv, x: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:

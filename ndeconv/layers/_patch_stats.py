@@ -564,9 +564,7 @@ def reduced_patch_statistics(x: torch.Tensor, sampler: PatchSampler, eps: float)
     centred in bfloat16 (from ``x`` rounded to bfloat16, as a conv under CPU bf16 autocast reads it), the Gram
     matrix by ``reduced_gram`` (float32 sums of bfloat16 partial products) and its backward as one bfloat16
     product; mean and covariance come out in float32, the gradient in ``x``'s dtype."""
-    if sampler.grouped:
-        raise ValueError("reduced_patch_statistics: grouped convolutions keep float32 statistics")
-    return _PatchStatistics.apply(x, sampler, eps, 1, torch.bfloat16)[:2]
+    return patch_statistics_through(x, sampler, eps, 1, reduced=True)[:2]
 
 
 def patch_mean(x: torch.Tensor, sampler: PatchSampler) -> torch.Tensor:

@@ -50,6 +50,12 @@ BF16_WHITENING_PRODUCTS = ("patch Gram", "patch Gram backward", "inverse square 
 BF16_WHITENING_MIN_FEATURES = REDUCED_GRAM_MIN_FEATURES
 
 
+def takes_bf16_whitening(grouped: bool, num_features: int) -> bool:
+    """Whether ``set_bf16_whitening`` takes a layer's whitening to bfloat16 under CPU bf16 autocast: one whitening
+    group of at least ``BF16_WHITENING_MIN_FEATURES`` features (the benchmarks' floor and precision table ask too)."""
+    return not grouped and num_features >= BF16_WHITENING_MIN_FEATURES
+
+
 def _like(weight: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     """``weight`` with the strides of ``layout`` (the layer's own weight).
 
@@ -173,7 +179,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         """Whether this forward takes its heavy whitening products in bfloat16: ``bf16_whitening`` set, under CPU
         bf16 autocast, one whitening group (grouped convs whiten many small matrices: float32 stays) of at least
         ``BF16_WHITENING_MIN_FEATURES`` features."""
-        return (self.bf16_whitening and self.groups == 1 and self.num_features >= BF16_WHITENING_MIN_FEATURES
+        return (self.bf16_whitening and takes_bf16_whitening(self.groups > 1, self.num_features)
                 and x.device.type == "cpu"
                 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
