@@ -93,6 +93,20 @@ def write_hf_cache(root: Path, repo: str, folder: Path,
         shutil.copyfile(folder / file, snap / file)
 
 
+def default_tag(name: str) -> str:
+    """The tag ``timm.create_model(name, pretrained=True)`` loads: the registry's default (the first listed)."""
+    import timm
+
+    return timm.models.get_pretrained_cfg(name).tag
+
+
+def shipped_weight_sets() -> list[str]:
+    """Every shipped weight set as ``<model>.<tag>`` (a folder of zoo/weights/ holding model.safetensors)."""
+    from ndeconv.zoo._pretrained import WEIGHTS_DIR, WEIGHTS_FILE
+
+    return sorted(p.name for p in WEIGHTS_DIR.glob("*") if (p / WEIGHTS_FILE).is_file()) if WEIGHTS_DIR.is_dir() else []
+
+
 def shipped_zoo_models(tag: str = "fashion_mnist") -> list[str]:
     """The zoo models whose ``tag`` weights are shipped in zoo/weights/."""
     from ndeconv.zoo import ZOO_MODELS

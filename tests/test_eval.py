@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import default_tag
 from safetensors.torch import save_file
 from test_data import write_cifar10, write_imagefolder  # tests/ is on sys.path (pytest rootdir, no package)
 
@@ -151,8 +152,11 @@ def test_eval_infers_the_form_and_takes_folded_files(tmp_path: Path, capsys: pyt
 def test_eval_takes_every_spelling_of_a_zoo_name(capsys: pytest.CaptureFixture) -> None:
     # As the other commands: the zoo name, the name without _deconv, the authors' --arch; the tag may be left
     # to its default, whose data is then the dataset (never timm's own ImageNet resnet18).
-    want = _eval_json(capsys, ["resnet18_deconv.fashion_mnist", "--test-subset", "8"])
-    for spelling in ("resnet18.fashion_mnist", "resnet.fashion_mnist", "resnet18_deconv", "resnet18"):
+    tagged = _eval_json(capsys, ["resnet18_deconv.fashion_mnist", "--test-subset", "8"])
+    default = _eval_json(capsys, [f"resnet18_deconv.{default_tag('resnet18_deconv')}", "--test-subset", "8"])
+    spellings = {"resnet18.fashion_mnist": tagged, "resnet.fashion_mnist": tagged, "resnet18_deconv": default,
+                 "resnet18": default}
+    for spelling, want in spellings.items():
         got = _eval_json(capsys, [spelling, "--test-subset", "8"])
         assert got["dataset"] == "fashion_mnist" and got["loss"] == want["loss"], spelling
 

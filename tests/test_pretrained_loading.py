@@ -89,14 +89,14 @@ def test_registered_cfg_is_one_record_per_weight_set(monkeypatch, tmp_path):
     assert cfg.file is None and cfg.hf_hub_id == "ndeconv/resnet18_deconv.fashion_mnist"
     assert cfg.input_size == (3, 32, 32) and len(cfg.mean) == len(cfg.std) == 3
     assert cfg.label_names[0] == "t-shirt/top" and cfg.crop_pct == 32 / 28
-    model = timm.create_model("resnet18_deconv", pretrained=True)
+    model = timm.create_model("resnet18_deconv.fashion_mnist", pretrained=True)
     assert Path(model.pretrained_cfg["file"]) == (pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist"
                                                   / "model.safetensors")
     # Another weights folder, named after import: the next build reads it.
     copy = tmp_path / "resnet18_deconv.fashion_mnist"
     shutil.copytree(pretrained_mod.WEIGHTS_DIR / "resnet18_deconv.fashion_mnist", copy)
     monkeypatch.setattr(pretrained_mod, "WEIGHTS_DIR", tmp_path.resolve())
-    model = timm.create_model("resnet18_deconv", pretrained=True)
+    model = timm.create_model("resnet18_deconv.fashion_mnist", pretrained=True)
     assert Path(model.pretrained_cfg["file"]) == copy.resolve() / "model.safetensors"
 
 
@@ -311,11 +311,12 @@ def test_hf_hub_offline_cache(shipped, gray_model, tmp_path, monkeypatch):
     assert _same(model, gray_model) == 0.0
     # The registered hf_hub_id is the fallback when the shipped file is switched off (file='').
     write_hf_cache(tmp_path, "ndeconv/resnet18_deconv.fashion_mnist", shipped)
-    model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=""))
+    model = timm.create_model("resnet18_deconv.fashion_mnist", pretrained=True, in_chans=1,
+                              pretrained_cfg_overlay=dict(file=""))
     assert _same(model, gray_model) == 0.0
 
 
 def test_hf_hub_cache_miss_is_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(NdeconvError, match="resnet18_deconv.fashion_mnist: cannot load pretrained weights from hf-hub"):
-        timm.create_model("resnet18_deconv", pretrained=True, pretrained_cfg_overlay=dict(file=""))
+        timm.create_model("resnet18_deconv.fashion_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=""))

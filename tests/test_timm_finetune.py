@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import shipped_zoo_models
+from conftest import default_tag, shipped_zoo_models
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -200,7 +200,7 @@ def test_gray_weights_load_unchanged_with_in_chans_1() -> None:
     from safetensors.torch import load_file
     from timm.models import adapt_input_conv
 
-    shipped = load_file(str(WEIGHTS_DIR / "resnet18_deconv.fashion_mnist" / "model.safetensors"))
+    shipped = load_file(str(WEIGHTS_DIR / f"resnet18_deconv.{default_tag('resnet18_deconv')}" / "model.safetensors"))
     model = timm.create_model("resnet18_deconv", pretrained=True, in_chans=1)
     assert model.conv1.in_channels == 1 and shipped["conv1.weight"].shape[1] == 1
     state = model.state_dict()

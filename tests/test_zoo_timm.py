@@ -44,9 +44,13 @@ def test_registry_lists_the_zoo_and_shadows_nothing():
     for module in {_model_to_module[n] for n in names}:
         # A zoo file registers only *_deconv names, which timm does not have: nothing of timm's is replaced.
         assert all(n.endswith("_deconv") for n in timm.list_models(module=module))
-    # The default tag first (the weights pretrained=True loads), then the hybrid's (which builds the hybrid).
-    assert timm.list_pretrained("resnet18_deconv*") == ["resnet18_deconv.fashion_mnist",
-                                                        "resnet18_deconv.fashion_mnist_stem"]
+    # The one-epoch tag (which keeps its weights), the hybrid's (which builds the hybrid) and, once registered, the
+    # 20-epoch tag, which is then the default (the weights pretrained=True loads).
+    listed = set(timm.list_pretrained("resnet18_deconv*"))
+    one_epoch = {"resnet18_deconv.fashion_mnist", "resnet18_deconv.fashion_mnist_stem"}
+    assert listed in (one_epoch, one_epoch | {"resnet18_deconv.fashion_mnist_e20"})
+    default = "fashion_mnist_e20" if "resnet18_deconv.fashion_mnist_e20" in listed else "fashion_mnist"
+    assert timm.models.get_pretrained_cfg("resnet18_deconv").tag == default
 
 
 def test_list_pretrained_lists_every_weight_set(empty_weights_dir, capsys):

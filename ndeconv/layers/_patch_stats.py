@@ -211,10 +211,7 @@ class PatchSampler:
             nf = c * self.kernel[0] * self.kernel[1] // blocks
             rows = x.new_empty(n, grid[0], grid[1], blocks, nf, dtype=dtype)
             # Border patches reach into the zero padding: zero them first, the taps then fill what is inside.
-            hs = [self._valid(h, grid[0], a * self.dilation[0] - self.padding[0]) for a in range(self.kernel[0])]
-            ws = [self._valid(w, grid[1], b * self.dilation[1] - self.padding[1]) for b in range(self.kernel[1])]
-            lo_h, hi_h = max(r[0] for r in hs), min(r[1] for r in hs)
-            lo_w, hi_w = max(r[0] for r in ws), min(r[1] for r in ws)
+            (lo_h, hi_h), (lo_w, hi_w) = self._inner_grid(grid, (h, w))
             rows[:, :lo_h].zero_(), rows[:, hi_h:].zero_(), rows[:, :, :lo_w].zero_(), rows[:, :, hi_w:].zero_()
             for (ph, pw, g, f), (cs, hi, wi) in self._taps(x.shape, blocks):
                 rows[:, ph, pw, g, f].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
@@ -284,6 +281,12 @@ class PatchSampler:
             for b in range(self.kernel[1]):
                 yield (self._valid(size[0], grid[0], a * self.dilation[0] - self.padding[0]),
                        self._valid(size[1], grid[1], b * self.dilation[1] - self.padding[1]))
+
+    def _inner_grid(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The grid rows and columns [lo, hi) whose every kernel tap lies inside the input (no padding read)."""
+        ranges = list(self._tap_ranges(grid, size))
+        return ((max(r[0][0] for r in ranges), min(r[0][1] for r in ranges)),
+                (max(r[1][0] for r in ranges), min(r[1][1] for r in ranges)))
 
     def tiles(self, shape: torch.Size) -> bool:
         """Whether the sampled patches are disjoint and cover the whole input (``shape``), so their gradient is
