@@ -24,18 +24,10 @@ ANCHORS = ROOT.parent / "shared" / "anchors" / "reference_speed.json"
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from ndeconv.runtime import native_amp_dtype
+    from ndeconv.runtime import cpu_model_name, native_amp_dtype
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model_name(),
         # The CPU's name does not say which kind it is (an AMD EPYC comes with and without AVX512-BF16, and a
         # virtual Intel Xeon is named "Intel(R) Xeon(R) Processor" whatever its generation): its bf16 flags do.
         "native_bf16": native_amp_dtype("cpu") == torch.bfloat16,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import sys
+from pathlib import Path
 
 import torch
 
-__all__ = ["keep_freed_memory", "native_amp_dtype"]
+__all__ = ["cpu_model_name", "keep_freed_memory", "native_amp_dtype"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
@@ -67,3 +69,15 @@ def native_amp_dtype(device: torch.device | str) -> torch.dtype | None:
                                                                         "_is_amx_tile_supported"))
         return torch.bfloat16 if native else None
     return None
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it (e.g. "Intel(R) Xeon(R) Processor", "AMD EPYC 9R14"), else
+    what ``platform`` knows (another OS): what a training run's epoch rows and the benchmark results record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

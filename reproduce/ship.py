@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 import ndeconv  # noqa: F401 - registers the zoo
 from ndeconv.io import atomic_write, save_json_atomic
+from ndeconv.runtime import cpu_model_name
 from ndeconv.training.evaluate import evaluate_on_dataset
 from ndeconv.training.loop import load_run_model, read_run_config
 from ndeconv.zoo._pretrained import WEIGHTS_DIR
@@ -172,14 +172,30 @@ setting, the library versions and the git commit in `config.json` (`train`, `run
     return card
 
 
+def _threads(count: int) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
 def machine() -> str:
-    cpu = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu} CPU, {torch.get_num_threads()} threads (torch {torch.__version__.split('+')[0]})"
+    """This machine, where the shipped file is evaluated."""
+    return f"{cpu_model_name()} CPU, {_threads(torch.get_num_threads())} (torch {torch.__version__.split('+')[0]})"
+
+
+def training_machines(metrics: list[dict], torch_version: str) -> str:
+    """Where a run's epochs trained, from the CPU and thread count each epoch's row records: one machine, or each
+    machine with its epochs (a run resumed across machines); rows from before runs recorded it say so."""
+    spans: list[list] = []  # [where, first epoch, last epoch]
+    for row in metrics:
+        where = (f"{row['cpu']} CPU, {_threads(row['threads'])}" if "cpu" in row else "a CPU not recorded")
+        if spans and spans[-1][0] == where and spans[-1][2] == row["epoch"] - 1:
+            spans[-1][2] = row["epoch"]
+        else:
+            spans.append([where, row["epoch"], row["epoch"]])
+    version = f" (torch {torch_version.split('+')[0]})"
+    if len(spans) == 1:
+        return spans[0][0] + version
+    return "; ".join(f"{where} (epoch {a})" if a == b else f"{where} (epochs {a}-{b})" for where, a, b in spans) \
+        + version
 
 
 def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_note: str = "") -> Path:
@@ -205,10 +221,12 @@ def ship_run(run_dir: Path, root: Path = WEIGHTS_DIR, force: bool = False, time_
     stored = model.to(chosen) if chosen != torch.float32 else model
     folder = ship_weights(stored, tag, root=root, force=force)
     hub_config = json.loads((folder / "config.json").read_text())
+    trained_with = config.get("run", {}).get("versions", {}).get("torch", torch.__version__)
     storage = {
         "dtype": str(chosen).removeprefix("torch."), "note": note, "test_top1": result.top1,
         "test_top5": result.top5, "test_loss": result.loss, "test_top1_float32": reference.top1,
-        "test_top1_by_dtype": trials, "max_top1_change": MAX_TOP1_CHANGE, "machine": machine(),
+        "test_top1_by_dtype": trials, "max_top1_change": MAX_TOP1_CHANGE,
+        "machine": training_machines(metrics, trained_with), "evaluated_on": machine(),
         "params": sum(p.numel() for p in model.parameters()),
         "form": FORMS[config["train"]["deconv"]],
         "time_note": f" ({time_note})" if time_note else "",

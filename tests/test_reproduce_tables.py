@@ -14,7 +14,7 @@ from conftest import PROJECT_ROOT
 sys.path.insert(0, str(PROJECT_ROOT / "reproduce"))
 
 import hybrid  # noqa: E402
-from ship import run_tag, train_command  # noqa: E402
+from ship import run_tag, train_command, training_machines  # noqa: E402
 
 
 def _run(folder: Path, top1: float, seconds: float = 600.0) -> Path:
@@ -244,3 +244,15 @@ def test_bf16_whitening_table_says_which_speeds_timed_earlier_kernels(tmp_path: 
     assert f"Speeds on the {new}" not in text
     sentence = bf16_whitening.summary(result)
     assert f"on an {old} (an earlier version of the kernels) and" in sentence and sentence.count("earlier") == 1
+
+
+def test_a_card_names_where_each_epoch_trained() -> None:
+    """A 20-epoch run resumes across sessions, which may get other machines: the card's training line names the CPU
+    and threads each epoch's row records, in epoch ranges, and says where rows from before that recorded none."""
+    xeon, epyc = {"cpu": "Intel(R) Xeon(R) Processor", "threads": 1}, {"cpu": "AMD EPYC 9R14", "threads": 2}
+    rows = [{"epoch": 1}, {"epoch": 2}, {"epoch": 3, **xeon}, {"epoch": 4, **xeon}, {"epoch": 5, **epyc},
+            {"epoch": 6, **xeon}]
+    assert training_machines(rows, "2.14.1+cu130") == (
+        "a CPU not recorded (epochs 1-2); Intel(R) Xeon(R) Processor CPU, 1 thread (epochs 3-4); "
+        "AMD EPYC 9R14 CPU, 2 threads (epoch 5); Intel(R) Xeon(R) Processor CPU, 1 thread (epoch 6) (torch 2.14.1)")
+    assert training_machines(rows[2:4], "2.14.1") == "Intel(R) Xeon(R) Processor CPU, 1 thread (torch 2.14.1)"

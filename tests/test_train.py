@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ndeconv.cli import build_parser, main
 from ndeconv.datasets import FASHION_MNIST_DIR
+from ndeconv.runtime import cpu_model_name
 from ndeconv.training import TrainConfig, load_run_model
 
 pytestmark = pytest.mark.skipif(
@@ -118,7 +119,7 @@ def test_resume_is_bit_exact_under_bf16_autocast_and_channels_last(amp_runs: dic
     for run in amp_runs.values():
         train = json.loads((run / "config.json").read_text())["train"]
         assert train["amp"] == "bf16" and train["channels_last"] is True
-    timing = {"seconds", "images_per_s", "eval_seconds"}
+    timing = {"seconds", "images_per_s", "eval_seconds", "cpu", "threads"}  # how long and where, not what
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timing}
              for line in (amp_runs[r] / "metrics.jsonl").read_text().splitlines()] for r in ("full", "killed")]
     assert len(rows[0]) == 2 and rows[0] == rows[1]
@@ -210,6 +211,8 @@ def test_amp_adamw_multistep_max_steps(tmp_path: Path, capsys: pytest.CaptureFix
     assert status == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 2 and rows[0]["partial"]
+    # Where the epoch trained (a run resumed on another machine has rows from each; its model card names them).
+    assert rows[0]["cpu"] == cpu_model_name() and rows[0]["threads"] == torch.get_num_threads()
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["amp"] == "bf16" and config["model_args"]["deconv"] is False
     assert not any("running_deconv" in k for k in load_file(str(out / "model.safetensors")))

@@ -36,7 +36,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "pnasnet_a", "--train-subset", "16", "--test-subset", "8", "--batch-size", "4", "--epochs", "2",
         "--deconv-iter", "2", "--checkpoint-every", "0", "--curve-rows", "1", "--deconv", "false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING = {"seconds", "images_per_s", "eval_seconds"}
+TIMING = {"seconds", "images_per_s", "eval_seconds", "cpu", "threads"}  # how long and where, not what
 
 
 def _train_cmd(*args: str) -> list[str]:

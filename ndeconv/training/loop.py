@@ -35,7 +35,7 @@ from ..io import read_json, save_json_atomic, save_safetensors_atomic
 from ..layers.deconvolve import deconvolve
 from ..layers.fast_deconv import set_bf16_whitening, set_fast_mode
 from ..layers.sync import sync_deconv
-from ..runtime import keep_freed_memory, native_amp_dtype
+from ..runtime import cpu_model_name, keep_freed_memory, native_amp_dtype
 from .checkpoint import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig, build_model, is_imagenet_topology, model_kwargs
 from .data import Preprocess, batch_loader, default_crop_padding, epoch_batches
@@ -682,6 +682,8 @@ class _Trainer:
             "test_loss": result.loss, "test_top1": result.top1, "test_top5": result.top5,
             "seconds": state.seconds, "images_per_s": train_sums["count"] / max(state.seconds, 1e-9),
             "eval_seconds": time.perf_counter() - eval_start,
+            # Where this epoch trained: a run resumed across machines has epochs from several (its card names each).
+            "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
         }
         if stopped and state.step_in_epoch < epoch_steps:
             row["partial"] = True  # stopped by --max-steps inside the epoch

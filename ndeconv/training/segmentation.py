@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import Interrupted, UsageError, error_summary
 from ..io import read_json, save_json_atomic, save_safetensors_atomic
+from ..runtime import cpu_model_name
 from .checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from .dist import setup
 from .interrupt import StopRequests
@@ -480,6 +481,7 @@ class _SegRun:
             "epoch": state.epoch + 1, "step": state.global_step, "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": state.meter.get("loss_sum", 0.0) / count,
             **metrics, "seconds": state.seconds, "eval_seconds": time.perf_counter() - start,
+            "cpu": cpu_model_name(), "threads": torch.get_num_threads(),  # where this epoch trained
         }
         if stopped:
             row["partial"] = True  # stopped by --max-steps inside the epoch; a resumed run continues the epoch
