@@ -426,17 +426,13 @@ def reduced_gram(rows: torch.Tensor, alpha: float, beta: float, chunk: int = RED
     if d < REDUCED_GRAM_MIN_FEATURES:
         return symmetric_gram(rows.float(), alpha, beta)
     out = torch.zeros(d, d, dtype=torch.float32, device=rows.device)
-    h = d // 2 if d >= 256 else d  # as symmetric_gram: the upper block triangle by products, mirrored below
+    # One whole product per chunk: symmetric_gram's upper block triangle (three products of half the width, a
+    # quarter of the arithmetic saved) made the chunks' products smaller and slower (ResNet-18's first-stage patches,
+    # (15488, 576): 32.8 against 28.4 ms, 12-15% on every stage's shape, the same error against float64).
     for start in range(0, rows.shape[0], chunk):
         part = rows[start:start + chunk]
-        top = part[:, :h]
-        out[:h, :h].add_(torch.mm(top.mT, top))
-        if h < d:
-            bottom = part[:, h:]
-            out[h:, h:].add_(torch.mm(bottom.mT, bottom))
-            out[:h, h:].add_(torch.mm(top.mT, bottom))
-    if h < d:
-        out[h:, :h] = out[:h, h:].mT
+        out.add_(torch.mm(part.mT, part))
+    out = out.triu().add_(out.triu(1).mT)  # exactly symmetric: a product's two triangles may round differently
     out.mul_(alpha).diagonal().add_(beta)
     return out
 
