@@ -14,6 +14,7 @@ from ndeconv.layers._patch_stats import (
     patch_statistics,
     patch_statistics_reference,
     patch_statistics_through,
+    swap_features,
 )
 
 CASES = [  # kernel, dilation, padding, sampling stride, channels per block, groups, input shape
@@ -32,6 +33,37 @@ CASES = [  # kernel, dilation, padding, sampling stride, channels per block, gro
     ((3, 3), (1, 1), (1, 1), 6, 2, 4, (3, 8, 9, 9)),  # grouped, stride 2: sparse patches
     ((1, 1), (1, 1), (0, 0), 3, 2, 4, (2, 8, 5, 5)),  # grouped 1x1
 ]
+
+
+# The disjoint cases whitened as one block (channels == block, ungrouped): the ones gathered tap-major.
+ONE_BLOCK = [(k, d, p, s, b, g, shape) for k, d, p, s, b, g, shape in CASES
+             if PatchSampler(k, d, p, s, k[0] * k[1] * b, g > 1).tap_major(shape[1])]
+
+
+def test_the_one_block_disjoint_cases_are_gathered_tap_major() -> None:
+    assert [case[6] for case in ONE_BLOCK] == [(4, 64, 11, 10), (2, 8, 11, 10), (2, 8, 13, 11)]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", ONE_BLOCK)
+def test_tap_major_gather_is_the_authors_matrix_with_its_columns_permuted(kernel, dilation, padding, stride, block,
+                                                                          groups, shape, layout) -> None:
+    """One-block disjoint patches are gathered (tap, channel) and scattered back from that order: the same matrix
+    and the same gradient as the authors' (channel, tap) order, up to the column permutation ``swap_features``."""
+    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
+    channels, taps = shape[1], kernel[0] * kernel[1]
+    order = swap_features(torch.arange(channels * taps), channels, taps)  # tap-major column j: authors' order[j]
+    torch.manual_seed(0)
+    x = torch.randn(*shape).to(memory_format=layout)
+    rows = sampler.gather(x)
+    assert torch.equal(sampler.gather(x, tap_major=True), rows[:, order])
+    grad_rows = torch.randn_like(rows)
+    want = sampler.scatter(grad_rows, x.shape, layout)
+    got = sampler.scatter(grad_rows[:, order], x.shape, layout, tap_major=True)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=layout)
+    cov = torch.randn(channels * taps, channels * taps)
+    assert torch.equal(swap_features(swap_features(cov, channels, taps), taps, channels), cov)
+    assert torch.equal(swap_features(cov, channels, taps), cov[order][:, order])
 
 
 @pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)
