@@ -35,24 +35,25 @@ CASES = [  # kernel, dilation, padding, sampling stride, channels per block, gro
 ]
 
 
-# The disjoint cases whitened as one block (channels == block, ungrouped): the ones gathered tap-major.
-ONE_BLOCK = [(k, d, p, s, b, g, shape) for k, d, p, s, b, g, shape in CASES
+# The disjoint ungrouped cases: the ones gathered tap-major.
+TAP_MAJOR = [(k, d, p, s, b, g, shape) for k, d, p, s, b, g, shape in CASES
              if PatchSampler(k, d, p, s, k[0] * k[1] * b, g > 1).tap_major(shape[1])]
 
 
-def test_the_one_block_disjoint_cases_are_gathered_tap_major() -> None:
-    assert [case[6] for case in ONE_BLOCK] == [(4, 64, 11, 10), (2, 8, 11, 10), (2, 8, 13, 11)]
+def test_disjoint_ungrouped_cases_are_gathered_tap_major() -> None:
+    assert [case[6] for case in TAP_MAJOR] == [(4, 64, 11, 10), (3, 128, 8, 8), (3, 16, 12, 12), (2, 8, 11, 10),
+                                               (2, 8, 10, 7), (2, 8, 13, 11)]
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", ONE_BLOCK)
+@pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", TAP_MAJOR)
 def test_tap_major_gather_is_the_authors_matrix_with_its_columns_permuted(kernel, dilation, padding, stride, block,
                                                                           groups, shape, layout) -> None:
-    """One-block disjoint patches are gathered (tap, channel) and scattered back from that order: the same matrix
-    and the same gradient as the authors' (channel, tap) order, up to the column permutation ``swap_features``."""
-    sampler = PatchSampler(kernel, dilation, padding, stride, kernel[0] * kernel[1] * block, groups > 1)
-    channels, taps = shape[1], kernel[0] * kernel[1]
-    order = swap_features(torch.arange(channels * taps), channels, taps)  # tap-major column j: authors' order[j]
+    """Disjoint patches are gathered with each block's features tap-major and scattered back from that order: the
+    same matrix and the same gradient as the authors' order, up to the column permutation ``swap_features``."""
+    taps = kernel[0] * kernel[1]
+    sampler = PatchSampler(kernel, dilation, padding, stride, taps * block, groups > 1)
+    order = swap_features(torch.arange(taps * block), block, taps)  # tap-major column j: the authors' order[j]
     torch.manual_seed(0)
     x = torch.randn(*shape).to(memory_format=layout)
     rows = sampler.gather(x)
@@ -61,9 +62,9 @@ def test_tap_major_gather_is_the_authors_matrix_with_its_columns_permuted(kernel
     want = sampler.scatter(grad_rows, x.shape, layout)
     got = sampler.scatter(grad_rows[:, order], x.shape, layout, tap_major=True)
     assert torch.equal(got, want) and got.is_contiguous(memory_format=layout)
-    cov = torch.randn(channels * taps, channels * taps)
-    assert torch.equal(swap_features(swap_features(cov, channels, taps), taps, channels), cov)
-    assert torch.equal(swap_features(cov, channels, taps), cov[order][:, order])
+    cov = torch.randn(taps * block, taps * block)
+    assert torch.equal(swap_features(swap_features(cov, block, taps), taps, block), cov)
+    assert torch.equal(swap_features(cov, block, taps), cov[order][:, order])
 
 
 @pytest.mark.parametrize("kernel,dilation,padding,stride,block,groups,shape", CASES)

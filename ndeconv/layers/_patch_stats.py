@@ -6,8 +6,8 @@ the whole matrix, ``col2im``) as on the product. Written out:
 
 - forward: gather the patches once, straight into the block layout (for the default ``sampling_stride
   >= kernel`` the sampled patches do not overlap: one strided copy per kernel tap and block, no
-  padded copy of the input, no ``im2col``, no transpose; a layer whitened as one block copies whole channel rows
-  per tap, its features ordered (tap, channel), and puts its statistics back in the authors' order), centre them
+  padded copy of the input, no ``im2col``, no transpose; tap-major, so each copy writes contiguous runs, with the
+  statistics put back in the authors' feature order), centre them
   in place, and take the Gram matrix by blocks of its upper triangle (symmetric: a quarter of the products saved);
 - backward: ``dX = Xc (G + G^T) / n + d_mean / n`` in one product and one in-place add, then a
   scatter back into the input (disjoint patches in one block, or in a channels-last input: the same strided
@@ -29,6 +29,7 @@ float64; the parity fixtures still pass at 1e-9).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -199,16 +200,30 @@ class PatchSampler:
         return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
 
     def tap_major(self, channels: int) -> bool:
-        """Whether ``gather(..., tap_major=True)`` orders the features (kernel tap, channel) for an input of
-        ``channels``: disjoint patches whitened as one block (ungrouped, ``C*kh*kw == num_features``: ResNet-18's
-        64-channel layers at block 64, every stem). Each tap is then one copy of whole channel rows, against a copy
-        that writes every ``kh*kw``-th element for the authors' (channel, tap) order: ResNet-18's first-stage
-        patches, channels-last, 2 threads: gather 6.4 -> 2.5 ms and scatter 6.2 -> 2.0 ms in bfloat16, gather into
-        float32 25.5 -> 17.6 ms, scatter from float32 15.9 -> 4.9 ms; NCHW 13.8 -> 10.1 and 13.2 -> 9.0 ms."""
-        return self._disjoint() and not self.grouped and self._blocks(channels) == 1
+        """Whether ``gather(..., tap_major=True)`` orders each block's features tap-major for an input of
+        ``channels``: disjoint ungrouped patches whose kernel's tap count is coprime to the number of blocks (3x3
+        kernels with 1, 2, 4 or 8 blocks: every layer of the CIFAR ResNets at block 64).
+
+        The authors' feature ``f = taps * c_hi + k`` of a block (``c_hi``: the channel over the number of blocks)
+        goes to position ``k * block + c_hi``, so each (kernel tap, channel residue) fills a contiguous run of the
+        block: one copy of every ``blocks``-th channel per pair, against a copy that writes every ``taps``-th
+        element. ResNet-18's first-stage patches (one block), channels-last, 2 threads: gather 6.4 -> 2.5 ms and
+        scatter 6.2 -> 2.0 ms in bfloat16, gather into float32 25.5 -> 17.6 ms, scatter from float32 15.9 -> 4.9
+        ms; NCHW 13.8 -> 10.1 and 13.2 -> 9.0 ms."""
+        return self._disjoint() and not self.grouped and math.gcd(self.taps(), self._blocks(channels)) == 1
 
     def taps(self) -> int:
         return self.kernel[0] * self.kernel[1]
+
+    def _tap_major_slots(self, shape: torch.Size):
+        """For each kernel tap inside the input and channel residue ``c0`` (channels ``c0, c0 + blocks, ...``): the
+        patch grid rows and columns it fills, its block ``g`` and slot ``k`` in the tap-major layout ``(n, Hs, Ws,
+        blocks, taps, block)``, and the input's channel and pixel slices."""
+        blocks, kw = self._blocks(shape[1]), self.kernel[1]
+        for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(shape):
+            for c0 in range(blocks):
+                k, g = divmod(self.taps() * c0 + a * kw + b, blocks)  # patch element p's block and its f mod taps
+                yield (grid_rows, grid_cols, g, k), (slice(c0, None, blocks), rows_in, cols_in)
 
     def gather(self, x: torch.Tensor, dtype: torch.dtype | None = None, tap_major: bool = False) -> torch.Tensor:
         """The sampled patches as a fresh contiguous matrix in the block layout, in ``dtype`` (default: ``x``'s);
@@ -225,14 +240,14 @@ class PatchSampler:
             grid = self._grid((h, w))
             nf = c * self.taps() // blocks
             tap_major = tap_major and self.tap_major(c)
-            rows = x.new_empty(n, grid[0], grid[1], *((self.taps(), c) if tap_major else (blocks, nf)), dtype=dtype)
+            rows = x.new_empty(n, grid[0], grid[1], blocks, *((self.taps(), nf // self.taps()) if tap_major else (nf,)),
+                               dtype=dtype)
             # Border patches reach into the zero padding: zero them first, the taps then fill what is inside.
             (lo_h, hi_h), (lo_w, hi_w) = self._inner_grid(grid, (h, w))
             rows[:, :lo_h].zero_(), rows[:, hi_h:].zero_(), rows[:, :, :lo_w].zero_(), rows[:, :, hi_w:].zero_()
             if tap_major:
-                for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(x.shape):
-                    rows[:, grid_rows, grid_cols, a * self.kernel[1] + b].copy_(
-                        x[:, :, rows_in, cols_in].permute(0, 2, 3, 1))
+                for (ph, pw, g, k), (cs, hi, wi) in self._tap_major_slots(x.shape):
+                    rows[:, ph, pw, g, k].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
             else:
                 for (ph, pw, g, f), (cs, hi, wi) in self._taps(x.shape, blocks):
                     rows[:, ph, pw, g, f].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
@@ -356,11 +371,10 @@ class PatchSampler:
         width = c * self.kernel[0] * self.kernel[1]
         if tap_major and self.tap_major(c):
             grid = self._grid((h, w))
-            rows = rows.view(n, grid[0], grid[1], self.taps(), c)
+            rows = rows.view(n, grid[0], grid[1], blocks, self.taps(), -1)
             grad = _gradient_buffer(into, shape, dtype, rows.device, layout, zeroed=not self._covered(grid, (h, w)))
-            for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(shape):
-                _write(grad[:, :, rows_in, cols_in],
-                       rows[:, grid_rows, grid_cols, a * self.kernel[1] + b].permute(0, 3, 1, 2), into is not None)
+            for (ph, pw, g, k), (cs, hi, wi) in self._tap_major_slots(shape):
+                _write(grad[:, cs, hi, wi], rows[:, ph, pw, g, k].permute(0, 3, 1, 2), into is not None)
             return grad
         # Disjoint patches: one strided copy per kernel tap and block, straight into the input's layout. With
         # interleaved blocks in NCHW, col2im's one pass is as fast as blocks*9 copies; in channels-last col2im
@@ -396,8 +410,8 @@ class PatchSampler:
 
 def swap_features(t: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     """``t``'s features, ordered (outer, inner) along its one dimension or both of its two, reordered (inner, outer):
-    ``swap_features(t, channels, taps)`` takes the authors' (channel, tap) patch features to the tap-major gather's
-    order, ``swap_features(t, taps, channels)`` back."""
+    ``swap_features(t, block, taps)`` takes a block's features from the authors' order to the tap-major gather's
+    (``PatchSampler.tap_major``), ``swap_features(t, taps, block)`` back."""
     d = outer * inner
     if t.dim() == 1:
         return t.view(outer, inner).mT.reshape(d)
@@ -495,8 +509,9 @@ def _authors_order(ctx, mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Te
     """Mean and covariance of tap-major rows (``ctx.tap_major``) in the authors' (channel, tap) feature order."""
     if not ctx.tap_major:
         return mean, cov
-    taps, channels = ctx.sampler.taps(), ctx.shape[1]
-    return swap_features(mean, taps, channels), swap_features(cov, taps, channels)
+    taps = ctx.sampler.taps()
+    block = ctx.sampler.num_features // taps
+    return swap_features(mean, taps, block), swap_features(cov, taps, block)
 
 
 class _PatchStatistics(torch.autograd.Function):
@@ -514,8 +529,8 @@ class _PatchStatistics(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not an input-sized zero tensor
         ctx.sampler, ctx.groups, ctx.shape, ctx.dtype = sampler, groups, x.shape, x.dtype
         ctx.layout = torch.channels_last if channels_last(x) else torch.contiguous_format
-        # Patches of one whitening block are gathered tap-major (faster copies) and their statistics put back in the
-        # authors' (channel, tap) order; the backward takes the gradients the other way.
+        # Disjoint ungrouped patches are gathered tap-major (faster copies) and their statistics put back in the
+        # authors' feature order; the backward takes the gradients the other way.
         ctx.tap_major = sampler.tap_major(x.shape[1])
         if dtype == torch.bfloat16:  # reduced_patch_statistics: one whitening group, products in bfloat16
             rows = sampler.gather(x, dtype, tap_major=ctx.tap_major)
@@ -552,9 +567,10 @@ class _PatchStatistics(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         n, groups, group_major = ctx.n, ctx.groups, ctx.sampler.group_major()
         if ctx.tap_major:  # the gradients of the authors' order, taken to the rows' tap-major one
-            channels, taps = ctx.shape[1], ctx.sampler.taps()
-            d_mean = None if d_mean is None else swap_features(d_mean, channels, taps)
-            d_cov = None if d_cov is None else swap_features(d_cov, channels, taps)
+            taps = ctx.sampler.taps()
+            block = ctx.sampler.num_features // taps
+            d_mean = None if d_mean is None else swap_features(d_mean, block, taps)
+            d_cov = None if d_cov is None else swap_features(d_cov, block, taps)
         if rows.dtype == torch.bfloat16:  # reduced_patch_statistics: one bfloat16 product, mean gradient included
             d_rows = _reduced_rows_grad(rows, d_mean, d_cov, n)
         elif d_cov is None:
