@@ -207,9 +207,9 @@ class PatchSampler:
         The authors' feature ``f = taps * c_hi + k`` of a block (``c_hi``: the channel over the number of blocks)
         goes to position ``k * block + c_hi``, so each (kernel tap, channel residue) fills a contiguous run of the
         block: one copy of every ``blocks``-th channel per pair, against a copy that writes every ``taps``-th
-        element. ResNet-18's first-stage patches (one block), channels-last, 2 threads: gather 6.4 -> 2.5 ms and
-        scatter 6.2 -> 2.0 ms in bfloat16, gather into float32 25.5 -> 17.6 ms, scatter from float32 15.9 -> 4.9
-        ms; NCHW 13.8 -> 10.1 and 13.2 -> 9.0 ms."""
+        element. ResNet-18's stages (64 to 512 channels: 1 to 8 blocks), channels-last, 2 threads, bfloat16 rows:
+        gather 6.5/5.3/2.9/4.2 -> 2.0/3.6/2.2/3.1 ms, scatter 6.3/5.3/3.0/3.3 -> 1.6/3.8/2.4/2.6 ms; float32 rows:
+        gather 14.3/8.9/5.1/5.6 -> 4.0/4.7/2.7/3.1 ms; the first stage in NCHW: 13.8 -> 10.1 and 13.2 -> 9.0 ms."""
         return self._disjoint() and not self.grouped and math.gcd(self.taps(), self._blocks(channels)) == 1
 
     def taps(self) -> int:
@@ -227,8 +227,8 @@ class PatchSampler:
 
     def gather(self, x: torch.Tensor, dtype: torch.dtype | None = None, tap_major: bool = False) -> torch.Tensor:
         """The sampled patches as a fresh contiguous matrix in the block layout, in ``dtype`` (default: ``x``'s);
-        with ``tap_major`` where ``self.tap_major`` allows, their features ordered (kernel tap, channel) instead of
-        the authors' (channel, tap): the same matrix with its columns permuted (``swap_features``).
+        with ``tap_major`` where ``self.tap_major`` allows, each block's features in the tap-major order instead of
+        the authors': the same matrix with its columns permuted (``swap_features``).
 
         The patches are converted as they are copied: a float32 matrix from a bfloat16 batch costs no float32 copy
         of the whole batch first (MobileNetV2's depthwise layers under bf16 autocast spent 18 ms a layer on it).
@@ -584,7 +584,6 @@ class _PatchStatistics(torch.autograd.Function):
             d_rows = torch.bmm(per_group, (d_cov + d_cov.mT) / n).transpose(0, 1).reshape(n, -1)
         if d_mean is not None and rows.dtype != torch.bfloat16:
             d_rows.add_((d_mean / n).view(groups, -1, 1) if group_major else d_mean / n)
-        scatter = ctx.sampler.scatter_groups if group_major else ctx.sampler.scatter
         # The passed-through input's gradient (the convolution's, fresh) takes the patches' gradient in place when it
         # is a plain dense tensor of the input's dtype and layout and the patches leave gaps (a 1x1 layer's sample, a
         # strided layer's): that saves a zero-filled input-sized gradient and adding it whole. Patches that tile the
@@ -592,8 +591,10 @@ class _PatchStatistics(torch.autograd.Function):
         # kernel tap was slower (PreAct ResNet-18 under bf16 autocast, channels-last: +6% on the step, interleaved).
         into = (d_through if dense_like(d_through, ctx.shape, ctx.dtype, ctx.layout)
                 and not ctx.sampler.tiles(ctx.shape) else None)
-        grad = scatter(d_rows, ctx.shape, ctx.layout, ctx.dtype, into=into,
-                       **({} if group_major else {"tap_major": ctx.tap_major}))
+        if group_major:
+            grad = ctx.sampler.scatter_groups(d_rows, ctx.shape, ctx.layout, ctx.dtype, into=into)
+        else:
+            grad = ctx.sampler.scatter(d_rows, ctx.shape, ctx.layout, ctx.dtype, into=into, tap_major=ctx.tap_major)
         if d_through is not None and into is None:
             grad.add_(d_through)
         return grad, None, None, None, None
