@@ -151,7 +151,7 @@ class PatchSampler:
         at block ``p % blocks``, position ``p // blocks``. Channels ``c0, c0 + blocks, ...`` of one tap land
         ``kh*kw`` apart in one block, so each (tap, c0) is one strided copy.
         """
-        kk, kw = self.kernel[0] * self.kernel[1], self.kernel[1]
+        kk, kw = self.taps(), self.kernel[1]
         for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(shape):
             for c0 in range(blocks):
                 p = c0 * kk + a * kw + b
@@ -197,7 +197,7 @@ class PatchSampler:
         return x.flatten(2)[image, :, pixel]
 
     def _blocks(self, channels: int) -> int:
-        return 1 if self.grouped else channels * self.kernel[0] * self.kernel[1] // self.num_features
+        return 1 if self.grouped else channels * self.taps() // self.num_features
 
     def tap_major(self, channels: int) -> bool:
         """Whether ``gather(..., tap_major=True)`` orders each block's features tap-major for an input of
@@ -213,7 +213,12 @@ class PatchSampler:
         return self._disjoint() and not self.grouped and math.gcd(self.taps(), self._blocks(channels)) == 1
 
     def taps(self) -> int:
+        """Kernel taps per channel: ``kh * kw``."""
         return self.kernel[0] * self.kernel[1]
+
+    def block(self) -> int:
+        """Channels per whitening block of an ungrouped layer: ``num_features // taps``."""
+        return self.num_features // self.taps()
 
     def _tap_major_slots(self, shape: torch.Size):
         """For each kernel tap inside the input and channel residue ``c0`` (channels ``c0, c0 + blocks, ...``): the
@@ -240,7 +245,7 @@ class PatchSampler:
             grid = self._grid((h, w))
             nf = c * self.taps() // blocks
             tap_major = tap_major and self.tap_major(c)
-            rows = x.new_empty(n, grid[0], grid[1], blocks, *((self.taps(), nf // self.taps()) if tap_major else (nf,)),
+            rows = x.new_empty(n, grid[0], grid[1], blocks, *((self.taps(), self.block()) if tap_major else (nf,)),
                                dtype=dtype)
             # Border patches reach into the zero padding: zero them first, the taps then fill what is inside.
             (lo_h, hi_h), (lo_w, hi_w) = self._inner_grid(grid, (h, w))
@@ -297,7 +302,7 @@ class PatchSampler:
         234 ms for gather, statistics, backward products and scatter)."""
         n, c, h, w = x.shape
         grid = self._grid((h, w))
-        taps = self.kernel[0] * self.kernel[1]
+        taps = self.taps()
         rows = x.new_empty(c, taps, n, grid[0], grid[1], dtype=x.dtype if dtype is None else dtype)
         for tap, (rows_out, cols_out) in enumerate(self._tap_ranges(grid, (h, w))):
             # The grid positions whose tap falls on the zero padding (all of them for a tap that only reads padding).
@@ -354,7 +359,7 @@ class PatchSampler:
                 _write(grad[:, :, rows_in, cols_in], rows[:, a * kw + b, :, grid_rows, grid_cols].transpose(0, 1),
                        into is not None)
             return grad
-        cols = rows.view(*rows.shape[:2], n, -1).permute(2, 0, 1, 3).reshape(n, c * self.kernel[0] * self.kernel[1], -1)
+        cols = rows.view(*rows.shape[:2], n, -1).permute(2, 0, 1, 3).reshape(n, c * self.taps(), -1)
         grad = F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
         return into.add_(grad) if into is not None else grad.to(dtype, memory_format=layout)
 
@@ -368,7 +373,7 @@ class PatchSampler:
         dtype = rows.dtype if dtype is None else dtype
         n, c, h, w = shape
         blocks = self._blocks(c)
-        width = c * self.kernel[0] * self.kernel[1]
+        width = c * self.taps()
         if tap_major and self.tap_major(c):
             grid = self._grid((h, w))
             rows = rows.view(n, grid[0], grid[1], blocks, self.taps(), -1)
@@ -509,8 +514,7 @@ def _authors_order(ctx, mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Te
     """Mean and covariance of tap-major rows (``ctx.tap_major``) in the authors' (channel, tap) feature order."""
     if not ctx.tap_major:
         return mean, cov
-    taps = ctx.sampler.taps()
-    block = ctx.sampler.num_features // taps
+    taps, block = ctx.sampler.taps(), ctx.sampler.block()
     return swap_features(mean, taps, block), swap_features(cov, taps, block)
 
 
@@ -567,8 +571,7 @@ class _PatchStatistics(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         n, groups, group_major = ctx.n, ctx.groups, ctx.sampler.group_major()
         if ctx.tap_major:  # the gradients of the authors' order, taken to the rows' tap-major one
-            taps = ctx.sampler.taps()
-            block = ctx.sampler.num_features // taps
+            taps, block = ctx.sampler.taps(), ctx.sampler.block()
             d_mean = None if d_mean is None else swap_features(d_mean, block, taps)
             d_cov = None if d_cov is None else swap_features(d_cov, block, taps)
         if rows.dtype == torch.bfloat16:  # reduced_patch_statistics: one bfloat16 product, mean gradient included
