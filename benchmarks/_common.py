@@ -143,21 +143,31 @@ def make_eval_forward(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None
     return forward
 
 
-def interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int,
+                turns: int = 1) -> dict[str, list[float]]:
     """Run the callables round-robin (a, b, a, b, ...) so that load from other processes hits all alike.
 
-    ``warmup`` untimed rounds first: the first deconvolution steps in a fresh process run up to 10x
-    slow (oneDNN/allocator warm-up), which a plain median of few steps does not hide.
+    A round is ``turns`` turns, each calling every callable once; each callable's time for a round is its mean call
+    over the round (``turns > 1``: a fast-mode step's cost is its mean over whole refresh cycles, and the networks it
+    is held against step beside it, turn by turn, through the same seconds of the machine). ``warmup`` untimed
+    rounds first: the first deconvolution steps in a fresh process run up to 10x slow (oneDNN/allocator warm-up),
+    which a plain median of few steps does not hide.
     """
-    for _ in range(warmup):
+    if turns < 1:
+        raise ValueError(f"interleaved: turns must be >= 1, got {turns}")
+    for _ in range(warmup * turns):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+        spent = dict.fromkeys(fns, 0.0)
+        for _ in range(turns):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                spent[name] += time.perf_counter() - t0
+        for name, total in spent.items():
+            times[name].append(total / turns)
     return times
 
 

@@ -7,12 +7,14 @@ Examples (run from the project root; results land in benchmarks/results/<name>.j
     python benchmarks/train_step.py --quick                         # a smoke run: 1 warm-up, 2 timed steps
 
 Method: ND and BN steps alternate (ND, BN, ND, BN, ...) after untimed warm-up rounds, so load
-from other processes hits both alike; medians of the timed steps are reported, with the ratio
+from other processes hits both alike; medians of the timed rounds are reported, with the ratio
 beside the reference implementation's own median ratio (../shared/anchors/reference_speed.json).
 A step is forward + cross-entropy + backward + SGD(momentum 0.9) on random 32x32 inputs; eval is
-a no-grad forward in eval mode; fast mode (``--fast K``) is timed over whole refresh cycles of K steps,
-per step. Like ``ndeconv train``, the benchmark first lets glibc's malloc
-reuse freed memory (ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
+a no-grad forward in eval mode. A round is one step of each network, or with fast mode (``--fast K``) K turns of
+one step each (the least common multiple of the K's): every network's time for the round is its mean step, so a
+fast network is timed over whole refresh cycles and the others step beside it through the same seconds.
+Like ``ndeconv train``, the benchmark first lets glibc's malloc reuse freed memory
+(ndeconv.keep_freed_memory; ``--no-keep-freed-memory`` measures without).
 ``--channels-last`` puts every network and input in channels-last memory format (both forms alike);
 ``--amp bf16`` times both forms under ``torch.autocast`` (the loss in float32, as ``ndeconv train``);
 with ``--float32-pair`` the same ND and BN networks also run in float32 in the same interleaved rounds
@@ -29,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,18 +88,10 @@ def _target(arch: str, ref: dict[str, float]) -> float | None:
 
 
 def _refresh_cycle(net: str) -> int:
-    """Training steps timed together for ``net``: fast mode's whole refresh cycle (``fast4``: one step that
-    recomputes the whitening, three that reuse it), whose mean is its cost per step; a median of single steps
-    would report the cheap reusing steps only."""
+    """Fast mode's refresh cycle for ``net`` (``fast4``: one step that recomputes the whitening, three that reuse
+    it); 1 for the others. A timed round holds whole cycles of every fast network, whose mean is its cost per step: a
+    median of single steps would report the cheap reusing steps only."""
     return int(net[len("fast"):].split("_")[0]) if net.startswith("fast") else 1
-
-
-def _steps(step: Callable[[], None], count: int) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(count):
-            step()
-
-    return run
 
 
 FLOAT32 = "_fp32"  # suffix of the networks ``--float32-pair`` times in float32 beside the autocast ones
@@ -115,10 +109,12 @@ def _baseline(net: str) -> str:
 def bench_pair(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
     """Interleaved training steps and eval forwards of ``nets``: medians, and each ND network's ratio to the BN one of
     its precision (``<net>_over_bn_train``; ``nd_fp32_over_bn_fp32_train`` for the float32 pair)."""
-    train = {k: _steps(C.make_train_step(m, x, y, _amp(k, args)), _refresh_cycle(k)) for k, m in nets.items()}
+    train = {k: C.make_train_step(m, x, y, _amp(k, args)) for k, m in nets.items()}
     evals = {k: C.make_eval_forward(m, x, _amp(k, args)) for k, m in nets.items()}
-    t = C.interleaved(train, args.warmup, args.repeats)
-    t = {k: [s / _refresh_cycle(k) for s in v] for k, v in t.items()}  # seconds per training step
+    # Every network steps once per turn; a round is as many turns as a whole refresh cycle of every fast network, and
+    # each network's time for a round is its mean step over it, so all of them are timed through the same seconds.
+    turns = math.lcm(*(_refresh_cycle(k) for k in nets))
+    t = C.interleaved(train, args.warmup, args.repeats, turns)  # seconds per training step, one value per round
     e = C.interleaved(evals, 1, args.eval_repeats)
     out = {f"{k}_train": C.summary(v) for k, v in t.items()}
     out.update({f"{k}_eval": C.summary(v) for k, v in e.items()})
@@ -250,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", default=["resnet18_deconv"], help="zoo name(s), or 'all' for the ten")
     p.add_argument("--batch", nargs="+", type=int, default=[128])
     p.add_argument("--image", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=3, help="untimed interleaved rounds first (default 3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed training steps per network (default 5)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds: a step of each network, with --fast K steps each (default 5)")
     p.add_argument("--eval-repeats", type=int, default=3)
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
                    help="also time single layers (default: on unless --arch all)")

@@ -70,6 +70,7 @@ def collect(runs: Path, fp32_fast8: Path, recorded: dict[str, dict], speeds: tup
     return {"arch": "resnet18", "dataset": "fashion_mnist", "epochs": 1, "float32_exact_top1": float32["test_top1"],
             "speed": [{"cpu": cpu_label(f["machine"]), "command": f["command"],
                        "bf16_product_gflop_per_s": m.get("product_gflop_per_s", {}).get("bf16"),
+                       "bn_step_s": m.get("bn_train", {}).get("median_s"),
                        "earlier_kernels": earlier_kernels_note(f, cpu_label(f["machine"]))}
                       for f, m in zip(speed_files, models, strict=True)], "rows": rows}
 
@@ -89,6 +90,13 @@ def markdown(result: dict) -> str:
     rates = [f"{s['cpu']}, {s['bf16_product_gflop_per_s']:.0f} GFLOP/s" for s in result["speed"]
              if s.get("bf16_product_gflop_per_s")]
     note = f"\nbf16 product rate measured in the speed runs: {'; '.join(rates)}.\n" if rates else ""
+    # The ratio moves with the machine's speed (a 2-core VM's varies with its neighbours): the slower its
+    # convolutions, the less the whitening's fixed costs (eigendecompositions, the fold) weigh against them.
+    steps = [f"{s['cpu']}, {s['bn_step_s']:.2f} s" for s in result["speed"] if s.get("bn_step_s")]
+    if steps:
+        note += (f"\nThe BatchNorm step each ratio is held against, median of the speed run: {'; '.join(steps)}. On a "
+                 "machine whose convolutions run faster, the whitening's fixed costs weigh more and the ratios rise."
+                 "\n")
     note += "".join(f"\n{s['earlier_kernels']}\n" for s in result["speed"] if s.get("earlier_kernels"))
     return "\n".join(lines) + "\n" + note
 

@@ -12,9 +12,20 @@ from benchmarks import train_step
 
 
 def test_quick_run_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cycles = []
-    real_steps = train_step._steps
-    monkeypatch.setattr(train_step, "_steps", lambda step, count: cycles.append(count) or real_steps(step, count))
+    from benchmarks import _common
+
+    calls = []
+    real_step = _common.make_train_step
+
+    def recording_step(model, x, y, amp=None):
+        step = real_step(model, x, y, amp)
+        return lambda: calls.append(model) or step()
+
+    monkeypatch.setattr(_common, "make_train_step", recording_step)
+    seen = []
+    real_bench = train_step.bench_pair
+    monkeypatch.setattr(train_step, "bench_pair", lambda nets, x, y, args: seen.append(nets) or
+                        real_bench(nets, x, y, args))
     out = tmp_path / "quick"
     assert train_step.main(["--arch", "efficientnet_b0_deconv", "--batch", "4", "--quick", "--fast", "3",
                             "--no-layers", "--no-keep-freed-memory", "--name", str(out)]) == 0
@@ -26,7 +37,26 @@ def test_quick_run_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monkey
         assert len(row[f"{form}_train"]["all_s"]) == 2 and row[f"{form}_train"]["median_s"] > 0
     assert row["nd_over_bn_train"] > 0 and row["fast3_over_bn_train"] > 0
     assert row["whitening_gflop"] > 0 and row["flop_ratio_nd_over_bn"] > 1
-    assert sorted(cycles) == [1, 1, 3]  # fast mode's timed unit is its whole refresh cycle
+    # One warm-up and two timed rounds, each three turns (fast mode's whole refresh cycle) of one step per network,
+    # in turn: the fast network's rounds hold whole cycles, and the others step beside it.
+    (nets,) = seen
+    order = list(nets.values())
+    assert len(calls) == 3 * 3 * len(order)
+    assert all(model is order[i % len(order)] for i, model in enumerate(calls))
+
+
+def test_interleaved_rounds_are_mean_steps_over_their_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import _common
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: float(next(clock)))
+    durations = {"a": [], "b": []}
+    times = _common.interleaved({k: (lambda k=k: durations[k].append(1)) for k in durations}, 1, 2, turns=4)
+    # Each call spans one tick of the fake clock: the mean of four one-tick calls, per round.
+    assert times == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+    assert len(durations["a"]) == len(durations["b"]) == (1 + 2) * 4
+    with pytest.raises(ValueError, match="turns must be >= 1"):
+        _common.interleaved({}, 0, 1, turns=0)
 
 
 def test_float32_pair_times_nd_and_bn_without_autocast_in_the_same_rounds(tmp_path: Path,

@@ -208,6 +208,9 @@ def test_bf16_whitening_table_reads_the_runs_and_keeps_recorded_rows_of_runs_not
     assert f"| bf16 | fast, k=8 | 92.93 | {92.93 - exact:+.2f} |" in text
     assert "| float32 | exact | not trained | – |" in text
     assert all(f"ND/BN training step, {cpu} |" in text for cpu in cpus)
+    # the machine's speed moves the ratio: each is shown with the BatchNorm step it was held against
+    steps = [f"{s['cpu']}, {s['bn_step_s']:.2f} s" for s in first["speed"]]
+    assert f"The BatchNorm step each ratio is held against, median of the speed run: {'; '.join(steps)}." in text
     sentence = bf16_whitening.summary(first)
     speed = {r["name"]: r["nd_over_bn_train"] for r in first["rows"]}
     exact_speed, fast_speed = speed["bf16-whitening-exact"], speed["bf16-whitening-fast8"]
