@@ -90,7 +90,7 @@ def markdown(result: dict) -> str:
     rates = [f"{s['cpu']}, {s['bf16_product_gflop_per_s']:.0f} GFLOP/s" for s in result["speed"]
              if s.get("bf16_product_gflop_per_s")]
     note = f"\nbf16 product rate measured in the speed runs: {'; '.join(rates)}.\n" if rates else ""
-    # The ratio moves with the machine's speed (a 2-core VM's varies with its neighbours): the slower its
+    # The ratio moves with the machine's speed, which on a shared 2-core machine changes between runs: the slower its
     # convolutions, the less the whitening's fixed costs (eigendecompositions, the fold) weigh against them.
     steps = [f"{s['cpu']}, {s['bn_step_s']:.2f} s" for s in result["speed"] if s.get("bn_step_s")]
     if steps:
