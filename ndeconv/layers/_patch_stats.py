@@ -144,19 +144,16 @@ class PatchSampler:
                                 self.stride)
                 yield a, b, slice(*hs), slice(*ws), rows_in, cols_in
 
-    def _taps(self, shape: torch.Size, blocks: int):
+    def _taps(self, shape: torch.Size):
         """For each kernel tap (a, b) and channel residue c0: the slices linking input and patch matrix.
 
         The patch matrix is viewed (N, Hs, Ws, blocks, nf); feature ``p = c*kh*kw + a*kw + b`` of a patch sits
         at block ``p % blocks``, position ``p // blocks``. Channels ``c0, c0 + blocks, ...`` of one tap land
-        ``kh*kw`` apart in one block, so each (tap, c0) is one strided copy.
+        ``kh*kw`` apart in one block, so each (tap, c0) is one strided copy: the tap-major layout's slot ``k`` is
+        the first of those positions (``_tap_major_slots``).
         """
-        kk, kw = self.taps(), self.kernel[1]
-        for a, b, grid_rows, grid_cols, rows_in, cols_in in self._tap_windows(shape):
-            for c0 in range(blocks):
-                p = c0 * kk + a * kw + b
-                yield (grid_rows, grid_cols, p % blocks, slice(p // blocks, None, kk)), \
-                    (slice(c0, None, blocks), rows_in, cols_in)
+        for (grid_rows, grid_cols, g, k), source in self._tap_major_slots(shape):
+            yield (grid_rows, grid_cols, g, slice(k, None, self.taps())), source
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of the sampled patches, differentiable, without the patch matrix: the batch summed once
@@ -254,7 +251,7 @@ class PatchSampler:
                 for (ph, pw, g, k), (cs, hi, wi) in self._tap_major_slots(x.shape):
                     rows[:, ph, pw, g, k].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
             else:
-                for (ph, pw, g, f), (cs, hi, wi) in self._taps(x.shape, blocks):
+                for (ph, pw, g, f), (cs, hi, wi) in self._taps(x.shape):
                     rows[:, ph, pw, g, f].copy_(x[:, cs, hi, wi].permute(0, 2, 3, 1))
             return rows.view(-1, nf)
         if self.kernel == (1, 1):  # every pixel a patch: the authors sample every stride**2-th pixel of the batch
@@ -389,7 +386,7 @@ class PatchSampler:
             grid = self._grid((h, w))
             rows = rows.view(n, grid[0], grid[1], blocks, width // blocks)
             grad = _gradient_buffer(into, shape, dtype, rows.device, layout, zeroed=not self._covered(grid, (h, w)))
-            for (ph, pw, g, f), (cs, hi, wi) in self._taps(shape, blocks):
+            for (ph, pw, g, f), (cs, hi, wi) in self._taps(shape):
                 _write(grad[:, cs, hi, wi], rows[:, ph, pw, g, f].permute(0, 3, 1, 2), into is not None)
             return grad
         if blocks > 1:
@@ -511,7 +508,7 @@ def _reduced_rows_grad(rows: torch.Tensor, d_mean: torch.Tensor | None, d_cov: t
 
 
 def _authors_order(ctx, mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance of tap-major rows (``ctx.tap_major``) in the authors' (channel, tap) feature order."""
+    """Mean and covariance of tap-major rows (``ctx.tap_major``) in the authors' block feature order."""
     if not ctx.tap_major:
         return mean, cov
     taps, block = ctx.sampler.taps(), ctx.sampler.block()
