@@ -93,7 +93,7 @@ def test_timm_pipeline_reproduces_ndeconv_eval(capsys: pytest.CaptureFixture) ->
     with torch.no_grad():
         correct = int((model(torch.stack([transform(img) for img in images])).argmax(1) == labels).sum())
     capsys.readouterr()
-    assert main(["eval", "resnet18_deconv.fashion_mnist", "--test-subset", str(count), "--json"]) == 0
+    assert main(["eval", "resnet18_deconv", "--test-subset", str(count), "--json"]) == 0  # the default tag too
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ours["count"] == count and 100.0 * correct / count == pytest.approx(ours["top1"], abs=1e-9)
 
