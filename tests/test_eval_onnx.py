@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import default_tag
 
 from ndeconv.cli import main
 from ndeconv.convert import export_onnx
@@ -80,21 +81,24 @@ def test_readme_first_command_on_a_few_images(tmp_path: Path, capsys: pytest.Cap
     """The README's first command, on 64 test images: export the shipped ResNet-18 (folded, verified), then its
     test accuracy through onnxruntime equals the PyTorch model's on the same images."""
     from ndeconv.loading import create_pretrained_model
+    from ndeconv.zoo._pretrained import WEIGHTS_DIR
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    first = readme.split("## First command", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    assert "ndeconv export resnet18_deconv.fashion_mnist -o resnet18.onnx" in first
+    first, said = readme.split("## First command", 1)[1].split("```bash\n", 1)[1].split("```", 1)
+    assert "ndeconv export resnet18_deconv -o resnet18.onnx" in first  # the default tag: the best weights shipped
     assert "ndeconv eval resnet18.onnx" in first
+    card = json.loads((WEIGHTS_DIR / f"resnet18_deconv.{default_tag('resnet18_deconv')}" / "config.json").read_text())
+    card_top1 = card["weights"]["test_top1"]
+    assert f"top-1 {card_top1:.2f}%, the model card's number" in said.split("##", 1)[0].replace("\n", " ")
 
     path = tmp_path / "resnet18.onnx"
-    assert main(["export", "resnet18_deconv.fashion_mnist", "-o", str(path)]) == 0
+    assert main(["export", "resnet18_deconv", "-o", str(path)]) == 0
     assert "verified: " in capsys.readouterr().out
     got = _eval_json(capsys, [str(path), "--test-subset", "64"])
-    want = evaluate_on_dataset(create_pretrained_model("resnet18_deconv.fashion_mnist").eval(), "fashion_mnist",
-                               subset=64)
+    want = evaluate_on_dataset(create_pretrained_model("resnet18_deconv").eval(), "fashion_mnist", subset=64)
     assert got["count"] == 64 and got["top1"] == pytest.approx(want.top1) and got["loss"] == pytest.approx(
         want.loss, rel=1e-4)
-    assert got["recorded_top1"] == pytest.approx(92.6)  # the shipped weights' card, carried by the file
+    assert got["recorded_top1"] == pytest.approx(card_top1)  # the shipped weights' card, carried by the file
     capsys.readouterr()
     assert main(["eval", str(path), "--test-subset", "64"]) == 0
     out = capsys.readouterr().out
