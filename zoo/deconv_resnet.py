@@ -242,6 +242,7 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Res
 
 
 default_cfgs = zoo_default_cfgs({
+    "resnet18_deconv.fashion_mnist_e20": zoo_cfg(first_conv="conv1", classifier="linear"),
     "resnet18_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
     "resnet18_deconv.fashion_mnist_stem": zoo_cfg(first_conv="conv1", classifier="linear"),
     "preact_resnet18_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear"),
