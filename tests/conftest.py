@@ -97,6 +97,8 @@ def default_tag(name: str) -> str:
     """The tag ``timm.create_model(name, pretrained=True)`` loads: the registry's default (the first listed)."""
     import timm
 
+    import ndeconv  # noqa: F401  registers the zoo with timm, which a test that only runs subprocesses has not done
+
     return timm.models.get_pretrained_cfg(name).tag
 
 

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import default_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,9 @@ def test_pip_install_reads_weights_named_by_the_environment(installed, tmp_path)
     weights = ROOT / "zoo" / "weights"
     run = _run_installed(installed, tmp_path, LOAD.format(site=str(installed)), NDECONV_WEIGHTS=str(weights))
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"FILE {weights / 'resnet18_deconv.fashion_mnist' / 'model.safetensors'}" in run.stdout
+    # The default tag's folder, the one timm.create_model('resnet18_deconv', pretrained=True) names.
+    default = weights / f"resnet18_deconv.{default_tag('resnet18_deconv')}" / "model.safetensors"
+    assert f"FILE {default}" in run.stdout
 
 
 def test_a_clone_resolves_its_own_zoo_and_converter(source, tmp_path):
