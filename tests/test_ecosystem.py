@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import PROJECT_ROOT, REFERENCE, shipped_zoo_models, write_hf_cache
+from conftest import PROJECT_ROOT, REFERENCE, default_tag, shipped_zoo_models, write_hf_cache
 from timm.data import create_transform, resolve_model_data_config
 from timm.models import get_pretrained_cfg_value
 
@@ -153,12 +153,13 @@ def test_pretrained_cfg_describes_the_stem(name: str) -> None:
 def test_hub_and_local_dir_loads_describe_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A shipped folder as ``local-dir:`` and as a cached Hub repo builds what ``pretrained=True`` builds."""
     arch = "efficientnet_b0_deconv" if "efficientnet_b0_deconv" in SHIPPED else SHIPPED[0]  # small and quick
-    folder = WEIGHTS_DIR / f"{arch}.fashion_mnist"
+    weight_set = f"{arch}.{default_tag(arch)}"  # the folder `pretrained=True` reads
+    folder = WEIGHTS_DIR / weight_set
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    write_hf_cache(tmp_path / "hub", f"someorg/{arch}.fashion_mnist", folder)
+    write_hf_cache(tmp_path / "hub", f"someorg/{weight_set}", folder)
     reference = timm.create_model(arch, pretrained=True).eval()
     x = torch.rand(2, 3, 32, 32)
-    for name in (f"local-dir:{folder}", f"hf-hub:someorg/{arch}.fashion_mnist"):
+    for name in (f"local-dir:{folder}", f"hf-hub:someorg/{weight_set}"):
         model = timm.create_model(name, pretrained=True).eval()
         _describes_itself(model)
         assert _stem_chans(model) == 3
