@@ -8,6 +8,10 @@ model-index block). The folder is what ``huggingface-cli upload`` would push unc
 the shipped file's, the number ``ndeconv eval <model>.<tag>`` reproduces.
 
     python reproduce/ship.py runs/paper_claim/resnet18-nd [more run dirs] [--force]
+
+Register ``<model>.<tag>`` first in the model's ``default_cfgs`` (listed first, it becomes the default tag; the
+script refuses an unregistered tag). A new default changes what ``timm.create_model(model, pretrained=True)``
+loads, so afterwards run ``reproduce/zoo_table.py`` and the whole suite, slow tests included (``pytest -q``).
 """
 
 from __future__ import annotations
