@@ -37,7 +37,13 @@ from ndeconv.zoo._shipping import CLASS_MAP_FILE  # noqa: E402
 from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "timm_transforms.json"
-TAG = "fashion_mnist"
+
+
+def default_tag(name: str) -> str:
+    """The tag ``timm.create_model(name, pretrained=True)`` loads: the first in the model's default_cfgs."""
+    import timm
+
+    return timm.models.get_pretrained_cfg(name).tag
 
 
 def timm_top1(name: str, folder: Path, class_map: Path, crop_pct: float | None, batch_size: int) -> dict:
@@ -67,7 +73,8 @@ def timm_top1(name: str, folder: Path, class_map: Path, crop_pct: float | None, 
 def table(results: list[dict]) -> str:
     lines = ["| model | card top-1 (ndeconv eval) | timm pipeline top-1 | difference |", "|---|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['card_top1']:.2f}% | {r['top1']:.2f}% | {r['top1'] - r['card_top1']:+.2f} |")
+        lines.append(f"| {r['model']} (`.{r['tag']}`) | {r['card_top1']:.2f}% | {r['top1']:.2f}% "
+                     f"| {r['top1'] - r['card_top1']:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,18 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="print only; leave the docs and results alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = args.models or sorted(p.name.removesuffix(f".{TAG}") for p in WEIGHTS_DIR.glob(f"*.{TAG}")
-                                   if (p / "model.safetensors").is_file())
+    models = args.models or sorted({p.parent.name.split(".")[0] for p in WEIGHTS_DIR.glob("*/model.safetensors")})
     results = []
     with tempfile.TemporaryDirectory(prefix="fashion-mnist-test-") as tmp:
         # The test images as they are (28x28 'L'), in the class folders the shipped class_map.txt names.
         folder = Path(tmp) / "test"
         write_image_folder("fashion_mnist", "test", folder, data_dir=args.data_dir, limit=args.limit)
         for name in models:
-            card = json.loads((WEIGHTS_DIR / f"{name}.{TAG}" / "config.json").read_text())["weights"]["test_top1"]
-            result = timm_top1(name, folder, WEIGHTS_DIR / f"{name}.{TAG}" / CLASS_MAP_FILE, args.crop_pct,
-                               args.batch_size)
-            result["card_top1"] = card
+            # The default tag's card: `pretrained=True` loads that tag (the 20-epoch one where it has shipped).
+            weights = WEIGHTS_DIR / f"{name}.{default_tag(name)}"
+            card = json.loads((weights / "config.json").read_text())["weights"]["test_top1"]
+            result = timm_top1(name, folder, weights / CLASS_MAP_FILE, args.crop_pct, args.batch_size)
+            result.update(tag=default_tag(name), card_top1=card, threads=args.threads)
             print(f"{name}: timm pipeline {result['top1']:.2f}% on {result['count']} images, card {card:.2f}% "
                   f"({result['seconds']} s)", flush=True)
             results.append(result)
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         recorded = json.loads(RESULTS.read_text())["results"] if RESULTS.is_file() else []
         merged = {r["model"]: r for r in recorded} | {r["model"]: r for r in results}
         results = [merged[name] for name in sorted(merged)]
-        RESULTS.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2) + "\n")
+        RESULTS.write_text(json.dumps({"results": results}, indent=2) + "\n")
         write_readme_block("timm-transforms", table(results))
     return 0
 

@@ -106,6 +106,7 @@ def _create_efficientnet(variant: str, pretrained: bool = False, **kwargs: Any) 
 
 
 default_cfgs = zoo_default_cfgs({
+    "efficientnet_b0_deconv.fashion_mnist_e20": zoo_cfg(first_conv="conv1", classifier="linear", pool_size=(1, 1)),
     "efficientnet_b0_deconv.fashion_mnist": zoo_cfg(first_conv="conv1", classifier="linear", pool_size=(1, 1)),
     "efficientnet_b0_deconv.fashion_mnist_stem": zoo_cfg(first_conv="conv1", classifier="linear", pool_size=(1, 1)),
 })
