@@ -27,7 +27,7 @@ from ndeconv.cli import main
 from ndeconv.errors import NdeconvError
 from ndeconv.loading import load_model
 
-ARCH = "efficientnet_b0_deconv"  # the smallest shipped folder of the default tag (6 MB)
+ARCH = "efficientnet_b0_deconv"  # the smallest shipped weights (6 MB)
 TAG = "fashion_mnist"
 NAME = f"{ARCH}.{TAG}"
 HUB_ID = f"ndeconv/{NAME}"  # the shipped tag's own Hub repo: the case that used to verify the shipped copy instead
