@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from timm.models import get_pretrained_cfg  # noqa: E402
 
 import ndeconv  # noqa: E402,F401 - registers the zoo
 from ndeconv.datasets import FASHION_MNIST_DIR  # noqa: E402
@@ -38,12 +39,6 @@ from reproduce.readme_block import write_readme_block  # noqa: E402
 
 RESULTS = ROOT / "reproduce" / "results" / "timm_transforms.json"
 
-
-def default_tag(name: str) -> str:
-    """The tag ``timm.create_model(name, pretrained=True)`` loads: the first in the model's default_cfgs."""
-    import timm
-
-    return timm.models.get_pretrained_cfg(name).tag
 
 
 def timm_top1(name: str, folder: Path, class_map: Path, crop_pct: float | None, batch_size: int) -> dict:
@@ -97,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         write_image_folder("fashion_mnist", "test", folder, data_dir=args.data_dir, limit=args.limit)
         for name in models:
             # The default tag's card: `pretrained=True` loads that tag (the 20-epoch one where it has shipped).
-            weights = WEIGHTS_DIR / f"{name}.{default_tag(name)}"
+            tag = get_pretrained_cfg(name).tag
+            weights = WEIGHTS_DIR / f"{name}.{tag}"
             card = json.loads((weights / "config.json").read_text())["weights"]["test_top1"]
             result = timm_top1(name, folder, weights / CLASS_MAP_FILE, args.crop_pct, args.batch_size)
-            result.update(tag=default_tag(name), card_top1=card, threads=args.threads)
+            result.update(tag=tag, card_top1=card, threads=args.threads)
             print(f"{name}: timm pipeline {result['top1']:.2f}% on {result['count']} images, card {card:.2f}% "
                   f"({result['seconds']} s)", flush=True)
             results.append(result)
