@@ -3,6 +3,8 @@
     python reproduce/converged.py report --runs ~/.cache/ndeconv/runs/converged
     python reproduce/converged.py decide-precision --runs DIR   # once per run folder: DIR/precision.json
     python reproduce/converged.py precision-args --runs DIR     # the ndeconv train flags that decision means
+    python reproduce/converged.py carry-precision --runs DIR    # a new DIR: the recorded decision, where it holds
+    python reproduce/converged.py recorded-finished --runs DIR  # finished runs recorded here but absent from DIR
 
 ``report`` regenerates, from the run directories (20 epochs, ND and BN of each architecture; a run absent from
 --runs keeps its recorded row): reproduce/results/converged.json, the learning-curves chart
@@ -12,6 +14,10 @@ docs/reproduction.md and ``converged-summary`` of README.md. A partial run is sh
 The decision: bf16 autocast with channels-last where the CPU computes bf16 natively and the one-epoch ResNet-18
 check (DIR/precision-check: ND, fast 8, that mode) scores within ``TOLERANCE`` points of the float32 exact
 one-epoch run (reproduce/results/paper_claim.json); float32 otherwise.
+
+The queue is one queue across machines: a new run folder (a new machine) takes the decision recorded in
+reproduce/results/converged.json where this CPU can run it (bf16 needs native bf16), so an ND run and its BN pair
+keep sharing a precision; and a run recorded finished there is not trained again when its directory is absent.
 """
 
 from __future__ import annotations
@@ -74,6 +80,26 @@ def decide(runs: Path, native_bf16: bool, paper_claim: Path = PAPER_CLAIM) -> di
                 "reason": f"bf16 check {top1:.2f} is no more than {TOLERANCE} below float32 exact {reference:.2f}"}
     return {**record, "precision": "float32", "args": [],
             "reason": f"bf16 check {top1:.2f} is more than {TOLERANCE} below float32 exact {reference:.2f}"}
+
+
+def carry_precision(native_bf16: bool, previous: Path = RESULTS) -> dict[str, Any] | None:
+    """The decision recorded in ``previous`` for a new run folder, or None where there is none or this CPU cannot
+    run it natively (then the queue decides afresh)."""
+    recorded = _recorded(previous).get("precision")
+    if not recorded or (recorded["precision"] == "bf16" and not native_bf16):
+        return None
+    from benchmarks._common import machine_info
+
+    # The record keeps the CPU its check ran on; this one only has to compute the same precision natively.
+    return {**recorded, "carried_over_to_cpu": machine_info()["cpu"],
+            "carried_over_from": str(previous.relative_to(ROOT)) if previous.is_relative_to(ROOT) else str(previous)}
+
+
+def recorded_finished(runs: Path, previous: Path = RESULTS) -> list[str]:
+    """Runs that ``previous`` records as finished (all ``EPOCHS`` epochs) whose directory is not in ``runs``."""
+    curves = _recorded(previous).get("curves", {})
+    return [run for run, curve in curves.items()
+            if _final(curve) is not None and not (runs / run / "config.json").is_file()]
 
 
 def read_precision(runs: Path) -> dict[str, Any]:
@@ -251,20 +277,30 @@ def report(runs: Path, out: Path = RESULTS.parent, docs: Path | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("report", "decide-precision", "precision-args"))
+    parser.add_argument("command", choices=("report", "decide-precision", "precision-args", "carry-precision",
+                                            "recorded-finished"))
     parser.add_argument("--runs", type=Path, default=Path.home() / ".cache" / "ndeconv" / "runs" / "converged")
     args = parser.parse_args(argv)
     if args.command == "report":
         result = report(args.runs)
         print(curves_markdown(result) + "\n" + claim_markdown(result))
-    elif args.command == "decide-precision":
+    elif args.command in ("decide-precision", "carry-precision"):
         import torch
 
         from ndeconv.runtime import native_amp_dtype
 
-        record = decide(args.runs, native_amp_dtype("cpu") is torch.bfloat16)
+        native_bf16 = native_amp_dtype("cpu") is torch.bfloat16
+        if args.command == "carry-precision":
+            record = carry_precision(native_bf16)
+            if record is None:
+                print(f"precision: nothing to carry over from {RESULTS.relative_to(ROOT)} to this CPU; deciding afresh")
+                return 1
+        else:
+            record = decide(args.runs, native_bf16)
         save_json_atomic(record, args.runs / "precision.json")
         print(f"precision: {record['precision']} ({record['reason']})")
+    elif args.command == "recorded-finished":
+        print(" ".join(recorded_finished(args.runs)))
     else:
         print(" ".join(read_precision(args.runs)["args"]))
     return 0

@@ -9,6 +9,8 @@
 # is trained first into $OUT/precision-check; if its test top-1 is no more than 0.3 points below the float32
 # exact one-epoch run (92.59%), every run trains in that mode, otherwise (or without native bf16) in float32.
 # An ND run and its BN pair always share the decision; a run keeps the precision it started with on resume.
+# A new run folder (a new machine) takes the decision recorded in reproduce/results/converged.json where this CPU
+# can run it, and skips the runs recorded there as finished (converged.py carry-precision, recorded-finished).
 #
 # Two lanes train side by side with one thread each (measured: a pair finishes about 1.25x sooner than one run
 # after the other with two threads); each lane walks the list below in order and skips a run the other lane holds.
@@ -29,7 +31,7 @@ vgg16-nd vgg16-bn senet18-nd preact_resnet18-nd pnasnet_a-nd senet18-bn pnasnet_
 resnext29_32x4d-nd densenet121-nd dpn92-nd"
 mkdir -p "$OUT"
 
-if [ ! -f "$OUT/precision.json" ]; then
+if [ ! -f "$OUT/precision.json" ] && ! "$PY" reproduce/converged.py carry-precision --runs "$OUT"; then
   if "$PY" -c "import sys, torch; from ndeconv.runtime import native_amp_dtype
 sys.exit(0 if native_amp_dtype('cpu') is torch.bfloat16 else 1)"; then
     TRAIN_EPOCHS=1 train_run "$OUT/precision-check" --arch resnet18 --deconv true --dataset fashion_mnist \
@@ -39,10 +41,14 @@ sys.exit(0 if native_amp_dtype('cpu') is torch.bfloat16 else 1)"; then
 fi
 read -r -a PRECISION_ARGS <<< "$("$PY" reproduce/converged.py precision-args --runs "$OUT")"
 echo "== precision: ${PRECISION_ARGS[*]:-float32}"
+RECORDED_FINISHED=" $("$PY" reproduce/converged.py recorded-finished --runs "$OUT") "
 
 lane() {
   local run status=0
   for run in ${RUNS:-$DEFAULT_RUNS}; do
+    if [[ $RECORDED_FINISHED == *" $run "* ]]; then
+      echo "== $OUT/$run: done (recorded in reproduce/results/converged.json)"; continue
+    fi
     # The other lane holds this run (flock is released by the kernel when its holder exits).
     exec {fd}>"$OUT/.$run.queue-lock"
     if ! flock -n "$fd"; then exec {fd}>&-; continue; fi

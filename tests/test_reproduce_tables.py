@@ -152,6 +152,37 @@ def test_converged_precision_is_bf16_only_with_native_bf16_and_a_check_within_th
     assert converged.decide(tmp_path, native_bf16=True, paper_claim=claim)["precision"] == "float32"
 
 
+def test_a_new_converged_run_folder_keeps_the_recorded_decision_and_finished_runs(tmp_path: Path) -> None:
+    """A new machine starts an empty run folder: it takes the recorded precision where its CPU can run it, and the
+    runs recorded finished are not trained again (reproduce/converged.sh asks both before its first run)."""
+    import converged
+
+    claim = _paper_claim(tmp_path / "paper_claim.json")
+    old = tmp_path / "old"
+    _run(old / "precision-check", 92.95)
+    _converged_run(old / "resnet18-nd", [90.0 + i * 0.2 for i in range(20)])
+    _converged_run(old / "efficientnet_b0-bn", [87.0, 87.5])  # partial: trained again from its start
+    out = tmp_path / "results"
+    out.mkdir()
+    (old / "precision.json").write_text(json.dumps(converged.decide(old, native_bf16=True, paper_claim=claim)))
+    docs, readme = tmp_path / "reproduction.md", tmp_path / "README.md"
+    docs.write_text((PROJECT_ROOT / "docs" / "reproduction.md").read_text())
+    readme.write_text("x\n<!-- converged-summary:start -->\n<!-- converged-summary:end -->\n")
+    converged.report(old, out=out, docs=docs, readme=readme)
+    recorded = out / "converged.json"
+    new = tmp_path / "new"
+    new.mkdir()
+    carried = converged.carry_precision(native_bf16=True, previous=recorded)
+    assert carried["args"] == ["--amp", "bf16", "--channels-last"] and carried["check_top1"] == 92.95
+    assert carried["carried_over_from"] == str(recorded)
+    # bf16 is not carried to a CPU that would emulate it: that CPU decides afresh.
+    assert converged.carry_precision(native_bf16=False, previous=recorded) is None
+    assert converged.carry_precision(native_bf16=True, previous=tmp_path / "absent.json") is None
+    assert converged.recorded_finished(new, previous=recorded) == ["resnet18-nd"]
+    _converged_run(new / "resnet18-nd", [90.0])  # a folder of that run on this machine is its own record
+    assert converged.recorded_finished(new, previous=recorded) == []
+
+
 def test_converged_runs_ship_under_a_new_tag_that_must_be_registered_first() -> None:
     from ship import check_registered
 
