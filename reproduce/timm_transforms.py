@@ -40,7 +40,6 @@ from reproduce.readme_block import write_readme_block  # noqa: E402
 RESULTS = ROOT / "reproduce" / "results" / "timm_transforms.json"
 
 
-
 def timm_top1(name: str, folder: Path, class_map: Path, crop_pct: float | None, batch_size: int) -> dict:
     """Top-1 of ``timm.create_model(name, pretrained=True)`` through timm's dataset, transforms and loader."""
     import timm
