@@ -9,7 +9,8 @@
 ``report`` regenerates, from the run directories (20 epochs, ND and BN of each architecture; a run absent from
 --runs keeps its recorded row): reproduce/results/converged.json, the learning-curves chart
 reproduce/results/converged_curves.png, and the blocks ``converged-curves`` and ``converged-claim`` of
-docs/reproduction.md and ``converged-summary`` of README.md. A partial run is shown as far as it got.
+docs/reproduction.md and ``converged-summary`` of README.md. A partial run is shown as far as it got,
+each run with the CPU its epochs trained on (from its metrics rows).
 
 The decision: bf16 autocast with channels-last where the CPU computes bf16 natively and the one-epoch ResNet-18
 check (DIR/precision-check: ND, fast 8, that mode) scores within ``TOLERANCE`` points of the float32 exact
@@ -39,6 +40,9 @@ from ndeconv.io import save_json_atomic  # noqa: E402
 PAPER_CLAIM = ROOT / "reproduce" / "results" / "paper_claim.json"
 RESULTS = ROOT / "reproduce" / "results" / "converged.json"
 CURVES = ROOT / "reproduce" / "results" / "converged_curves.png"
+# Where reproduce/ship.py puts a finished ND run: its metrics.jsonl there is the run's own, copied.
+SHIPPED_METRICS = ROOT / "zoo" / "weights" / "{arch}_deconv.fashion_mnist_e{epochs}" / "metrics.jsonl"
+NOT_RECORDED = "not recorded"
 EPOCHS = 20
 FORMS = ("nd", "bn")
 # The heavy three train their ND form only (the queue's order, reproduce/converged.sh).
@@ -111,15 +115,38 @@ def read_precision(runs: Path) -> dict[str, Any]:
                          "writes it") from None
 
 
+def _short_cpu(name: str) -> str:
+    """"Intel(R) Xeon(R) Processor" -> "Intel Xeon": the model name without its trademark signs and filler."""
+    for filler in ("(R)", "(TM)", " Processor", " CPU"):
+        name = name.replace(filler, "")
+    return " ".join(name.split())
+
+
+def cpu_spans(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """``[cpu, first epoch, last epoch]`` for each stretch of epochs that trained on one CPU (a run resumed on
+    another machine has several; the bf16 kernels differ between CPUs), from each epoch row's ``cpu``."""
+    spans: list[list[Any]] = []
+    for row in rows:
+        cpu = _short_cpu(row["cpu"]) if row.get("cpu") else NOT_RECORDED
+        if spans and spans[-1][0] == cpu:
+            spans[-1][2] = int(row["epoch"])
+        else:
+            spans.append([cpu, int(row["epoch"]), int(row["epoch"])])
+    return spans
+
+
+def _epoch_rows(metrics: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    return [r for r in rows if r.get("epoch", 0) >= 1 and not r.get("partial")]
+
+
 def read_curve(run_dir: Path) -> dict[str, Any] | None:
     """A run's test top-1 per finished epoch, its step (from the checkpoint: a partial epoch counts), its
-    precision, and whether it diverged; None if the run was never started."""
+    precision, the CPUs its epochs trained on, and whether it diverged; None if the run was never started."""
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         return None
-    metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-    rows = [r for r in rows if r.get("epoch", 0) >= 1 and not r.get("partial")]
+    rows = _epoch_rows(run_dir / "metrics.jsonl")
     train = json.loads(config_path.read_text()).get("train", {})
     step = rows[-1]["step"] if rows else 0
     if (run_dir / "checkpoint.pt").is_file():
@@ -130,6 +157,7 @@ def read_curve(run_dir: Path) -> dict[str, Any] | None:
         "epochs": [int(r["epoch"]) for r in rows], "test_top1": [float(r["test_top1"]) for r in rows],
         "step": step, "seconds": float(sum(r.get("seconds", 0.0) for r in rows)),
         "precision": "bf16" if train.get("amp") else "float32", "fast": train.get("fast"),
+        "cpus": cpu_spans(rows),
     }
     diverged = read_run(run_dir)
     if diverged and "diverged_at_step" in diverged:
@@ -154,6 +182,11 @@ def collect(runs: Path, previous: Path = RESULTS) -> dict[str, Any]:
         for form in FORMS if arch not in ND_ONLY else ("nd",):
             run = f"{arch}-{form}"
             curve = read_curve(runs / run) or old_curves.get(run)
+            if curve is not None and "cpus" not in curve:  # recorded before the CPUs were
+                shipped = Path(str(SHIPPED_METRICS).format(arch=arch, epochs=EPOCHS))
+                rows = _epoch_rows(shipped) if form == "nd" and _final(curve) is not None else []
+                unknown = [[NOT_RECORDED, 1, curve["epochs"][-1]]] if curve["epochs"] else []
+                curve = {**curve, "cpus": cpu_spans(rows) if rows else unknown}
             if curve is not None:
                 curves[run] = curve
     rows = []
@@ -206,19 +239,28 @@ def precision_sentence(precision: dict[str, Any] | None) -> str:
     return f"The runs train in fast mode k=8 and {mode}{check}."
 
 
+def trained_on(spans: list[list[Any]]) -> str:
+    """"Intel Xeon" for one CPU; "Intel Xeon (1-10), AMD EPYC (11-20)" for a run resumed on another machine."""
+    if len({cpu for cpu, _, _ in spans}) == 1:
+        return spans[0][0]
+    return ", ".join(f"{cpu} ({a})" if a == b else f"{cpu} ({a}-{b})" for cpu, a, b in spans)
+
+
 def curves_markdown(result: dict[str, Any]) -> str:
     lines = [precision_sentence(result.get("precision")), "",
-             "| run | precision | epochs | step | test top-1, last epoch | best |", "|---|---|---:|---:|---:|---:|"]
+             "| run | precision | epochs | step | test top-1, last epoch | best | trained on |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for run, curve in result["curves"].items():
         last = f"{curve['test_top1'][-1]:.2f}" if curve["test_top1"] else "–"
         best = f"{max(curve['test_top1']):.2f}" if curve["test_top1"] else "–"
         if "diverged_at_step" in curve:
             last = f"diverged at step {curve['diverged_at_step']} (loss {curve['diverged_loss']})"
         done = curve["epochs"][-1] if curve["epochs"] else 0
+        where = trained_on(curve["cpus"]) if curve["cpus"] else "–"
         lines.append(f"| {run} | {curve['precision']}, fast {curve['fast']} | {done}/{EPOCHS} | {curve['step']} | "
-                     f"{last} | {best} |")
+                     f"{last} | {best} | {where} |")
     if not result["curves"]:
-        lines.append("| (no run started yet) | | | | | |")
+        lines.append("| (no run started yet) | | | | | | |")
     chart = "\n![Test top-1 per epoch, ND and BN of each architecture](../reproduce/results/converged_curves.png)\n"
     return "\n".join(lines) + "\n" + (chart if result["curves"] else "")
 

@@ -99,12 +99,16 @@ def test_paper_claim_keeps_recorded_rows_and_fills_missing_bn_from_the_hybrid_re
     assert "76.12\\*" in paper_claim.markdown(list(table.values()))
 
 
-def _converged_run(folder: Path, top1: list[float], amp: str | None = "bf16", epochs: int = 20) -> Path:
+def _converged_run(folder: Path, top1: list[float], amp: str | None = "bf16", epochs: int = 20,
+                   cpus: list[str] | None = None) -> Path:
+    """A run directory whose epochs scored ``top1``, each trained on the CPU ``cpus`` names (rows from before runs
+    recorded their CPU have none)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"train": {"amp": amp, "fast": 8, "epochs": epochs}}))
-    (folder / "metrics.jsonl").write_text("".join(
-        json.dumps({"epoch": i + 1, "step": 469 * (i + 1), "test_top1": v, "seconds": 60.0}) + "\n"
-        for i, v in enumerate(top1)))
+    rows = [{"epoch": i + 1, "step": 469 * (i + 1), "test_top1": v, "seconds": 60.0} for i, v in enumerate(top1)]
+    for row, cpu in zip(rows, cpus or [], strict=False):
+        row["cpu"] = cpu
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
 
 
@@ -138,6 +142,44 @@ def test_converged_report_shows_partial_runs_keeps_recorded_ones_and_pairs_only_
     _converged_run(later / "senet18-nd", [92.5])
     result = converged.report(later, out=out, docs=docs, readme=readme)
     assert set(result["curves"]) == {"resnet18-nd", "resnet18-bn", "vgg16-nd", "vgg16-bn", "senet18-nd"}
+
+
+def test_the_learning_curves_name_the_cpu_each_run_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 kernels differ between CPUs and an ND run and its BN pair can train on different machines: the table
+    names each run's CPU, with its epochs where a run was resumed on another machine, also for runs recorded
+    before the CPU was (a shipped ND run's copied metrics.jsonl tells; otherwise "not recorded")."""
+    import converged
+
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC"
+    old = tmp_path / "old"
+    _converged_run(old / "efficientnet_b0-nd", [90.0 + i * 0.2 for i in range(20)])
+    _converged_run(old / "efficientnet_b0-bn", [89.0 + i * 0.2 for i in range(20)])
+    out, docs, readme = tmp_path / "results", tmp_path / "reproduction.md", tmp_path / "README.md"
+    out.mkdir()
+    docs.write_text((PROJECT_ROOT / "docs" / "reproduction.md").read_text())
+    readme.write_text("x\n<!-- converged-summary:start -->\n<!-- converged-summary:end -->\n")
+    converged.report(old, out=out, docs=docs, readme=readme)
+    recorded = json.loads((out / "converged.json").read_text())
+    for curve in recorded["curves"].values():  # as recorded before the CPUs were
+        del curve["cpus"]
+    (out / "converged.json").write_text(json.dumps(recorded))
+    shipped = _converged_run(tmp_path / "zoo" / "efficientnet_b0_deconv.fashion_mnist_e20", [90.0] * 20,
+                             cpus=[xeon] * 20)
+    monkeypatch.setattr(converged, "SHIPPED_METRICS",
+                        tmp_path / "zoo" / "{arch}_deconv.fashion_mnist_e{epochs}" / "metrics.jsonl")
+    new = tmp_path / "new"
+    _converged_run(new / "resnet18-nd", [90.0 + i * 0.2 for i in range(20)], cpus=[xeon] * 6 + [epyc] * 14)
+    _converged_run(new / "resnet18-bn", [88.0, 89.0], cpus=[epyc] * 2)
+    result = converged.report(new, out=out, docs=docs, readme=readme)
+    text = docs.read_text()
+    assert "| 93.80 | 93.80 | Intel Xeon (1-6), AMD EPYC (7-20) |" in text
+    assert "| resnet18-bn | bf16, fast 8 | 2/20 | 938 | 89.00 | 89.00 | AMD EPYC |" in text
+    assert "| efficientnet_b0-nd | bf16, fast 8 | 20/20 | 9380 | 93.80 | 93.80 | Intel Xeon |" in text
+    assert "| efficientnet_b0-bn | bf16, fast 8 | 20/20 | 9380 | 92.80 | 92.80 | not recorded |" in text
+    assert result["curves"]["efficientnet_b0-nd"]["cpus"] == [["Intel Xeon", 1, 20]]  # recorded from now on
+    (shipped / "metrics.jsonl").unlink()
+    assert converged.collect(tmp_path / "empty", previous=out / "converged.json")["curves"]["efficientnet_b0-nd"][
+        "cpus"] == [["Intel Xeon", 1, 20]]
 
 
 def test_converged_precision_is_bf16_only_with_native_bf16_and_a_check_within_the_tolerance(tmp_path: Path) -> None:
