@@ -59,6 +59,24 @@ def earlier_kernels_note(result: dict, machine_label: str) -> str:
             f"{', '.join(missing)} in float32.")
 
 
+# The networks with strided depthwise convolutions, whose bf16 input gradient ndeconv takes from oneDNN's float32
+# kernel (ndeconv.layers._conv); a bf16 run from before that records no ``strided_depthwise_input_grad``.
+STRIDED_DEPTHWISE_ARCHS = ("mobilenetv2_deconv", "efficientnet_b0_deconv", "pnasnet_a_deconv")
+
+
+def earlier_depthwise_note(result: dict, machine_label: str) -> str:
+    """A sentence naming the rows of a bf16 benchmark ``result`` timed before strided depthwise convolutions took
+    their bf16 input gradient from the float32 kernel, or "" when it timed today's."""
+    if result.get("settings", {}).get("strided_depthwise_input_grad"):
+        return ""
+    archs = [a for a in STRIDED_DEPTHWISE_ARCHS if any(r["arch"] == a for r in result.get("models", []))]
+    if not archs:
+        return ""
+    return (f"The rows of {', '.join(archs)} on the {machine_label} were timed before their strided depthwise "
+            "convolutions took the bf16 input gradient from the float32 kernel, in both forms ([strided depthwise "
+            "convolutions](#strided-depthwise-convolutions)).")
+
+
 # The instruction sets that decide onnxruntime's int8 kernels (VNNI: int8 dot products in one instruction; AMX:
 # int8 tiles) and oneDNN's bf16 ones (AVX512-BF16: bf16 dot products; AMX: bf16 tiles).
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")

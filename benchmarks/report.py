@@ -216,7 +216,7 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
     ratio with float32 and with bf16 whitening, the exact step's floor (benchmarks/floor.py) and the float32 ratio
     the bf16-whitening one must not exceed: from the bf16 run's own rounds where it timed the float32 pair
     (``--float32-pair``), else from the separate float32 run ``fp32``."""
-    from benchmarks._common import cpu_label, earlier_kernels_note
+    from benchmarks._common import cpu_label, earlier_depthwise_note, earlier_kernels_note
     from benchmarks._models import ZOO_ARCHS
 
     runs = {"bf16": json.loads(bf16.read_text())}
@@ -253,8 +253,9 @@ def bf16_table(bf16: Path, fp32: Path) -> str:
         isqrt = row["floor_isqrt_s"] / bn if "floor_isqrt_s" in row else None  # in BN steps, as the ratios
         lines.append(f"| {arch} | {batch} | {bn:.3f} s | {cell(row['nd_over_bn_train'])} | **{cell(bf16w)}** | "
                      f"{cell(row.get('floor_over_bn_train'))} | {cell(isqrt)} | {cell(reference)} | {met} |")
-    note = earlier_kernels_note(runs["bf16"], cpu_label(machine))
-    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+    notes = [n for n in (earlier_kernels_note(runs["bf16"], cpu_label(machine)),
+                         earlier_depthwise_note(runs["bf16"], cpu_label(machine))) if n]
+    return "\n".join(lines) + "\n" + (f"\n{' '.join(notes)}\n" if notes else "")
 
 
 def main() -> int:

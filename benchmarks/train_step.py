@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "bf16_whitening", "float32_pair")}}
     if args.bf16_whitening:
         payload["settings"]["bf16_whitening_products"] = list(BF16_WHITENING_PRODUCTS)
+    if args.amp == "bf16":  # ndeconv.layers._conv: both forms' strided depthwise convs
+        payload["settings"]["strided_depthwise_input_grad"] = "float32"
     payload["models"] = run_models(args, ref)
     if args.layers:
         payload["layers"] = run_layers(args)

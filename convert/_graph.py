@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.layers._conv import Conv2d
 
 __all__ = ["ModelGraph", "trace_model"]
 
@@ -30,12 +31,13 @@ def _timm_tracer_settings() -> tuple[tuple, tuple]:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the deconvolution layers (data-dependent code) and timm's no-trace modules as leaves."""
+    """Keeps the deconvolution layers (data-dependent code), ndeconv's Conv2d (a plain conv, as nn.Conv2d is) and
+    timm's no-trace modules as leaves."""
 
     def __init__(self) -> None:
         leaves, functions = _timm_tracer_settings()
         super().__init__(autowrap_functions=functions)
-        self._extra_leaves = (FastDeconv, Delinear, ChannelDeconv, *leaves)
+        self._extra_leaves = (FastDeconv, Delinear, ChannelDeconv, Conv2d, *leaves)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self._extra_leaves) or super().is_leaf_module(m, module_qualified_name)

@@ -37,6 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ndeconv.errors import NdeconvError
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.layers._conv import plain_conv_type, to_torch_convs
 from ndeconv.layers.deconvolve import norm_remainder
 from ndeconv.layers.fast_deconv1d import FastDeconv1d
 from ndeconv.layers.fast_deconv3d import FastDeconv3d
@@ -264,6 +265,7 @@ def fold_with_report(
             FoldWarning, stacklevel=2,
         )
 
+    to_torch_convs(folded)  # the BatchNorm form's strided depthwise convs: their bf16 training path is moot here
     left = [n for n, m in folded.named_modules() if isinstance(m, DECONV_TYPES)]
     if left:  # cannot happen unless a new deconvolution type appears: never hand out a half-folded model
         raise NdeconvError(f"folding left deconvolution layers in place: {', '.join(left)}")
@@ -375,7 +377,7 @@ def _fusable_pairs(model: nn.Module, graph: ModelGraph) -> dict[str, str]:
         if not (isinstance(source, fx.Node) and source.op == "call_module" and graph.calls[source.target] == 1):
             continue
         conv = model.get_submodule(source.target)
-        if type(conv) is not conv_type or conv.out_channels != bn.num_features:
+        if plain_conv_type(conv) is not conv_type or conv.out_channels != bn.num_features:
             continue
         if graph.sole_reader(source) is not bn_node or len(bn_node.args) != 1 or bn_node.kwargs:
             continue

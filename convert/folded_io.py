@@ -34,6 +34,7 @@ from torch import nn
 
 from ndeconv.errors import NdeconvError, UsageError
 from ndeconv.io import load_safetensors, parse_json, read_json, save_safetensors_atomic
+from ndeconv.layers._conv import plain_conv_type
 
 from .fold import DECONV_TYPES, FoldReport, find_conv_batchnorm_pairs, fuse_conv_batchnorm_pairs
 
@@ -322,7 +323,7 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], architecture: 
 
 def _version_1_spec(module: nn.Module) -> dict[str, Any] | None:
     """A state-holding layer as version 1 described it (its Identity entries say nothing the build lacks)."""
-    if type(module) is nn.Conv2d:
+    if plain_conv_type(module) is nn.Conv2d:
         return dict(type="Conv2d", in_channels=module.in_channels, out_channels=module.out_channels,
                     kernel_size=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
                     dilation=list(module.dilation), groups=module.groups, bias=module.bias is not None)

@@ -115,19 +115,14 @@ def read_precision(runs: Path) -> dict[str, Any]:
                          "writes it") from None
 
 
-def _short_cpu(name: str) -> str:
-    """"Intel(R) Xeon(R) Processor" -> "Intel Xeon": the model name without its trademark signs and filler."""
-    for filler in ("(R)", "(TM)", " Processor", " CPU"):
-        name = name.replace(filler, "")
-    return " ".join(name.split())
-
-
 def cpu_spans(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """``[cpu, first epoch, last epoch]`` for each stretch of epochs that trained on one CPU (a run resumed on
     another machine has several; the bf16 kernels differ between CPUs), from each epoch row's ``cpu``."""
+    from benchmarks._common import cpu_name
+
     spans: list[list[Any]] = []
     for row in rows:
-        cpu = _short_cpu(row["cpu"]) if row.get("cpu") else NOT_RECORDED
+        cpu = cpu_name(row["cpu"]) if row.get("cpu") else NOT_RECORDED
         if spans and spans[-1][0] == cpu:
             spans[-1][2] = int(row["epoch"])
         else:

@@ -302,6 +302,24 @@ def test_isqrt_benchmark_measures_every_method_against_float64(tmp_path: Path) -
     assert "| 32 | " in table and "with native bf16" in table and table.count("\n| 32 |") == 1
 
 
+
+def test_depthwise_benchmark_times_both_kernels_against_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import depthwise_bf16
+    from ndeconv.layers import _conv
+
+    routed = []
+    real = _conv.routes_input_gradient
+    monkeypatch.setattr(_conv, "routes_input_gradient", lambda *a: routed.append(real(*a)) or routed[-1])
+    row = depthwise_bf16.measure_layer("small", 8, 16, 8, 3, warmup=0, repeats=1)
+    assert set(routed) == {True, False} and _conv.ROUTE_INPUT_GRADIENT  # both kernels ran; the switch is back on
+    assert row["bf16"]["median_s"] > 0 and row["float32"]["median_s"] > 0
+    assert all(0 <= e < 2.0**-7 for e in row["input_grad_error"].values())  # a bf16 rounding of the exact gradient
+    steps = {"arch": "mobilenetv2_deconv", **{k: {"median_s": 1.0} for k in
+                                               ("bn_bf16", "bn_float32", "nd_fast8_bf16", "nd_fast8_float32")}}
+    table = depthwise_bf16.table({"command": "python benchmarks/depthwise_bf16.py", "layers": [row], "steps": [steps],
+                                  "machine": {"cpu": "AMD EPYC", "bf16_flags": ["avx512_bf16"], "torch_threads": 2}})
+    assert "| small |" in table and "AMD EPYC with AVX512-BF16" in table and "| mobilenetv2_deconv | 1.000 s |" in table
+
 def test_cpu_label_names_what_decides_the_bf16_speed() -> None:
     from benchmarks._common import cpu_label
 
@@ -329,3 +347,13 @@ def test_precision_gradient_errors_compare_each_way_of_training_with_float64() -
     assert all(row[f"float32_no_autocast_grad_{g}"] < 1e-5 for g in "xw")
     assert all(1e-4 < row[f"{k}_grad_{g}"] < 2e-2 for k in ("fp32", "kernels") for g in "xw")
     assert layer.training and torch.equal(layer.running_deconv, torch.eye(576))  # the layer itself left alone
+
+
+def test_bf16_runs_from_before_the_strided_depthwise_change_say_which_rows_it_moved() -> None:
+    from benchmarks._common import earlier_depthwise_note
+
+    run = {"settings": {"amp": "bf16"}, "models": [{"arch": "resnet18_deconv"}, {"arch": "pnasnet_a_deconv"}]}
+    note = earlier_depthwise_note(run, "AMD EPYC with AVX512-BF16")
+    assert "The rows of pnasnet_a_deconv on the AMD EPYC" in note and "mobilenetv2" not in note
+    assert earlier_depthwise_note({**run, "models": run["models"][:1]}, "x") == ""  # no such layer in the run
+    assert earlier_depthwise_note({**run, "settings": {"strided_depthwise_input_grad": "float32"}}, "x") == ""

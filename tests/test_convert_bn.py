@@ -23,6 +23,7 @@ import ndeconv
 from ndeconv.cli import main
 from ndeconv.convert import export_onnx, fold, output_difference
 from ndeconv.layers import FastDeconv, isqrt_newton_schulz
+from ndeconv.layers._conv import plain_conv_type
 from ndeconv.layers._patch_stats import patch_statistics
 from ndeconv.layers.calibrate import CalibrationError
 
@@ -91,14 +92,14 @@ def convert_exactly(model: nn.Module, dtype: torch.dtype, block: int) -> tuple[n
 
 def check_conversion(build: Callable[[], nn.Module], block: int, batchnorms_left: int = 0) -> tuple[float, float]:
     model = trained_bn(build())
-    convs = sum(type(m) is nn.Conv2d for m in model.modules())
+    convs = sum(plain_conv_type(m) is nn.Conv2d for m in model.modules())
     norms = [type(m) for m in model.modules() if isinstance(m, nn.LayerNorm)]
     errors = []
     for dtype, bound in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
         converted, rel = convert_exactly(model, dtype, block)
         errors.append(rel)
         assert rel <= bound, f"{dtype}: converted vs BatchNorm network relative error {rel:.3g} > {bound:g}"
-        assert not any(type(m) is nn.Conv2d for m in converted.modules())
+        assert not any(plain_conv_type(m) for m in converted.modules())
         assert sum(isinstance(m, FastDeconv) for m in converted.modules()) == convs
         left = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert len(left) == batchnorms_left  # only BatchNorms that do not follow a conv stay

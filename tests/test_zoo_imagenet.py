@@ -23,6 +23,7 @@ from torch import nn
 import ndeconv.zoo
 from ndeconv import ChannelDeconv, Delinear, FastDeconv
 from ndeconv.errors import UsageError
+from ndeconv.layers._conv import Conv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +42,8 @@ ZOO = {
 CASES = [f"{arch}/{form}" for arch in ZOO for form in ("nd", "bn")]
 # main_imagenet.py -a vgg11_bn / vgg16_bn (torchvision's BatchNorm VGG) -> the zoo model with batch_norm=True.
 BATCHNORM_VGG = {"vgg11_bn": "vgg11_imagenet_deconv", "vgg16_bn": "vgg16_imagenet_deconv"}
-LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+# ndeconv's Conv2d (strided depthwise convs of the BatchNorm form) is an nn.Conv2d by name and layout.
+LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
 def deconv_settings(model: nn.Module) -> dict[str, dict]:

@@ -17,6 +17,7 @@ from torch import nn
 
 import ndeconv.zoo
 from ndeconv import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.layers._conv import Conv2d
 
 # Reference arch name -> (zoo model name, zoo file that defines it: one file per family, as timm's).
 ZOO = {
@@ -32,7 +33,8 @@ ZOO = {
     "efficientnet_b0": ("efficientnet_b0_deconv", "deconv_efficientnet"),
 }
 CASES = [f"{arch}/{form}" for arch in ZOO for form in ("nd", "bn")]
-LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+# ndeconv's Conv2d (strided depthwise convs of the BatchNorm form) is an nn.Conv2d by name and layout.
+LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from torch import nn
 import ndeconv.zoo
 from ndeconv import ChannelDeconv, Delinear, FastDeconv
 from ndeconv.errors import NdeconvError
+from ndeconv.layers._conv import Conv2d
 
 FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "reference_extra" / "reference_cifar_extra_models.json"
 # main.py --arch -> (zoo model name, the family file that registers it).
@@ -33,7 +34,8 @@ ZOO = {
     "pnasnetB": ("pnasnet_b_deconv", "deconv_pnasnet"),
 }
 CASES = [f"{arch}/{form}" for arch in ZOO for form in ("nd", "bn")]
-LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+# ndeconv's Conv2d (strided depthwise convs of the BatchNorm form) is an nn.Conv2d by name and layout.
+LISTED_TYPES = (FastDeconv, Delinear, ChannelDeconv, nn.Conv2d, Conv2d, nn.Linear, nn.BatchNorm2d)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

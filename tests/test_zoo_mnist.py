@@ -24,13 +24,14 @@ from torch import nn
 import ndeconv.zoo
 from ndeconv import ChannelDeconv, FastDeconv
 from ndeconv.datasets import FASHION_MNIST_DIR
+from ndeconv.layers._conv import Conv2d
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "reference_extra"
 REFERENCE = FIXTURES / "reference_mnist_models.json"
 # fixture case -> (main.py --arch, deconv form of ours)
 CASES = {"mlp/nd": ("mlp", True), "mlp/bn": ("mlp", False), "simple_v1/plain": ("simple_v1", False),
          "simple_v2/bn": ("simple_v2", False)}
-LISTED = (ChannelDeconv, nn.Linear, nn.BatchNorm1d, nn.Conv2d, nn.BatchNorm2d)
+LISTED = (ChannelDeconv, nn.Linear, nn.BatchNorm1d, nn.Conv2d, Conv2d, nn.BatchNorm2d)
 NAMES = ("mlp_deconv", "simple_v1_deconv", "simple_v2_deconv")
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,6 +22,7 @@ from torch import nn
 
 from ndeconv.errors import UsageError
 from ndeconv.layers import ChannelDeconv, Delinear, FastDeconv
+from ndeconv.layers._conv import Conv2d
 
 __all__ = ["ChannelCountUnknown", "DeconvSettings", "pop_deconv_settings"]
 
@@ -89,7 +90,11 @@ class DeconvSettings:
         ``deconv_overrides`` (e.g. ``n_iter=15, freeze=True`` for a stem) apply to the FastDeconv only.
         """
         if not self.body_deconv:
-            return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, bias=False)
+            # A strided depthwise conv takes its bf16 input gradient in float32 (ndeconv.layers._conv), as the
+            # deconvolution form's FastDeconv does: both forms train at the same kernels' speed.
+            # Folded (inference), every conv is torch's own, as fold leaves it.
+            plain = Conv2d if groups == in_chs > 1 and stride > 1 and not self.folded else nn.Conv2d
+            return plain(in_chs, out_chs, kernel_size, stride, padding, dilation, groups=groups, bias=False)
         return self._deconv_conv(in_chs, out_chs, kernel_size, stride, padding, groups, dilation, **deconv_overrides)
 
     def stem_conv(

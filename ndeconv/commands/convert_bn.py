@@ -65,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from ndeconv.errors import UsageError
     from ndeconv.io import check_output_path
+    from ndeconv.layers._conv import plain_conv_type
     from ndeconv.loading import load_model
     from ndeconv.training.evaluate import recorded_img_size
 
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     if not dataset:
         raise UsageError(f"{args.source} does not say what it was trained on; pass --calibrate-data DATASET")
     model = loaded.model
-    if not any(type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for m in model.modules()):
+    if not any(plain_conv_type(m) is not None for m in model.modules()):
         raise UsageError(f"{args.source} is already a deconvolution network (no plain convolution to convert); "
                          "convert-bn converts a BatchNorm network: give its BatchNorm form (e.g. a run of `ndeconv "
                          "train --deconv false`)")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._conv import plain_conv_type
 from .fast_deconv import FastDeconv
 from .fast_deconv1d import FastDeconv1d
 from .fast_deconv3d import FastDeconv3d
@@ -31,7 +32,7 @@ _REPLACEMENTS: dict[type[nn.Module], tuple[type[FastDeconv], type[nn.Module]]] =
 
 
 def _to_fast_deconv(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bias: bool, deconv_kwargs: dict[str, Any]) -> FastDeconv:
-    layer_type = _REPLACEMENTS[type(conv)][0]
+    layer_type = _REPLACEMENTS[plain_conv_type(conv)][0]
     layer = layer_type(
         conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=bias,
@@ -64,7 +65,7 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
     network), else its Conv2d layers, else its Conv1d layers (a 1-D network). A Conv1d inside an image network is
     not the image's convolution (timm's ECA gates convolve the pooled channel descriptor) and stays as it is."""
     plan: list[tuple[nn.Module, str, str | None]] = []
-    present = {type(m) for m in model.modules()}
+    present = {plain_conv_type(m) for m in model.modules()}
     conv_type = next((t for t in (nn.Conv3d, nn.Conv2d) if t in present), nn.Conv1d)
     norm_type = _REPLACEMENTS[conv_type][1]
 
@@ -76,7 +77,7 @@ def _plan(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str | None
             child = parent._modules[name]
             if child is None:
                 continue
-            if type(child) is conv_type:
+            if plain_conv_type(child) is conv_type:
                 _check_convertible(prefix + name, child)
                 if id(child) in seen:
                     # Replacing each place by its own FastDeconv would untie the weights (twice the parameters)

@@ -15,7 +15,6 @@ A grouped convolution whitens each group with its own matrix.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.utils import _pair
@@ -32,6 +31,7 @@ from ._common import (
     sync_statistics,
     update_running,
 )
+from ._conv import conv2d
 from ._patch_stats import REDUCED_GRAM_MIN_FEATURES, PatchSampler, patch_mean, patch_statistics_through
 from .grad_checkpoint import record_or_replay
 from .isqrt import isqrt_newton_schulz, isqrt_newton_schulz_batch
@@ -311,7 +311,7 @@ class FastDeconv(CachedEvalFold, _ConvNd):
         return x
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
