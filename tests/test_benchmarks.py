@@ -205,7 +205,6 @@ def test_bf16_table_pairs_each_network_with_its_float32_ratio_on_the_same_cpu(tm
         report.bf16_table(bf16, other)
 
 
-
 def test_bf16_table_takes_the_float32_ratio_from_the_same_rounds_when_the_run_timed_the_pair(tmp_path: Path) -> None:
     from benchmarks import report
 
@@ -302,7 +301,6 @@ def test_isqrt_benchmark_measures_every_method_against_float64(tmp_path: Path) -
     assert "| 32 | " in table and "with native bf16" in table and table.count("\n| 32 |") == 1
 
 
-
 def test_depthwise_benchmark_times_both_kernels_against_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import depthwise_bf16
     from ndeconv.layers import _conv
@@ -319,6 +317,7 @@ def test_depthwise_benchmark_times_both_kernels_against_float64(monkeypatch: pyt
     table = depthwise_bf16.table({"command": "python benchmarks/depthwise_bf16.py", "layers": [row], "steps": [steps],
                                   "machine": {"cpu": "AMD EPYC", "bf16_flags": ["avx512_bf16"], "torch_threads": 2}})
     assert "| small |" in table and "AMD EPYC with AVX512-BF16" in table and "| mobilenetv2_deconv | 1.000 s |" in table
+
 
 def test_cpu_label_names_what_decides_the_bf16_speed() -> None:
     from benchmarks._common import cpu_label

@@ -113,7 +113,6 @@ def plain_conv_type(module: nn.Module) -> type[nn.Module] | None:
     return kind if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else None
 
 
-
 def to_torch_convs(model: nn.Module) -> nn.Module:
     """Replace, in place, every ``Conv2d`` above in ``model`` by its ``fuse()`` (what folding leaves: stock torch
     modules only); return ``model``."""
